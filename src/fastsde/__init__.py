@@ -1,0 +1,38 @@
+"""fastsde: sample score-based diffusion models, and compute their likelihoods, with few network
+evaluations."""
+
+from .api import SampleResult, sample
+from .grids import time_grid
+from .noise import NoiseSource
+from .score import (
+    CountingScore,
+    DenoiserScore,
+    DiffusersUNetScore,
+    GaussianMixture,
+    NoisePredictionScore,
+    NonFiniteScoreError,
+)
+from .sde import EDM, SDE, VESDE, VPSDE, SubVPSDE
+from .solvers import SOLVERS, get_solver
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SDE",
+    "VPSDE",
+    "SubVPSDE",
+    "VESDE",
+    "EDM",
+    "GaussianMixture",
+    "NoisePredictionScore",
+    "DenoiserScore",
+    "DiffusersUNetScore",
+    "CountingScore",
+    "NonFiniteScoreError",
+    "NoiseSource",
+    "SampleResult",
+    "sample",
+    "time_grid",
+    "SOLVERS",
+    "get_solver",
+]

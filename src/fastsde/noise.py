@@ -1,0 +1,159 @@
+"""The one source of randomness: keyed, counter-based draws.
+
+Every draw is a pure function of (seed of the sample, stream, counter, element index), computed
+with a 64-bit integer hash (splitmix64's finaliser) and turned into normals by Box–Muller. So
+sample i gets the same numbers whatever the batch size, whichever other samples share its batch,
+and whether or not finished samples were dropped from the batch. The integer part is exact on every
+device; only the final float transform may differ in the last bit between devices.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["NoiseSource", "Stream", "as_noise_source"]
+
+_MASK64 = (1 << 64) - 1
+
+
+def _signed(v: int) -> int:
+    """An unsigned 64-bit constant as torch's signed int64."""
+    v &= _MASK64
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+_M1 = _signed(0xBF58476D1CE4E5B9)
+_M2 = _signed(0x94D049BB133111EB)
+_GOLDEN = _signed(0x9E3779B97F4A7C15)
+_LOW32 = (1 << 32) - 1
+
+
+def _shr(z: Tensor, s: int) -> Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (z >> s) & ((1 << (64 - s)) - 1)
+
+
+def _mix(z: Tensor) -> Tensor:
+    """splitmix64 finaliser on an int64 tensor (wrapping arithmetic)."""
+    z = (z ^ _shr(z, 30)) * _M1
+    z = (z ^ _shr(z, 27)) * _M2
+    return z ^ _shr(z, 31)
+
+
+def _mix_int(z: int) -> int:
+    """The same finaliser on a Python int (used to derive per-sample seeds)."""
+    z &= _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+class Stream:
+    """Stream identifiers, so that different kinds of draws never share numbers."""
+
+    PRIOR = 1
+    STEP = 2  # Brownian increments / Langevin noise of step k
+    CORRECTOR = 3
+    BERNOULLI = 4
+    PROBE = 5  # Hutchinson probes, dequantisation
+    USER = 16  # first id free for extensions
+
+
+class NoiseSource:
+    """Keyed draws for n samples. Row i depends only on seeds[i], the stream and the counter.
+
+    Args:
+        seeds: one integer seed per sample (Python ints, any size; reduced to 64 bits).
+    """
+
+    def __init__(self, seeds: Sequence[int] | Tensor) -> None:
+        if isinstance(seeds, Tensor):
+            seeds = [int(s) for s in seeds.tolist()]
+        seeds = list(seeds)
+        if not seeds:
+            raise ValueError("seeds must hold at least one seed, got an empty sequence")
+        for s in seeds:
+            if isinstance(s, bool) or not isinstance(s, int):
+                raise ValueError(f"each seed must be an int, got {s!r}")
+        self.seeds = torch.tensor([_signed(_mix_int(s * 0x2545F4914F6CDD1D + 7)) for s in seeds], dtype=torch.int64)
+
+    @classmethod
+    def from_seed(cls, seed: int, n: int) -> NoiseSource:
+        """Seed sample i with (seed, i): sample i is the same for every batch size."""
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, a list of ints or a NoiseSource, got {seed!r}")
+        base = _mix_int(seed)
+        return cls([base ^ _mix_int(i + 0x51ED2705) for i in range(n)])
+
+    def __len__(self) -> int:
+        return self.seeds.shape[0]
+
+    def subset(self, rows: Tensor | Sequence[int]) -> NoiseSource:
+        """The source for a subset of the samples (same numbers for those samples)."""
+        out = NoiseSource.__new__(NoiseSource)
+        out.seeds = self.seeds[torch.as_tensor(rows, dtype=torch.long)]
+        return out
+
+    def _bits(self, shape: Sequence[int], stream: int, counter: int | Tensor, rows: Tensor | None, device) -> Tensor:
+        seeds = self.seeds if rows is None else self.seeds[rows.to("cpu", torch.long)]
+        n = seeds.shape[0]
+        counter = torch.as_tensor(counter, dtype=torch.int64).expand(n) if not isinstance(counter, Tensor) \
+            else counter.to("cpu", torch.int64).expand(n)
+        key = _mix(seeds ^ _mix(counter * _GOLDEN + _signed(stream * 0xBF58476D1CE4E5B9 + 1)))
+        d = math.prod(shape)
+        idx = torch.arange(d, dtype=torch.int64, device=device)
+        bits = _mix(key.to(device)[:, None] + (idx[None, :] + 1) * _GOLDEN)
+        return bits.reshape(n, *shape)
+
+    def uniform(
+        self,
+        shape: Sequence[int],
+        stream: int,
+        counter: int | Tensor = 0,
+        rows: Tensor | None = None,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> Tensor:
+        """Uniform draws in [0, 1), shape (rows, *shape); `counter` may differ per row."""
+        bits = self._bits(shape, stream, counter, rows, device)
+        return (_shr(bits, 11).to(torch.float64) * 2.0**-53).to(dtype)
+
+    def normal(
+        self,
+        shape: Sequence[int],
+        stream: int,
+        counter: int | Tensor = 0,
+        rows: Tensor | None = None,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> Tensor:
+        """Standard normal draws, shape (rows, *shape); `counter` may differ per row."""
+        bits = self._bits(shape, stream, counter, rows, device)
+        u1 = (_shr(bits, 32).to(torch.float64) + 1.0) * 2.0**-32  # (0, 1]
+        u2 = (bits & _LOW32).to(torch.float64) * 2.0**-32  # [0, 1)
+        z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
+        return z.to(dtype)
+
+    def rademacher(self, shape, stream, counter=0, rows=None, *, dtype=torch.float32, device="cpu") -> Tensor:
+        """±1 draws with equal probability (Hutchinson probes)."""
+        bits = self._bits(shape, stream, counter, rows, device)
+        return ((bits & 1) * 2 - 1).to(dtype)
+
+
+def as_noise_source(seed: int | Sequence[int] | NoiseSource, n: int) -> NoiseSource:
+    """Accept one seed, a list of per-sample seeds, or a NoiseSource; check it covers n samples."""
+    if isinstance(seed, NoiseSource):
+        src = seed
+    elif isinstance(seed, (list, tuple)) or (isinstance(seed, Tensor) and seed.dim() == 1):
+        src = NoiseSource(seed)
+    else:
+        src = NoiseSource.from_seed(seed, n)
+    if len(src) != n:
+        raise ValueError(f"seed must give one seed per sample: expected {n}, got {len(src)}")
+    return src

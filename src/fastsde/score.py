@@ -1,0 +1,253 @@
+"""Score functions: the contract, adapters from common model types, an exact Gaussian mixture, and
+the one wrapper that counts network evaluations.
+
+A score function is any callable ``score(x, t) -> tensor shaped like x`` where ``t`` is a 1-D
+tensor holding one time per row of ``x``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from .sde import EDM, SDE, VPSDE, SubVPSDE, broadcast_to_rows
+
+__all__ = [
+    "ScoreFn",
+    "CountingScore",
+    "NonFiniteScoreError",
+    "GaussianMixture",
+    "NoisePredictionScore",
+    "DenoiserScore",
+    "DiffusersUNetScore",
+    "default_time_input",
+]
+
+ScoreFn = Callable[[Tensor, Tensor], Tensor]
+
+
+class NonFiniteScoreError(FloatingPointError):
+    """The score returned NaN or Inf; the message names the time(s) at which it happened."""
+
+
+class CountingScore:
+    """Wraps a score function and counts evaluations per sample: the only place NFE is counted.
+
+    ``rows`` names which samples the rows of ``x`` belong to when a solver passes a subset of the
+    batch (finished samples dropped); by default row i is sample i.
+    """
+
+    def __init__(self, score: ScoreFn, n: int, device: torch.device | str = "cpu") -> None:
+        self.score = score
+        self.n = n
+        self.nfe_per_sample = torch.zeros(n, dtype=torch.float64)
+        self.calls = 0
+        self.rows_evaluated = 0
+
+    def __call__(self, x: Tensor, t: Tensor, rows: Tensor | None = None, *, check_finite: bool = True) -> Tensor:
+        if t.dim() != 1 or t.shape[0] != x.shape[0]:
+            raise ValueError(f"t must be a 1-D tensor with one time per row of x ({x.shape[0]}), got shape {tuple(t.shape)}")
+        out = self.score(x, t)
+        if not isinstance(out, Tensor) or out.shape != x.shape:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(f"score(x, t) must return a tensor shaped like x {tuple(x.shape)}, got {got}")
+        self.calls += 1
+        self.rows_evaluated += x.shape[0]
+        if rows is None:
+            self.nfe_per_sample += 1.0
+        else:
+            self.nfe_per_sample.index_add_(0, rows.to("cpu", torch.long), torch.ones(rows.shape[0], dtype=torch.float64))
+        if check_finite and not bool(torch.isfinite(out).all()):
+            bad = ~torch.isfinite(out.reshape(out.shape[0], -1)).all(dim=1)
+            times = sorted({float(v) for v in t[bad].tolist()})[:5]
+            raise NonFiniteScoreError(f"score returned NaN or Inf at t = {times} ({int(bad.sum())} of {x.shape[0]} rows)")
+        return out
+
+    @property
+    def nfe(self) -> float:
+        return float(self.nfe_per_sample.mean())
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact Gaussian mixture
+# ---------------------------------------------------------------------------------------------
+
+
+class GaussianMixture:
+    """A diagonal Gaussian mixture as data distribution; its diffused marginals are closed-form.
+
+    Under any process here x_t = m(t)·x0 + σ(t)·z, so component k at time t is
+    N(m μ_k, m² s_k² + σ²). ``score(x, t)`` and ``log_prob(x, t)`` are exact at every t.
+
+    Args:
+        weights: (K,) mixture weights (normalised here).
+        means: (K, *dims) component means.
+        stds: (K, *dims) or (K,) component standard deviations.
+        sde: the forward process; needed for the score at t > 0.
+    """
+
+    def __init__(self, weights: Sequence[float] | Tensor, means: Tensor, stds: Tensor | Sequence[float], sde: SDE | None = None):
+        means = torch.as_tensor(means, dtype=torch.float64)
+        weights = torch.as_tensor(weights, dtype=torch.float64)
+        stds = torch.as_tensor(stds, dtype=torch.float64)
+        if means.dim() < 2:
+            raise ValueError(f"means must have shape (K, *dims), got {tuple(means.shape)}")
+        k = means.shape[0]
+        if weights.shape != (k,) or bool((weights <= 0).any()):
+            raise ValueError(f"weights must be {k} positive numbers, got {weights.tolist()}")
+        if stds.dim() == 1:
+            stds = stds.reshape(k, *([1] * (means.dim() - 1))).expand_as(means)
+        if stds.shape != means.shape or bool((stds <= 0).any()):
+            raise ValueError(f"stds must be positive and shaped (K,) or like means {tuple(means.shape)}, got {tuple(stds.shape)}")
+        self.weights = weights / weights.sum()
+        self.means = means
+        self.stds = stds.clone()
+        self.sde = sde
+        self.dims = tuple(means.shape[1:])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.dims
+
+    def _marginal(self, t: Tensor, dtype, device) -> tuple[Tensor, Tensor]:
+        """Per-row component means (n, K, D) and variances (n, K, D) at times t."""
+        mu = self.means.reshape(self.means.shape[0], -1).to(device, dtype)
+        s2 = self.stds.reshape(self.stds.shape[0], -1).to(device, dtype) ** 2
+        if self.sde is None:
+            if bool((t != 0).any()):
+                raise ValueError("GaussianMixture needs an sde to evaluate at t > 0")
+            return mu[None].expand(t.shape[0], -1, -1), s2[None].expand(t.shape[0], -1, -1)
+        m = self.sde.mean_coeff(t).to(dtype)[:, None, None]
+        sig = self.sde.marginal_std(t).to(dtype)[:, None, None]
+        return m * mu[None], m * m * s2[None] + sig * sig
+
+    def _log_joint(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        xf = x.reshape(x.shape[0], 1, -1)
+        mean, var = self._marginal(t, x.dtype, x.device)
+        diff = xf - mean
+        log_comp = -0.5 * ((diff * diff) / var + torch.log(2 * math.pi * var)).sum(-1)
+        log_joint = log_comp + torch.log(self.weights.to(x.device, x.dtype))[None]
+        return log_joint, diff, var
+
+    def log_prob(self, x: Tensor, t: Tensor | float = 0.0) -> Tensor:
+        """Exact log-density of the marginal at time t, one value per row (nats)."""
+        t = _as_time(t, x)
+        log_joint, _, _ = self._log_joint(x, t)
+        return torch.logsumexp(log_joint, dim=1)
+
+    def score(self, x: Tensor, t: Tensor) -> Tensor:
+        """Exact ∇ₓ log p_t(x)."""
+        t = _as_time(t, x)
+        log_joint, diff, var = self._log_joint(x, t)
+        resp = torch.softmax(log_joint, dim=1)[..., None]
+        return (-(resp * diff / var).sum(1)).reshape(x.shape)
+
+    __call__ = score
+
+    def responsibilities(self, x: Tensor, t: Tensor | float = 0.0) -> Tensor:
+        """Posterior component probabilities (n, K); used to assign samples to modes."""
+        t = _as_time(t, x)
+        log_joint, _, _ = self._log_joint(x, t)
+        return torch.softmax(log_joint, dim=1)
+
+    def marginal_params(self, t: float) -> tuple[Tensor, Tensor, Tensor]:
+        """(weights, means, stds) of the marginal at time t; shapes (K,), (K, *dims), (K, *dims)."""
+        tt = torch.tensor([t], dtype=torch.float64)
+        mean, var = self._marginal(tt, torch.float64, "cpu")
+        return self.weights, mean[0].reshape(self.means.shape), var[0].sqrt().reshape(self.means.shape)
+
+    def sample(self, n: int, t: float = 0.0, generator: torch.Generator | None = None, dtype=torch.float64) -> Tensor:
+        """Exact draws from the marginal at time t (for tests and reference statistics)."""
+        w, mean, std = self.marginal_params(t)
+        comp = torch.multinomial(w, n, replacement=True, generator=generator)
+        z = torch.randn((n, *self.dims), generator=generator, dtype=torch.float64)
+        return (mean[comp] + std[comp] * z).to(dtype)
+
+
+def _as_time(t: Tensor | float, x: Tensor) -> Tensor:
+    if not isinstance(t, Tensor):
+        return torch.full((x.shape[0],), float(t), dtype=x.dtype, device=x.device)
+    if t.dim() == 0:
+        return t.expand(x.shape[0]).to(x.dtype)
+    return t.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Adapters from network parameterisations
+# ---------------------------------------------------------------------------------------------
+
+
+def default_time_input(sde: SDE) -> Callable[[Tensor], Tensor]:
+    """The conditioning label the Score-SDE checkpoints expect: 999·t for VP/sub-VP, σ(t) otherwise."""
+    if isinstance(sde, (VPSDE, SubVPSDE)):
+        return lambda t: 999.0 * t
+    return sde.marginal_std
+
+
+class NoisePredictionScore:
+    """Score from a noise-prediction network ε̂(x, label): s = −ε̂/σ(t)."""
+
+    def __init__(self, model: Callable[[Tensor, Tensor], Tensor], sde: SDE, time_input: Callable[[Tensor], Tensor] | None = None):
+        self.model = model
+        self.sde = sde
+        self.time_input = time_input or default_time_input(sde)
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        eps = self.model(x, self.time_input(t))
+        return -eps / broadcast_to_rows(self.sde.marginal_std(t), x)
+
+
+class DenoiserScore:
+    """Score from a denoiser D(x̃, σ̃) in the k-diffusion / EDM convention.
+
+    The denoiser works in EDM coordinates x̃ = x/m, σ̃ = σ/m and returns x̂0; then
+    s = (m·x̂0 − x)/σ².
+    """
+
+    def __init__(self, denoiser: Callable[[Tensor, Tensor], Tensor], sde: SDE | None = None):
+        self.denoiser = denoiser
+        self.sde = sde if sde is not None else EDM()
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        m = self.sde.mean_coeff(t)
+        sigma = self.sde.marginal_std(t)
+        x0 = self.denoiser(x / broadcast_to_rows(m, x), sigma / m)
+        return (broadcast_to_rows(m, x) * x0 - x) / broadcast_to_rows(sigma**2, x)
+
+
+class DiffusersUNetScore:
+    """Score from a diffusers ``UNet2DModel`` trained on the process ``sde``.
+
+    Args:
+        unet: the network; called as ``unet(x, label).sample``.
+        sde: the process it was trained with.
+        prediction_type: "epsilon" (noise), "sample" (x0) or "v_prediction" (VP only).
+        time_input: maps t to the network's conditioning label (default: 999·t for VP/sub-VP, σ(t) otherwise).
+    """
+
+    def __init__(self, unet: torch.nn.Module, sde: SDE, prediction_type: str = "epsilon", time_input: Callable[[Tensor], Tensor] | None = None):
+        if prediction_type not in ("epsilon", "sample", "v_prediction"):
+            raise ValueError(f"prediction_type must be 'epsilon', 'sample' or 'v_prediction', got {prediction_type!r}")
+        self.unet = unet
+        self.sde = sde
+        self.prediction_type = prediction_type
+        self.time_input = time_input or default_time_input(sde)
+
+    def network_output(self, x: Tensor, t: Tensor) -> Tensor:
+        dtype = next(self.unet.parameters()).dtype
+        out = self.unet(x.to(dtype), self.time_input(t).to(dtype)).sample
+        return out.to(x.dtype)
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        out = self.network_output(x, t)
+        m = broadcast_to_rows(self.sde.mean_coeff(t), x)
+        sigma = broadcast_to_rows(self.sde.marginal_std(t), x)
+        if self.prediction_type == "epsilon":
+            return -out / sigma
+        if self.prediction_type == "sample":
+            return (m * out - x) / sigma**2
+        eps = m * out + sigma * x  # v = m ε − σ x0 with m² + σ² = 1
+        return -eps / sigma

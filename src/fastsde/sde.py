@@ -1,0 +1,311 @@
+"""Forward processes: VP, sub-VP, VE (Song et al. 2021) and EDM (Karras et al. 2022).
+
+Every process has Gaussian marginals x_t = m(t)·x0 + σ(t)·z, so one interface serves all of them:
+drift f, diffusion g, mean coefficient m, marginal std σ, the half log-SNR λ = log(m/σ) and its
+inverse, the prior, and the reverse-time family dx = [f − (1+λ²)/2 · g² s] dt + λ g dw̄.
+
+Times are 1-D tensors holding one time per row of x; nothing here assumes a shared time.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor
+
+__all__ = ["SDE", "VPSDE", "SubVPSDE", "VESDE", "EDM", "broadcast_to_rows"]
+
+
+def broadcast_to_rows(v: Tensor, x: Tensor) -> Tensor:
+    """Reshape a per-row vector (n,) so that it broadcasts against x of shape (n, *dims)."""
+    return v.reshape(v.shape[0], *([1] * (x.dim() - 1)))
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
+
+class SDE(ABC):
+    """A forward diffusion process on t ∈ [0, T] with Gaussian marginals.
+
+    Subclasses define the schedule; everything derived (reverse drift, denoiser, prior) lives here.
+    """
+
+    #: Final time of the forward process (start of sampling).
+    T: float
+    #: Default end time of sampling (ε).
+    default_t_end: float
+    #: Smallest time at which the process is defined (0 for the diffusions, σ_min for EDM).
+    t_min: float = 0.0
+    #: Width of the data interval in model space; sets the default absolute tolerance (range/256).
+    data_range: float = 2.0
+
+    # -- schedule -------------------------------------------------------------------------
+    @abstractmethod
+    def mean_coeff(self, t: Tensor) -> Tensor:
+        """m(t): the marginal mean is m(t)·x0."""
+
+    @abstractmethod
+    def marginal_std(self, t: Tensor) -> Tensor:
+        """σ(t): the marginal std of x_t given x0."""
+
+    @abstractmethod
+    def diffusion(self, t: Tensor) -> Tensor:
+        """g(t), per row."""
+
+    @abstractmethod
+    def drift_coeff(self, t: Tensor) -> Tensor:
+        """a(t) with f(x, t) = a(t)·x (every process here is linear in x)."""
+
+    @abstractmethod
+    def t_from_lambda(self, lam: Tensor) -> Tensor:
+        """Inverse of the half log-SNR λ(t) = log(m(t)/σ(t))."""
+
+    @property
+    @abstractmethod
+    def prior_std(self) -> float:
+        """Std of the prior N(0, prior_std² I) at t = T."""
+
+    # -- derived --------------------------------------------------------------------------
+    def drift(self, x: Tensor, t: Tensor) -> Tensor:
+        """f(x, t), the forward drift."""
+        return broadcast_to_rows(self.drift_coeff(t), x) * x
+
+    def log_snr(self, t: Tensor) -> Tensor:
+        """Half log-SNR λ(t) = log(m/σ); decreasing in t."""
+        return torch.log(self.mean_coeff(t)) - torch.log(self.marginal_std(t))
+
+    def edm_sigma(self, t: Tensor) -> Tensor:
+        """σ/m: the noise level of x/m, the time variable of the EDM coordinates."""
+        return self.marginal_std(t) / self.mean_coeff(t)
+
+    def t_from_edm_sigma(self, sigma: Tensor) -> Tensor:
+        """Inverse of edm_sigma."""
+        return self.t_from_lambda(-torch.log(sigma))
+
+    def reverse_drift(self, x: Tensor, t: Tensor, score: Tensor, lam: float = 1.0) -> Tensor:
+        """Forward-time drift of the reverse family: f − (1+λ²)/2 · g² · s.
+
+        λ = 1 is the reverse SDE, λ = 0 the probability-flow ODE. A backward step of size h is
+        x ← x − h·b + λ·g·√h·z.
+        """
+        g2 = broadcast_to_rows(self.diffusion(t) ** 2, x)
+        return self.drift(x, t) - 0.5 * (1.0 + lam * lam) * g2 * score
+
+    def ode_drift(self, x: Tensor, t: Tensor, score: Tensor) -> Tensor:
+        """Drift of the probability-flow ODE, dx/dt = f − ½ g² s."""
+        return self.reverse_drift(x, t, score, lam=0.0)
+
+    def denoise(self, x: Tensor, t: Tensor, score: Tensor) -> Tensor:
+        """Tweedie's posterior mean x̂0 = (x + σ²·s)/m."""
+        sigma = broadcast_to_rows(self.marginal_std(t), x)
+        m = broadcast_to_rows(self.mean_coeff(t), x)
+        return (x + sigma**2 * score) / m
+
+    def prior_sample(self, z: Tensor) -> Tensor:
+        """Map standard normal draws z to prior draws."""
+        return self.prior_std * z
+
+    def prior_logp(self, x: Tensor) -> Tensor:
+        """Log-density of the prior N(0, prior_std² I), one value per row."""
+        d = x[0].numel()
+        s2 = self.prior_std**2
+        sq = x.reshape(x.shape[0], -1).pow(2).sum(dim=1)
+        return -0.5 * d * math.log(2 * math.pi * s2) - sq / (2 * s2)
+
+    def check_time(self, name: str, t: float) -> None:
+        """Raise a ValueError unless t lies in the process's range [t_min, T]."""
+        if not (isinstance(t, (int, float)) and math.isfinite(t)):
+            raise ValueError(f"{name} must be a finite number, got {t!r}")
+        if not (self.t_min <= t <= self.T) or (self.t_min == 0.0 and t <= 0.0):
+            lo = "(0" if self.t_min == 0.0 else f"[{self.t_min:g}"
+            raise ValueError(f"{name} must lie in {lo}, {self.T:g}] for {self!r}, got {t!r}")
+
+    def config(self) -> dict:
+        """JSON-able description (type and parameters), used in checkpoints and benchmark records."""
+        return {"type": type(self).__name__, **self._params()}
+
+    @abstractmethod
+    def _params(self) -> dict: ...
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self._params().items())
+        return f"{type(self).__name__}({args})"
+
+
+class _BetaSchedule(SDE):
+    """Shared linear-β schedule of VP and sub-VP: β(t) = β_min + t(β_max − β_min)."""
+
+    T = 1.0
+    default_t_end = 1e-3
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0) -> None:
+        _check_positive("beta_min", beta_min)
+        _check_positive("beta_max", beta_max)
+        if beta_max < beta_min:
+            raise ValueError(f"beta_max must be >= beta_min, got beta_min={beta_min}, beta_max={beta_max}")
+        self.beta_min = float(beta_min)
+        self.beta_max = float(beta_max)
+
+    def _params(self) -> dict:
+        return {"beta_min": self.beta_min, "beta_max": self.beta_max}
+
+    def beta(self, t: Tensor) -> Tensor:
+        return self.beta_min + t * (self.beta_max - self.beta_min)
+
+    def log_alpha(self, t: Tensor) -> Tensor:
+        """log m(t) = −½∫₀ᵗ β."""
+        return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
+
+    def t_from_log_alpha(self, log_alpha: Tensor) -> Tensor:
+        """Solve ¼(β_max−β_min)t² + ½β_min t + log α = 0 for t ≥ 0."""
+        db = self.beta_max - self.beta_min
+        if db == 0.0:
+            return -2.0 * log_alpha / self.beta_min
+        return (-self.beta_min + torch.sqrt(self.beta_min**2 - 4.0 * db * log_alpha)) / db
+
+    def mean_coeff(self, t: Tensor) -> Tensor:
+        return torch.exp(self.log_alpha(t))
+
+    def drift_coeff(self, t: Tensor) -> Tensor:
+        return -0.5 * self.beta(t)
+
+    @property
+    def prior_std(self) -> float:
+        return 1.0
+
+
+class VPSDE(_BetaSchedule):
+    """Variance-preserving SDE (DDPM): dx = −½β(t)x dt + √β(t) dw."""
+
+    def marginal_std(self, t: Tensor) -> Tensor:
+        return torch.sqrt(-torch.expm1(2.0 * self.log_alpha(t)))
+
+    def diffusion(self, t: Tensor) -> Tensor:
+        return torch.sqrt(self.beta(t))
+
+    def log_snr(self, t: Tensor) -> Tensor:
+        la = self.log_alpha(t)
+        return la - 0.5 * torch.log(-torch.expm1(2.0 * la))
+
+    def t_from_lambda(self, lam: Tensor) -> Tensor:
+        # m² = 1/(1 + e^{−2λ})  ⇒  log α = −½ log1p(e^{−2λ})
+        return self.t_from_log_alpha(-0.5 * torch.nn.functional.softplus(-2.0 * lam))
+
+    def discrete_betas(self, n: int, dtype: torch.dtype = torch.float64) -> Tensor:
+        """DDPM's β_i = linspace(β_min/N, β_max/N, N), used by reverse diffusion and ancestral."""
+        return torch.linspace(self.beta_min / n, self.beta_max / n, n, dtype=dtype)
+
+
+class SubVPSDE(_BetaSchedule):
+    """sub-VP SDE: dx = −½β x dt + √(β(1 − e^{−2∫β})) dw; std 1 − e^{−∫β} (not square-rooted)."""
+
+    def marginal_std(self, t: Tensor) -> Tensor:
+        return -torch.expm1(2.0 * self.log_alpha(t))
+
+    def diffusion(self, t: Tensor) -> Tensor:
+        return torch.sqrt(self.beta(t) * -torch.expm1(4.0 * self.log_alpha(t)))
+
+    def t_from_lambda(self, lam: Tensor) -> Tensor:
+        # λ = log m − log(1 − m²); with r = e^λ: r m² + m − r = 0  ⇒  m = 2r / (1 + √(1 + 4r²)).
+        r = torch.exp(lam)
+        m = 2.0 * r / (1.0 + torch.sqrt(1.0 + 4.0 * r * r))
+        return self.t_from_log_alpha(torch.log(m))
+
+
+class VESDE(SDE):
+    """Variance-exploding SDE (SMLD): σ(t) = σ_min(σ_max/σ_min)^t, dx = σ(t)√(2 ln(σ_max/σ_min)) dw.
+
+    The marginal std is σ(t), as in the reference code (the exact kernel std √(σ(t)² − σ_min²)
+    differs only by the σ_min² that the data distribution is taken to be convolved with).
+    """
+
+    T = 1.0
+    default_t_end = 1e-5
+
+    def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0) -> None:
+        _check_positive("sigma_min", sigma_min)
+        _check_positive("sigma_max", sigma_max)
+        if sigma_max <= sigma_min:
+            raise ValueError(f"sigma_max must be > sigma_min, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+        self.sigma_min = float(sigma_min)
+        self.sigma_max = float(sigma_max)
+        self._log_ratio = math.log(self.sigma_max / self.sigma_min)
+
+    def _params(self) -> dict:
+        return {"sigma_min": self.sigma_min, "sigma_max": self.sigma_max}
+
+    def sigma(self, t: Tensor) -> Tensor:
+        return self.sigma_min * torch.exp(t * self._log_ratio)
+
+    def mean_coeff(self, t: Tensor) -> Tensor:
+        return torch.ones_like(t)
+
+    def marginal_std(self, t: Tensor) -> Tensor:
+        return self.sigma(t)
+
+    def diffusion(self, t: Tensor) -> Tensor:
+        return self.sigma(t) * math.sqrt(2.0 * self._log_ratio)
+
+    def drift_coeff(self, t: Tensor) -> Tensor:
+        return torch.zeros_like(t)
+
+    def log_snr(self, t: Tensor) -> Tensor:
+        return -(math.log(self.sigma_min) + t * self._log_ratio)
+
+    def t_from_lambda(self, lam: Tensor) -> Tensor:
+        return (-lam - math.log(self.sigma_min)) / self._log_ratio
+
+    def discrete_sigmas(self, n: int, dtype: torch.dtype = torch.float64) -> Tensor:
+        """SMLD's σ_i = exp(linspace(ln σ_min, ln σ_max, N)), used by reverse diffusion and ancestral."""
+        return torch.exp(torch.linspace(math.log(self.sigma_min), math.log(self.sigma_max), n, dtype=dtype))
+
+    @property
+    def prior_std(self) -> float:
+        return self.sigma_max
+
+
+class EDM(SDE):
+    """Karras et al.'s formulation: x = x0 + σ z with time t = σ, f = 0, g = √(2σ).
+
+    Sampling runs from σ_max down to σ_min; the final denoise takes σ_min to 0.
+    """
+
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0) -> None:
+        _check_positive("sigma_min", sigma_min)
+        _check_positive("sigma_max", sigma_max)
+        if sigma_max <= sigma_min:
+            raise ValueError(f"sigma_max must be > sigma_min, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+        self.sigma_min = float(sigma_min)
+        self.sigma_max = float(sigma_max)
+        self.T = self.sigma_max
+        self.default_t_end = self.sigma_min
+        self.t_min = self.sigma_min
+
+    def _params(self) -> dict:
+        return {"sigma_min": self.sigma_min, "sigma_max": self.sigma_max}
+
+    def mean_coeff(self, t: Tensor) -> Tensor:
+        return torch.ones_like(t)
+
+    def marginal_std(self, t: Tensor) -> Tensor:
+        return t
+
+    def diffusion(self, t: Tensor) -> Tensor:
+        return torch.sqrt(2.0 * t)
+
+    def drift_coeff(self, t: Tensor) -> Tensor:
+        return torch.zeros_like(t)
+
+    def log_snr(self, t: Tensor) -> Tensor:
+        return -torch.log(t)
+
+    def t_from_lambda(self, lam: Tensor) -> Tensor:
+        return torch.exp(-lam)
+
+    @property
+    def prior_std(self) -> float:
+        return self.sigma_max
