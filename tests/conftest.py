@@ -11,11 +11,7 @@ import fastsde
 torch.set_num_threads(1)
 
 
-def make_mixture(sde: fastsde.SDE, scale: float = 1.0) -> fastsde.GaussianMixture:
-    """A 2-D, three-mode mixture with unequal weights and stds (data roughly in [-1, 1]·scale)."""
-    means = torch.tensor([[-0.6, -0.3], [0.5, 0.5], [0.4, -0.6]], dtype=torch.float64) * scale
-    stds = torch.tensor([[0.10, 0.15], [0.12, 0.08], [0.06, 0.10]], dtype=torch.float64) * scale
-    return fastsde.GaussianMixture([0.5, 0.3, 0.2], means, stds, sde)
+make_mixture = fastsde.problems.mixture_2d
 
 
 PROCESSES = {

@@ -12,6 +12,7 @@ from .score import (
     NoisePredictionScore,
     NonFiniteScoreError,
 )
+from . import problems
 from .sde import EDM, SDE, VESDE, VPSDE, SubVPSDE
 from .solvers import SOLVERS, get_solver
 
