@@ -1,6 +1,7 @@
 """fastsde: sample score-based diffusion models, and compute their likelihoods, with few network
 evaluations."""
 
+from . import problems
 from .api import SampleResult, sample
 from .grids import time_grid
 from .noise import NoiseSource
@@ -12,7 +13,6 @@ from .score import (
     NoisePredictionScore,
     NonFiniteScoreError,
 )
-from . import problems
 from .sde import EDM, SDE, VESDE, VPSDE, SubVPSDE
 from .solvers import SOLVERS, get_solver
 
@@ -35,5 +35,6 @@ __all__ = [
     "sample",
     "time_grid",
     "SOLVERS",
+    "problems",
     "get_solver",
 ]

@@ -47,11 +47,15 @@ def check_shape(shape: Any) -> tuple[int, ...]:
     """shape must be (n, *dims) of positive ints with at least one data dimension."""
     if isinstance(shape, torch.Size):
         shape = tuple(shape)
-    ok = isinstance(shape, (tuple, list)) and len(shape) >= 2 and all(
-        isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape
+    ok = (
+        isinstance(shape, (tuple, list))
+        and len(shape) >= 2
+        and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)
     )
     if not ok:
-        raise ValueError(f"shape must be a tuple (n, *dims) of positive ints with at least one data dimension, got {shape!r}")
+        raise ValueError(
+            f"shape must be a tuple (n, *dims) of positive ints with at least one data dimension, got {shape!r}"
+        )
     return tuple(shape)
 
 
@@ -107,7 +111,9 @@ def sample(
         raise ValueError(f"x_init must have shape {shape}, got {tuple(x_init.shape)}")
 
     counted = CountingScore(score, n, device)
-    ctx = SolverContext(sde=sde, score=counted, noise=noise, t_start=sde.T, t_end=float(t_end), callback=callback, progress=progress)
+    ctx = SolverContext(
+        sde=sde, score=counted, noise=noise, t_start=sde.T, t_end=float(t_end), callback=callback, progress=progress
+    )
     start = time.perf_counter()
     with torch.no_grad():
         if x_init is None:
@@ -130,4 +136,3 @@ def sample(
         stats=dict(ctx.stats, rows_evaluated=counted.rows_evaluated),
         stopped_early=ctx.stopped,
     )
-

@@ -101,8 +101,11 @@ class NoiseSource:
     def _bits(self, shape: Sequence[int], stream: int, counter: int | Tensor, rows: Tensor | None, device) -> Tensor:
         seeds = self.seeds if rows is None else self.seeds[rows.to("cpu", torch.long)]
         n = seeds.shape[0]
-        counter = torch.as_tensor(counter, dtype=torch.int64).expand(n) if not isinstance(counter, Tensor) \
+        counter = (
+            torch.as_tensor(counter, dtype=torch.int64).expand(n)
+            if not isinstance(counter, Tensor)
             else counter.to("cpu", torch.int64).expand(n)
+        )
         key = _mix(seeds ^ _mix(counter * _GOLDEN + _signed(stream * 0xBF58476D1CE4E5B9 + 1)))
         d = math.prod(shape)
         idx = torch.arange(d, dtype=torch.int64, device=device)

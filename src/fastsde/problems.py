@@ -23,7 +23,7 @@ def mixture_2d(sde: SDE, scale: float = 1.0) -> GaussianMixture:
 def mixture_nd(sde: SDE, dim: int = 16, modes: int = 4, seed: int = 0) -> GaussianMixture:
     """A d-dimensional mixture with well-separated modes inside [-1, 1]^d (a harder benchmark)."""
     g = torch.Generator().manual_seed(seed)
-    means = (torch.rand(modes, dim, generator=g, dtype=torch.float64) * 1.2 - 0.6)
+    means = torch.rand(modes, dim, generator=g, dtype=torch.float64) * 1.2 - 0.6
     stds = 0.05 + 0.1 * torch.rand(modes, dim, generator=g, dtype=torch.float64)
     weights = 0.5 + torch.rand(modes, generator=g, dtype=torch.float64)
     return GaussianMixture(weights, means, stds, sde)

@@ -49,7 +49,9 @@ class CountingScore:
 
     def __call__(self, x: Tensor, t: Tensor, rows: Tensor | None = None, *, check_finite: bool = True) -> Tensor:
         if t.dim() != 1 or t.shape[0] != x.shape[0]:
-            raise ValueError(f"t must be a 1-D tensor with one time per row of x ({x.shape[0]}), got shape {tuple(t.shape)}")
+            raise ValueError(
+                f"t must be a 1-D tensor with one time per row of x ({x.shape[0]}), got shape {tuple(t.shape)}"
+            )
         out = self.score(x, t)
         if not isinstance(out, Tensor) or out.shape != x.shape:
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
@@ -59,11 +61,15 @@ class CountingScore:
         if rows is None:
             self.nfe_per_sample += 1.0
         else:
-            self.nfe_per_sample.index_add_(0, rows.to("cpu", torch.long), torch.ones(rows.shape[0], dtype=torch.float64))
+            self.nfe_per_sample.index_add_(
+                0, rows.to("cpu", torch.long), torch.ones(rows.shape[0], dtype=torch.float64)
+            )
         if check_finite and not bool(torch.isfinite(out).all()):
             bad = ~torch.isfinite(out.reshape(out.shape[0], -1)).all(dim=1)
             times = sorted({float(v) for v in t[bad].tolist()})[:5]
-            raise NonFiniteScoreError(f"score returned NaN or Inf at t = {times} ({int(bad.sum())} of {x.shape[0]} rows)")
+            raise NonFiniteScoreError(
+                f"score returned NaN or Inf at t = {times} ({int(bad.sum())} of {x.shape[0]} rows)"
+            )
         return out
 
     @property
@@ -89,7 +95,9 @@ class GaussianMixture:
         sde: the forward process; needed for the score at t > 0.
     """
 
-    def __init__(self, weights: Sequence[float] | Tensor, means: Tensor, stds: Tensor | Sequence[float], sde: SDE | None = None):
+    def __init__(
+        self, weights: Sequence[float] | Tensor, means: Tensor, stds: Tensor | Sequence[float], sde: SDE | None = None
+    ):
         means = torch.as_tensor(means, dtype=torch.float64)
         weights = torch.as_tensor(weights, dtype=torch.float64)
         stds = torch.as_tensor(stds, dtype=torch.float64)
@@ -101,7 +109,9 @@ class GaussianMixture:
         if stds.dim() == 1:
             stds = stds.reshape(k, *([1] * (means.dim() - 1))).expand_as(means)
         if stds.shape != means.shape or bool((stds <= 0).any()):
-            raise ValueError(f"stds must be positive and shaped (K,) or like means {tuple(means.shape)}, got {tuple(stds.shape)}")
+            raise ValueError(
+                f"stds must be positive and shaped (K,) or like means {tuple(means.shape)}, got {tuple(stds.shape)}"
+            )
         self.weights = weights / weights.sum()
         self.means = means
         self.stds = stds.clone()
@@ -190,7 +200,9 @@ def default_time_input(sde: SDE) -> Callable[[Tensor], Tensor]:
 class NoisePredictionScore:
     """Score from a noise-prediction network ε̂(x, label): s = −ε̂/σ(t)."""
 
-    def __init__(self, model: Callable[[Tensor, Tensor], Tensor], sde: SDE, time_input: Callable[[Tensor], Tensor] | None = None):
+    def __init__(
+        self, model: Callable[[Tensor, Tensor], Tensor], sde: SDE, time_input: Callable[[Tensor], Tensor] | None = None
+    ):
         self.model = model
         self.sde = sde
         self.time_input = time_input or default_time_input(sde)
@@ -228,7 +240,13 @@ class DiffusersUNetScore:
         time_input: maps t to the network's conditioning label (default: 999·t for VP/sub-VP, σ(t) otherwise).
     """
 
-    def __init__(self, unet: torch.nn.Module, sde: SDE, prediction_type: str = "epsilon", time_input: Callable[[Tensor], Tensor] | None = None):
+    def __init__(
+        self,
+        unet: torch.nn.Module,
+        sde: SDE,
+        prediction_type: str = "epsilon",
+        time_input: Callable[[Tensor], Tensor] | None = None,
+    ):
         if prediction_type not in ("epsilon", "sample", "v_prediction"):
             raise ValueError(f"prediction_type must be 'epsilon', 'sample' or 'v_prediction', got {prediction_type!r}")
         self.unet = unet

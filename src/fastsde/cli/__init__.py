@@ -16,7 +16,9 @@ class CLIError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastsde", description="Sample score-based diffusion models with few network evaluations.")
+    parser = argparse.ArgumentParser(
+        prog="fastsde", description="Sample score-based diffusion models with few network evaluations."
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
         try:
