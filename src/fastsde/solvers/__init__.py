@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from .base import SolverSpec
 from .em import EM
+from .ode import ODE
 
-SOLVERS: dict[str, SolverSpec] = {spec.name: spec for spec in (EM,)}
+SOLVERS: dict[str, SolverSpec] = {spec.name: spec for spec in (EM, ODE)}
 
 
 def get_solver(name: str | SolverSpec) -> SolverSpec:

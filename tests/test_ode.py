@@ -1,0 +1,248 @@
+"""The per-sample Dormand–Prince integrator and the `ode` solver (PF-ODE, RK45), on exact problems."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.integrate import solve_ivp
+
+import fastsde
+from fastsde.integrate import IntegrationError, Status, dopri5
+from fastsde.problems import mixture_2d as make_mixture
+
+F64 = torch.float64
+
+
+# ---------------------------------------------------------------------------------------------
+# The integrator
+# ---------------------------------------------------------------------------------------------
+
+
+def _decay(y: torch.Tensor, t: torch.Tensor, rows) -> torch.Tensor:
+    """dy/dt = −k y + sin(t), one rate per row (row i has k = 1 + 10 i)."""
+    k = 1.0 + 10.0 * (torch.arange(y.shape[0], dtype=F64) if rows is None else rows.to(F64))
+    return -k[:, None] * y + torch.sin(t)[:, None]
+
+
+@pytest.mark.parametrize("t0, t1", [(0.0, 2.0), (2.0, 0.1)])
+def test_dopri5_matches_scipy_step_for_step(t0, t1):
+    """Each row takes exactly scipy's steps: same nfev, same accepted steps, same answer."""
+    y0 = torch.tensor([[1.0, -0.5], [0.3, 2.0], [2.0, 0.0]], dtype=F64)
+    sol = dopri5(_decay, y0, t0, t1, rtol=1e-6, atol=1e-8)
+    assert bool(sol.finished.all())
+    assert torch.all(sol.t == t1)
+    for i in range(3):
+        k = 1.0 + 10.0 * i
+        ref = solve_ivp(lambda t, y, k=k: -k * y + math.sin(t), (t0, t1), y0[i].numpy(), "RK45", rtol=1e-6, atol=1e-8)
+        assert int(sol.nfev[i]) == ref.nfev
+        assert int(sol.accepted[i]) == len(ref.t) - 1
+        np.testing.assert_allclose(sol.y[i].numpy(), ref.y[:, -1], rtol=1e-12, atol=1e-14)
+    # per-sample steps: the stiffer rows take more
+    assert int(sol.accepted[0]) < int(sol.accepted[2])
+    assert torch.all(sol.nfev == 2 + 6 * (sol.accepted + sol.rejected))
+
+
+def test_dopri5_drops_finished_rows():
+    """F only ever sees unfinished rows, and is told which samples they are."""
+    seen: list[int] = []
+
+    def f(y, t, rows):
+        seen.append(rows.numel())
+        return _decay(y, t, rows)
+
+    sol = dopri5(f, torch.ones(4, 1, dtype=F64), 0.0, 3.0, rtol=1e-6, atol=1e-8)
+    assert max(seen) == 4 and min(seen) < 4
+    assert sum(seen) == int(sol.nfev.sum())
+
+
+def test_dopri5_rejects_nonfinite_and_shrinks():
+    """A proposal with NaN is rejected (not accepted as garbage) and the step shrunk; the solve ends right."""
+    calls = {"n": 0}
+
+    def f(y, t, rows):
+        calls["n"] += 1
+        out = _decay(y, t, rows)
+        return out * float("nan") if calls["n"] in (4, 5) else out  # NaN inside the first step attempt
+
+    y0 = torch.tensor([[1.0]], dtype=F64)
+    sol = dopri5(f, y0, 0.0, 1.0, rtol=1e-8, atol=1e-10)
+    ref = dopri5(_decay, y0, 0.0, 1.0, rtol=1e-8, atol=1e-10)
+    assert int(sol.rejected[0]) >= 1 and bool(sol.finished.all())
+    assert torch.isfinite(sol.y).all()
+    torch.testing.assert_close(sol.y, ref.y, rtol=1e-7, atol=1e-9)
+
+
+def test_dopri5_budget_and_underflow_end_with_status():
+    y0 = torch.ones(3, 1, dtype=F64)
+    sol = dopri5(_decay, y0, 0.0, 10.0, rtol=1e-10, atol=1e-12, max_steps=5)
+    assert torch.all(sol.status == Status.MAX_STEPS) and torch.all(sol.t < 10.0)
+    with pytest.raises(IntegrationError, match="3 of 3 samples did not reach"):
+        sol.raise_if_unfinished()
+
+    def wall(y, t, rows):  # NaN past t = 0.5 for row 1 only: it can never cross
+        out = _decay(y, t, rows)
+        bad = (rows == 1) & (t > 0.5)
+        return torch.where(bad[:, None], torch.full_like(out, float("nan")), out)
+
+    sol = dopri5(wall, y0, 0.0, 1.0)
+    assert sol.status.tolist() == [Status.SUCCESS, Status.STEP_TOO_SMALL, Status.SUCCESS]
+    assert 0.49 < float(sol.t[1]) <= 0.5
+    assert "1 of 3 samples did not reach the end time (1 step too small)" in sol.failure_message()
+
+
+# ---------------------------------------------------------------------------------------------
+# The `ode` solver
+# ---------------------------------------------------------------------------------------------
+
+
+def _mode_stats(gm: fastsde.GaussianMixture, x: torch.Tensor, t: float):
+    resp = gm.responsibilities(x, t)
+    comp = resp.argmax(dim=1)
+    return comp
+
+
+def test_ode_samples_match_exact_marginal(process):
+    """PF-ODE samples (no denoise) follow the mixture's marginal at t_end: weights, per-mode means and stds."""
+    gm = make_mixture(process)
+    n = 3000
+    res = fastsde.sample(gm, process, (n, 2), solver="ode", seed=1, dtype=F64, denoise=False)
+    x = res.samples
+    assert torch.isfinite(x).all()
+    t_end = process.default_t_end
+    w, mu, sd = gm.marginal_params(t_end)
+    comp = _mode_stats(gm, x, t_end)
+    for k in range(3):
+        xk = x[comp == k]
+        nk = xk.shape[0]
+        assert abs(nk / n - float(w[k])) < 4 * math.sqrt(float(w[k]) * (1 - float(w[k])) / n)
+        assert torch.all((xk.mean(0) - mu[k]).abs() < 4 * sd[k] / math.sqrt(nk) + 2e-3)
+        assert torch.all((xk.std(0) / sd[k] - 1).abs() < 4 / math.sqrt(2 * nk) + 0.02)
+    # accounting: 2 NFE to start + 6 per attempted step, no denoise
+    steps = res.stats["steps_per_sample"].to(F64)
+    torch.testing.assert_close(res.nfe_per_sample, 2 + 6 * steps)
+    assert res.stats["accepted"].sum() + res.stats["rejected"].sum() == steps.sum()
+    assert res.calls == 2 + 6 * int(steps.max())
+
+
+def test_ode_agrees_with_scipy_on_same_noise(process):
+    gm = make_mixture(process)
+    kw = dict(solver="ode", seed=3, dtype=F64, rtol=1e-9, atol=1e-9)
+    ours = fastsde.sample(gm, process, (40, 2), **kw)
+    ref = fastsde.sample(gm, process, (40, 2), method="scipy", **kw)
+    torch.testing.assert_close(ours.samples, ref.samples, rtol=0, atol=5e-6)
+    # scipy shares one step size across the batch: every sample pays for the hardest
+    assert torch.all(ref.nfe_per_sample == ref.nfe_per_sample[0])
+    assert ours.nfe < ref.nfe
+    assert ref.nfe == ref.stats["nfev"] + 1  # + the final denoise
+
+
+def test_ode_per_sample_steps_and_batch_independence():
+    """Easy and hard samples take different step counts, and sample i is the same alone or in a batch."""
+    sde = fastsde.VPSDE()
+    gm = make_mixture(sde)
+    res = fastsde.sample(gm, sde, (64, 2), solver="ode", seed=5, dtype=F64)
+    steps = res.stats["steps_per_sample"]
+    assert int(steps.min()) < int(steps.max())
+    hard, easy = int(steps.argmax()), int(steps.argmin())
+    for i in (hard, easy):
+        seeds = fastsde.NoiseSource.from_seed(5, 64).subset([i])
+        alone = fastsde.sample(gm, sde, (1, 2), solver="ode", seed=seeds, dtype=F64)
+        torch.testing.assert_close(alone.samples[0], res.samples[i], rtol=0, atol=1e-12)
+        assert int(alone.stats["steps_per_sample"][0]) == int(steps[i])
+        assert float(alone.nfe_per_sample[0]) == float(res.nfe_per_sample[i])
+
+
+def test_ode_rejection_path_runs():
+    """A first step over the whole interval is rejected and shrunk; the answer is unchanged."""
+    sde = fastsde.VPSDE()
+    gm = make_mixture(sde)
+    kw = dict(solver="ode", seed=2, dtype=F64, rtol=1e-8, atol=1e-8)
+    big = fastsde.sample(gm, sde, (16, 2), h_init=1.0, **kw)
+    auto = fastsde.sample(gm, sde, (16, 2), **kw)
+    assert torch.all(big.stats["rejected"] >= 1)
+    torch.testing.assert_close(big.samples, auto.samples, rtol=0, atol=1e-5)
+    # with h_init given, no evaluation for the initial step selection
+    assert torch.all(big.nfe_per_sample == 2 + 6 * big.stats["steps_per_sample"].to(F64))
+
+
+def test_ode_nan_score_region_rejected_not_returned():
+    """A score that returns NaN far from the data (|x| > 1.8 at t < 0.3) only ever hits rejected
+    proposals from a too-large step; the samples stay finite and correct."""
+    sde = fastsde.VPSDE()
+    gm = make_mixture(sde)
+
+    nan_rows = []
+
+    def flaky(x, t):
+        s = gm(x, t)
+        bad = (x.abs().amax(dim=1) > 1.8) & (t < 0.3)
+        nan_rows.append(int(bad.sum()))
+        return torch.where(bad[:, None], torch.full_like(s, float("nan")), s)
+
+    kw = dict(solver="ode", seed=4, dtype=F64, rtol=1e-7, atol=1e-7, h_init=0.9)
+    res = fastsde.sample(flaky, sde, (8, 2), **kw)
+    ref = fastsde.sample(gm, sde, (8, 2), **kw)
+    assert torch.isfinite(res.samples).all()
+    assert sum(nan_rows) > 0
+    assert res.stats["rejected"].sum() >= 8
+    torch.testing.assert_close(res.samples, ref.samples, rtol=0, atol=1e-4)
+
+
+def test_ode_budget_error_and_partial():
+    sde = fastsde.VESDE()
+    gm = make_mixture(sde)
+    with pytest.raises(IntegrationError, match="5 of 5 samples did not reach the end time"):
+        fastsde.sample(gm, sde, (5, 2), solver="ode", dtype=F64, max_steps=3)
+    res = fastsde.sample(gm, sde, (5, 2), solver="ode", dtype=F64, max_steps=3, partial=True, denoise=False)
+    assert torch.all(res.stats["status"] == Status.MAX_STEPS)
+    assert torch.all(res.stats["t_reached"] > sde.default_t_end)
+
+
+def test_ode_callback_sees_steps_and_can_stop():
+    sde = fastsde.EDM()
+    gm = make_mixture(sde)
+    seen = []
+
+    def cb(info):
+        seen.append(info)
+        return len(seen) < 3
+
+    res = fastsde.sample(gm, sde, (6, 2), solver="ode", dtype=F64, callback=cb)
+    assert res.stopped_early and len(seen) == 3
+    assert seen[0].accepted.shape == (6,) and seen[0].t.shape == (6,) and seen[0].h.shape == (6,)
+    assert torch.all(seen[-1].t < sde.T)
+
+
+@pytest.mark.parametrize(
+    "opt, match",
+    [
+        (dict(rtol=0.0), "rtol"),
+        (dict(atol=-1e-3), "atol"),
+        (dict(method="dopri"), "method must be one of"),
+        (dict(max_steps=0), "max_steps"),
+        (dict(h_init=0.0), "h_init"),
+        (dict(partial="yes"), "partial"),
+        (dict(tol=1e-3), "valid options"),
+    ],
+)
+def test_ode_bad_options_fail_before_compute(opt, match):
+    sde = fastsde.VPSDE()
+    calls = []
+
+    def score(x, t):
+        calls.append(1)
+        return -x
+
+    with pytest.raises(ValueError, match=match):
+        fastsde.sample(score, sde, (2, 2), solver="ode", **opt)
+    assert not calls
+
+
+def test_ode_float32_runs():
+    sde = fastsde.SubVPSDE()
+    gm = make_mixture(sde)
+    res = fastsde.sample(gm, sde, (32, 2), solver="ode", seed=0)
+    assert res.samples.dtype == torch.float32 and torch.isfinite(res.samples).all()
