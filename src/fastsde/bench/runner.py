@@ -1,0 +1,545 @@
+"""The benchmark runner behind ``fastsde bench``: every fastsde sampler and every installed peer on
+the same score and the same starting noise, quality against NFE and wall time.
+
+Definitions used in the outputs:
+
+- **budget**: fixed-step samplers get, per NFE budget B, the largest step count whose NFE is ≤ B
+  (fastsde's NFE per step count is measured once on a 1-sample dry run with a dummy score; the
+  peers' follow from their step rules). Adaptive samplers get a sweep of tolerances instead (loose
+  to tight, stopped once NFE exceeds twice the largest budget).
+- **NFE**: mean score evaluations per sample (``CountingScore``), rejected steps and the final
+  denoise included; ``calls`` counts batched calls (the per-batch cost of batch-shared step sizes).
+- **quality**: mixture: the exact per-mode Fréchet distance (``fastsde.metrics.mixture``) at t = 0,
+  with its finite-sample floor; digits: the digits metric when it exists.
+- **MSE**: deterministic samplers only, to a high-accuracy PF-ODE solution from the same x_T
+  (scipy DOP853 at rtol = atol = 1e-9 on the mixture; the final Tweedie denoise applied).
+- **converged quality** threshold τ = max(1.1·floor, floor + 2·sd(floor), 1.1·q_ref), where q_ref is the
+  quality of that reference solution (the value deterministic samplers converge to from this x_T);
+  **NFE to converge** = the smallest NFE of a sampler's runs from which on every run with more NFE
+  has quality ≤ τ (None if its largest run is above τ).
+- **outside share**: 1 − (time inside the score)/(wall time), measured by timing the raw score
+  inside the counting wrapper.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..noise import Stream, as_noise_source
+from ..score import ScoreFn
+from ..sde import SDE, VESDE, VPSDE, SubVPSDE
+from .peers import PEERS, Peer, TimedScore, available_peers
+
+__all__ = ["BenchConfig", "Problem", "run_bench", "write_outputs", "converged_nfe", "PROCESSES"]
+
+PROCESSES: dict[str, Callable[[], SDE]] = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE}
+DEFAULT_TOLS = (1e-1, 5e-2, 2e-2, 1e-2, 5e-3, 2e-3, 1e-3, 5e-4, 2e-4, 1e-4)
+
+
+@dataclass
+class BenchConfig:
+    problem: str = "mixture"
+    budgets: list[int] = field(default_factory=lambda: [5, 10, 20, 50, 100, 200])
+    processes: list[str] = field(default_factory=lambda: ["vp", "subvp", "ve"])
+    samplers: list[str] | None = None  # fastsde solver names and/or peer names; None: all
+    n: int = 2000
+    dim: int = 16
+    seed: int = 0
+    tolerances: list[float] = field(default_factory=lambda: list(DEFAULT_TOLS))
+    peers: bool = True
+    progress: bool = True
+    floor_draws: int = 8
+
+    def check(self) -> None:
+        if self.problem not in ("mixture", "digits"):
+            raise ValueError(f"problem must be 'mixture' or 'digits', got {self.problem!r}")
+        if not self.budgets or any((not isinstance(b, int)) or b < 1 for b in self.budgets):
+            raise ValueError(f"budgets must be positive integers, got {self.budgets!r}")
+        bad = [p for p in self.processes if p not in PROCESSES]
+        if bad:
+            raise ValueError(f"processes must be among {sorted(PROCESSES)}, got {bad}")
+        if self.n < 2:
+            raise ValueError(f"n must be >= 2, got {self.n!r}")
+        if self.dim < 1:
+            raise ValueError(f"dim must be >= 1, got {self.dim!r}")
+        if not self.tolerances or any(not (0 < t < 1) for t in self.tolerances):
+            raise ValueError(f"tolerances must lie in (0, 1), got {self.tolerances!r}")
+
+
+@dataclass
+class Problem:
+    """One benchmark problem under one process."""
+
+    name: str
+    process: str
+    sde: SDE
+    score: ScoreFn
+    dims: tuple[int, ...]
+    dtype: torch.dtype
+    quality: Callable[[Tensor], float]
+    floor: tuple[float, float]
+    quality_name: str
+    reference_rtol: float
+
+
+def mixture_problem(process: str, cfg: BenchConfig) -> Problem:
+    from ..metrics.mixture import mixture_frechet, mixture_frechet_floor
+    from ..problems import mixture_2d, mixture_nd
+
+    sde = PROCESSES[process]()
+    gm = mixture_2d(sde) if cfg.dim == 2 else mixture_nd(sde, dim=cfg.dim)
+    floor = mixture_frechet_floor(gm, cfg.n, draws=cfg.floor_draws, seed=cfg.seed + 12345)
+    return Problem(
+        name=f"mixture{cfg.dim}d",
+        process=process,
+        sde=sde,
+        score=gm.score,
+        dims=gm.dims,
+        dtype=torch.float64,
+        quality=lambda x: mixture_frechet(x, gm).value,
+        floor=floor,
+        quality_name="per-mode Fréchet distance",
+        reference_rtol=1e-9,
+    )
+
+
+def digits_problem(cfg: BenchConfig) -> Problem:
+    """The shipped digits model, judged by fastsde.metrics.digits (when both exist)."""
+    import fastsde
+
+    if not hasattr(fastsde, "load_model"):
+        raise ValueError(
+            "problem 'digits' needs fastsde.load_model (the shipped digits models), which this build lacks"
+        )
+    try:
+        from ..metrics import digits as dm
+    except ImportError as exc:
+        raise ValueError(f"problem 'digits' needs fastsde.metrics.digits, which this build lacks ({exc})") from None
+    model = fastsde.load_model("digits")
+    fd = getattr(dm, "frechet_distance", None) or getattr(dm, "digits_fd", None) or getattr(dm, "fid", None)
+    if fd is None:
+        raise ValueError(f"fastsde.metrics.digits has no Fréchet function; found {sorted(dir(dm))}")
+    floor_fn = getattr(dm, "floor", None) or getattr(dm, "frechet_floor", None)
+    floor = tuple(floor_fn(cfg.n)) if floor_fn is not None else (math.nan, math.nan)
+    if isinstance(floor, tuple) and len(floor) == 1:
+        floor = (float(floor[0]), 0.0)
+    return Problem(
+        name="digits",
+        process=type(model.sde).__name__,
+        sde=model.sde,
+        score=model.score,
+        dims=tuple(model.shape),
+        dtype=torch.float32,
+        quality=lambda x: float(fd(x)),
+        floor=(float(floor[0]), float(floor[1])),
+        quality_name="digits Fréchet distance",
+        reference_rtol=1e-5,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# fastsde samplers
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FastsdeSampler:
+    name: str
+    stochastic: bool
+    budget_kind: str  # "nfe" or "tol"
+
+    def options_for(self, setting: float, spec_options: dict) -> dict[str, Any]:
+        if self.budget_kind == "nfe":
+            return {"steps": int(setting)}
+        if "rtol" in spec_options:
+            return {"rtol": setting, "atol": setting}
+        return {"eps_rel": setting, "eps_abs": setting * 0.78}
+
+
+def fastsde_samplers() -> tuple[list[FastsdeSampler], list[str]]:
+    """The registered fastsde solvers the bench can drive (discovered at run time)."""
+    from ..solvers import SOLVERS
+
+    out, notes = [], []
+    for name, spec in SOLVERS.items():
+        opts = set(spec.options)
+        if "steps" in opts:
+            out.append(FastsdeSampler(name, bool(spec.stochastic), "nfe"))
+        elif {"rtol", "atol"} <= opts or {"eps_rel", "eps_abs"} <= opts:
+            out.append(FastsdeSampler(name, bool(spec.stochastic), "tol"))
+        else:
+            notes.append(f"{name}: skipped, no steps or tolerance option to sweep")
+    return out, notes
+
+
+_NFE_CACHE: dict[tuple[str, str, int], float] = {}
+
+
+def fastsde_nfe(name: str, sde: SDE, steps: int) -> float:
+    """NFE of a fixed-step fastsde solver at ``steps`` (1-sample dry run, dummy score; cached)."""
+    import fastsde
+
+    key = (name, repr(sde), steps)
+    if key not in _NFE_CACHE:
+        res = fastsde.sample(lambda x, t: -x, sde, (1, 1), solver=name, seed=0, dtype=torch.float64, steps=steps)
+        _NFE_CACHE[key] = res.nfe
+    return _NFE_CACHE[key]
+
+
+def steps_for_budget(name: str, sde: SDE, budget: int) -> int | None:
+    """Largest step count (≥ 2) whose NFE is ≤ budget, or None."""
+    if fastsde_nfe(name, sde, 2) > budget:
+        return None
+    lo, hi = 2, 3
+    while fastsde_nfe(name, sde, hi) <= budget:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fastsde_nfe(name, sde, mid) <= budget else (lo, mid)
+    return lo
+
+
+# ---------------------------------------------------------------------------------------------
+# reference and metrics
+# ---------------------------------------------------------------------------------------------
+
+
+def reference_solution(score: ScoreFn, sde: SDE, x_T: Tensor, t_end: float, rtol: float) -> Tensor:
+    """High-accuracy PF-ODE solution from x_T (scipy DOP853, rtol = atol = rtol) + Tweedie denoise."""
+    from scipy.integrate import solve_ivp
+
+    shape, dtype = x_T.shape, x_T.dtype
+
+    def fun(t: float, y):
+        x = torch.from_numpy(y).to(dtype).reshape(shape)
+        tt = torch.full((shape[0],), t, dtype=dtype)
+        with torch.no_grad():
+            return sde.ode_drift(x, tt, score(x, tt)).reshape(-1).double().numpy()
+
+    sol = solve_ivp(fun, (sde.T, t_end), x_T.reshape(-1).double().numpy(), method="DOP853", rtol=rtol, atol=rtol)
+    if not sol.success:
+        raise RuntimeError(f"reference solve failed: {sol.message}")
+    x = torch.from_numpy(sol.y[:, -1]).to(dtype).reshape(shape)
+    tt = torch.full((shape[0],), t_end, dtype=dtype)
+    with torch.no_grad():
+        return sde.denoise(x, tt, score(x, tt))
+
+
+def converged_threshold(floor: tuple[float, float], q_ref: float) -> float:
+    """τ = max(1.1·floor, floor + 2·sd, 1.1·q_ref) (see the module docstring)."""
+    vals = [1.1 * floor[0], floor[0] + 2.0 * floor[1]]
+    if math.isfinite(q_ref):
+        vals.append(1.1 * q_ref)
+    vals = [v for v in vals if math.isfinite(v)]
+    return max(vals) if vals else math.nan
+
+
+def converged_nfe(records: list[dict], tau: float) -> float | None:
+    """Smallest NFE from which on every run (more NFE) has quality ≤ τ; None if the last is above."""
+    runs = sorted((r for r in records if r.get("error") is None), key=lambda r: r["nfe"])
+    best = None
+    for r in reversed(runs):
+        if r["quality"] <= tau:
+            best = r["nfe"]
+        else:
+            break
+    return best
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+# ---------------------------------------------------------------------------------------------
+
+
+def _select(names: list[str] | None, fs: list[FastsdeSampler], peers: list[Peer]):
+    if names is None:
+        return fs, peers
+    known = {s.name for s in fs} | set(PEERS) | {"fastsde", "peers"}
+    bad = [n for n in names if n not in known]
+    if bad:
+        raise ValueError(f"unknown sampler(s) {bad}; valid: {sorted(known)}")
+    fs_sel = [s for s in fs if s.name in names or "fastsde" in names]
+    peer_sel = [p for p in peers if p.name in names or "peers" in names]
+    return fs_sel, peer_sel
+
+
+def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the benchmark; returns a JSON-able dict (config, notes, per-process floors, records,
+    converged NFE)."""
+    cfg.check()
+    import fastsde
+
+    fs, notes = fastsde_samplers()
+    peers, peer_notes = available_peers() if cfg.peers else ([], [])
+    fs, peers = _select(cfg.samplers, fs, peers)
+    if cfg.samplers is not None and "peers" not in cfg.samplers:
+        peer_notes = [m for m in peer_notes if m.split(":")[0] in cfg.samplers]
+    notes += peer_notes
+    for note in notes:
+        log(note)
+
+    problems = [digits_problem(cfg)] if cfg.problem == "digits" else [mixture_problem(p, cfg) for p in cfg.processes]
+    records: list[dict] = []
+    summary: dict[str, Any] = {}
+    for prob in problems:
+        sde = prob.sde
+        t_end = sde.default_t_end
+        n = cfg.n
+        noise = as_noise_source(cfg.seed, n)
+        x_T = sde.prior_sample(noise.normal(prob.dims, Stream.PRIOR, 0, dtype=prob.dtype))
+        t0 = time.perf_counter()
+        ref = reference_solution(prob.score, sde, x_T, t_end, prob.reference_rtol)
+        q_ref = prob.quality(ref)
+        tau = converged_threshold(prob.floor, q_ref)
+        log(
+            f"[{prob.name}/{prob.process}] floor {prob.floor[0]:.4g} ± {prob.floor[1]:.2g}, reference quality "
+            f"{q_ref:.4g} ({time.perf_counter() - t0:.1f} s), converged threshold τ = {tau:.4g}"
+        )
+        jobs: list[tuple[str, Any]] = []
+        for s in fs:
+            jobs.append(("fastsde", s))
+        for p in peers:
+            if p.supports(sde):
+                jobs.append(("peer", p))
+            else:
+                log(f"{p.name}: skipped on {prob.process} (built for the discrete VP process only)")
+        bar = None
+        if cfg.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(jobs), desc=f"{prob.name}/{prob.process}", leave=False)
+        prob_records: list[dict] = []
+        for source, s in jobs:
+            prob_records += _run_sampler(source, s, prob, cfg, x_T, ref, fastsde)
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        conv = {}
+        for name in dict.fromkeys(r["sampler"] for r in prob_records):
+            rs = [r for r in prob_records if r["sampler"] == name]
+            conv[name] = {
+                "nfe": converged_nfe(rs, tau),
+                "source": rs[0]["source"],
+                "stochastic": rs[0]["stochastic"],
+            }
+        summary[prob.process] = {
+            "problem": prob.name,
+            "floor": prob.floor[0],
+            "floor_sd": prob.floor[1],
+            "reference_quality": q_ref,
+            "threshold": tau,
+            "quality_name": prob.quality_name,
+            "t_end": t_end,
+            "sde": sde.config(),
+            "converged": conv,
+        }
+        records += prob_records
+    return {"config": asdict(cfg), "notes": notes, "summary": summary, "records": records}
+
+
+def _run_sampler(source: str, s: Any, prob: Problem, cfg: BenchConfig, x_T: Tensor, ref: Tensor, fastsde) -> list[dict]:
+    from ..solvers import SOLVERS
+
+    sde = prob.sde
+    out: list[dict] = []
+    if s.budget_kind == "nfe":
+        settings, seen = [], set()
+        for b in sorted(cfg.budgets):
+            st = steps_for_budget(s.name, sde, b) if source == "fastsde" else b
+            if st is not None and st not in seen:
+                seen.add(st)
+                settings.append((b, st))
+    else:
+        settings = [(None, tol) for tol in sorted(cfg.tolerances, reverse=True)]
+    limit = 2 * max(cfg.budgets)
+    for budget, setting in settings:
+        rec: dict[str, Any] = {
+            "problem": prob.name,
+            "process": prob.process,
+            "sampler": s.name,
+            "source": "fastsde" if source == "fastsde" else s.package.split(".")[0],
+            "stochastic": bool(s.stochastic),
+            "budget": budget,
+            "setting": setting,
+            "error": None,
+        }
+        try:
+            if source == "fastsde":
+                timed = TimedScore(prob.score)
+                opts = s.options_for(setting, dict(SOLVERS[s.name].options))
+                res = fastsde.sample(
+                    timed, sde, (cfg.n, *prob.dims), solver=s.name, seed=cfg.seed, x_init=x_T, dtype=prob.dtype, **opts
+                )
+                x, nfe, calls, wall, inside = res.samples, res.nfe, res.calls, res.wall_time, timed.seconds
+                rec["options"] = json.dumps({k: v for k, v in res.options.items() if k != "sde"}, default=str)
+            else:
+                pr = s.run(prob.score, sde, x_T, setting, sde.default_t_end, seed=cfg.seed)
+                x, nfe, calls, wall, inside = pr.samples, pr.nfe, pr.calls, pr.wall_time, pr.score_time
+                rec["options"] = json.dumps(pr.setting, default=str)
+            rec.update(
+                nfe=float(nfe),
+                calls=int(calls),
+                wall_time=float(wall),
+                score_time=float(inside),
+                outside_share=float(max(0.0, 1.0 - inside / wall)) if wall > 0 else math.nan,
+                quality=float(prob.quality(x)),
+                mse=None if s.stochastic else float(((x.double() - ref.double()) ** 2).mean()),
+            )
+        except Exception as exc:  # noqa: BLE001 - a failing sampler is recorded, not fatal
+            rec.update(nfe=math.nan, calls=0, wall_time=math.nan, score_time=math.nan, outside_share=math.nan)
+            rec.update(quality=math.nan, mse=None, error=f"{type(exc).__name__}: {str(exc)[:200]}")
+        out.append(rec)
+        if s.budget_kind == "tol" and rec["error"] is None and rec["nfe"] > limit:
+            break
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# outputs
+# ---------------------------------------------------------------------------------------------
+
+CSV_FIELDS = [
+    "problem",
+    "process",
+    "sampler",
+    "source",
+    "stochastic",
+    "budget",
+    "setting",
+    "nfe",
+    "calls",
+    "wall_time",
+    "score_time",
+    "outside_share",
+    "quality",
+    "mse",
+    "error",
+    "options",
+]
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def markdown_tables(result: dict[str, Any]) -> str:
+    """Per process: converged NFE, quality at each budget, MSE and outside share."""
+    cfg = result["config"]
+    budgets = sorted(cfg["budgets"])
+    lines = []
+    for proc, summ in result["summary"].items():
+        recs = [r for r in result["records"] if r["process"] == proc and r["error"] is None]
+        lines.append(f"### {summ['problem']} / {proc}")
+        lines.append("")
+        lines.append(
+            f"Quality: {summ['quality_name']} (lower is better). Finite-sample floor {summ['floor']:.4g} ± "
+            f"{summ['floor_sd']:.2g} (n = {cfg['n']}); PF-ODE reference {summ['reference_quality']:.4g}; "
+            f"converged threshold τ = {summ['threshold']:.4g}; t_end = {summ['t_end']:g}."
+        )
+        lines.append("")
+        head = "| sampler | source | kind | NFE to converge | " + " | ".join(f"q@{b}" for b in budgets)
+        head += " | MSE@" + str(budgets[-1]) + " | outside share |"
+        lines.append(head)
+        lines.append("|" + "---|" * (6 + len(budgets)))
+        conv = summ["converged"]
+        order = sorted(conv, key=lambda k: (conv[k]["stochastic"], conv[k]["nfe"] is None, conv[k]["nfe"] or 0))
+        for name in order:
+            rs = [r for r in recs if r["sampler"] == name]
+            qs = []
+            for b in budgets:
+                within = [r["quality"] for r in rs if r["nfe"] <= b + 1e-9]
+                qs.append(_fmt(min(within)) if within else "–")
+            within = [r for r in rs if r["nfe"] <= budgets[-1] + 1e-9 and r["mse"] is not None]
+            mse = _fmt(min(r["mse"] for r in within)) if within else "–"
+            fs_rs = [r["outside_share"] for r in rs if math.isfinite(r["outside_share"])]
+            share = f"{100 * sum(fs_rs) / len(fs_rs):.0f}%" if fs_rs else "–"
+            c = conv[name]
+            kind = "stochastic" if c["stochastic"] else "deterministic"
+            cn = (
+                _fmt(c["nfe"], 4) if c["nfe"] is not None else f"> {_fmt(max((r['nfe'] for r in rs), default=None), 4)}"
+            )
+            lines.append(f"| {name} | {c['source']} | {kind} | {cn} | " + " | ".join(qs) + f" | {mse} | {share} |")
+        lines.append("")
+        for fam in (False, True):
+            best = {}
+            for src in ("fastsde", "peer"):
+                cands = [
+                    (conv[k]["nfe"], k)
+                    for k in conv
+                    if conv[k]["stochastic"] == fam
+                    and conv[k]["nfe"] is not None
+                    and ((conv[k]["source"] == "fastsde") == (src == "fastsde"))
+                ]
+                best[src] = min(cands) if cands else None
+            famname = "stochastic" if fam else "deterministic"
+            f, p = best["fastsde"], best["peer"]
+            lines.append(
+                f"- best {famname}: fastsde {f[1] + ' at ' + _fmt(f[0], 4) + ' NFE' if f else 'none converged'}; "
+                f"peers {p[1] + ' at ' + _fmt(p[0], 4) + ' NFE' if p else 'none converged'}"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], out: Path) -> list[Path]:
+    """Quality vs NFE and quality vs wall time, one pair of PNGs per process."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for proc, summ in result["summary"].items():
+        recs = [r for r in result["records"] if r["process"] == proc and r["error"] is None and r["quality"] > 0]
+        for xkey, xlabel in (("nfe", "NFE per sample"), ("wall_time", "wall time (s)")):
+            fig, ax = plt.subplots(figsize=(8, 5.5))
+            for name in dict.fromkeys(r["sampler"] for r in recs):
+                rs = sorted((r for r in recs if r["sampler"] == name), key=lambda r: r["nfe"])
+                ls = "--" if rs[0]["stochastic"] else "-"
+                mk = "o" if rs[0]["source"] == "fastsde" else "x"
+                ax.plot([r[xkey] for r in rs], [r["quality"] for r in rs], ls, marker=mk, ms=4, lw=1.2, label=name)
+            ax.axhline(summ["floor"], color="k", lw=0.8, ls=":", label="finite-sample floor")
+            ax.axhline(summ["threshold"], color="gray", lw=0.8, ls="-.", label="converged threshold")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(summ["quality_name"])
+            ax.set_title(f"{summ['problem']} / {proc}: o fastsde, x peers; dashed = stochastic")
+            ax.legend(fontsize=6, ncol=2)
+            fig.tight_layout()
+            p = out / f"{summ['problem']}_{proc}_quality_vs_{'nfe' if xkey == 'nfe' else 'wall'}.png"
+            fig.savefig(p, dpi=110)
+            plt.close(fig)
+            paths.append(p)
+    return paths
+
+
+def write_outputs(result: dict[str, Any], out: Path) -> list[Path]:
+    """results.json, results.csv, table.md and the PNG plots under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "results.json", out / "results.csv", out / "table.md"]
+    paths[0].write_text(json.dumps(result, indent=1, default=str))
+    with paths[1].open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for r in result["records"]:
+            w.writerow(r)
+    notes = "".join(f"- {n}\n" for n in result["notes"])
+    paths[2].write_text(markdown_tables(result) + ("\nNotes:\n" + notes if notes else ""))
+    paths += plot(result, out)
+    return paths
