@@ -4,6 +4,7 @@ evaluations."""
 from . import problems
 from .api import SampleResult, sample
 from .grids import time_grid
+from .likelihood import LikelihoodResult, bits_per_dim, log_likelihood
 from .noise import NoiseSource
 from .score import (
     CountingScore,
@@ -37,4 +38,7 @@ __all__ = [
     "SOLVERS",
     "problems",
     "get_solver",
+    "log_likelihood",
+    "bits_per_dim",
+    "LikelihoodResult",
 ]
