@@ -53,7 +53,9 @@ def _sqrtm_psd(a: Tensor) -> Tensor:
 
 
 def frechet_gaussian(mu1: Tensor, cov1: Tensor, mu2: Tensor, cov2: Tensor) -> float:
-    """Fréchet distance ‖μ₁−μ₂‖² + tr(Σ₁ + Σ₂ − 2(Σ₂^{½} Σ₁ Σ₂^{½})^{½}) between two Gaussians."""
+    """Fréchet distance ‖μ₁−μ₂‖² + tr(Σ₁ + Σ₂ − 2(Σ₂^{½} Σ₁ Σ₂^{½})^{½}) between two Gaussians
+    (computed in float64)."""
+    mu1, cov1, mu2, cov2 = (v.detach().to("cpu", torch.float64) for v in (mu1, cov1, mu2, cov2))
     s2 = _sqrtm_psd(cov2)
     cross = _sqrtm_psd(s2 @ cov1 @ s2)
     d = float(((mu1 - mu2) ** 2).sum() + torch.trace(cov1) + torch.trace(cov2) - 2.0 * torch.trace(cross))

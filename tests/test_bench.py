@@ -1,0 +1,267 @@
+"""The benchmark: each peer adapter reproduces its peer's own result (or the solution it must reach)
+on a small exact problem, the bench bookkeeping, and the CLI end to end on a tiny budget."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+import fastsde
+from fastsde.bench.peers import PEERS, EDMDenoiser, karras_sigmas, vp_trained_betas
+from fastsde.bench.runner import converged_nfe, converged_threshold, reference_solution, steps_for_budget
+from fastsde.cli import main
+from fastsde.noise import Stream, as_noise_source
+
+HAS_KDIFF = importlib.util.find_spec("k_diffusion") is not None
+HAS_TORCHSDE = importlib.util.find_spec("torchsde") is not None
+HAS_TORCHDIFFEQ = importlib.util.find_spec("torchdiffeq") is not None
+needs_kdiff = pytest.mark.skipif(not HAS_KDIFF, reason="k-diffusion not installed (pip install fastsde[peers])")
+
+
+def _x_T(sde, n=64, dims=(2,), seed=0):
+    return sde.prior_sample(as_noise_source(seed, n).normal(dims, Stream.PRIOR, 0, dtype=torch.float64))
+
+
+def _fastsde(gm, sde, x_T, solver, **opts):
+    res = fastsde.sample(gm.score, sde, tuple(x_T.shape), solver=solver, x_init=x_T, dtype=torch.float64, **opts)
+    return res
+
+
+def _need(name):
+    if name not in fastsde.SOLVERS:
+        pytest.skip(f"fastsde solver {name!r} not in this build")
+
+
+# ---------------------------------------------------------------------------------------------
+# diffusers (always installed: a core dependency)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_trained_betas_reproduce_the_vp_process():
+    sde = fastsde.VPSDE()
+    betas = vp_trained_betas(sde)
+    abar = torch.cumprod(1.0 - betas, 0)
+    t = torch.arange(1, 1001, dtype=torch.float64) / 1000
+    assert torch.allclose(abar, sde.mean_coeff(t) ** 2, rtol=1e-12)
+    assert betas[0] == pytest.approx(1.0 - float(sde.mean_coeff(torch.tensor([1e-3], dtype=torch.float64))) ** 2)
+
+
+def test_diffusers_ddim_adapter_matches_fastsde_ddim():
+    """Trailing spacing with 10 steps evaluates at t = 1, 0.9, ..., 0.1 and jumps to x0: fastsde's DDIM
+    on the uniform 10-point grid from 1 to t_end = 0.1 with its final denoise."""
+    _need("ddim")
+    sde = fastsde.VPSDE()
+    gm = fastsde.problems.mixture_2d(sde)
+    x_T = _x_T(sde)
+    peer = PEERS["diffusers_ddim"].run(gm.score, sde, x_T, 10, sde.default_t_end)
+    ours = _fastsde(gm, sde, x_T, "ddim", steps=10, grid="uniform", t_end=0.1)
+    assert peer.nfe == ours.nfe == 10
+    # diffusers keeps its alphas in float32
+    assert torch.allclose(peer.samples, ours.samples, atol=2e-5, rtol=0)
+
+
+def test_diffusers_euler_equals_diffusers_ddim():
+    """Euler in (x/m, σ/m) is DDIM(η=0): the two adapters agree on the same trailing timesteps."""
+    sde = fastsde.VPSDE()
+    gm = fastsde.problems.mixture_2d(sde)
+    x_T = _x_T(sde)
+    a = PEERS["diffusers_euler"].run(gm.score, sde, x_T, 8, sde.default_t_end)
+    b = PEERS["diffusers_ddim"].run(gm.score, sde, x_T, 8, sde.default_t_end)
+    assert a.nfe == b.nfe == 8
+    assert torch.allclose(a.samples, b.samples, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["diffusers_dpmsolver_2m", "diffusers_unipc"])
+def test_diffusers_multistep_adapters_converge_to_the_pf_ode(name):
+    sde = fastsde.VPSDE()
+    gm = fastsde.problems.mixture_2d(sde)
+    x_T = _x_T(sde)
+    ref = reference_solution(gm.score, sde, x_T, sde.default_t_end, 1e-9)
+    errs = [float(((PEERS[name].run(gm.score, sde, x_T, n, 1e-3).samples - ref) ** 2).mean()) for n in (10, 40, 200)]
+    assert errs[0] > errs[1] > errs[2]
+    assert errs[2] < 1e-5  # float32 alphas and the trailing grid's t = 1/N end limit the floor
+
+
+def test_vp_only_peers_refuse_other_processes():
+    assert not PEERS["diffusers_ddim"].supports(fastsde.VESDE())
+    assert PEERS["diffusers_ddim"].supports(fastsde.VPSDE())
+    assert PEERS["scipy_rk45"].supports(fastsde.SubVPSDE())
+
+
+# ---------------------------------------------------------------------------------------------
+# ODE and SDE integrators
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "scipy_rk45",
+        pytest.param(
+            "torchdiffeq_dopri5", marks=pytest.mark.skipif(not HAS_TORCHDIFFEQ, reason="torchdiffeq not installed")
+        ),
+    ],
+)
+@pytest.mark.parametrize("sde_cls", [fastsde.VPSDE, fastsde.VESDE])
+def test_pf_ode_adapters_reach_the_reference(name, sde_cls):
+    sde = sde_cls()
+    gm = fastsde.problems.mixture_2d(sde)
+    x_T = _x_T(sde, n=32)
+    ref = reference_solution(gm.score, sde, x_T, sde.default_t_end, 1e-9)
+    run = PEERS[name].run(gm.score, sde, x_T, 1e-6, sde.default_t_end)
+    assert float(((run.samples - ref) ** 2).mean()) < 1e-8
+    assert run.nfe == run.calls  # one shared step size: every call evaluates the whole batch
+
+
+def test_pf_ode_reference_agrees_with_fastsde_ode():
+    _need("ode")
+    sde = fastsde.SubVPSDE()
+    gm = fastsde.problems.mixture_2d(sde)
+    x_T = _x_T(sde, n=32)
+    ref = reference_solution(gm.score, sde, x_T, sde.default_t_end, 1e-9)
+    ours = _fastsde(gm, sde, x_T, "ode", rtol=1e-7, atol=1e-7)
+    assert float(((ours.samples - ref) ** 2).mean()) < 1e-8
+
+
+@pytest.mark.skipif(not HAS_TORCHSDE, reason="torchsde not installed")
+def test_torchsde_adapter_samples_the_mixture():
+    from fastsde.metrics.mixture import mixture_frechet, mixture_frechet_floor
+
+    sde = fastsde.VPSDE()
+    gm = fastsde.problems.mixture_2d(sde)
+    x_T = _x_T(sde, n=600)
+    run = PEERS["torchsde_milstein"].run(gm.score, sde, x_T, 1e-2, sde.default_t_end, seed=3)
+    floor, sd = mixture_frechet_floor(gm, 600, draws=6)
+    assert mixture_frechet(run.samples, gm).value < floor + 4 * sd
+    # its noise is its own and seeded: same seed, same samples
+    again = PEERS["torchsde_milstein"].run(gm.score, sde, x_T, 1e-2, sde.default_t_end, seed=3)
+    assert torch.equal(run.samples, again.samples)
+
+
+# ---------------------------------------------------------------------------------------------
+# k-diffusion
+# ---------------------------------------------------------------------------------------------
+
+
+def test_edm_denoiser_is_tweedie_in_edm_coordinates():
+    sde = fastsde.VPSDE()
+    gm = fastsde.problems.mixture_2d(sde)
+    x = _x_T(sde, n=8) * 0.5
+    t = torch.full((8,), 0.3, dtype=torch.float64)
+    m = sde.mean_coeff(t)[:, None]
+    d = EDMDenoiser(gm.score, sde)(x / m, sde.edm_sigma(t))
+    assert torch.allclose(d, sde.denoise(x, t, gm.score(x, t)), rtol=1e-10, atol=1e-12)
+
+
+@needs_kdiff
+@pytest.mark.parametrize(
+    "peer,solver,opts",
+    [
+        ("kdiff_euler", "euler", {}),
+        ("kdiff_heun", "heun", {}),
+        ("kdiff_dpmpp_2m", "dpmpp_2m", {"grid": "edm", "lower_order_final": False}),
+    ],
+)
+@pytest.mark.parametrize("sde_cls", [fastsde.VPSDE, fastsde.VESDE])
+def test_kdiffusion_adapters_match_fastsde_on_the_same_sigmas(peer, solver, opts, sde_cls):
+    _need(solver)
+    sde = sde_cls()
+    gm = fastsde.problems.mixture_2d(sde)
+    x_T = _x_T(sde)
+    nfe = 12 if solver != "heun" else 11
+    theirs = PEERS[peer].run(gm.score, sde, x_T, nfe, sde.default_t_end)
+    steps = 12 if solver != "heun" else 6
+    ours = _fastsde(gm, sde, x_T, solver, steps=steps, **opts)
+    assert theirs.nfe == ours.nfe == nfe
+    assert torch.allclose(theirs.samples, ours.samples, atol=1e-9, rtol=1e-9)
+
+
+@needs_kdiff
+def test_kdiffusion_dpm_adaptive_eta0_reaches_the_reference():
+    sde = fastsde.VPSDE()
+    gm = fastsde.problems.mixture_2d(sde)
+    x_T = _x_T(sde, n=32)
+    ref = reference_solution(gm.score, sde, x_T, sde.default_t_end, 1e-9)
+    run = PEERS["kdiff_dpm_adaptive_eta0"].run(gm.score, sde, x_T, 1e-5, sde.default_t_end)
+    assert float(((run.samples - ref) ** 2).mean()) < 1e-6
+
+
+def test_karras_sigmas_end_at_zero():
+    sde = fastsde.VESDE()
+    s = karras_sigmas(sde, 5, 1e-5)
+    assert s.shape == (6,) and s[-1] == 0 and s[0] == pytest.approx(50.0) and bool((s[:-1].diff() < 0).all())
+
+
+# ---------------------------------------------------------------------------------------------
+# bookkeeping and the CLI
+# ---------------------------------------------------------------------------------------------
+
+
+def test_steps_for_budget_inverts_the_nfe():
+    sde = fastsde.VPSDE()
+    assert steps_for_budget("em", sde, 10) == 10  # EM: N NFE
+    assert steps_for_budget("em", sde, 1) is None
+    if "heun" in fastsde.SOLVERS:
+        assert steps_for_budget("heun", sde, 10) == 5  # 2N − 1 = 9 ≤ 10 < 11
+
+
+def test_converged_nfe_needs_every_larger_run_below_threshold():
+    recs = [
+        {"nfe": 5, "quality": 0.5, "error": None},
+        {"nfe": 10, "quality": 0.09, "error": None},  # a lucky dip
+        {"nfe": 20, "quality": 0.2, "error": None},
+        {"nfe": 50, "quality": 0.08, "error": None},
+        {"nfe": 100, "quality": 0.07, "error": None},
+    ]
+    assert converged_nfe(recs, 0.1) == 50
+    assert converged_nfe(recs, 0.01) is None
+    assert converged_threshold((1.0, 0.2), 0.5) == pytest.approx(1.4)
+    assert converged_threshold((1.0, 0.01), 2.0) == pytest.approx(2.2)
+
+
+def test_bench_cli_end_to_end(tmp_path, capsys):
+    out = tmp_path / "bench"
+    samplers = "em,ddim,diffusers_ddim,scipy_rk45,ode" if "ddim" in fastsde.SOLVERS else "em,scipy_rk45"
+    rc = main(
+        [
+            "bench",
+            "--n",
+            "64",
+            "--dim",
+            "2",
+            "--budgets",
+            "4,8",
+            "--processes",
+            "vp,ve",
+            "--samplers",
+            samplers,
+            "--tolerances",
+            "0.1,0.01",
+            "--no-progress",
+            "--out",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    for f in ("results.json", "results.csv", "table.md", "mixture2d_vp_quality_vs_nfe.png"):
+        assert (out / f).stat().st_size > 0
+    assert (out / "mixture2d_ve_quality_vs_wall.png").exists()
+    res = json.loads((out / "results.json").read_text())
+    recs = res["records"]
+    em = [r for r in recs if r["sampler"] == "em" and r["process"] == "vp"]
+    assert [r["nfe"] for r in em] == [4.0, 8.0]
+    assert all(r["error"] is None for r in recs)
+    assert all(r["mse"] is None for r in em)  # stochastic: no MSE to the ODE reference
+    assert all(0.0 <= r["outside_share"] <= 1.0 for r in em)
+    assert not any(r["sampler"] == "diffusers_ddim" and r["process"] == "ve" for r in recs)
+    assert set(res["summary"]) == {"vp", "ve"}
+    assert "NFE to converge" in (out / "table.md").read_text()
+
+
+def test_bench_cli_rejects_unknown_sampler(tmp_path, capsys):
+    rc = main(["bench", "--samplers", "nope", "--n", "8", "--out", str(tmp_path), "--no-progress"])
+    assert rc == 2
+    assert "unknown sampler" in capsys.readouterr().err
