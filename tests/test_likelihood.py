@@ -10,7 +10,7 @@ import torch
 
 import fastsde
 from fastsde.integrate import IntegrationError
-from fastsde.likelihood import default_likelihood_t_end, dequantize
+from fastsde.likelihood import bpd_offset, default_likelihood_t_end, dequantize
 from fastsde.problems import mixture_2d, mixture_nd
 
 F64 = torch.float64
@@ -138,6 +138,13 @@ def test_dequantize():
     assert not torch.equal(dequantize(levels, seed=3, pass_index=1, dtype=F64), x)
     u = (x01 * 256 - levels.to(F64)).flatten()
     assert abs(float(u.mean()) - 0.5) < 0.1
+    # 17 levels (the digits' 0..16): each level's cell has width 2/17 on [-1, 1]
+    d17 = dequantize(torch.tensor([[0, 16, 8]]), levels=17, dtype=F64)
+    assert torch.equal(torch.floor((d17 + 1) / 2 * 17).long(), torch.tensor([[0, 16, 8]]))
+    assert bpd_offset() == 7.0 and bpd_offset(256, "[0,1]") == 8.0
+    assert bpd_offset(17) == pytest.approx(math.log2(17) - 1)
+    with pytest.raises(ValueError, match="0..16"):
+        dequantize(torch.tensor([[0, 17]]), levels=17)
     with pytest.raises(ValueError, match="0..255"):
         dequantize(torch.tensor([[0, 256]]))
     with pytest.raises(ValueError, match="scale"):
@@ -197,3 +204,59 @@ def test_non_differentiable_score_is_a_clear_error():
 
     with pytest.raises(ValueError, match="not differentiable"):
         fastsde.log_likelihood(detached, sde, torch.zeros(2, 2))
+
+
+# ---------------------------------------------------------------------------------------------
+# fastsde likelihood (command line)
+# ---------------------------------------------------------------------------------------------
+
+
+def _cli(argv):
+    from fastsde.cli import main
+
+    return main(["likelihood", *argv])
+
+
+def test_cli_reports_bits_per_dim(tmp_path, capsys):
+    import numpy as np
+
+    sde = fastsde.VPSDE()
+    gm = mixture_2d(sde)
+    x = _data(gm, 40, 1e-5, seed=4).clamp(-1, 1)
+    np.save(tmp_path / "x.npy", x.numpy())
+    np.savez(tmp_path / "x.npz", test=((x.numpy() + 1) / 2 * 255).round().astype(np.uint8), other=np.zeros(3))
+    assert _cli(["--data", str(tmp_path / "x.npy"), "--model", "mixture2d-vp", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    bpd = float(out.split("bits/dim: ")[1].split()[0])
+    expected = fastsde.bits_per_dim(gm.log_prob(x.to(F64), 1e-5), 2, 7.0).mean()
+    assert abs(bpd - float(expected)) < 2e-3
+    assert "NFE:" in out and "time:" in out
+    # 8-bit integer levels are dequantised; the .npz key is found by name
+    assert _cli(["--data", str(tmp_path / "x.npz"), "--model", "mixture2d-vp", "--no-progress", "--n", "8"]) == 0
+    assert "dequantised 256 levels" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "array, extra, match",
+    [
+        ("wide", [], "does not match the model's sample shape"),
+        ("big", [], "must lie in the model's range"),
+        ("levels", ["--levels", "16"], "levels 0..15"),
+        ("nan", [], "NaN"),
+        (None, ["--rtol", "0"], "--rtol must be a positive"),
+    ],
+)
+def test_cli_bad_data_is_one_line_exit_2(tmp_path, capsys, array, extra, match):
+    import numpy as np
+
+    arrays = {
+        "wide": np.zeros((4, 3)),
+        "big": np.full((4, 2), 3.0),
+        "levels": np.full((4, 2), 20, dtype=np.uint8),
+        "nan": np.array([[0.0, np.nan]]),
+        None: np.zeros((4, 2)),
+    }
+    np.save(tmp_path / "d.npy", arrays[array])
+    rc = _cli(["--data", str(tmp_path / "d.npy"), "--model", "mixture2d-ve", "--no-progress", *extra])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and match in err, err

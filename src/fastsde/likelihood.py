@@ -32,6 +32,7 @@ __all__ = [
     "bits_per_dim",
     "dequantize",
     "BPD_OFFSET",
+    "bpd_offset",
     "default_likelihood_t_end",
 ]
 
@@ -98,30 +99,48 @@ def dequantize(
     seed: int | Sequence[int] | NoiseSource = 0,
     scale: str = "[-1,1]",
     *,
+    levels: int = 256,
     pass_index: int = 0,
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """Uniform dequantisation of 8-bit data: (x + u)/256 with u ~ U[0,1) keyed per sample, then
-    mapped to the model's range ("[-1,1]" or "[0,1]"). ``pass_index`` draws fresh noise for repeated
-    evaluation passes (the reference averages 5)."""
+    """Uniform dequantisation of quantised data: (x + u)/levels with u ~ U[0,1) keyed per sample,
+    then mapped to the model's range ("[-1,1]" or "[0,1]"). ``levels`` is 256 for 8-bit data;
+    ``pass_index`` draws fresh noise for repeated evaluation passes (the reference averages 5).
+    Use ``bpd_offset(levels, scale)`` as the bits/dim offset of the result."""
     if scale not in BPD_OFFSET:
         raise ValueError(f"scale must be one of {list(BPD_OFFSET)}, got {scale!r}")
+    if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
+        raise ValueError(f"levels must be an int >= 2, got {levels!r}")
     x = torch.as_tensor(x_uint8)
     if x.dim() < 2:
         raise ValueError(f"x must have shape (n, *dims), got {tuple(x.shape)}")
+    top = levels - 1
     if x.is_floating_point():
         if not bool(torch.isfinite(x).all()) or bool((x != torch.round(x)).any()):
-            raise ValueError("x must hold integer levels 0..255 (8-bit data) to be dequantised")
-    if bool((x < 0).any()) or bool((x > 255).any()):
-        raise ValueError(f"x must hold levels in 0..255, got values in [{float(x.min())}, {float(x.max())}]")
+            raise ValueError(f"x must hold integer levels 0..{top} to be dequantised")
+    if bool((x < 0).any()) or bool((x > top).any()):
+        raise ValueError(f"x must hold levels in 0..{top}, got values in [{float(x.min())}, {float(x.max())}]")
     if isinstance(pass_index, bool) or not isinstance(pass_index, int) or pass_index < 0:
         raise ValueError(f"pass_index must be an int >= 0, got {pass_index!r}")
     noise = as_noise_source(seed, x.shape[0])
     u = noise.uniform(tuple(x.shape[1:]), Stream.PROBE, _DEQUANT_COUNTER + pass_index, dtype=torch.float64)
-    v = (x.to(torch.float64) + u) / 256.0
+    v = (x.to(torch.float64) + u) / levels
     if scale == "[-1,1]":
         v = 2.0 * v - 1.0
     return v.to(dtype)
+
+
+def bpd_offset(levels: int = 256, scale: str = "[-1,1]") -> float:
+    """Bits/dim offset for data of ``levels`` levels dequantised onto ``scale``: log2(levels) − log2(width).
+
+    7 for 8-bit data on [−1, 1], 8 for 8-bit data on [0, 1].
+    """
+    if scale not in BPD_OFFSET:
+        raise ValueError(f"scale must be one of {list(BPD_OFFSET)}, got {scale!r}")
+    if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
+        raise ValueError(f"levels must be an int >= 2, got {levels!r}")
+    width = 2.0 if scale == "[-1,1]" else 1.0
+    return math.log2(levels) - math.log2(width)
 
 
 def _check_number(name: str, v: Any, positive: bool = True) -> float:
