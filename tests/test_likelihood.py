@@ -96,6 +96,8 @@ def test_hutchinson_probes_are_keyed():
     c = fastsde.log_likelihood(gm, sde, x, trace="hutchinson", seed=2)
     assert torch.equal(a.logp, b.logp)
     assert not torch.equal(a.logp, c.logp)
+    fresh = fastsde.log_likelihood(gm, sde, x, trace="hutchinson", seed=1, pass_index=1)
+    assert not torch.equal(a.logp, fresh.logp)
 
 
 def test_prior_logp_closed_form():
@@ -179,6 +181,7 @@ def test_budget_error_and_partial():
         (dict(method="dopri"), "method"),
         (dict(max_steps=0), "max_steps"),
         (dict(seed=[1, 2, 3]), "one seed per sample"),
+        (dict(pass_index=-1), "pass_index"),
     ],
 )
 def test_bad_input_fails_before_compute(kwargs, match):
@@ -234,6 +237,9 @@ def test_cli_reports_bits_per_dim(tmp_path, capsys):
     # 8-bit integer levels are dequantised; the .npz key is found by name
     assert _cli(["--data", str(tmp_path / "x.npz"), "--model", "mixture2d-vp", "--no-progress", "--n", "8"]) == 0
     assert "dequantised 256 levels" in capsys.readouterr().out
+    argv = ["--data", str(tmp_path / "x.npz"), "--model", "mixture2d-ve", "--no-progress", "--passes", "2"]
+    assert _cli([*argv, "--trace", "hutchinson", "--n", "8"]) == 0
+    assert "bits/dim per pass:" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

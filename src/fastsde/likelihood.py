@@ -165,6 +165,7 @@ def log_likelihood(
     max_steps: int = 10_000,
     allow_partial: bool = False,
     callback: Callable[[Any], Any] | None = None,
+    pass_index: int = 0,
 ) -> LikelihoodResult:
     """Log-density (nats) of each row of x under the model (score, sde), via the PF-ODE.
 
@@ -182,6 +183,7 @@ def log_likelihood(
         max_steps: step attempts allowed per sample (rk45).
         allow_partial: return NaN for samples that did not reach T instead of raising.
         callback: passed each integrator StepReport (rk45); returning False stops (then partial).
+        pass_index: draws fresh Hutchinson probes for repeated evaluation passes (same seed).
     """
     if not isinstance(sde, SDE):
         raise ValueError(f"sde must be a fastsde process (VPSDE, SubVPSDE, VESDE, EDM), got {sde!r}")
@@ -205,6 +207,8 @@ def log_likelihood(
         raise ValueError(f"probes must be an int >= 1, got {probes!r}")
     if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
         raise ValueError(f"max_steps must be an int >= 1, got {max_steps!r}")
+    if isinstance(pass_index, bool) or not isinstance(pass_index, int) or not 0 <= pass_index < _DEQUANT_COUNTER:
+        raise ValueError(f"pass_index must be an int in [0, {_DEQUANT_COUNTER}), got {pass_index!r}")
     if not isinstance(allow_partial, bool):
         raise ValueError(f"allow_partial must be True or False, got {allow_partial!r}")
     rtol = _check_number("rtol", rtol)
@@ -224,7 +228,7 @@ def log_likelihood(
     if trace == "hutchinson":
         draw = noise.rademacher if probe == "rademacher" else noise.normal
         # One fixed set of probes per sample for the whole solve.
-        v_all = draw((probes, d), Stream.PROBE, 0, dtype=dtype, device=device)
+        v_all = draw((probes, d), Stream.PROBE, pass_index, dtype=dtype, device=device)
 
     def field(y: Tensor, t: Tensor, rows: Tensor | None) -> Tensor:
         m = y.shape[0]
@@ -297,6 +301,7 @@ def log_likelihood(
             "atol": atol,
             "t_end": float(t_end),
             "method": method,
+            "pass_index": pass_index,
             "sde": sde.config(),
             "n": n,
         },

@@ -44,6 +44,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--n", type=int, default=None, help="use the first N rows")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0, help="keys the dequantisation noise and the probes")
+    p.add_argument(
+        "--passes", type=int, default=1, help="passes over the data, each with fresh dequantisation noise and probes"
+    )
     p.add_argument("--levels", type=int, default=256, help="quantisation levels of integer data (256: 8-bit)")
     p.add_argument("--offset", type=float, default=None, help="bits/dim offset (default log2(levels) - 1)")
     p.add_argument("--dtype", choices=["float32", "float64"], default=None, help="default float64 for mixtures")
@@ -137,7 +140,7 @@ def _read_array(path: Path, key: str | None):
         raise CLIError(f"{path.name} holds several arrays {keys}; name one with --key")
 
 
-def prepare_data(arr, shape: tuple[int, ...], levels: int, seed: int, dtype):
+def prepare_data(arr, shape: tuple[int, ...], levels: int, seed: int, dtype, pass_index: int = 0):
     """Check shape and range; dequantise integer levels. Returns (x, offset_default, note)."""
     import numpy as np
     import torch
@@ -159,7 +162,9 @@ def prepare_data(arr, shape: tuple[int, ...], levels: int, seed: int, dtype):
         lo, hi = int(arr.min()), int(arr.max())
         if lo < 0 or hi > levels - 1:
             raise CLIError(f"integer data must hold levels 0..{levels - 1} (set --levels), got values in [{lo}, {hi}]")
-        x = dequantize(torch.from_numpy(arr.astype(np.int64)), seed=seed, levels=levels, dtype=dtype)
+        x = dequantize(
+            torch.from_numpy(arr.astype(np.int64)), seed=seed, levels=levels, pass_index=pass_index, dtype=dtype
+        )
         return x, bpd_offset(levels), f"dequantised {levels} levels onto [-1, 1]"
     if arr.dtype.kind != "f":
         raise CLIError(f"data must be integer levels or floats, got dtype {arr.dtype}")
@@ -184,6 +189,7 @@ def run(args: argparse.Namespace) -> int:
     _positive("n", args.n)
     _positive("batch_size", args.batch_size)
     _positive("probes", args.probes)
+    _positive("passes", args.passes)
     _positive("rtol", args.rtol, float)
     _positive("atol", args.atol, float)
     if args.levels < 2:
@@ -207,6 +213,7 @@ def run(args: argparse.Namespace) -> int:
         dtype = torch.float64 if args.model in MIXTURES else torch.float32
     if args.n is not None:
         arr = np.asarray(arr)[: args.n]
+    arr = np.asarray(arr)
     x, offset, note = prepare_data(arr, shape, args.levels, args.seed, dtype)
     offset = args.offset if args.offset is not None else offset
     d = math.prod(shape)
@@ -220,35 +227,42 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=n, desc="likelihood", unit="sample")
-    logps, nfes, calls = [], [], 0
+        bar = tqdm(total=n * args.passes, desc="likelihood", unit="sample")
+    logps, nfes, calls, pass_bpd = [], [], 0, []
     start = time.perf_counter()
     try:
-        for lo in range(0, n, args.batch_size):
-            rows = list(range(lo, min(n, lo + args.batch_size)))
-            out = log_likelihood(
-                score,
-                sde,
-                x[rows[0] : rows[-1] + 1],
-                trace=trace,
-                seed=noise.subset(rows),
-                rtol=args.rtol,
-                atol=args.atol,
-                probes=args.probes,
-                probe=args.probe,
-                method=args.method,
-            )
-            logps.append(out.logp.detach().cpu().to(torch.float64))
-            nfes.append(out.nfe_per_sample)
-            calls += out.calls
-            if bar is not None:
-                bar.update(len(rows))
-                bar.set_postfix(bpd=f"{float(bits_per_dim(torch.cat(logps), d, offset).mean()):.4f}")
+        for p in range(args.passes):
+            if p > 0:  # fresh dequantisation noise (integer data) and fresh probes
+                x, _, _ = prepare_data(arr, shape, args.levels, args.seed, dtype, pass_index=p)
+            pass_logps = []
+            for lo in range(0, n, args.batch_size):
+                rows = list(range(lo, min(n, lo + args.batch_size)))
+                out = log_likelihood(
+                    score,
+                    sde,
+                    x[rows[0] : rows[-1] + 1],
+                    trace=trace,
+                    seed=noise.subset(rows),
+                    rtol=args.rtol,
+                    atol=args.atol,
+                    probes=args.probes,
+                    probe=args.probe,
+                    method=args.method,
+                    pass_index=p,
+                )
+                pass_logps.append(out.logp.detach().cpu().to(torch.float64))
+                nfes.append(out.nfe_per_sample)
+                calls += out.calls
+                if bar is not None:
+                    bar.update(len(rows))
+                    bar.set_postfix(bpd=f"{float(bits_per_dim(torch.cat(pass_logps), d, offset).mean()):.4f}")
+            logps.append(torch.cat(pass_logps))
+            pass_bpd.append(float(bits_per_dim(logps[-1], d, offset).mean()))
     finally:
         if bar is not None:
             bar.close()
     wall = time.perf_counter() - start
-    logp = torch.cat(logps)
+    logp = torch.stack(logps).mean(dim=0)  # per sample, averaged over passes
     bpd = bits_per_dim(logp, d, offset)
     nfe = torch.cat(nfes)
     se = float(bpd.std() / math.sqrt(n)) if n > 1 else float("nan")
@@ -256,9 +270,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"trace: {trace}" + (f" ({args.probes} {args.probe} probe(s))" if trace == "hutchinson" else ""))
     print(f"method: {args.method}, rtol={args.rtol:g}, atol={args.atol:g}")
     print(f"bits/dim: {float(bpd.mean()):.4f} ± {se:.4f} (offset {offset:.4g})")
+    if args.passes > 1:
+        print(f"bits/dim per pass: {', '.join(f'{b:.4f}' for b in pass_bpd)}")
     print(f"log-likelihood: {float(logp.mean()):.4f} nats per sample")
     print(
-        f"NFE: {float(nfe.mean()):.1f} per sample (min {float(nfe.min()):.0f}, max {float(nfe.max()):.0f}), {calls} calls"
+        f"NFE: {float(nfe.mean()):.1f} per sample{' and pass' if args.passes > 1 else ''} (min {float(nfe.min()):.0f}, max {float(nfe.max()):.0f}), {calls} calls"
     )
     print(f"time: {wall:.2f} s")
     return 0
