@@ -143,6 +143,19 @@ def bpd_offset(levels: int = 256, scale: str = "[-1,1]") -> float:
     return math.log2(levels) - math.log2(width)
 
 
+def _exact_divergence(b: Tensor, xin: Tensor) -> Tensor:
+    """tr(∂b/∂x) per row from D vector–Jacobian products (b: (m, D), xin: (m, *dims)).
+
+    (A vmapped backward, ``is_grads_batched``, measured no faster on CPU for the mixtures.)
+    """
+    m, d = b.shape
+    div = torch.zeros(m, dtype=b.dtype, device=b.device)
+    for i in range(d):
+        (g,) = torch.autograd.grad(b[:, i].sum(), xin, retain_graph=i < d - 1)
+        div = div + g.reshape(m, d)[:, i]
+    return div
+
+
 def _check_number(name: str, v: Any, positive: bool = True) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or (positive and v <= 0):
         raise ValueError(f"{name} must be a {'positive ' if positive else ''}finite number, got {v!r}")
@@ -244,9 +257,7 @@ def log_likelihood(
             b = sde.ode_drift(xin, tt, s).reshape(m, d)
             div = torch.zeros(m, dtype=dtype, device=device)
             if trace == "exact":
-                for i in range(d):
-                    (g,) = torch.autograd.grad(b[:, i].sum(), xin, retain_graph=i < d - 1)
-                    div = div + g.reshape(m, d)[:, i]
+                div = _exact_divergence(b, xin)
             else:
                 v = v_all if rows is None else v_all[rows.to(v_all.device)]
                 for p in range(probes):
