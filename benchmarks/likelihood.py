@@ -132,7 +132,7 @@ def main() -> None:
     p.add_argument("--processes", default="vp,subvp,ve,edm")
     p.add_argument("--model", default="digits")
     p.add_argument("--digits-n", type=int, default=128)
-    p.add_argument("--levels", type=int, default=17, help="levels of integer digits data (sklearn digits: 0..16)")
+    p.add_argument("--levels", type=int, default=None, help="levels of the digits data (default: found from the data)")
     p.add_argument("--skip-digits", action="store_true")
     args = p.parse_args()
     args.processes = [s for s in args.processes.split(",") if s]

@@ -242,6 +242,23 @@ def test_cli_reports_bits_per_dim(tmp_path, capsys):
     assert "bits/dim per pass:" in capsys.readouterr().out
 
 
+def test_cli_float_data_on_a_level_grid_is_dequantised(tmp_path, capsys):
+    """Quantised data stored as floats (the digits' 17 levels scaled to [-1, 1]) is found to sit on a
+    grid and dequantised exactly as the same integer levels would be."""
+    import numpy as np
+
+    ints = np.random.default_rng(0).integers(0, 17, size=(20, 2))
+    np.save(tmp_path / "f.npy", ints / 8.0 - 1.0)
+    np.save(tmp_path / "i.npy", ints)
+    base = ["--model", "mixture2d-vp", "--no-progress"]
+    assert _cli(["--data", str(tmp_path / "f.npy"), *base]) == 0
+    out_f = capsys.readouterr().out
+    assert "grid of 17 levels" in out_f and f"(offset {math.log2(17) - 1:.4g})" in out_f
+    assert _cli(["--data", str(tmp_path / "i.npy"), "--levels", "17", *base]) == 0
+    out_i = capsys.readouterr().out
+    assert out_f.split("bits/dim: ")[1].split()[0] == out_i.split("bits/dim: ")[1].split()[0]
+
+
 @pytest.mark.parametrize(
     "array, extra, match",
     [
@@ -250,6 +267,7 @@ def test_cli_reports_bits_per_dim(tmp_path, capsys):
         ("levels", ["--levels", "16"], "levels 0..15"),
         ("nan", [], "NaN"),
         (None, ["--rtol", "0"], "--rtol must be a positive"),
+        ("offgrid", ["--levels", "17"], "grid of 17 levels"),
     ],
 )
 def test_cli_bad_data_is_one_line_exit_2(tmp_path, capsys, array, extra, match):
@@ -260,6 +278,7 @@ def test_cli_bad_data_is_one_line_exit_2(tmp_path, capsys, array, extra, match):
         "big": np.full((4, 2), 3.0),
         "levels": np.full((4, 2), 20, dtype=np.uint8),
         "nan": np.array([[0.0, np.nan]]),
+        "offgrid": np.array([[0.013, 0.5]]),
         None: np.zeros((4, 2)),
     }
     np.save(tmp_path / "d.npy", arrays[array])

@@ -47,8 +47,13 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--passes", type=int, default=1, help="passes over the data, each with fresh dequantisation noise and probes"
     )
-    p.add_argument("--levels", type=int, default=256, help="quantisation levels of integer data (256: 8-bit)")
-    p.add_argument("--offset", type=float, default=None, help="bits/dim offset (default log2(levels) - 1)")
+    p.add_argument(
+        "--levels",
+        type=int,
+        default=None,
+        help="quantisation levels (default: 256 for integer data; found from the grid for float data)",
+    )
+    p.add_argument("--offset", type=float, default=None, help="bits/dim offset (default log2(levels) - 1, 7 for 8-bit)")
     p.add_argument("--dtype", choices=["float32", "float64"], default=None, help="default float64 for mixtures")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
@@ -140,8 +145,29 @@ def _read_array(path: Path, key: str | None):
         raise CLIError(f"{path.name} holds several arrays {keys}; name one with --key")
 
 
-def prepare_data(arr, shape: tuple[int, ...], levels: int, seed: int, dtype, pass_index: int = 0):
-    """Check shape and range; dequantise integer levels. Returns (x, offset_default, note)."""
+def _grid_levels(arr, levels: int | None) -> int | None:
+    """Number of levels L if every value of float data in [-1, 1] sits on the grid −1 + 2k/(L−1)
+    (quantised data stored as floats, e.g. the digits' 17 levels), else None."""
+    import numpy as np
+
+    u = np.unique(arr.astype(np.float64))
+    if u.size > 256:
+        return None
+    v = (u + 1.0) / 2.0
+    for k in [levels - 1] if levels is not None else range(1, 256):
+        r = v * k
+        if np.all(np.abs(r - np.round(r)) < 1e-4):
+            return k + 1
+    return None
+
+
+def prepare_data(arr, shape: tuple[int, ...], levels: int | None, seed: int, dtype, pass_index: int = 0):
+    """Check shape and range; dequantise quantised data. Returns (x, offset_default, note).
+
+    Integer data holds levels 0..levels−1 (default 256). Float data must lie in [-1, 1]; if it sits
+    on a grid of L levels (found, or ``levels`` if given) it is mapped back to levels and dequantised,
+    since a density evaluated at lattice points is meaningless; otherwise it is used as given.
+    """
     import numpy as np
     import torch
 
@@ -159,24 +185,32 @@ def prepare_data(arr, shape: tuple[int, ...], levels: int, seed: int, dtype, pas
             )
         arr = arr.reshape(arr.shape[0], *shape)
     if arr.dtype.kind in "iub":
+        lv = 256 if levels is None else levels
         lo, hi = int(arr.min()), int(arr.max())
-        if lo < 0 or hi > levels - 1:
-            raise CLIError(f"integer data must hold levels 0..{levels - 1} (set --levels), got values in [{lo}, {hi}]")
-        x = dequantize(
-            torch.from_numpy(arr.astype(np.int64)), seed=seed, levels=levels, pass_index=pass_index, dtype=dtype
-        )
-        return x, bpd_offset(levels), f"dequantised {levels} levels onto [-1, 1]"
-    if arr.dtype.kind != "f":
+        if lo < 0 or hi > lv - 1:
+            raise CLIError(f"integer data must hold levels 0..{lv - 1} (set --levels), got values in [{lo}, {hi}]")
+        ints = arr.astype(np.int64)
+        note = f"dequantised {lv} levels onto [-1, 1]"
+    elif arr.dtype.kind == "f":
+        if not np.isfinite(arr).all():
+            raise CLIError("data holds NaN or Inf")
+        lo, hi = float(arr.min()), float(arr.max())
+        if lo < -1.0 - 1e-6 or hi > 1.0 + 1e-6:
+            raise CLIError(
+                f"float data must lie in the model's range [-1, 1], got values in [{lo:.4g}, {hi:.4g}]; "
+                "pass integer levels to have them dequantised"
+            )
+        lv = _grid_levels(arr, levels)
+        if lv is None:
+            if levels is not None:
+                raise CLIError(f"float data does not sit on the grid of {levels} levels in [-1, 1] (--levels)")
+            return torch.from_numpy(arr).to(dtype), bpd_offset(256), "continuous float data used as given"
+        ints = np.round((arr.astype(np.float64) + 1.0) / 2.0 * (lv - 1)).astype(np.int64)
+        note = f"float data on a grid of {lv} levels, dequantised onto [-1, 1]"
+    else:
         raise CLIError(f"data must be integer levels or floats, got dtype {arr.dtype}")
-    if not np.isfinite(arr).all():
-        raise CLIError("data holds NaN or Inf")
-    lo, hi = float(arr.min()), float(arr.max())
-    if lo < -1.0 - 1e-6 or hi > 1.0 + 1e-6:
-        raise CLIError(
-            f"float data must lie in the model's range [-1, 1], got values in [{lo:.4g}, {hi:.4g}]; "
-            "pass integer levels to have them dequantised"
-        )
-    return torch.from_numpy(arr).to(dtype), bpd_offset(256), "float data used as given"
+    x = dequantize(torch.from_numpy(ints), seed=seed, levels=lv, pass_index=pass_index, dtype=dtype)
+    return x, bpd_offset(lv), note
 
 
 def run(args: argparse.Namespace) -> int:
@@ -192,7 +226,7 @@ def run(args: argparse.Namespace) -> int:
     _positive("passes", args.passes)
     _positive("rtol", args.rtol, float)
     _positive("atol", args.atol, float)
-    if args.levels < 2:
+    if args.levels is not None and args.levels < 2:
         raise CLIError(f"--levels must be >= 2, got {args.levels}")
     if args.offset is not None and not math.isfinite(args.offset):
         raise CLIError(f"--offset must be a finite number, got {args.offset}")
