@@ -51,7 +51,7 @@ def add_parser(subparsers) -> None:
         "--levels",
         type=int,
         default=None,
-        help="quantisation levels (default: 256 for integer data; found from the grid for float data)",
+        help="quantisation levels (default: integer data 17 if max <= 16, else 256; float data: found from its grid)",
     )
     p.add_argument("--offset", type=float, default=None, help="bits/dim offset (default log2(levels) - 1, 7 for 8-bit)")
     p.add_argument("--dtype", choices=["float32", "float64"], default=None, help="default float64 for mixtures")
@@ -185,12 +185,13 @@ def prepare_data(arr, shape: tuple[int, ...], levels: int | None, seed: int, dty
             )
         arr = arr.reshape(arr.shape[0], *shape)
     if arr.dtype.kind in "iub":
-        lv = 256 if levels is None else levels
         lo, hi = int(arr.min()), int(arr.max())
+        # as fastsde.data reads arrays: integers up to 16 are the digits' 17 levels, else 8-bit
+        lv = levels if levels is not None else (17 if hi <= 16 else 256)
         if lo < 0 or hi > lv - 1:
             raise CLIError(f"integer data must hold levels 0..{lv - 1} (set --levels), got values in [{lo}, {hi}]")
         ints = arr.astype(np.int64)
-        note = f"dequantised {lv} levels onto [-1, 1]"
+        note = f"dequantised {lv} levels onto [-1, 1]" + (" (--levels to override)" if levels is None else "")
     elif arr.dtype.kind == "f":
         if not np.isfinite(arr).all():
             raise CLIError("data holds NaN or Inf")
