@@ -285,3 +285,26 @@ def test_cli_bad_data_is_one_line_exit_2(tmp_path, capsys, array, extra, match):
     rc = _cli(["--data", str(tmp_path / "d.npy"), "--model", "mixture2d-ve", "--no-progress", *extra])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and match in err, err
+
+
+def test_cli_shipped_model_and_heldout_digits(monkeypatch, capsys):
+    """Without --data, a model name goes through fastsde.load_model and the held-out digits split
+    (17 levels stored as floats) is dequantised; a stand-in model keeps this fast and training-free."""
+    data = pytest.importorskip("fastsde.data")
+    if not hasattr(data, "load_digits"):
+        pytest.skip("no held-out digits split in this build")
+    from types import SimpleNamespace
+
+    sde = fastsde.VPSDE()
+    gm = fastsde.GaussianMixture([1.0], torch.zeros(1, 1, 8, 8), [0.5], sde)
+    seen = []
+
+    def fake_load(name):
+        seen.append(name)
+        return SimpleNamespace(score=gm, sde=sde, shape=(1, 8, 8))
+
+    monkeypatch.setattr(fastsde, "load_model", fake_load, raising=False)
+    assert _cli(["--n", "4", "--no-progress", "--rtol", "1e-3", "--atol", "1e-3"]) == 0
+    out = capsys.readouterr().out
+    assert seen == ["digits"]
+    assert "held-out split of digits" in out and "grid of 17 levels" in out and "trace: hutchinson" in out
