@@ -268,6 +268,7 @@ def test_cli_float_data_on_a_level_grid_is_dequantised(tmp_path, capsys):
         ("nan", [], "NaN"),
         (None, ["--rtol", "0"], "--rtol must be a positive"),
         ("offgrid", ["--levels", "17"], "grid of 17 levels"),
+        (None, ["--max-steps", "2"], "4 of 4 samples did not reach the end time"),
     ],
 )
 def test_cli_bad_data_is_one_line_exit_2(tmp_path, capsys, array, extra, match):

@@ -55,6 +55,7 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--offset", type=float, default=None, help="bits/dim offset (default log2(levels) - 1, 7 for 8-bit)")
     p.add_argument("--dtype", choices=["float32", "float64"], default=None, help="default float64 for mixtures")
+    p.add_argument("--max-steps", type=int, default=10_000, help="RK45 step attempts allowed per sample")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -218,13 +219,16 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
+    from ..integrate import IntegrationError
     from ..likelihood import bits_per_dim, log_likelihood
+    from ..score import NonFiniteScoreError
 
     torch.set_num_threads(1)
     _positive("n", args.n)
     _positive("batch_size", args.batch_size)
     _positive("probes", args.probes)
     _positive("passes", args.passes)
+    _positive("max_steps", args.max_steps)
     _positive("rtol", args.rtol, float)
     _positive("atol", args.atol, float)
     if args.levels is not None and args.levels < 2:
@@ -283,6 +287,7 @@ def run(args: argparse.Namespace) -> int:
                     probes=args.probes,
                     probe=args.probe,
                     method=args.method,
+                    max_steps=args.max_steps,
                     pass_index=p,
                 )
                 pass_logps.append(out.logp.detach().cpu().to(torch.float64))
@@ -293,6 +298,8 @@ def run(args: argparse.Namespace) -> int:
                     bar.set_postfix(bpd=f"{float(bits_per_dim(torch.cat(pass_logps), d, offset).mean()):.4f}")
             logps.append(torch.cat(pass_logps))
             pass_bpd.append(float(bits_per_dim(logps[-1], d, offset).mean()))
+    except (IntegrationError, NonFiniteScoreError) as exc:
+        raise CLIError(str(exc)) from None
     finally:
         if bar is not None:
             bar.close()
