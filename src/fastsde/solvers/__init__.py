@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from .base import SolverSpec
+from .ddim import DDIM
+from .discrete import ANCESTRAL, REVERSE_DIFFUSION
+from .dpmpp import DPMPP_2M
 from .em import EM
+from .heun import EULER, HEUN
 from .ode import ODE
+from .pc import PC
 
-SOLVERS: dict[str, SolverSpec] = {spec.name: spec for spec in (EM, ODE)}
+SOLVERS: dict[str, SolverSpec] = {spec.name: spec for spec in (EM, REVERSE_DIFFUSION, ANCESTRAL, PC, EULER, HEUN, DDIM, DPMPP_2M, ODE)}
 
 
 def get_solver(name: str | SolverSpec) -> SolverSpec:
