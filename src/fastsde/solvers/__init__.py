@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .adaptive import ADAPTIVE
+from .adaptive_exp import ADAPTIVE_SDE_DPM
 from .base import SolverSpec
 from .ddim import DDIM
 from .discrete import ANCESTRAL, REVERSE_DIFFUSION
@@ -11,7 +13,7 @@ from .heun import EULER, HEUN
 from .ode import ODE
 from .pc import PC
 
-SOLVERS: dict[str, SolverSpec] = {spec.name: spec for spec in (EM, REVERSE_DIFFUSION, ANCESTRAL, PC, EULER, HEUN, DDIM, DPMPP_2M, ODE)}
+SOLVERS: dict[str, SolverSpec] = {spec.name: spec for spec in (EM, ADAPTIVE, ADAPTIVE_SDE_DPM, REVERSE_DIFFUSION, ANCESTRAL, PC, EULER, HEUN, DDIM, DPMPP_2M, ODE)}
 
 
 def get_solver(name: str | SolverSpec) -> SolverSpec:
