@@ -249,6 +249,7 @@ def test_bench_cli_end_to_end(tmp_path, capsys):
     for f in ("results.json", "results.csv", "table.md", "mixture2d_vp_quality_vs_nfe.png"):
         assert (out / f).stat().st_size > 0
     assert (out / "mixture2d_ve_quality_vs_wall.png").exists()
+    assert (out / "mixture2d_vp_mse_vs_nfe.png").exists()
     res = json.loads((out / "results.json").read_text())
     recs = res["records"]
     em = [r for r in recs if r["sampler"] == "em" and r["process"] == "vp"]

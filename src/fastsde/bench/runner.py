@@ -536,23 +536,54 @@ def plot(result: dict[str, Any], out: Path) -> list[Path]:
     for proc, summ in result["summary"].items():
         recs = [r for r in result["records"] if r["process"] == proc and r["error"] is None and r["quality"] > 0]
         for xkey, xlabel in (("nfe", "NFE per sample"), ("wall_time", "wall time (s)")):
-            fig, ax = plt.subplots(figsize=(8, 5.5))
-            for name in dict.fromkeys(r["sampler"] for r in recs):
-                rs = sorted((r for r in recs if r["sampler"] == name), key=lambda r: r["nfe"])
-                ls = "--" if rs[0]["stochastic"] else "-"
-                mk = "o" if rs[0]["source"] == "fastsde" else "x"
-                ax.plot([r[xkey] for r in rs], [r["quality"] for r in rs], ls, marker=mk, ms=4, lw=1.2, label=name)
-            ax.axhline(summ["floor"], color="k", lw=0.8, ls=":", label="finite-sample floor")
-            ax.axhline(summ["threshold"], color="gray", lw=0.8, ls="-.", label="converged threshold")
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel(summ["quality_name"])
-            ax.set_title(f"{summ['problem']} / {proc}: o fastsde, x peers; dashed = stochastic")
-            ax.legend(fontsize=6, ncol=2)
+            fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
+            for ax, stochastic in zip(axes, (False, True)):
+                names = list(dict.fromkeys(r["sampler"] for r in recs if r["stochastic"] == stochastic))
+                colors = plt.cm.tab20(torch.linspace(0, 1, max(len(names), 2)).numpy())
+                for name, color in zip(names, colors):
+                    rs = sorted((r for r in recs if r["sampler"] == name), key=lambda r: r["nfe"])
+                    ls, mk = ("-", "o") if rs[0]["source"] == "fastsde" else ("--", "x")
+                    ax.plot(
+                        [r[xkey] for r in rs],
+                        [r["quality"] for r in rs],
+                        ls,
+                        marker=mk,
+                        ms=4,
+                        lw=1.4,
+                        color=color,
+                        label=f"{name} ({rs[0]['source']})",
+                    )
+                ax.axhline(summ["floor"], color="k", lw=0.8, ls=":", label="finite-sample floor")
+                ax.axhline(summ["threshold"], color="gray", lw=0.8, ls="-.", label="converged threshold τ")
+                ax.set_xscale("log")
+                ax.set_yscale("log")
+                ax.set_xlabel(xlabel)
+                ax.set_title(f"{summ['problem']} / {proc}: {'stochastic' if stochastic else 'deterministic'}")
+                ax.legend(fontsize=7)
+            axes[0].set_ylabel(summ["quality_name"] + " (solid o: fastsde, dashed x: peers)")
             fig.tight_layout()
             p = out / f"{summ['problem']}_{proc}_quality_vs_{'nfe' if xkey == 'nfe' else 'wall'}.png"
-            fig.savefig(p, dpi=110)
+            fig.savefig(p, dpi=100)
+            plt.close(fig)
+            paths.append(p)
+        det = [r for r in recs if r["mse"] is not None and r["mse"] > 0]
+        if det:
+            fig, ax = plt.subplots(figsize=(7.5, 5.5))
+            names = list(dict.fromkeys(r["sampler"] for r in det))
+            colors = plt.cm.tab20(torch.linspace(0, 1, max(len(names), 2)).numpy())
+            for name, color in zip(names, colors):
+                rs = sorted((r for r in det if r["sampler"] == name), key=lambda r: r["nfe"])
+                ls, mk = ("-", "o") if rs[0]["source"] == "fastsde" else ("--", "x")
+                ax.plot([r["nfe"] for r in rs], [r["mse"] for r in rs], ls, marker=mk, ms=4, color=color, label=name)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("NFE per sample")
+            ax.set_ylabel("MSE to the PF-ODE reference from the same x_T")
+            ax.set_title(f"{summ['problem']} / {proc}: deterministic samplers")
+            ax.legend(fontsize=7)
+            fig.tight_layout()
+            p = out / f"{summ['problem']}_{proc}_mse_vs_nfe.png"
+            fig.savefig(p, dpi=100)
             plt.close(fig)
             paths.append(p)
     return paths
