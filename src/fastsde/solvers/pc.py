@@ -4,7 +4,9 @@ Order: **corrector then predictor** at each grid point, as in Song's reference c
 Algorithm 1 runs predictor then corrector). With N grid points from T to t_end the grid points
 t_0 … t_{N−2} each get M Langevin corrector steps followed by one predictor move to the next point;
 the last point t_end is not corrected and the front door's Tweedie denoise follows, so
-NFE = (N−1)(M+1) + 1 (one less without the denoise).
+NFE = (N−1)(M+1) + 1 (one less without the denoise). (The reference code instead returns the
+noise-free mean of its last predictor step at no extra NFE; here the last move keeps its noise and the
+counted Tweedie denoise replaces it, as for every fixed-step solver.)
 
 Langevin corrector at fixed t (one NFE per step): s = score(x, t), z ~ N(0, I),
 ε = 2α·(snr·‖z‖/‖s‖)², x ← x + ε·s + √(2ε)·z. By default ‖s‖ and ‖z‖ are batch means of the
