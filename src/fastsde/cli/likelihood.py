@@ -98,7 +98,32 @@ def _load_model(name: str):
             heldout = getattr(model, attr)
             heldout = heldout() if callable(heldout) else heldout
             break
-    return model.score, model.sde, tuple(model.shape), heldout
+    return differentiable_score(model), model.sde, tuple(model.shape), heldout
+
+
+def differentiable_score(model):
+    """model.score if autograd flows through it, else the same score rebuilt from the model's
+    noise-prediction network (shipped models run their score under no_grad for sampling); the
+    rebuilt score is checked against model.score before use."""
+    import torch
+
+    from ..score import NoisePredictionScore
+
+    probe_x = torch.zeros(2, *model.shape)
+    probe_t = torch.tensor([0.5 * model.sde.T, 0.9 * model.sde.T])
+    with torch.enable_grad():
+        xin = probe_x.clone().requires_grad_(True)
+        out = model.score(xin, probe_t)
+        if out.requires_grad:
+            return model.score
+        net = getattr(model, "network", None)
+        if net is None or not hasattr(net, "time_input"):
+            raise CLIError(f"model {model!r} has no differentiable score; the likelihood needs autograd through it")
+        rebuilt = NoisePredictionScore(net, model.sde, time_input=net.time_input)
+        again = rebuilt(xin, probe_t)
+    if not again.requires_grad or not torch.allclose(again.detach(), out, rtol=1e-5, atol=1e-6):
+        raise CLIError(f"model {model!r} has no differentiable score; the likelihood needs autograd through it")
+    return rebuilt
 
 
 def _heldout_digits():
