@@ -59,7 +59,7 @@ class BenchConfig:
     tolerances: list[float] = field(default_factory=lambda: list(DEFAULT_TOLS))
     peers: bool = True
     progress: bool = True
-    floor_draws: int = 8
+    floor_draws: int = 30
 
     def check(self) -> None:
         if self.problem not in ("mixture", "digits"):
