@@ -96,13 +96,25 @@ def test_nfe_accounting_and_per_sample_counts(solver):
     sde = fastsde.VPSDE()
     gm = mixture_2d(sde)
     res = fastsde.sample(gm, sde, (40, 2), solver=solver, seed=0, dtype=F64)
-    acc, rej = res.stats["accepted"], res.stats["rejected"]
-    assert torch.equal(res.nfe_per_sample, (2 * (acc + rej) + 1).to(F64))
+    acc, rej, reused = res.stats["accepted"], res.stats["rejected"], res.stats["reused_evaluations"]
+    assert torch.equal(res.nfe_per_sample, (2 * (acc + rej) - reused + 1).to(F64))
+    assert bool((reused == (rej if solver == "adaptive_sde_dpm" else 0)).all())  # GGF: 2 per attempt
     assert res.nfe == pytest.approx(float(res.nfe_per_sample.mean()))
     assert res.nfe_per_sample.unique().numel() > 5  # samples of different difficulty
     assert res.stats["status"] == ["done"] * 40
     assert torch.equal(res.stats["t_final"], torch.full((40,), 1e-3, dtype=F64))
     assert res.stats["rows_evaluated"] == int(res.nfe_per_sample.sum())  # compaction
+
+
+@pytest.mark.parametrize("solver", ["adaptive", "adaptive_sde_dpm"])
+def test_reusing_the_score_after_a_rejection_changes_nothing_but_nfe(solver):
+    sde = fastsde.VESDE()
+    gm = mixture_2d(sde)
+    on = fastsde.sample(gm, sde, (12, 2), solver=solver, seed=1, dtype=F64, reuse_rejected=True)
+    off = fastsde.sample(gm, sde, (12, 2), solver=solver, seed=1, dtype=F64, reuse_rejected=False)
+    assert torch.allclose(on.samples, off.samples, rtol=0, atol=1e-12)
+    assert torch.equal(on.nfe_per_sample, off.nfe_per_sample - on.stats["rejected"].to(F64))
+    assert on.stats["rows_evaluated"] == int(on.nfe_per_sample.sum())
 
 
 def test_tightening_eps_rel_raises_nfe():

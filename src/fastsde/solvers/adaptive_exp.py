@@ -73,7 +73,7 @@ def _sde_dpm_pair(ctx: SolverContext, x: Tensor, a: Attempt) -> tuple[Tensor, Te
     w_m, w_t = a.brownian([lam_m, a.c_next])
     n_m = rows(sig_m * torch.exp(-lam_m)) * w_m.to(dt)
     n_t = rows(sig_t * torch.exp(-lam_t)) * w_t.to(dt)
-    x0_s = sde.denoise(x, a.t, a.score(x, a.t))
+    x0_s = sde.denoise(x, a.t, a.score0())
     u = a_m * x + b_m * x0_s + n_m
     tm_d = tm.to(dt)
     x0_m = sde.denoise(u, tm_d, a.score(u, tm_d))
@@ -104,7 +104,9 @@ def adaptive_sde_dpm(ctx: SolverContext, x: Tensor, **opts: Any) -> Tensor:
 ADAPTIVE_SDE_DPM = SolverSpec(
     name="adaptive_sde_dpm",
     run=adaptive_sde_dpm,
-    options=adaptive_options(h_init=0.1, eps_rel=0.02, exponent=0.67, brownian="tree", use_prev=False, max_growth=5.0),
+    options=adaptive_options(
+        h_init=0.1, eps_rel=0.02, exponent=0.67, brownian="tree", use_prev=False, max_growth=5.0, reuse=True
+    ),
     summary="adaptive SDE-DPM-Solver++ (1 / 2S midpoint pair in log-SNR, per-sample steps) on the reverse SDE",
     stochastic=True,
 )
