@@ -5,6 +5,7 @@ from . import problems
 from .api import SampleResult, sample
 from .grids import time_grid
 from .likelihood import LikelihoodResult, bits_per_dim, log_likelihood
+from .models import list_models, load_model
 from .noise import NoiseSource
 from .score import (
     CountingScore,
@@ -41,4 +42,6 @@ __all__ = [
     "log_likelihood",
     "bits_per_dim",
     "LikelihoodResult",
+    "load_model",
+    "list_models",
 ]

@@ -1,0 +1,146 @@
+"""Datasets for training and evaluation: the shipped digits split and user data from arrays or images.
+
+The digits are scikit-learn's 1797 8×8 images (pixel values 0..16), shipped as a compressed .npz with
+a fixed, seeded split (1497 train / 300 held-out; numpy default_rng(0) permutation) so that nothing
+at run time needs scikit-learn. Model space is [−1, 1]: x = v/8 − 1.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["load_digits", "digits_labels", "load_array", "load_image_folder", "load_dataset", "to_uint8"]
+
+_SPLITS = ("train", "heldout")
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def _digits_npz() -> dict[str, np.ndarray]:
+    with resources.files("fastsde").joinpath("data/digits.npz").open("rb") as fh:
+        with np.load(fh) as z:
+            return {k: z[k] for k in z.files}
+
+
+def load_digits(split: str = "train", dtype: torch.dtype = torch.float32) -> Tensor:
+    """The digits split ("train" or "heldout") as a tensor (n, 1, 8, 8) scaled to [−1, 1]."""
+    if split not in _SPLITS:
+        raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
+    raw = _digits_npz()[f"{split}_images"].astype(np.float64)
+    return torch.from_numpy(raw / 8.0 - 1.0).to(dtype).unsqueeze(1)
+
+
+def digits_labels(split: str = "train") -> Tensor:
+    """Class labels (0..9) of a digits split, aligned with load_digits(split)."""
+    if split not in _SPLITS:
+        raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
+    return torch.from_numpy(_digits_npz()[f"{split}_labels"].astype(np.int64))
+
+
+def _to_nchw(arr: np.ndarray, source: str) -> np.ndarray:
+    if arr.ndim == 2:
+        raise ValueError(f"{source}: expected images (n, H, W) or (n, C, H, W), got shape {arr.shape}")
+    if arr.ndim == 3:
+        arr = arr[:, None]
+    elif arr.ndim == 4 and arr.shape[-1] in (1, 3, 4) and arr.shape[1] not in (1, 3, 4):
+        arr = arr.transpose(0, 3, 1, 2)  # NHWC -> NCHW
+    if arr.ndim != 4:
+        raise ValueError(f"{source}: expected images (n, H, W) or (n, C, H, W), got shape {arr.shape}")
+    return arr
+
+
+def _scale(arr: np.ndarray, source: str) -> np.ndarray:
+    """Map integer images (0..255) or floats in [0, 1] to [−1, 1]; floats already in [−1, 1] pass."""
+    if np.issubdtype(arr.dtype, np.integer):
+        hi = 16.0 if arr.max() <= 16 else 255.0
+        return arr.astype(np.float64) / (hi / 2.0) - 1.0
+    arr = arr.astype(np.float64)
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{source}: the array holds NaN or Inf")
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo >= 0.0 and hi <= 1.0:
+        return arr * 2.0 - 1.0
+    if lo >= -1.0 and hi <= 1.0:
+        return arr
+    raise ValueError(f"{source}: float data must lie in [0, 1] or [−1, 1], got range [{lo:g}, {hi:g}]")
+
+
+def load_array(path: str | Path, key: str | None = None) -> Tensor:
+    """Images from an .npy or .npz file as float32 (n, C, H, W) in [−1, 1].
+
+    Integer arrays are read as 0..255 (or 0..16 when the max is ≤ 16); float arrays must lie in [0, 1]
+    or [−1, 1]. For .npz, ``key`` names the array (default: the only one, or "x"/"images"/"train_images").
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such data file: {path}")
+    if path.suffix == ".npy":
+        arr = np.load(path, allow_pickle=False)
+    elif path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as z:
+            names = list(z.files)
+            if key is None:
+                for cand in ("x", "images", "train_images"):
+                    if cand in names:
+                        key = cand
+                        break
+                else:
+                    if len(names) != 1:
+                        raise ValueError(f"{path}: several arrays {names}; name one with a key")
+                    key = names[0]
+            if key not in names:
+                raise ValueError(f"{path}: no array {key!r}; it holds {names}")
+            arr = z[key]
+    else:
+        raise ValueError(f"data file must be .npy or .npz, got {path.name!r}")
+    return torch.from_numpy(_scale(_to_nchw(arr, str(path)), str(path))).float()
+
+
+def load_image_folder(path: str | Path, grayscale: bool = True) -> Tensor:
+    """Every image in a folder (same size required) as float32 (n, C, H, W) in [−1, 1]."""
+    import matplotlib.image as mpimg
+
+    path = Path(path)
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"no images ({', '.join(_IMAGE_SUFFIXES)}) in folder {path}")
+    images = []
+    for f in files:
+        im = np.asarray(mpimg.imread(f))
+        if np.issubdtype(im.dtype, np.integer):
+            im = im.astype(np.float64) / 255.0
+        if im.ndim == 3:
+            im = im[..., :3]
+            im = im.mean(-1, keepdims=True) if grayscale else im
+            im = im.transpose(2, 0, 1)
+        else:
+            im = im[None] if grayscale else np.repeat(im[None], 3, axis=0)
+        images.append(im.astype(np.float64))
+    shapes = {im.shape for im in images}
+    if len(shapes) != 1:
+        raise ValueError(f"images in {path} differ in size: {sorted(shapes)}")
+    return torch.from_numpy(np.stack(images) * 2.0 - 1.0).float()
+
+
+def load_dataset(spec: str) -> Tensor:
+    """Training data by name: "digits" (the shipped train split), an .npy/.npz file or an image folder."""
+    if spec == "digits":
+        return load_digits("train")
+    path = Path(spec)
+    if path.is_dir():
+        return load_image_folder(path)
+    if path.suffix in (".npy", ".npz"):
+        return load_array(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such dataset: {spec!r} (use 'digits', an .npy/.npz file or an image folder)")
+    raise ValueError(f"dataset must be 'digits', an .npy/.npz file or an image folder, got {spec!r}")
+
+
+def to_uint8(x: Tensor) -> np.ndarray:
+    """Model-space images in [−1, 1] to uint8 0..255 (clipped), for saving."""
+    arr = ((x.detach().double().clamp(-1, 1) + 1.0) * 127.5).round()
+    return arr.cpu().numpy().astype(np.uint8)

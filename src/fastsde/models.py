@@ -1,0 +1,163 @@
+"""Shipped trained models and the UNet configs they use.
+
+Every model is a diffusers ``UNet2DModel`` predicting noise ε, conditioned on the continuous label
+999·t (VP and VE alike: for VE, 999·t is an affine map of log σ, since t = log(σ/σ_min)/log(σ_max/σ_min)).
+For VE the network input is scaled by c_in = 1/√(1 + σ²) inside ``EpsNetwork`` so that it sees unit-scale
+inputs up to σ_max; VP inputs are already unit scale and pass through unchanged, so a VP network is a plain
+UNet2DModel usable with ``DiffusersUNetScore``. The score is s = −ε̂/σ(t).
+
+Package data: ``fastsde/models/<name>.safetensors`` (EMA weights) + ``<name>.json`` (config and training record).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .score import NoisePredictionScore
+from .sde import EDM, SDE, VESDE, VPSDE, SubVPSDE
+
+__all__ = ["EpsNetwork", "LoadedModel", "build_network", "sde_from_config", "load_model", "list_models"]
+
+_SDES = {"VPSDE": VPSDE, "SubVPSDE": SubVPSDE, "VESDE": VESDE, "EDM": EDM}
+
+
+def sde_from_config(cfg: dict[str, Any]) -> SDE:
+    """Rebuild a process from its ``sde.config()`` dict."""
+    cfg = dict(cfg)
+    kind = cfg.pop("type", None)
+    if kind not in _SDES:
+        raise ValueError(f"unknown sde type {kind!r}; expected one of {sorted(_SDES)}")
+    return _SDES[kind](**cfg)
+
+
+class EpsNetwork(nn.Module):
+    """A UNet2DModel as a noise predictor ε̂(x, label) with label = 999·t (and VE input scaling)."""
+
+    time_input_name = "999*t"
+
+    def __init__(self, unet: nn.Module, sde: SDE) -> None:
+        super().__init__()
+        self.unet = unet
+        self.sde = sde
+        self.input_scaling = isinstance(sde, VESDE)
+
+    def time_input(self, t: Tensor) -> Tensor:
+        """t -> the network's conditioning label."""
+        return 999.0 * t
+
+    def forward(self, x: Tensor, label: Tensor) -> Tensor:
+        dtype = next(self.unet.parameters()).dtype
+        label = label.reshape(-1).expand(x.shape[0]) if label.numel() == 1 else label
+        if self.input_scaling:
+            sigma = self.sde.marginal_std(label.to(torch.float64) / 999.0).to(x.dtype)
+            x = x / torch.sqrt(1.0 + sigma**2).reshape(-1, *([1] * (x.dim() - 1)))
+        return self.unet(x.to(dtype), label.to(dtype)).sample.to(x.dtype)
+
+
+def build_unet(cfg: dict[str, Any]) -> nn.Module:
+    """A small diffusers UNet2DModel from a fastsde unet config (channels per level, optional attention
+    at the lowest resolution)."""
+    from diffusers import UNet2DModel
+
+    channels = tuple(int(c) for c in cfg["channels"])
+    levels = len(channels)
+    attention = bool(cfg.get("attention", False))
+    down = ["DownBlock2D"] * levels
+    up = ["UpBlock2D"] * levels
+    if attention:
+        down[-1] = "AttnDownBlock2D"
+        up[0] = "AttnUpBlock2D"
+    return UNet2DModel(
+        sample_size=int(cfg.get("sample_size", 8)),
+        in_channels=int(cfg.get("in_channels", 1)),
+        out_channels=int(cfg.get("in_channels", 1)),
+        layers_per_block=int(cfg.get("layers_per_block", 1)),
+        block_out_channels=channels,
+        down_block_types=tuple(down),
+        up_block_types=tuple(up),
+        norm_num_groups=int(cfg.get("norm_groups", 8)),
+    )
+
+
+def build_network(unet_cfg: dict[str, Any], sde_cfg: dict[str, Any]) -> EpsNetwork:
+    return EpsNetwork(build_unet(unet_cfg), sde_from_config(sde_cfg))
+
+
+def network_flops(net: nn.Module, shape: tuple[int, ...]) -> int:
+    """Floating-point operations of one forward pass for one sample (torch's flop counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros(2, *shape)
+    label = torch.full((2,), 500.0)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        net(x, label)
+    return int(counter.get_total_flops() // 2)
+
+
+@dataclass
+class LoadedModel:
+    """A shipped model: ``score(x, t)`` (eval mode, no grad), its process, sample shape and config.
+
+    ``eval_cost`` is the cost of one evaluation relative to the smallest shipped model (FLOP ratio).
+    """
+
+    name: str
+    network: EpsNetwork
+    sde: SDE
+    shape: tuple[int, ...]
+    config: dict[str, Any]
+    eval_cost: float
+
+    def __post_init__(self) -> None:
+        self._score = NoisePredictionScore(self.network, self.sde, time_input=self.network.time_input)
+
+    def score(self, x: Tensor, t: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self._score(x, t)
+
+    def __repr__(self) -> str:
+        return f"LoadedModel({self.name!r}, sde={self.sde!r}, shape={self.shape}, eval_cost={self.eval_cost:.2f})"
+
+
+def _models_dir():
+    return resources.files("fastsde").joinpath("models")
+
+
+def list_models() -> list[str]:
+    """Names of the shipped models (plus "mixture", the exact 2-D problem the CLI also samples)."""
+    names = [p.name[: -len(".json")] for p in _models_dir().iterdir() if p.name.endswith(".json")]
+    return sorted(names)
+
+
+def _read_config(name: str) -> dict[str, Any]:
+    return json.loads(_models_dir().joinpath(f"{name}.json").read_text())
+
+
+def load_model(name: str = "digits", dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a shipped model by name (see list_models())."""
+    from safetensors.torch import load
+
+    available = list_models()
+    if name not in available:
+        raise ValueError(f"unknown model {name!r}; shipped models are {available}")
+    cfg = _read_config(name)
+    net = build_network(cfg["unet"], cfg["sde"])
+    weights = load(_models_dir().joinpath(f"{name}.safetensors").read_bytes())
+    net.load_state_dict({k: v.float() for k, v in weights.items()})
+    net = net.to(dtype).eval().requires_grad_(False)
+    flops = [_read_config(n).get("flops_per_sample", math.nan) for n in available]
+    smallest = min(f for f in flops if f == f) if any(f == f for f in flops) else math.nan
+    cost = float(cfg.get("flops_per_sample", math.nan)) / smallest
+    return LoadedModel(name, net, net.sde, tuple(cfg["shape"]), cfg, cost)
+
+
+def model_score(model: LoadedModel) -> Callable[[Tensor, Tensor], Tensor]:
+    return model.score
