@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import linalg
 from torch import Tensor, nn
 
 __all__ = ["DigitsClassifier", "digits_quality", "digits_features", "frechet_distance", "load_classifier"]
@@ -56,15 +55,19 @@ class DigitsClassifier(nn.Module):
         return self.head(self.features(x))
 
 
+def _sqrt_psd(a: np.ndarray) -> np.ndarray:
+    vals, vecs = np.linalg.eigh(0.5 * (a + a.T))
+    return (vecs * np.sqrt(np.clip(vals, 0.0, None))) @ vecs.T
+
+
 def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray) -> float:
-    """Fréchet (2-Wasserstein²) distance between two Gaussians."""
+    """Fréchet (2-Wasserstein²) distance between two Gaussians; the matrix root is taken on the
+    symmetric form cov2^½ cov1 cov2^½, so singular sample covariances (n < 64) are fine."""
     diff = mu1 - mu2
-    covmean, _ = linalg.sqrtm(cov1 @ cov2, disp=False)
-    if not np.isfinite(covmean).all():
-        eye = np.eye(cov1.shape[0]) * 1e-6
-        covmean = linalg.sqrtm((cov1 + eye) @ (cov2 + eye))
-    covmean = np.real(covmean)
-    return float(diff @ diff + np.trace(cov1) + np.trace(cov2) - 2.0 * np.trace(covmean))
+    root2 = _sqrt_psd(cov2)
+    inner = root2 @ cov1 @ root2
+    tr_covmean = float(np.sqrt(np.clip(np.linalg.eigvalsh(0.5 * (inner + inner.T)), 0.0, None)).sum())
+    return float(diff @ diff + np.trace(cov1) + np.trace(cov2) - 2.0 * tr_covmean)
 
 
 def _stats(f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
