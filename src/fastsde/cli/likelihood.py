@@ -26,11 +26,18 @@ def add_parser(subparsers) -> None:
         help="bits/dim of data under a model (PF-ODE, adaptive RK45)",
         description=(
             "Log-likelihood and bits/dim of the rows of an .npy/.npz array under a model, by integrating "
-            "the probability-flow ODE with its divergence (exact or Hutchinson trace). Integer data is "
-            "dequantised; float data must already lie in the model's range [-1, 1]."
+            "the probability-flow ODE with its divergence (exact or Hutchinson trace). Quantised data (integer "
+            "levels, or floats on a level grid such as the digits') is dequantised with keyed uniform noise; "
+            "continuous float data must lie in the model's range [-1, 1]. Without --data: the model's "
+            "held-out split (the digits)."
         ),
     )
-    p.add_argument("--data", type=Path, default=None, help=".npy or .npz array of shape (n, *model shape) or (n, D)")
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help=".npy/.npz array (n, *model shape) or (n, D); default: held-out digits",
+    )
     p.add_argument("--key", default=None, help="array name inside an .npz (default: its only array, or x/data/test)")
     p.add_argument(
         "--model", default="digits", help=f"shipped model name (fastsde.list_models()) or one of {', '.join(MIXTURES)}"
