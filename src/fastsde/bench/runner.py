@@ -115,7 +115,8 @@ def mixture_problem(process: str, cfg: BenchConfig) -> Problem:
 
 
 def digits_problem(cfg: BenchConfig) -> Problem:
-    """The shipped digits model, judged by fastsde.metrics.digits (when both exist)."""
+    """The shipped digits model, judged by ``fastsde.metrics.digits.digits_quality`` (classifier-feature
+    Fréchet distance to the held-out split; its floor is the real-data FD at the same n)."""
     import fastsde
 
     if not hasattr(fastsde, "load_model"):
@@ -123,27 +124,22 @@ def digits_problem(cfg: BenchConfig) -> Problem:
             "problem 'digits' needs fastsde.load_model (the shipped digits models), which this build lacks"
         )
     try:
-        from ..metrics import digits as dm
+        from ..metrics.digits import digits_quality, floor_for
     except ImportError as exc:
         raise ValueError(f"problem 'digits' needs fastsde.metrics.digits, which this build lacks ({exc})") from None
     model = fastsde.load_model("digits")
-    fd = getattr(dm, "frechet_distance", None) or getattr(dm, "digits_fd", None) or getattr(dm, "fid", None)
-    if fd is None:
-        raise ValueError(f"fastsde.metrics.digits has no Fréchet function; found {sorted(dir(dm))}")
-    floor_fn = getattr(dm, "floor", None) or getattr(dm, "frechet_floor", None)
-    floor = tuple(floor_fn(cfg.n)) if floor_fn is not None else (math.nan, math.nan)
-    if isinstance(floor, tuple) and len(floor) == 1:
-        floor = (float(floor[0]), 0.0)
+    sde = model.sde
+    process = {VPSDE: "vp", SubVPSDE: "subvp", VESDE: "ve"}.get(type(sde), type(sde).__name__)
     return Problem(
         name="digits",
-        process=type(model.sde).__name__,
-        sde=model.sde,
+        process=process,
+        sde=sde,
         score=model.score,
         dims=tuple(model.shape),
         dtype=torch.float32,
-        quality=lambda x: float(fd(x)),
-        floor=(float(floor[0]), float(floor[1])),
-        quality_name="digits Fréchet distance",
+        quality=lambda x: float(digits_quality(x)["fd"]),
+        floor=(float(floor_for(cfg.n)), 0.0),
+        quality_name="digits classifier-feature Fréchet distance",
         reference_rtol=1e-5,
     )
 
@@ -458,6 +454,10 @@ CSV_FIELDS = [
 ]
 
 
+#: Budgets shown as table columns (when run); finer budgets only sharpen "NFE to converge".
+SHOWN_BUDGETS = (5, 10, 20, 50, 100, 200, 500, 1000)
+
+
 def _fmt(v: Any, digits: int = 3) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
@@ -470,6 +470,7 @@ def markdown_tables(result: dict[str, Any]) -> str:
     """Per process: converged NFE, quality at each budget, MSE and outside share."""
     cfg = result["config"]
     budgets = sorted(cfg["budgets"])
+    shown = [b for b in budgets if b in SHOWN_BUDGETS] or budgets
     lines = []
     for proc, summ in result["summary"].items():
         recs = [r for r in result["records"] if r["process"] == proc and r["error"] is None]
@@ -481,18 +482,19 @@ def markdown_tables(result: dict[str, Any]) -> str:
             f"converged threshold τ = {summ['threshold']:.4g}; t_end = {summ['t_end']:g}."
         )
         lines.append("")
-        head = "| sampler | source | kind | NFE to converge | " + " | ".join(f"q@{b}" for b in budgets)
+        head = "| sampler | source | kind | NFE to converge | " + " | ".join(f"q@{b}" for b in shown)
         head += " | MSE@" + str(budgets[-1]) + " | outside share |"
         lines.append(head)
-        lines.append("|" + "---|" * (6 + len(budgets)))
+        lines.append("|" + "---|" * (6 + len(shown)))
         conv = summ["converged"]
         order = sorted(conv, key=lambda k: (conv[k]["stochastic"], conv[k]["nfe"] is None, conv[k]["nfe"] or 0))
         for name in order:
             rs = [r for r in recs if r["sampler"] == name]
             qs = []
-            for b in budgets:
-                within = [r["quality"] for r in rs if r["nfe"] <= b + 1e-9]
-                qs.append(_fmt(min(within)) if within else "–")
+            for b in shown:
+                at = [r["quality"] for r in rs if r["budget"] == b]
+                within = [r["quality"] for r in rs if r["budget"] is None and r["nfe"] <= b + 1e-9]
+                qs.append(_fmt(at[0]) if at else _fmt(min(within)) if within else "–")
             within = [r for r in rs if r["nfe"] <= budgets[-1] + 1e-9 and r["mse"] is not None]
             mse = _fmt(min(r["mse"] for r in within)) if within else "–"
             fs_rs = [r["outside_share"] for r in rs if math.isfinite(r["outside_share"])]
