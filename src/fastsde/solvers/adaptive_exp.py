@@ -15,15 +15,26 @@ step s → t (h = λ_t − λ_s > 0), exactly,
   [λ_s, λ_m]. The linear term integrates exactly to m_t(h − (1 − e^{−2h})/2)·D with
   D = (x̂0_m − x̂0_s)/(r·h):  x_high = x_low + m_t(h − (1 − e^{−2h})/2)·(x̂0_m − x̂0_s)/(r·h).
 
-Noise sharing: W splits into independent pieces over [λ_s, λ_m] and [λ_m, λ_t]. With z₁, z₂ ~ N(0, I)
-(drawn once per attempt, keyed by sample and attempt),
-    midpoint noise  N_m = σ_m·√(1 − e^{−2rh})·z₁,
-    full-step noise N_t = σ_t·e^{−h}√(e^{2rh} − 1)·z₁ + σ_t√(1 − e^{−2(1−r)h})·z₂,
-so N_t has the exact variance σ_t²(1 − e^{−2h}) and the midpoint sees the same Brownian path as the
-full step. Both members use the same N_t, so x_high − x_low carries no raw noise: it is the
-drift-side local error (including the noise's effect on x̂0), which the controller of
-``adaptive`` (mixed tolerance, accept iff E ≤ 1, h ← min(λ_end − λ, θ·h·E^(−r))) drives below
-the tolerance. The step h lives in λ units; h_init = 0.1 is about GGF's 0.01 in t at t = T for VP.
+Noise sharing: W is one Gaussian process in λ with independent increments and Var = e^{2λ}
+(a time-changed Brownian motion). The midpoint uses N_m = σ_m·e^{−λ_m}·(W(λ_m) − W(λ_s)) and the
+full step N_t = σ_t·e^{−λ_t}·(W(λ_t) − W(λ_s)): the midpoint sees the first part of the same path
+(in law: N_m = σ_m√(1 − e^{−2rh})·z₁, N_t = σ_t e^{−h}√(e^{2rh} − 1)·z₁ + σ_t√(1 − e^{−2(1−r)h})·z₂),
+and N_t has the exact variance σ_t²(1 − e^{−2h}). Both members use the same N_t, so x_high − x_low
+carries no raw noise: it is the drift-side local error (including the noise's effect on x̂0), which
+the controller of ``adaptive`` (mixed tolerance, accept iff E ≤ 1, h ← min(λ_end − λ, θ·h·E^(−r)))
+drives below the tolerance. The step h lives in λ units; h_init = 0.1 is about GGF's 0.01 in t at
+t = T for VP.
+
+Defaults that differ from GGF, and why (measured on the exact mixtures, benchmarks/adaptive_quick.py):
+- ``brownian="tree"``: W is read off a per-sample Brownian tree, so a retried step sees the same
+  path. With fresh noise after every rejection the accepted steps are those with small noise, and
+  in low dimension the samples come out visibly too narrow even at tight tolerances.
+- ``use_prev=False``: δ uses |x_low| only. The previous proposal lives at the previous (noisier)
+  level, which in one large λ-step can be 10³ times larger (VE, EDM) and would disable the test.
+- ``max_growth=5``: while x̂0 hardly moves (early, high noise) E ≈ 0 and h would jump to the end.
+- ``exponent=0.67``: E scales like h^{3/2} (the noise moves x̂0_m by O(√h)), so r = 1/1.5.
+- ``reuse_rejected=True``: after a rejection (x, t) is unchanged, so x̂0_s is not evaluated again:
+  an attempt after a rejection costs 1 NFE.
 
 Each attempt costs 2 NFE; both members are exact for x̂0 constant along the path, and the high
 member also for x̂0 linear in λ, which is why it needs far fewer steps than the Euler–Maruyama pair.
