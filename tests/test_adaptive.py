@@ -164,9 +164,9 @@ def test_determinism_and_batch_size_independence():
     sde = fastsde.SubVPSDE()
     gm = mixture_2d(sde)
     for solver in ("adaptive", "adaptive_sde_dpm"):
-        a = fastsde.sample(gm, sde, (4, 2), solver=solver, seed=7, dtype=F64)
-        b = fastsde.sample(gm, sde, (4, 2), solver=solver, seed=7, dtype=F64)
-        big = fastsde.sample(gm, sde, (9, 2), solver=solver, seed=7, dtype=F64)
+        a = fastsde.sample(gm, sde, (4, 2), solver=solver, seed=7, dtype=F64, eps_rel=0.05)
+        b = fastsde.sample(gm, sde, (4, 2), solver=solver, seed=7, dtype=F64, eps_rel=0.05)
+        big = fastsde.sample(gm, sde, (9, 2), solver=solver, seed=7, dtype=F64, eps_rel=0.05)
         assert torch.equal(a.samples, b.samples)
         assert torch.allclose(a.samples, big.samples[:4], rtol=0, atol=1e-12)
         assert torch.equal(a.nfe_per_sample, big.nfe_per_sample[:4])
@@ -296,7 +296,7 @@ def test_nan_region_is_rejected_and_run_finishes():
 
 @pytest.mark.parametrize("solver", ["adaptive", "adaptive_sde_dpm"])
 def test_transient_nan_is_rejected_and_run_finishes(solver):
-    """Every 5th call returns NaN for all rows: those attempts are rejected, h shrinks, the run
+    """Every 7th call returns NaN for all rows: those attempts are rejected, h shrinks, the run
     finishes with finite samples. (With the Brownian tree, a path that itself crosses a NaN
     region cannot finish; the budget then ends the run with AdaptiveBudgetError.)"""
     sde = fastsde.VPSDE()
@@ -306,7 +306,7 @@ def test_transient_nan_is_rejected_and_run_finishes(solver):
     def score(x, t):
         calls[0] += 1
         s = gm(x, t)
-        return torch.full_like(s, float("nan")) if calls[0] % 5 == 0 else s
+        return torch.full_like(s, float("nan")) if calls[0] % 7 == 0 else s
 
     res = fastsde.sample(score, sde, (8, 2), solver=solver, seed=0, dtype=F64, max_nfe=3000, denoise=False)
     assert torch.isfinite(res.samples).all()

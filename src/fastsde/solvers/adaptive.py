@@ -18,7 +18,17 @@ and a ``pair`` function that returns the low- and high-order proposals of one at
 fastsde additions: finished samples leave the batch (``compact``); a per-sample NFE budget
 (``max_nfe``) that raises :class:`AdaptiveBudgetError` naming how many samples did not finish, or
 returns partial results with a per-sample status (``on_budget="partial"``); per-sample accepted /
-rejected counts in ``ctx.stats``; an optional Langevin corrector after accepted steps.
+rejected counts in ``ctx.stats``; an optional Langevin corrector after accepted steps;
+``brownian="tree"`` (a retried step sees the same Brownian path, :class:`BrownianTree`; the default
+"fresh" is GGF's rule, which favours small noise draws among accepted steps and visibly biases the
+samples in low dimension, see docs/benchmarks_adaptive.md); ``reuse_rejected`` (the score at the
+unchanged (x, t) after a rejection is not evaluated again; off by default so that GGF costs exactly
+2 NFE per attempt as specified).
+
+Statistics in ctx.stats (per sample unless noted): accepted, rejected, nonfinite_rejections,
+reused_evaluations, status ("done" | "budget" | "stopped"), t_final, nfe_solver_per_sample (denoise
+excluded), iterations (batch loop count). The callback's StepInfo.h is the attempted step in the
+controller's coordinate (t for GGF, λ for adaptive_sde_dpm), 0 for samples not attempting.
 """
 
 from __future__ import annotations
