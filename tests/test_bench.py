@@ -180,6 +180,36 @@ def test_kdiffusion_adapters_match_fastsde_on_the_same_sigmas(peer, solver, opts
 
 
 @needs_kdiff
+@pytest.mark.parametrize("sde_cls", [fastsde.VPSDE, fastsde.VESDE])
+def test_kdiffusion_dpmpp_2m_sde_matches_fastsde_with_the_same_noise(sde_cls):
+    """k-diffusion's sample_dpmpp_2m_sde (η = 1, midpoint), fed fastsde's keyed noise through its
+    noise_sampler, equals fastsde's dpmpp_2m_sde on the same Karras sigmas."""
+    from k_diffusion import sampling
+
+    _need("dpmpp_2m_sde")
+    sde = sde_cls()
+    gm = fastsde.problems.mixture_2d(sde)
+    x_T = _x_T(sde)
+    steps = 12
+    sigmas = karras_sigmas(sde, steps, sde.default_t_end)
+    noise = as_noise_source(0, x_T.shape[0])
+    move = [0]
+
+    def noise_sampler(sigma, sigma_next):
+        z = noise.normal((2,), Stream.STEP, move[0], dtype=torch.float64)
+        move[0] += 1
+        return z
+
+    m_T = float(sde.mean_coeff(torch.tensor([sde.T], dtype=torch.float64)))
+    theirs = sampling.sample_dpmpp_2m_sde(
+        EDMDenoiser(gm.score, sde), x_T / m_T, sigmas, disable=True, noise_sampler=noise_sampler
+    )
+    ours = _fastsde(gm, sde, x_T, "dpmpp_2m_sde", steps=steps, grid="edm", lower_order_final=False, seed=0)
+    assert move[0] == steps - 1 and ours.nfe == steps
+    assert torch.allclose(theirs, ours.samples, atol=1e-9, rtol=1e-9)
+
+
+@needs_kdiff
 def test_kdiffusion_dpm_adaptive_eta0_reaches_the_reference():
     sde = fastsde.VPSDE()
     gm = fastsde.problems.mixture_2d(sde)

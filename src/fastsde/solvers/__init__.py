@@ -8,12 +8,29 @@ from .base import SolverSpec
 from .ddim import DDIM
 from .discrete import ANCESTRAL, REVERSE_DIFFUSION
 from .dpmpp import DPMPP_2M
+from .dpmpp_sde import DPMPP_2M_SDE
 from .em import EM
 from .heun import EULER, HEUN
 from .ode import ODE
 from .pc import PC
 
-SOLVERS: dict[str, SolverSpec] = {spec.name: spec for spec in (EM, ADAPTIVE, ADAPTIVE_SDE_DPM, REVERSE_DIFFUSION, ANCESTRAL, PC, EULER, HEUN, DDIM, DPMPP_2M, ODE)}
+SOLVERS: dict[str, SolverSpec] = {
+    spec.name: spec
+    for spec in (
+        EM,
+        ADAPTIVE,
+        ADAPTIVE_SDE_DPM,
+        REVERSE_DIFFUSION,
+        ANCESTRAL,
+        PC,
+        EULER,
+        HEUN,
+        DDIM,
+        DPMPP_2M,
+        DPMPP_2M_SDE,
+        ODE,
+    )
+}
 
 
 def get_solver(name: str | SolverSpec) -> SolverSpec:
