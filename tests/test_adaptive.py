@@ -11,7 +11,7 @@ import torch
 import fastsde
 from fastsde.noise import NoiseSource, Stream
 from fastsde.problems import mixture_2d, mixture_nd
-from fastsde.solvers.adaptive import AdaptiveBudgetError, BrownianTree
+from fastsde.solvers.adaptive import AdaptiveBudgetError, BrownianMemory, BrownianTree
 from fastsde.solvers.base import SolverContext
 
 F64 = torch.float64
@@ -379,3 +379,44 @@ def test_brownian_tree_is_a_fixed_path_with_the_right_increments():
     # independent increments
     i1, i2 = (w[1] - w[0]).squeeze(1), (w[3] - w[2]).squeeze(1)
     assert abs(float(torch.corrcoef(torch.stack([i1, i2]))[0, 1])) < 0.06
+
+
+def _cov_check(values: list[torch.Tensor], pts: list[float], c0: float) -> None:
+    """Cov(W(a), W(b)) = v(min(a, b)) − v(c0) with v(c) = e^{2c}, within 6% (n = 20 000: SE ≈ 1–1.5%)."""
+    w = torch.cat(values, dim=1)
+    emp = torch.cov(w.T)
+    for i, a in enumerate(pts):
+        for j, b in enumerate(pts):
+            theory = math.exp(2 * min(a, b)) - math.exp(2 * c0)
+            assert float(emp[i, j]) == pytest.approx(theory, rel=0.06), (a, b, float(emp[i, j]), theory)
+
+
+def test_brownian_memory_reveals_a_brownian_path_in_any_query_order():
+    """Free increments past revealed points (with empty slots), bridges between revealed points,
+    re-queries, more revealed points than slots, and forgetting the past on advance: the joint law of
+    every revealed value is Brownian."""
+    n, c0 = 20_000, -1.0
+    ctx = SolverContext(sde=fastsde.VPSDE(), score=None, noise=NoiseSource.from_seed(0, n), t_start=1.0, t_end=1e-3)
+    path = BrownianMemory(ctx, torch.zeros(n, 1, dtype=F64), c0, lambda c: torch.exp(2 * c))
+    rows = torch.arange(n)
+
+    def at(v: float) -> torch.Tensor:
+        return torch.full((n,), v, dtype=F64)
+
+    order = [0.0, 0.6, 0.3, -0.5, 0.9]  # free, free past a revealed point, bridge, bridge, free (widens slots)
+    got = {v: path(at(v), rows) for v in order}
+    assert torch.equal(got[0.3], path(at(0.3), rows))  # a revealed point keeps its value
+    _cov_check([got[v] for v in sorted(got)], sorted(got), c0)
+    path.advance(rows, at(0.0), got[0.0])  # move to 0.0: -0.5 is forgotten, 0.3 / 0.6 / 0.9 are kept
+    mid = path(at(0.15), rows)
+    _cov_check([got[0.0], mid, got[0.3], got[0.9]], [0.0, 0.15, 0.3, 0.9], c0)
+    # the remembered future did not change: a retried step sees the same path
+    assert torch.equal(got[0.6], path(at(0.6), rows))
+
+
+@pytest.mark.parametrize("proc", ["vp", "ve"])
+def test_sde_dpm_with_brownian_memory_matches_exact_marginal_2d(proc):
+    sde = PROCS[proc]()
+    gm = mixture_2d(sde)
+    res = fastsde.sample(gm, sde, (1000, 2), solver="adaptive_sde_dpm", seed=2, dtype=F64, brownian="memory")
+    check_marginal(gm, res.samples, bias=0.08)

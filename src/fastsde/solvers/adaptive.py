@@ -19,8 +19,9 @@ fastsde additions: finished samples leave the batch (``compact``); a per-sample 
 (``max_nfe``) that raises :class:`AdaptiveBudgetError` naming how many samples did not finish, or
 returns partial results with a per-sample status (``on_budget="partial"``); per-sample accepted /
 rejected counts in ``ctx.stats``; an optional Langevin corrector after accepted steps;
-``brownian="tree"`` (a retried step sees the same Brownian path, :class:`BrownianTree`; the default
-"fresh" is GGF's rule, which favours small noise draws among accepted steps and visibly biases the
+``brownian="tree"`` or ``"memory"`` (a retried step sees the same Brownian path: a per-sample
+:class:`BrownianTree`, a function of the seed only, or :class:`BrownianMemory`, revealed lazily at one
+draw per query; the default "fresh" is GGF's rule, which favours small noise draws among accepted steps and visibly biases the
 samples in low dimension, see docs/benchmarks_adaptive.md); ``reuse_rejected`` (the score at the
 unchanged (x, t) after a rejection is not evaluated again; off by default so that GGF costs exactly
 2 NFE per attempt as specified).
@@ -57,7 +58,16 @@ from .base import (
     unit_interval,
 )
 
-__all__ = ["ADAPTIVE", "AdaptiveBudgetError", "Attempt", "adaptive", "adaptive_options", "run_adaptive"]
+__all__ = [
+    "ADAPTIVE",
+    "AdaptiveBudgetError",
+    "Attempt",
+    "BrownianMemory",
+    "BrownianTree",
+    "adaptive",
+    "adaptive_options",
+    "run_adaptive",
+]
 
 #: Per-sample status codes recorded in ctx.stats["status"].
 STATUS = ("running", "done", "budget", "stopped")
@@ -151,6 +161,81 @@ class BrownianTree:
         return w_lo + broadcast_to_rows(frac, w_lo) * (w_hi - w_lo)
 
 
+class BrownianMemory:
+    """A per-sample Brownian path revealed lazily: rejection sampling with memory (Rackauckas & Nie 2017).
+
+    Each sample keeps its current point (c, W(c)) and every point of its path already revealed
+    beyond c (by attempts that were rejected, or by the earlier queries of the same attempt). A new
+    query p is drawn from the exact conditional law given those points, which by the Markov property
+    is the Brownian bridge between its nearest revealed neighbours (or a free increment past the last
+    one), with variance function v as for :class:`BrownianTree`. So a retried step sees the same
+    path as the rejected one (no selection bias), at the cost of one keyed normal draw per query
+    instead of one per tree level. Unlike the tree, the path is a function of the seed *and* of the
+    sequence of queries, so different tolerances see different paths.
+    """
+
+    def __init__(self, ctx: SolverContext, like: Tensor, c0: float, variance: Callable[[Tensor], Tensor]) -> None:
+        n, self.shape = like.shape[0], like.shape[1:]
+        self.ctx, self.v, self.device = ctx, variance, like.device
+        f64 = torch.float64
+        self.c = torch.full((n,), float(c0), dtype=f64, device=like.device)
+        self.w = torch.zeros((n, *self.shape), dtype=f64, device=like.device)
+        self.ahead_c = torch.full((n, 2), math.inf, dtype=f64, device=like.device)  # +inf: empty slot
+        self.ahead_w = torch.zeros((n, 2, *self.shape), dtype=f64, device=like.device)
+        self.queries = torch.zeros(n, dtype=torch.int64)
+
+    def __call__(self, p: Tensor, rows: Tensor) -> Tensor:
+        """W(p) for per-row coordinates p ≥ c (float64), rows = sample indices; the point is remembered."""
+        rd = rows.to(self.device)
+        m, f64, tiny = rows.shape[0], torch.float64, torch.finfo(torch.float64).tiny
+        fc, fw = self.ahead_c[rd], self.ahead_w[rd]
+        ar = torch.arange(m, device=self.device)
+        below = fc <= p[:, None]
+        left = torch.where(below, fc, torch.full_like(fc, -math.inf))
+        li = left.argmax(dim=1)
+        has_left = torch.isfinite(left[ar, li])
+        a = torch.where(has_left, left[ar, li], self.c[rd])
+        wa = torch.where(broadcast_to_rows(has_left, self.w[rd]), fw[ar, li], self.w[rd])
+        right = torch.where(fc >= p[:, None], fc, torch.full_like(fc, math.inf))  # empty slots are +inf
+        ri = right.argmin(dim=1)
+        has_right = torch.isfinite(right[ar, ri])
+        b = torch.where(has_right, right[ar, ri], p)
+        wb = fw[ar, ri]
+        va, vp, vb = self.v(a), self.v(p), self.v(b)
+        span = (vb - va).clamp_min(tiny)
+        frac = torch.where(has_right, ((vp - va) / span).clamp(0.0, 1.0), torch.zeros_like(p))
+        var = torch.where(has_right, (vp - va).clamp_min(0) * (vb - vp).clamp_min(0) / span, (vp - va).clamp_min(0))
+        z = self.ctx.noise.normal(self.shape, _TREE_STREAM, self.queries[rows], rows, dtype=f64, device=self.device)
+        self.queries[rows] += 1
+        w = wa + broadcast_to_rows(frac, wa) * (wb - wa) + broadcast_to_rows(var.sqrt(), wa) * z
+        self._remember(rd, p, w)
+        return w
+
+    def _remember(self, rd: Tensor, p: Tensor, w: Tensor) -> None:
+        new = p > self.c[rd]  # queries at the current point (idle rows) add nothing
+        if not bool(new.any()):
+            return
+        fc = self.ahead_c[rd]
+        free = torch.isinf(fc)
+        if not bool(free[new].any(dim=1).all()):  # some row has no empty slot: widen for everyone
+            n, k = self.ahead_c.shape
+            self.ahead_c = torch.cat([self.ahead_c, torch.full_like(self.ahead_c, math.inf)], dim=1)
+            self.ahead_w = torch.cat([self.ahead_w, torch.zeros_like(self.ahead_w)], dim=1)
+            fc = self.ahead_c[rd]
+            free = torch.isinf(fc)
+        slot = free.to(torch.int64).argmax(dim=1)  # first empty slot
+        sel = rd[new]
+        self.ahead_c[sel, slot[new]] = p[new]
+        self.ahead_w[sel, slot[new]] = w[new]
+
+    def advance(self, rows: Tensor, c_new: Tensor, w_new: Tensor) -> None:
+        """Rows moved to c_new with W(c_new) = w_new: forget the revealed points at or before it."""
+        rd = rows.to(self.device)
+        self.c[rd], self.w[rd] = c_new, w_new
+        fc = self.ahead_c[rd]
+        self.ahead_c[rd] = torch.where(fc <= c_new[:, None], torch.full_like(fc, math.inf), fc)
+
+
 #: pair(ctx, x, attempt) -> (low, high): the two proposals of the embedded pair.
 PairFn = Callable[[SolverContext, Tensor, Attempt], tuple[Tensor, Tensor]]
 
@@ -205,8 +290,9 @@ def adaptive_options(
         ),
         "brownian": Option(
             brownian,
-            one_of("fresh", "tree"),
-            "noise of a retried step: fresh draw (GGF) or the same Brownian path (tree)",
+            one_of("fresh", "tree", "memory"),
+            "noise of a retried step: fresh draw (GGF), or the same Brownian path read off a per-sample "
+            "tree (a function of the seed only) or revealed lazily with memory (one draw per query)",
         ),
     }
 
@@ -253,7 +339,8 @@ def run_adaptive(
     Every sample has its own coordinate c, time t = to_t(c) (t_end exactly at the end), step h,
     previous proposal and attempt counter. ``brownian="fresh"`` draws new noise for every attempt
     (keyed by sample and attempt: GGF's rule); ``"tree"`` reads the increments off a per-sample
-    :class:`BrownianTree`, so retries after a rejection see the same path. Returns x at t_end; per-sample statistics go to ctx.stats.
+    :class:`BrownianTree` and ``"memory"`` off a lazily revealed :class:`BrownianMemory`, so that
+    retries after a rejection see the same path. Returns x at t_end; per-sample statistics go to ctx.stats.
     """
     n, dt, dev = x.shape[0], x.dtype, x.device
     f64 = torch.float64
@@ -275,6 +362,7 @@ def run_adaptive(
     span = c_end - c_start
     tree = BrownianTree(ctx, x, c_start, c_end, variance) if brownian == "tree" else None
     w_cur = torch.zeros((n, *x.shape[1:]), dtype=f64, device=dev) if tree is not None else None
+    path = BrownianMemory(ctx, x, c_start, variance) if brownian == "memory" else None
     bar = progress_bar(ctx, 1000, desc)
     shown = 0
     it = 0
@@ -306,6 +394,12 @@ def run_adaptive(
 
             def increments(points: list[Tensor], _rows=rows, _counter=counter, _cs=cs, _memo=memo) -> list[Tensor]:
                 out = []
+                if path is not None:
+                    w0 = path.w[_rows.to(dev)]
+                    for p in points:
+                        _memo["w"] = path(p, _rows)
+                        out.append(_memo["w"] - w0)
+                    return out
                 if tree is None:
                     w, c_prev = torch.zeros((_cs.shape[0], *x.shape[1:]), dtype=f64, device=dev), _cs
                     for j, p in enumerate(points):
@@ -353,6 +447,8 @@ def run_adaptive(
             x_prev[rows_d] = torch.where(broadcast_to_rows(ok, xs), ref, x_prev[rows_d])
             if w_cur is not None:
                 w_cur[rows_d] = torch.where(broadcast_to_rows(ok, xs), memo["w"], w_cur[rows_d])
+            if path is not None and bool(ok.any()):
+                path.advance(rows[ok.cpu()], cn[ok], memo["w"][ok])
             t_new = torch.where(ok, tn, ts)
             c_new = torch.where(ok, cn, cs)
             rem = torch.clamp_min(c_end - c_new, 0.0)
