@@ -1,4 +1,4 @@
-"""Fixed-step samplers (reverse diffusion, ancestral, PC, Euler, Heun, DDIM, DPM-Solver++(2M)) on exact
+"""Fixed-step samplers (EM, reverse diffusion, ancestral, PC, Euler, Heun, DDIM, DPM-Solver++(2M)) on exact
 float64 mixtures: per-mode statistics, the papers' update formulas, NFE accounting, determinism,
 stopping and NaN handling."""
 
@@ -65,6 +65,7 @@ def assert_matches_marginal(gm: GaussianMixture, x: Tensor, t: float, z: float =
 # Step counts at which each sampler's discretisation bias is at most about one standard error of
 # 2000 samples (measured per process by the same statistics on 20000 samples).
 STAT_CASES = [
+    ("em", dict(steps=500)),
     ("reverse_diffusion", dict(steps=1000)),
     ("ancestral", dict(steps=1000)),
     ("pc", dict(steps=500)),
@@ -85,7 +86,7 @@ def test_samples_match_exact_marginal(process, solver, options):
     assert_matches_marginal(gm, res.samples, process.default_t_end)
 
 
-@pytest.mark.parametrize("solver", NEW_SOLVERS)
+@pytest.mark.parametrize("solver", ["em", *NEW_SOLVERS])
 def test_float32_runs_and_agrees_with_float64(process, solver):
     gm = make_mixture(process)
     kw = dict(solver=solver, seed=2, steps=30, denoise=True)
@@ -139,6 +140,56 @@ def test_song_formulas_ve_and_vp():
     torch.testing.assert_close(got, (2 - (1 - beta).sqrt()) * x + beta * s + beta.sqrt() * z)
     got, s, z, _, _ = _one_move("ancestral", vp, x)
     torch.testing.assert_close(got, (x + beta * s) / (1 - beta).sqrt() + beta.sqrt() * z)
+
+
+@pytest.mark.parametrize("per_sample_norm", [False, True])
+@pytest.mark.parametrize("name", ["vp", "ve"])
+def test_pc_move_is_langevin_corrector_then_reverse_diffusion(name, per_sample_norm):
+    """Score SDE §6.5/6.7 by hand: at t_0 one Langevin step with ε = 2α(snr·‖z‖/‖s‖)² (norms: batch
+    means of per-sample L2 norms, or each sample's own; α = 1 − β_i for VP, 1 for VE), then the
+    reverse-diffusion move to t_1 (close to t_0, so that α is far from 0 and 1)."""
+    sde = PROCESSES[name]()
+    t_end = {"vp": 0.98, "ve": 0.5}[name]
+    gm = make_mixture(sde)
+    x = torch.tensor([[0.3, -1.2], [2.0, 0.5], [-0.7, 0.1]], dtype=F64) * sde.prior_std
+    snr = 0.2
+    got = fastsde.sample(
+        gm,
+        sde,
+        (3, 2),
+        solver="pc",
+        seed=7,
+        x_init=x,
+        dtype=F64,
+        denoise=False,
+        steps=2,
+        grid="uniform",
+        t_end=t_end,
+        snr=snr,
+        per_sample_norm=per_sample_norm,
+    ).samples
+    src = NoiseSource.from_seed(7, 3)
+    zc = src.normal((2,), Stream.CORRECTOR, 0, dtype=F64)
+    zp = src.normal((2,), Stream.STEP, 0, dtype=F64)
+    t0, t1 = torch.full((3,), sde.T, dtype=F64), torch.full((3,), t_end, dtype=F64)
+    s = gm(x, t0)
+    s_norm, z_norm = s.norm(dim=1), zc.norm(dim=1)
+    if not per_sample_norm:
+        s_norm, z_norm = s_norm.mean().expand(3), z_norm.mean().expand(3)
+    if name == "vp":
+        beta = (1 - (sde.mean_coeff(t0) / sde.mean_coeff(t1)) ** 2)[:, None]
+        alpha = 1 - beta
+    else:
+        alpha = torch.ones(3, 1, dtype=F64)
+    eps = 2 * alpha * ((snr * z_norm / s_norm) ** 2)[:, None]
+    xc = x + eps * s + (2 * eps).sqrt() * zc
+    sc = gm(xc, t0)
+    if name == "vp":
+        expected = (2 - alpha.sqrt()) * xc + beta * sc + beta.sqrt() * zp
+    else:
+        var = (sde.sigma(t0) ** 2 - sde.sigma(t1) ** 2)[:, None]
+        expected = xc + var * sc + var.sqrt() * zp
+    torch.testing.assert_close(got, expected)
 
 
 def test_grid_implied_beta_tends_to_songs_table():

@@ -137,3 +137,30 @@ def test_mixture_rejects_bad_parameters():
         fastsde.GaussianMixture([1.0, -1.0], torch.zeros(2, 1), [1.0, 1.0])
     with pytest.raises(ValueError, match="stds must be positive"):
         fastsde.GaussianMixture([1.0], torch.zeros(1, 2), torch.zeros(1, 2))
+
+
+def test_mixture_marginal_is_the_pushforward_on_every_process(process):
+    """Under x_t = m x0 + σ z, component k at t is N(m μ_k, m² s_k² + σ²) per dimension: log_prob and
+    score of a diagonal two-component mixture agree with that closed form at several times."""
+    means = torch.tensor([[0.3, -0.5, 0.1], [-0.4, 0.2, 0.6]], dtype=T64)
+    stds = torch.tensor([[0.2, 0.1, 0.3], [0.05, 0.4, 0.1]], dtype=T64)
+    gm = fastsde.GaussianMixture([0.3, 0.7], means, stds, process)
+    x = torch.randn(5, 3, dtype=T64, generator=torch.Generator().manual_seed(0))
+    for frac in (0.0, 0.01, 0.5, 1.0):
+        tv = process.default_t_end + frac * (process.T - process.default_t_end)
+        t = torch.full((5,), tv, dtype=T64)
+        m, sig = float(process.mean_coeff(t[:1])), float(process.marginal_std(t[:1]))
+        comp = torch.distributions.Normal(m * means, (m * m * stds**2 + sig * sig).sqrt())
+        log_comp = comp.log_prob(x[:, None, :]).sum(-1) + torch.log(torch.tensor([0.3, 0.7], dtype=T64))
+        torch.testing.assert_close(gm.log_prob(x, t), torch.logsumexp(log_comp, 1))
+        resp = torch.softmax(log_comp, 1)[..., None]
+        expected_score = (resp * (m * means - x[:, None, :]) / comp.variance).sum(1)
+        torch.testing.assert_close(gm.score(x, t), expected_score)
+
+
+def test_mixture_rejects_samples_of_the_wrong_shape():
+    gm = mixture_2d(fastsde.VPSDE())
+    with pytest.raises(ValueError, match=r"x must have shape \(n, 2\) for this mixture, got \(4, 3\)"):
+        gm.score(torch.zeros(4, 3, dtype=T64), torch.full((4,), 0.5, dtype=T64))
+    with pytest.raises(ValueError, match=r"x must have shape \(n, 2\) for this mixture, got \(4, 1, 2\)"):
+        gm.log_prob(torch.zeros(4, 1, 2, dtype=T64), 0.5)

@@ -135,6 +135,10 @@ class GaussianMixture:
         return m * mu[None], m * m * s2[None] + sig * sig
 
     def _log_joint(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if tuple(x.shape[1:]) != self.dims:
+            # A sample shape that does not match the mixture would otherwise broadcast or fail deep inside.
+            expected = ", ".join(["n", *map(str, self.dims)])
+            raise ValueError(f"x must have shape ({expected}) for this mixture, got {tuple(x.shape)}")
         xf = x.reshape(x.shape[0], 1, -1)
         mean, var = self._marginal(t, x.dtype, x.device)
         diff = xf - mean

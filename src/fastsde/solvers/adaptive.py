@@ -50,7 +50,6 @@ from .base import (
     SolverSpec,
     StepInfo,
     boolean,
-    nonnegative_float,
     one_of,
     positive_float,
     positive_int,
@@ -263,7 +262,7 @@ def adaptive_options(
     return {
         "eps_rel": Option(eps_rel, positive_float, "relative tolerance ε_rel"),
         "eps_abs": Option(
-            lambda sde: sde.data_range / 256.0, nonnegative_float, "absolute tolerance (default data range / 256)"
+            lambda sde: sde.data_range / 256.0, positive_float, "absolute tolerance (default data range / 256)"
         ),
         "h_init": Option(h_init, positive_float, "initial step"),
         "safety": Option(0.9, unit_interval, "safety factor θ"),
