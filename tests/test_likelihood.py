@@ -87,6 +87,41 @@ def test_hutchinson_is_unbiased(probe):
     assert abs(float(est4.mean() - exact)) < 4 * float(est4.std() / 10) + 1e-4
 
 
+def _quadratic_score(a: torch.Tensor):
+    """score(x, t) = −A x: under VP the PF-ODE drift is −½β(t)(I − A)x, whose Jacobian does not
+    depend on x, so with probe v fixed for the whole solve ℓ(T) = −½·∫β dt · vᵀ(I − A)v exactly."""
+
+    def score(x, t):
+        return -x @ a
+
+    return score
+
+
+@pytest.mark.parametrize("probes", [1, 2])
+def test_hutchinson_probe_is_fixed_for_the_solve_and_averaged(probes):
+    """Each sample's Δlog p is −½∫β dt times vᵀMv for one Rademacher probe v (or the mean over
+    ``probes`` of them): a probe redrawn at each evaluation would mix many v along the solve."""
+    import itertools
+
+    sde = fastsde.VPSDE()
+    a = torch.tensor([[0.5, 0.2, 0.1], [0.2, 0.3, -0.15], [0.1, -0.15, 0.4]], dtype=F64)
+    m = torch.eye(3, dtype=F64) - a
+    t_end = default_likelihood_t_end(sde)
+    beta_int = sde.beta_min * (1 - t_end) + 0.5 * (sde.beta_max - sde.beta_min) * (1 - t_end**2)
+    x = torch.randn(24, 3, dtype=F64, generator=torch.Generator().manual_seed(0))
+    out = fastsde.log_likelihood(_quadratic_score(a), sde, x, trace="hutchinson", probes=probes, seed=5)
+    q = out.delta_logp / (-0.5 * beta_int)
+    signs = torch.tensor(list(itertools.product([-1.0, 1.0], repeat=3)), dtype=F64)
+    forms = torch.einsum("ki,ij,kj->k", signs, m, signs)  # vᵀMv for every Rademacher v
+    if probes == 2:
+        forms = (forms[:, None] + forms[None, :]).flatten() / 2
+    gap = (q[:, None] - forms[None, :]).abs().min(dim=1).values
+    assert float(gap.max()) < 1e-6, gap
+    assert len({round(float(v), 6) for v in q}) > 1  # probes differ between samples
+    exact = fastsde.log_likelihood(_quadratic_score(a), sde, x, trace="exact")
+    torch.testing.assert_close(exact.delta_logp / (-0.5 * beta_int), torch.full_like(q, float(torch.trace(m))))
+
+
 def test_hutchinson_probes_are_keyed():
     sde = fastsde.VESDE()
     gm = mixture_2d(sde)
@@ -101,7 +136,7 @@ def test_hutchinson_probes_are_keyed():
 
 
 def test_prior_logp_closed_form():
-    for sde in (fastsde.VPSDE(), fastsde.VESDE(sigma_max=50.0), fastsde.EDM(sigma_max=80.0)):
+    for sde in (fastsde.VPSDE(), fastsde.SubVPSDE(), fastsde.VESDE(sigma_max=50.0), fastsde.EDM(sigma_max=80.0)):
         z = torch.randn(5, 3, 4, dtype=F64, generator=torch.Generator().manual_seed(0))
         ref = torch.distributions.Normal(0.0, sde.prior_std).log_prob(z).sum(dim=(1, 2))
         torch.testing.assert_close(sde.prior_logp(z), ref)
@@ -240,6 +275,16 @@ def test_cli_reports_bits_per_dim(tmp_path, capsys):
     argv = ["--data", str(tmp_path / "x.npz"), "--model", "mixture2d-ve", "--no-progress", "--passes", "2"]
     assert _cli([*argv, "--trace", "hutchinson", "--n", "8"]) == 0
     assert "bits/dim per pass:" in capsys.readouterr().out
+
+
+def test_cli_shows_tqdm_progress(tmp_path, capsys):
+    """Without --no-progress a tqdm bar counts samples on stderr (with the running bits/dim)."""
+    import numpy as np
+
+    np.save(tmp_path / "x.npy", np.zeros((6, 2)))
+    assert _cli(["--data", str(tmp_path / "x.npy"), "--model", "mixture2d-vp", "--batch-size", "4"]) == 0
+    err = capsys.readouterr().err
+    assert "likelihood" in err and "6/6" in err and "bpd=" in err and "100%" in err
 
 
 def test_cli_float_data_on_a_level_grid_is_dequantised(tmp_path, capsys):

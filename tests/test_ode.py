@@ -10,7 +10,7 @@ import torch
 from scipy.integrate import solve_ivp
 
 import fastsde
-from fastsde.integrate import IntegrationError, Status, dopri5
+from fastsde.integrate import IntegrationError, Status, _measured_shrink, dopri5, scipy_rk45
 from fastsde.problems import mixture_2d as make_mixture
 
 F64 = torch.float64
@@ -27,11 +27,13 @@ def _decay(y: torch.Tensor, t: torch.Tensor, rows) -> torch.Tensor:
     return -k[:, None] * y + torch.sin(t)[:, None]
 
 
+@pytest.mark.parametrize("measured", [False, True])
 @pytest.mark.parametrize("t0, t1", [(0.0, 2.0), (2.0, 0.1)])
-def test_dopri5_matches_scipy_step_for_step(t0, t1):
-    """Each row takes exactly scipy's steps: same nfev, same accepted steps, same answer."""
+def test_dopri5_matches_scipy_step_for_step(t0, t1, measured):
+    """Each row takes exactly scipy's steps: same nfev, same accepted steps, same answer (on a
+    smooth problem, where the measured-exponent shrink never triggers)."""
     y0 = torch.tensor([[1.0, -0.5], [0.3, 2.0], [2.0, 0.0]], dtype=F64)
-    sol = dopri5(_decay, y0, t0, t1, rtol=1e-6, atol=1e-8)
+    sol = dopri5(_decay, y0, t0, t1, rtol=1e-6, atol=1e-8, measured_exponent=measured)
     assert bool(sol.finished.all())
     assert torch.all(sol.t == t1)
     for i in range(3):
@@ -43,6 +45,84 @@ def test_dopri5_matches_scipy_step_for_step(t0, t1):
     # per-sample steps: the stiffer rows take more
     assert int(sol.accepted[0]) < int(sol.accepted[2])
     assert torch.all(sol.nfev == 2 + 6 * (sol.accepted + sol.rejected))
+
+
+def test_dopri5_flattened_batch_is_scipy_on_the_flattened_vector():
+    """The error norm is scipy's RMS over all elements: run as one row, the whole batch takes
+    exactly the steps scipy takes on the flattened vector (the Score-SDE reference procedure)."""
+    y0 = torch.tensor([[1.0, -0.5], [0.3, 2.0], [2.0, 0.0]], dtype=F64)
+    y, nfev, steps = scipy_rk45(_decay, y0, 0.0, 2.0, rtol=1e-6, atol=1e-8)
+
+    def flat(yf, t, rows):
+        return _decay(yf.reshape(3, 2), t.expand(3), None).reshape(1, -1)
+
+    sol = dopri5(flat, y0.reshape(1, -1), 0.0, 2.0, rtol=1e-6, atol=1e-8, measured_exponent=False)
+    assert int(sol.nfev[0]) == nfev and int(sol.accepted[0]) == steps
+    torch.testing.assert_close(sol.y.reshape(3, 2), y, rtol=1e-12, atol=1e-14)
+
+
+def _inv_sqrt(y: torch.Tensor, t: torch.Tensor, rows) -> torch.Tensor:
+    """dy/dt = t^(−1/2), singular at t = 0: near it the local error scales like a low power of h."""
+    return (t**-0.5)[:, None].expand_as(y).clone()
+
+
+def test_dopri5_measured_exponent_after_repeated_rejections():
+    """A start near a singularity, with a first step far too large: scipy's rules shrink by
+    0.9·err^(−1/5) again and again; the measured exponent needs fewer rejections and fewer
+    evaluations for an answer as accurate. measured_exponent=False reproduces scipy exactly,
+    repeated rejections included."""
+    t0 = torch.tensor([1e-6, 1e-5, 1e-4], dtype=F64)
+    y0 = torch.zeros(3, 1, dtype=F64)
+    kw = dict(rtol=1e-6, atol=1e-6, h_init=1e-2)
+    plain = dopri5(_inv_sqrt, y0, t0, 1.0, measured_exponent=False, **kw)
+    for i in range(3):
+        ref = solve_ivp(
+            lambda t, y: [t**-0.5], (float(t0[i]), 1.0), [0.0], "RK45", rtol=1e-6, atol=1e-6, first_step=1e-2
+        )
+        assert int(plain.nfev[i]) == ref.nfev  # 1 + 6 per attempt (first step given)
+        assert int(plain.accepted[i]) == len(ref.t) - 1
+    assert torch.all(plain.rejected >= 4)
+    measured = dopri5(_inv_sqrt, y0, t0, 1.0, **kw)
+    assert torch.all(measured.rejected < plain.rejected) and torch.all(measured.nfev < plain.nfev)
+    assert torch.all(measured.accepted <= plain.accepted + 1)
+    exact = 2.0 * (1.0 - t0.sqrt())
+    err_plain = (plain.y[:, 0] - exact).abs()
+    err_measured = (measured.y[:, 0] - exact).abs()
+    assert float(err_measured.max()) <= max(2 * float(err_plain.max()), 1e-5), (err_measured, err_plain)
+
+
+def test_dopri5_measured_exponent_leaves_later_rejections_to_scipy_rules():
+    """Rejections in a row after the first accepted step (here at an integrable singularity at
+    t = 0.5003) are shrunk by scipy's rule: the solve is identical with and without the option."""
+
+    def kink(y, t, rows):
+        return ((t - 0.5003).abs() ** -0.5 + 1)[:, None].expand_as(y).clone()
+
+    seq: list[bool] = []
+    y0 = torch.zeros(1, 1, dtype=F64)
+    plain = dopri5(kink, y0, 0.0, 1.0, rtol=1e-6, atol=1e-6, measured_exponent=False)
+    measured = dopri5(kink, y0, 0.0, 1.0, rtol=1e-6, atol=1e-6, on_step=lambda r: seq.append(bool(r.accepted[0])))
+    pattern = "".join("a" if a else "R" for a in seq)
+    assert pattern.startswith("a") and "RR" in pattern  # two rejections in a row, mid-run
+    assert torch.equal(measured.nfev, plain.nfev) and torch.equal(measured.y, plain.y)
+
+
+def test_measured_shrink_rule():
+    """The fitted shrink is used only after a second rejection in a row whose error fell as the step
+    fell, and only where it is smaller than scipy's 0.9·err^(−1/5)."""
+    scipy_shrink = lambda e: torch.clamp(0.9 * e**-0.2, min=0.2)  # noqa: E731
+    err = torch.tensor([2.0, 2.0, 2.0, 2.0, 2.0, 1.5], dtype=F64)
+    h = torch.ones(6, dtype=F64)
+    prev_err = torch.tensor([4.0, 4.0, 1.5, 128.0, float("nan"), 4.0], dtype=F64)
+    prev_h = torch.full((6,), 2.0, dtype=F64)
+    again = torch.tensor([True, False, True, True, True, True])
+    out = _measured_shrink(scipy_shrink(err), err, h, prev_err, prev_h, again)
+    ref = scipy_shrink(err)
+    torch.testing.assert_close(out[0], torch.tensor(0.45, dtype=F64))  # p = 1: 0.9 / 2
+    torch.testing.assert_close(out[1:5], ref[1:5])  # first rejection; error rose; p = 6 > 5; NaN
+    p = math.log(4.0 / 1.5) / math.log(2.0)
+    torch.testing.assert_close(out[5], torch.tensor(0.9 * 1.5 ** (-1 / p), dtype=F64))
+    assert bool(torch.all(out <= ref))
 
 
 def test_dopri5_drops_finished_rows():

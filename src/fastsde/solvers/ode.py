@@ -4,7 +4,9 @@ dx/dt = f(x, t) − ½ g(t)² s(x, t), integrated from T down to t_end by Dorman
 
 - method "rk45": fastsde's torch integrator with one time and step size per sample; finished
   samples leave the batch, so each sample pays only for its own steps
-  (NFE = 2 + 6 × attempted steps, + 1 for the final denoise).
+  (NFE = 2 + 6 × attempted steps, + 1 for the final denoise). Step control: scipy's rules per
+  sample plus ``fastsde.integrate``'s start-up rule for repeated rejections of the first step,
+  which matters little when sampling (the solve starts at T, where the field is smooth).
 - method "scipy": scipy's ``solve_ivp`` RK45 on the whole batch flattened into one float64 vector,
   the reference code's procedure (the batch shares its steps; NFE = nfev, + 1 for the denoise).
 
