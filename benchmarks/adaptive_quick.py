@@ -11,7 +11,8 @@ run of that sampler (in increasing NFE) is converged.
 Samplers: EM (uniform grid, N grid points = N NFE with the denoise), PC (reverse diffusion +
 1 Langevin step, NFE = 2(N−1)+1), ``adaptive`` (Gotta Go Fast, faithful: fresh noise after a
 rejection) at ε_rel 0.01/0.02/0.05/0.1, ``adaptive`` with ``brownian="tree"``, and
-``adaptive_sde_dpm`` at ε_rel 0.005/0.01/0.02/0.05/0.1. All in float64, t_end the process default,
+``adaptive_sde_dpm`` at ε_rel 0.005/0.01/0.02/0.05/0.1 (its default ``brownian="memory"``) and with
+``brownian="tree"``, and ``dpmpp_2m_sde`` at 15/20/30/50 grid points. All in float64, t_end the process default,
 Tweedie denoise on (counted), seed 0. NFE is the mean per-sample NFE.
 """
 
@@ -43,6 +44,8 @@ def runs(em_steps: list[int], pc_steps: list[int]) -> list[tuple[str, str, dict]
     out += [("adaptive", "adaptive", dict(eps_rel=e)) for e in (0.1, 0.05, 0.02, 0.01)]
     out += [("adaptive[tree]", "adaptive", dict(eps_rel=e, brownian="tree")) for e in (0.05, 0.01)]
     out += [("adaptive_sde_dpm", "adaptive_sde_dpm", dict(eps_rel=e)) for e in (0.1, 0.05, 0.02, 0.01, 0.005)]
+    out += [("adaptive_sde_dpm[tree]", "adaptive_sde_dpm", dict(eps_rel=e, brownian="tree")) for e in (0.1, 0.05, 0.02)]
+    out += [("dpmpp_2m_sde", "dpmpp_2m_sde", dict(steps=s)) for s in (15, 20, 30, 50)]
     return out
 
 
@@ -65,7 +68,9 @@ def main() -> None:
     p.add_argument("--em-steps", default="50,100,200,500,1000,2000")
     p.add_argument("--pc-steps", default="100,250,500,1000")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", default="", help="comma-separated sampler labels to run (default: all)")
     args = p.parse_args()
+    only = set(filter(None, args.only.split(",")))
     torch.set_num_threads(1)
     available = set(fastsde.SOLVERS)
     summary = []
@@ -85,7 +90,7 @@ def main() -> None:
             em_steps = [int(s) for s in args.em_steps.split(",")]
             pc_steps = [int(s) for s in args.pc_steps.split(",")]
             for label, solver, opts in runs(em_steps, pc_steps):
-                if solver not in available:
+                if solver not in available or (only and label not in only):
                     continue
                 t0 = time.perf_counter()
                 res = fastsde.sample(gm, sde, shape, solver=solver, seed=args.seed, dtype=torch.float64, **opts)

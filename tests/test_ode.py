@@ -326,3 +326,22 @@ def test_ode_float32_runs():
     gm = make_mixture(sde)
     res = fastsde.sample(gm, sde, (32, 2), solver="ode", seed=0)
     assert res.samples.dtype == torch.float32 and torch.isfinite(res.samples).all()
+
+
+def test_scipy_method_rejects_a_transient_nan_and_finishes():
+    """method="scipy": a score that returns NaN once makes scipy's error norm NaN, so it rejects and
+    shrinks the step (DESIGN: adaptive solvers never raise on a non-finite score)."""
+    sde = fastsde.VPSDE()
+    gm = make_mixture(sde)
+    calls = [0]
+
+    def flaky(x, t):
+        calls[0] += 1
+        out = gm.score(x, t)
+        return torch.full_like(out, float("nan")) if calls[0] == 5 else out
+
+    kw = dict(solver="ode", method="scipy", dtype=torch.float64, seed=0)
+    res = fastsde.sample(flaky, sde, (16, 2), **kw)
+    clean = fastsde.sample(gm.score, sde, (16, 2), **kw)
+    assert bool(torch.isfinite(res.samples).all()) and res.nfe > clean.nfe
+    assert float((res.samples - clean.samples).abs().max()) < 1e-3
