@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     wanted = set(args.runs.split(","))
     rows = []
-    header = "| model | eval cost | solver | NFE | wall (s) | FD | floor (n) | FD / floor | confidence |"
+    header = "| model | eval cost | solver | NFE | wall (s) | FD | floor ± sd (n) | FD / floor | confidence |"
     print(header)
     print("|" + "---|" * 9, flush=True)
     lines = [header, "|" + "---|" * 9]
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             line = (
                 f"| {name} | {model.eval_cost:.1f} | {label} | {res.nfe:.1f} | {wall:.1f} | {q['fd']:.2f} | "
-                f"{q['floor']:.2f} ({args.n}) | {ratio:.2f} | {q['confidence']:.3f} |"
+                f"{q['floor']:.2f} ± {q['floor_sd']:.2f} ({args.n}) | {ratio:.2f} | {q['confidence']:.3f} |"
             )
             lines.append(line)
             print(line, flush=True)
@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             "",
             "FD: Fréchet distance between the samples and the 300 held-out digits in the 64-d penultimate",
             "features of the shipped classifier (`fastsde.metrics.digits`); floor: the same FD for n real",
-            "train-split digits (FD is biased upwards at small n, so compare with the floor at the same n).",
+            "train-split digits, mean ± sd over random subsets (FD is biased upwards at small n, so compare",
+            "with the floor at the same n; the sd is the noise of one FD at that n: one seed per row here).",
             "Confidence: mean max-softmax of the classifier (held-out digits: "
             f"{load_classifier()[1]['heldout_confidence']:.3f}).",
             "Eval cost: FLOPs of one network evaluation relative to digits-small.",

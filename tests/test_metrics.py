@@ -97,3 +97,77 @@ def test_mse():
     assert mse(a, b) == pytest.approx(0.25)
     with pytest.raises(ValueError, match="must match"):
         mse(a, torch.zeros(3, 2))
+
+
+# ---------------------------------------------------------------------------------------------
+# digits: the real-data floor table (mean and sd over train subsets) and its interpolation
+# ---------------------------------------------------------------------------------------------
+
+
+def _floor_table() -> tuple[list[int], list[float], list[float]]:
+    from fastsde.metrics.digits import load_classifier
+
+    meta = load_classifier()[1]
+    ns = sorted(int(k) for k in meta["floor"])
+    return ns, [meta["floor"][str(n)] for n in ns], [meta["floor_sd"][str(n)] for n in ns]
+
+
+def test_digits_floor_table_decreases_with_n_and_has_an_sd():
+    from fastsde.metrics.digits import FLOOR_SIZES, load_classifier
+
+    ns, means, sds = _floor_table()
+    assert tuple(ns) == FLOOR_SIZES
+    assert load_classifier()[1]["floor_subsets"] >= 200
+    # FD is biased upwards at small n: the mean falls with n (strictly, 1000 subsets per n)
+    assert all(a > b for a, b in zip(means, means[1:], strict=False))
+    assert means[0] > 10 * means[-1] / 2  # n = 16 is far above the whole-split value
+    # the sd is present, positive below the whole split, and shrinks with n (0 at n = 1497: one subset)
+    assert all(s > 0 for s in sds[:-1]) and sds[-1] == 0.0
+    assert all(a > b for a, b in zip(sds, sds[1:], strict=False))
+    # a single FD at n = 300 is noisy: sd well above 1 FD unit but below the mean
+    i = ns.index(300)
+    assert 1.0 < sds[i] < means[i]
+
+
+def test_floor_for_interpolates_in_inverse_n():
+    from fastsde.metrics.digits import digits_quality, floor_for, floor_sd_for
+
+    ns, means, sds = _floor_table()
+    for n, m, s in zip(ns, means, sds, strict=True):
+        assert floor_for(n) == pytest.approx(m, rel=1e-12)
+        assert floor_sd_for(n) == pytest.approx(s, rel=1e-12, abs=1e-12)
+    # between two table points: linear in 1/n, so the midpoint in 1/n gets the mean of the two values
+    a, b = ns.index(200), ns.index(256)
+    mid = 1.0 / (0.5 / 200 + 0.5 / 256)
+    assert floor_for(mid) == pytest.approx(0.5 * (means[a] + means[b]), rel=1e-9)
+    assert floor_for(220) < floor_for(200) and floor_for(220) > floor_for(256)
+    assert floor_sd_for(220) < floor_sd_for(200) and floor_sd_for(220) > floor_sd_for(256)
+    # clamped outside the table, and n < 2 is refused
+    assert floor_for(5000) == pytest.approx(means[-1]) and floor_for(8) == pytest.approx(means[0])
+    with pytest.raises(ValueError, match="n >= 2"):
+        floor_for(1)
+    q = digits_quality(torch.zeros(220, 1, 8, 8))
+    assert q["floor"] == floor_for(220) and q["floor_sd"] == floor_sd_for(220)
+
+
+def test_compute_floor_is_deterministic_and_matches_the_shipped_table():
+    from fastsde.metrics.digits import compute_floor
+
+    ns, means, sds = _floor_table()
+    a = compute_floor((64, 300), subsets=16, seed=0)
+    assert a[300] == compute_floor((300,), subsets=16, seed=0)[300]  # each n has its own stream
+    assert a[64] != compute_floor((64,), subsets=2, seed=1)[64]
+    assert all(r["subsets"] == 16 for r in a.values())
+    # 16 subsets agree with the shipped 1000-subset mean and sd up to their sampling error
+    for n in (64, 300):
+        i = ns.index(n)
+        assert abs(a[n]["mean"] - means[i]) < 4 * sds[i] / math.sqrt(16)
+        assert 0.4 * sds[i] < a[n]["sd"] < 2.0 * sds[i]
+    # the whole split is one subset: reproduces the shipped value (up to eigensolver rounding)
+    full = compute_floor((1497,), subsets=2)[1497]
+    assert full["subsets"] == 1 and full["sd"] == 0.0
+    assert full["mean"] == pytest.approx(means[-1], rel=1e-9)
+    with pytest.raises(ValueError, match="sizes"):
+        compute_floor((1,))
+    with pytest.raises(ValueError, match="subsets"):
+        compute_floor((64,), subsets=1)

@@ -6,12 +6,19 @@ analogue of FID) plus the classifier's mean confidence.
 - FD = ‖μ_s − μ_h‖² + tr(Σ_s + Σ_h − 2(Σ_h^{½} Σ_s Σ_h^{½})^{½}) between the Gaussian fits of the samples'
   features and the held-out split's (300 images); the held-out mean/covariance are precomputed and shipped.
 - The floor is the same FD for real data: random subsets of the train split, of the same size as the
-  samples (FD is biased upwards at small n), averaged over 5 subsets; shipped as a table over n.
+  samples (FD is biased upwards at small n). It is shipped as a table over n of the mean and the
+  standard deviation over many subsets (``compute_floor``; 1000 per n); ``floor_for(n)`` and
+  ``floor_sd_for(n)`` interpolate it in 1/n. The sd is the spread of one FD at that n, i.e. the
+  seed-to-seed noise to expect of a sampler's FD as well. Subsets are drawn without replacement from
+  the 1497 train digits, so as n nears 1497 they overlap and the sd shrinks to 0 (it understates the
+  spread of fresh draws, roughly by √(1 − n/1497): ~11 % at n = 300).
 - Confidence = mean over samples of the classifier's max softmax probability (held-out data: see the
   shipped ``heldout_confidence``).
 
 Samples are in model space [−1, 1] (pixel v ↦ v/8 − 1) and are clipped to that range first.
-Rebuild the assets (deterministic, ~1 min of one core): ``python -m fastsde.metrics.digits --build``.
+Recompute only the floor table (classifier and held-out stats untouched; deterministic, ~5 s with
+numpy's BLAS on one thread): ``OPENBLAS_NUM_THREADS=1 python -m fastsde.metrics.digits --floor --write``. Retrain everything (changes the classifier, so
+every shipped FD moves): ``python -m fastsde.metrics.digits --build``.
 """
 
 from __future__ import annotations
@@ -26,9 +33,22 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["DigitsClassifier", "digits_quality", "digits_features", "frechet_distance", "load_classifier"]
+__all__ = [
+    "DigitsClassifier",
+    "FLOOR_SIZES",
+    "compute_floor",
+    "digits_features",
+    "digits_quality",
+    "floor_for",
+    "floor_sd_for",
+    "frechet_distance",
+    "load_classifier",
+    "write_floor",
+]
 
 _ASSET = "data/digits_classifier"
+FLOOR_SIZES: tuple[int, ...] = (16, 32, 64, 100, 128, 200, 256, 300, 400, 500, 750, 1000, 1497)
+FLOOR_SUBSETS = 1000
 
 
 class DigitsClassifier(nn.Module):
@@ -60,11 +80,15 @@ def _sqrt_psd(a: np.ndarray) -> np.ndarray:
     return (vecs * np.sqrt(np.clip(vals, 0.0, None))) @ vecs.T
 
 
-def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray) -> float:
+def frechet_distance(
+    mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray, root2: np.ndarray | None = None
+) -> float:
     """Fréchet (2-Wasserstein²) distance between two Gaussians; the matrix root is taken on the
-    symmetric form cov2^½ cov1 cov2^½, so singular sample covariances (n < 64) are fine."""
+    symmetric form cov2^½ cov1 cov2^½, so singular sample covariances (n < 64) are fine.
+    ``root2``: cov2^½ if already known (saves one eigendecomposition when cov2 is fixed)."""
     diff = mu1 - mu2
-    root2 = _sqrt_psd(cov2)
+    if root2 is None:
+        root2 = _sqrt_psd(cov2)
     inner = root2 @ cov1 @ root2
     tr_covmean = float(np.sqrt(np.clip(np.linalg.eigvalsh(0.5 * (inner + inner.T)), 0.0, None)).sum())
     return float(diff @ diff + np.trace(cov1) + np.trace(cov2) - 2.0 * tr_covmean)
@@ -111,31 +135,95 @@ def digits_features(samples: Tensor) -> tuple[np.ndarray, np.ndarray]:
     return feats.double().numpy(), probs.double().numpy()
 
 
-def floor_for(n: int) -> float:
-    """The real-data FD floor at sample size n (interpolated in 1/n from the shipped table)."""
+def _interp_floor(key: str, n: int) -> float:
+    if n < 2:
+        raise ValueError(f"the floor needs n >= 2 samples, got {n}")
     _, meta, _ = load_classifier()
-    table = sorted((int(k), float(v)) for k, v in meta["floor"].items())
-    ns = np.array([1.0 / k for k, _ in table])
-    vals = np.array([v for _, v in table])
-    order = np.argsort(ns)
-    return float(np.interp(1.0 / n, ns[order], vals[order]))
+    table = sorted((int(k), float(v)) for k, v in meta[key].items())
+    inv = np.array([1.0 / k for k, _ in table])[::-1]  # increasing in 1/n
+    vals = np.array([v for _, v in table])[::-1]
+    return float(np.interp(1.0 / n, inv, vals))
+
+
+def floor_for(n: int) -> float:
+    """The real-data FD floor at sample size n: the mean over train subsets of size n, interpolated
+    linearly in 1/n from the shipped table (clamped outside 16..1497)."""
+    return _interp_floor("floor", n)
+
+
+def floor_sd_for(n: int) -> float:
+    """Standard deviation over train subsets of the real-data FD at size n (interpolated like
+    ``floor_for``): the noise of a single FD measured on n samples."""
+    return _interp_floor("floor_sd", n)
+
+
+def compute_floor(
+    sizes: tuple[int, ...] = FLOOR_SIZES, subsets: int = FLOOR_SUBSETS, seed: int = 0
+) -> dict[int, dict[str, float]]:
+    """FD of random train subsets of each size n against the shipped held-out statistics.
+
+    Returns {n: {"mean", "sd", "subsets"}} (sd with ddof = 1). Uses the shipped classifier and the
+    shipped (float32) held-out stats, exactly as ``digits_quality`` does. Slow on a busy machine
+    unless numpy's BLAS runs on one thread (``OPENBLAS_NUM_THREADS=1``). Deterministic: the subsets of
+    size n come from ``numpy.random.default_rng([seed, n])``, whatever the other sizes. A size equal to
+    the whole train split has a single subset (sd 0).
+    """
+    from ..data import load_digits
+
+    if subsets < 2:
+        raise ValueError(f"subsets must be >= 2 to give an sd, got {subsets}")
+    feats, _ = digits_features(load_digits("train"))
+    _, _, stats = load_classifier()
+    mu_h, cov_h = stats["heldout_mean"], stats["heldout_cov"]
+    root_h = _sqrt_psd(cov_h)
+    total = feats.shape[0]
+    out: dict[int, dict[str, float]] = {}
+    for n in sizes:
+        if not 2 <= n <= total:
+            raise ValueError(f"floor sizes must lie in [2, {total}], got {n}")
+        rng = np.random.default_rng([seed, n])
+        reps = 1 if n == total else subsets
+        subs = (feats[rng.choice(total, size=n, replace=False)] for _ in range(reps))
+        vals = np.array([frechet_distance(*_stats(f), mu_h, cov_h, root_h) for f in subs])
+        out[n] = {"mean": float(vals.mean()), "sd": float(vals.std(ddof=1)) if reps > 1 else 0.0, "subsets": reps}
+    return out
+
+
+def write_floor(table: dict[int, dict[str, float]], subsets: int, seed: int) -> None:
+    """Store a ``compute_floor`` table in the shipped JSON (other keys unchanged)."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / (_ASSET + ".json")
+    meta = json.loads(path.read_text())
+    meta["floor"] = {str(n): r["mean"] for n, r in sorted(table.items())}
+    meta["floor_sd"] = {str(n): r["sd"] for n, r in sorted(table.items())}
+    meta["floor_subsets"] = subsets
+    meta["floor_seed"] = seed
+    meta["floor_definition"] = (
+        f"FD of n random train-split images (without replacement) vs the held-out statistics: mean "
+        f"('floor') and sd ('floor_sd') over {subsets} subsets per n (1 at n = the whole split); "
+        f"fastsde.metrics.digits.compute_floor(subsets={subsets}, seed={seed})"
+    )
+    path.write_text(json.dumps(meta, indent=2) + "\n")
+    load_classifier.cache_clear()
 
 
 def digits_quality(samples: Tensor) -> dict[str, float]:
-    """{"fd", "confidence", "floor", "n"} for samples (n, 1, 8, 8) in [−1, 1]; lower fd is better.
+    """{"fd", "confidence", "floor", "floor_sd", "n"} for samples (n, 1, 8, 8) in [−1, 1]; lower fd is
+    better. floor / floor_sd: mean / sd of the real-data FD at the same n.
 
     Non-finite samples make fd = inf (they are not dropped silently).
     """
     x = _prepare(samples)
     n = x.shape[0]
-    floor = floor_for(n)
+    floor, floor_sd = floor_for(n), floor_sd_for(n)
     if not bool(torch.isfinite(x).all()):
-        return {"fd": math.inf, "confidence": math.nan, "floor": floor, "n": n}
+        return {"fd": math.inf, "confidence": math.nan, "floor": floor, "floor_sd": floor_sd, "n": n}
     feats, probs = digits_features(x)
     _, _, stats = load_classifier()
     mu, cov = _stats(feats)
     fd = frechet_distance(mu, cov, stats["heldout_mean"], stats["heldout_cov"])
-    return {"fd": fd, "confidence": float(probs.max(1).mean()), "floor": floor, "n": n}
+    return {"fd": fd, "confidence": float(probs.max(1).mean()), "floor": floor, "floor_sd": floor_sd, "n": n}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,7 +232,10 @@ def digits_quality(samples: Tensor) -> dict[str, float]:
 
 
 def build_assets(epochs: int = 40, seed: int = 0) -> dict[str, Any]:
-    """Train the classifier on the train split, compute held-out stats and the floor table, write them."""
+    """Train the classifier on the train split, compute held-out stats and the floor table, write them.
+
+    This replaces the shipped classifier (every FD measured so far changes); to refresh only the floor
+    table use ``compute_floor`` / ``--floor``."""
     from pathlib import Path
 
     from safetensors.torch import save_file
@@ -175,17 +266,8 @@ def build_assets(epochs: int = 40, seed: int = 0) -> dict[str, Any]:
         acc_tr = float((net(xtr).argmax(1) == ytr).float().mean())
         acc_ho = float((net(xho).argmax(1) == yho).float().mean())
         fho = net.features(xho).double().numpy()
-        ftr = net.features(xtr).double().numpy()
         conf_ho = float(torch.softmax(net(xho), 1).max(1).values.mean())
     mu_h, cov_h = _stats(fho)
-    rng = np.random.default_rng(seed)
-    floor = {}
-    for n in (16, 32, 64, 100, 200, 500, 1000, 1497):
-        vals = []
-        for _ in range(1 if n == xtr.shape[0] else 5):
-            idx = rng.choice(xtr.shape[0], size=n, replace=False)
-            vals.append(frechet_distance(*_stats(ftr[idx]), mu_h, cov_h))
-        floor[str(n)] = float(np.mean(vals))
     tensors = {f"net.{k}": v.contiguous() for k, v in net.state_dict().items()}
     tensors["heldout_mean"] = torch.from_numpy(mu_h).float()
     tensors["heldout_cov"] = torch.from_numpy(cov_h).float()
@@ -199,17 +281,38 @@ def build_assets(epochs: int = 40, seed: int = 0) -> dict[str, Any]:
         "train_accuracy": acc_tr,
         "heldout_accuracy": acc_ho,
         "heldout_confidence": conf_ho,
-        "floor": floor,
-        "floor_definition": "FD of n random train-split images vs the held-out statistics (mean of 5 subsets)",
     }
     (root / (_ASSET + ".json")).write_text(json.dumps(meta, indent=2) + "\n")
     load_classifier.cache_clear()
-    return meta
+    write_floor(compute_floor(seed=seed), FLOOR_SUBSETS, seed)  # against the new classifier's shipped stats
+    return load_classifier()[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``--floor``: print (and with ``--write`` store) the floor table; ``--build``: retrain everything."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m fastsde.metrics.digits", description=main.__doc__)
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--floor", action="store_true", help="recompute the real-data floor table only")
+    mode.add_argument("--build", action="store_true", help="retrain the classifier and rebuild all assets")
+    p.add_argument("--subsets", type=int, default=FLOOR_SUBSETS, help="random train subsets per n (--floor)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--write", action="store_true", help="store the --floor table in the shipped JSON")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    if args.build:
+        print(json.dumps(build_assets(seed=args.seed), indent=2))
+        return 0
+    table = compute_floor(subsets=args.subsets, seed=args.seed)
+    print("| n | floor (mean FD) | sd | subsets |")
+    print("|---|---|---|---|")
+    for n, r in table.items():
+        print(f"| {n} | {r['mean']:.2f} | {r['sd']:.2f} | {r['subsets']} |")
+    if args.write:
+        write_floor(table, args.subsets, args.seed)
+    return 0
 
 
 if __name__ == "__main__":
-    import sys
-
-    if "--build" in sys.argv:
-        torch.set_num_threads(1)
-        print(json.dumps(build_assets(), indent=2))
+    raise SystemExit(main())
