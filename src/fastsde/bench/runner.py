@@ -124,7 +124,7 @@ def digits_problem(cfg: BenchConfig) -> Problem:
             "problem 'digits' needs fastsde.load_model (the shipped digits models), which this build lacks"
         )
     try:
-        from ..metrics.digits import digits_quality, floor_for
+        from ..metrics.digits import digits_quality, floor_for, floor_sd_for
     except ImportError as exc:
         raise ValueError(f"problem 'digits' needs fastsde.metrics.digits, which this build lacks ({exc})") from None
     model = fastsde.load_model("digits")
@@ -138,7 +138,7 @@ def digits_problem(cfg: BenchConfig) -> Problem:
         dims=tuple(model.shape),
         dtype=torch.float32,
         quality=lambda x: float(digits_quality(x)["fd"]),
-        floor=(float(floor_for(cfg.n)), 0.0),
+        floor=(floor_for(cfg.n), floor_sd_for(cfg.n)),
         quality_name="digits classifier-feature Fréchet distance",
         reference_rtol=1e-5,
     )
