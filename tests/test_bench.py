@@ -296,3 +296,30 @@ def test_bench_cli_rejects_unknown_sampler(tmp_path, capsys):
     rc = main(["bench", "--samplers", "nope", "--n", "8", "--out", str(tmp_path), "--no-progress"])
     assert rc == 2
     assert "unknown sampler" in capsys.readouterr().err
+
+
+def test_bench_merge_pools_runs_of_the_same_problem(tmp_path, capsys):
+    common = ["--n", "32", "--dim", "2", "--processes", "vp", "--no-progress", "--tolerances", "0.1"]
+    assert main(["bench", *common, "--budgets", "4,8", "--samplers", "em", "--out", str(tmp_path / "a")]) == 0
+    assert main(["bench", *common, "--budgets", "4", "--samplers", "ode", "--out", str(tmp_path / "b")]) == 0
+    out = tmp_path / "merged"
+    assert main(["bench", "--merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    a = json.loads((tmp_path / "a" / "results.json").read_text())
+    b = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert len(res["records"]) == len(a["records"]) + len(b["records"])
+    assert set(res["summary"]["vp"]["converged"]) == {"em", "ode"}
+    assert res["config"]["budgets"] == [4, 8]
+    table = (out / "table.md").read_text()
+    assert "| em |" in table and "| ode |" in table
+    # a piece with another n (another x_T, floor and reference) cannot be pooled; nor the same sampler twice
+    assert (
+        main(["bench", *common[2:], "--n", "16", "--budgets", "4", "--samplers", "em", "--out", str(tmp_path / "c")])
+        == 0
+    )
+    capsys.readouterr()
+    assert main(["bench", "--merge", str(tmp_path / "a"), str(tmp_path / "c"), "--out", str(out)]) == 2
+    assert "different n" in capsys.readouterr().err
+    assert main(["bench", "--merge", str(tmp_path / "a"), str(tmp_path / "a"), "--out", str(out)]) == 2
+    assert "more than one run" in capsys.readouterr().err
+    assert main(["bench", "--merge", str(tmp_path / "missing"), "--out", str(out)]) == 2

@@ -41,7 +41,7 @@ from ..score import ScoreFn
 from ..sde import SDE, VESDE, VPSDE, SubVPSDE
 from .peers import PEERS, Peer, TimedScore, available_peers
 
-__all__ = ["BenchConfig", "Problem", "run_bench", "write_outputs", "converged_nfe", "PROCESSES"]
+__all__ = ["BenchConfig", "Problem", "run_bench", "merge_results", "write_outputs", "converged_nfe", "PROCESSES"]
 
 PROCESSES: dict[str, Callable[[], SDE]] = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE}
 DEFAULT_TOLS = (1e-1, 5e-2, 2e-2, 1e-2, 5e-3, 2e-3, 1e-3, 5e-4, 2e-4, 1e-4)
@@ -362,6 +362,49 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
         }
         records += prob_records
     return {"config": asdict(cfg), "notes": notes, "summary": summary, "records": records}
+
+
+def merge_results(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Pool benchmark results of the same problem run in pieces (say, deterministic and stochastic
+    samplers in two processes): records and converged NFE are combined per process.
+
+    The pieces must share problem, n, dim and seed, hence the same x_T, floor, reference and
+    threshold (checked); a sampler may appear in only one piece per process.
+    """
+    if not results:
+        raise ValueError("nothing to merge: expected at least one bench result")
+    base = results[0]["config"]
+    for res in results[1:]:
+        for key in ("problem", "n", "dim", "seed"):
+            if res["config"][key] != base[key]:
+                raise ValueError(
+                    f"cannot merge bench runs with different {key}: {base[key]!r} and {res['config'][key]!r}"
+                )
+    config = dict(base)
+    config["budgets"] = sorted({b for res in results for b in res["config"]["budgets"]})
+    config["tolerances"] = sorted({t for res in results for t in res["config"]["tolerances"]}, reverse=True)
+    config["processes"] = list(dict.fromkeys(p for res in results for p in res["config"]["processes"]))
+    if all(res["config"]["samplers"] is not None for res in results):
+        config["samplers"] = list(dict.fromkeys(s for res in results for s in res["config"]["samplers"]))
+    else:
+        config["samplers"] = None
+    summary: dict[str, Any] = {}
+    for res in results:
+        for proc, summ in res["summary"].items():
+            if proc not in summary:
+                summary[proc] = {**summ, "converged": dict(summ["converged"])}
+                continue
+            have = summary[proc]
+            for key in ("floor", "reference_quality", "threshold"):
+                if not math.isclose(have[key], summ[key], rel_tol=1e-9, abs_tol=0.0):
+                    raise ValueError(f"cannot merge {proc}: {key} differs ({have[key]!r} vs {summ[key]!r})")
+            both = sorted(set(have["converged"]) & set(summ["converged"]))
+            if both:
+                raise ValueError(f"cannot merge {proc}: sampler(s) {both} appear in more than one run")
+            have["converged"].update(summ["converged"])
+    notes = list(dict.fromkeys(n for res in results for n in res["notes"]))
+    records = [r for res in results for r in res["records"]]
+    return {"config": config, "notes": notes, "summary": summary, "records": records}
 
 
 def _run_sampler(source: str, s: Any, prob: Problem, cfg: BenchConfig, x_T: Tensor, ref: Tensor, fastsde) -> list[dict]:

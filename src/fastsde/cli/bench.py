@@ -51,15 +51,38 @@ def add_parser(subparsers) -> None:
     p.add_argument("--no-peers", action="store_true", help="run fastsde's samplers only")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", type=Path, default=Path("runs/bench"), help="output folder")
+    p.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=None,
+        metavar="DIR",
+        help="instead of running: pool the results.json of earlier runs (same problem, n, dim, seed; "
+        "e.g. deterministic and stochastic samplers run apart) into one table and one set of plots in --out",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..bench.runner import DEFAULT_TOLS, BenchConfig, run_bench, write_outputs
+    from ..bench.runner import DEFAULT_TOLS, BenchConfig, merge_results, run_bench, write_outputs
 
     torch.set_num_threads(1)
+    if args.merge:
+        import json
+
+        pieces = []
+        for folder in args.merge:
+            path = folder / "results.json"
+            if not path.is_file():
+                raise ValueError(f"--merge expects folders written by fastsde bench; {str(path)!r} does not exist")
+            pieces.append(json.loads(path.read_text()))
+        result = merge_results(pieces)
+        paths = write_outputs(result, args.out)
+        print((args.out / "table.md").read_text())
+        print("wrote " + ", ".join(str(p) for p in paths))
+        return 0
     cfg = BenchConfig(
         problem=args.problem,
         budgets=args.budgets,
