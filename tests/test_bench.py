@@ -252,6 +252,22 @@ def test_converged_nfe_needs_every_larger_run_below_threshold():
     assert converged_threshold((1.0, 0.01), 2.0) == pytest.approx(2.2)
 
 
+def test_median_of_3_rule_tolerates_one_stray_run_but_not_two():
+    def runs(qs):
+        return [{"nfe": float(10 * (i + 1)), "quality": q, "error": None} for i, q in enumerate(qs)]
+
+    one_stray = runs([5.0, 2.0, 0.9, 0.8, 1.3, 0.9, 0.95])  # τ = 1: the run at 50 NFE is above
+    assert converged_nfe(one_stray, 1.0) == 60.0
+    assert converged_nfe(one_stray, 1.0, median_of_3=True) == 30.0
+    two_strays = runs([5.0, 2.0, 0.9, 1.2, 1.3, 0.9, 0.95])
+    assert converged_nfe(two_strays, 1.0, median_of_3=True) == 60.0
+    last_far_above = runs([0.5, 0.6, 0.7, 3.0])
+    assert converged_nfe(last_far_above, 1.0, median_of_3=True) is None
+    assert converged_nfe(runs([2.0, 2.0]), 1.0, median_of_3=True) is None
+    clean = runs([3.0, 0.9, 0.8])
+    assert converged_nfe(clean, 1.0) == converged_nfe(clean, 1.0, median_of_3=True) == 20.0
+
+
 def test_bench_cli_end_to_end(tmp_path, capsys):
     out = tmp_path / "bench"
     samplers = "em,ddim,diffusers_ddim,scipy_rk45,ode" if "ddim" in fastsde.SOLVERS else "em,scipy_rk45"

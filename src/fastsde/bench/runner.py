@@ -260,15 +260,27 @@ def converged_threshold(floor: tuple[float, float], q_ref: float) -> float:
     return max(vals) if vals else math.nan
 
 
-def converged_nfe(records: list[dict], tau: float) -> float | None:
-    """Smallest NFE from which on every run (more NFE) has quality ≤ τ; None if the last is above."""
+def converged_nfe(records: list[dict], tau: float, median_of_3: bool = False) -> float | None:
+    """Smallest NFE from which on every run (more NFE) has quality ≤ τ; None if the last is above.
+
+    With ``median_of_3`` the runs after the first one judge by the median of each run's quality and
+    its two neighbours' (by NFE; the last run with its one neighbour, by their mean), so a single run
+    above τ among converged ones, which happens to ~2 % of the runs of a stochastic sampler at τ =
+    floor + 2·sd, does not reset the answer; the run at the answer itself must still be ≤ τ.
+    """
     runs = sorted((r for r in records if r.get("error") is None), key=lambda r: r["nfe"])
+    q = [r["quality"] for r in runs]
+    if median_of_3 and len(q) >= 2:
+        smooth = [sorted(q[max(i - 1, 0) : i + 2])[1] if 0 < i < len(q) - 1 else None for i in range(len(q))]
+        smooth[0], smooth[-1] = q[0], 0.5 * (q[-2] + q[-1])
+    else:
+        smooth = q
     best = None
-    for r in reversed(runs):
-        if r["quality"] <= tau:
-            best = r["nfe"]
-        else:
+    for i in reversed(range(len(runs))):
+        if smooth[i] > tau:
             break
+        if q[i] <= tau:
+            best = runs[i]["nfe"]
     return best
 
 
@@ -525,10 +537,10 @@ def markdown_tables(result: dict[str, Any]) -> str:
             f"converged threshold τ = {summ['threshold']:.4g}; t_end = {summ['t_end']:g}."
         )
         lines.append("")
-        head = "| sampler | source | kind | NFE to converge | " + " | ".join(f"q@{b}" for b in shown)
+        head = "| sampler | source | kind | NFE to converge | (median of 3) | " + " | ".join(f"q@{b}" for b in shown)
         head += " | MSE@" + str(budgets[-1]) + " | outside share |"
         lines.append(head)
-        lines.append("|" + "---|" * (6 + len(shown)))
+        lines.append("|" + "---|" * (7 + len(shown)))
         conv = summ["converged"]
         order = sorted(conv, key=lambda k: (conv[k]["stochastic"], conv[k]["nfe"] is None, conv[k]["nfe"] or 0))
         for name in order:
@@ -547,7 +559,11 @@ def markdown_tables(result: dict[str, Any]) -> str:
             cn = (
                 _fmt(c["nfe"], 4) if c["nfe"] is not None else f"> {_fmt(max((r['nfe'] for r in rs), default=None), 4)}"
             )
-            lines.append(f"| {name} | {c['source']} | {kind} | {cn} | " + " | ".join(qs) + f" | {mse} | {share} |")
+            robust = converged_nfe(rs, summ["threshold"], median_of_3=True)
+            cr = _fmt(robust, 4) if robust is not None else "–"
+            lines.append(
+                f"| {name} | {c['source']} | {kind} | {cn} | {cr} | " + " | ".join(qs) + f" | {mse} | {share} |"
+            )
         lines.append("")
         for fam in (False, True):
             best = {}
