@@ -339,3 +339,34 @@ def test_bench_merge_pools_runs_of_the_same_problem(tmp_path, capsys):
     assert main(["bench", "--merge", str(tmp_path / "a"), str(tmp_path / "a"), "--out", str(out)]) == 2
     assert "more than one run" in capsys.readouterr().err
     assert main(["bench", "--merge", str(tmp_path / "missing"), "--out", str(out)]) == 2
+
+
+def test_bench_variants_run_their_base_solver_with_the_fixed_options(tmp_path):
+    """`dpmpp_2m_sde_karras` in the bench is `dpmpp_2m_sde` on the EDM grid, from the bench's own x_T."""
+    _need("dpmpp_2m_sde")
+    out = tmp_path / "bench"
+    common = ["bench", "--n", "32", "--dim", "2", "--processes", "vp", "--budgets", "6", "--no-progress"]
+    assert main([*common, "--samplers", "dpmpp_2m_karras,dpmpp_2m_sde_karras,dpmpp_2m", "--out", str(out)]) == 0
+    recs = {r["sampler"]: r for r in json.loads((out / "results.json").read_text())["records"]}
+    assert json.loads(recs["dpmpp_2m_sde_karras"]["options"])["grid"] == "edm"
+    assert json.loads(recs["dpmpp_2m"]["options"])["grid"] == "logsnr"
+    from fastsde.metrics.mixture import mixture_frechet
+    from fastsde.problems import mixture_2d
+
+    sde = fastsde.VPSDE()
+    gm = mixture_2d(sde)
+    rec = recs["dpmpp_2m_sde_karras"]
+    steps = json.loads(rec["options"])["steps"]
+    res = fastsde.sample(
+        gm.score,
+        sde,
+        (32, 2),
+        solver="dpmpp_2m_sde",
+        grid="edm",
+        steps=steps,
+        seed=0,
+        x_init=_x_T(sde, 32),
+        dtype=torch.float64,
+    )
+    assert res.nfe == rec["nfe"]
+    assert mixture_frechet(res.samples, gm).value == pytest.approx(rec["quality"], rel=1e-9)

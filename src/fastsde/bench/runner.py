@@ -188,7 +188,12 @@ def fastsde_samplers() -> tuple[list[FastsdeSampler], list[str]]:
 
 
 #: Option variants of registered solvers that are benchmarked as samplers of their own.
-VARIANTS: tuple[tuple[str, str, dict[str, Any], bool], ...] = (("ddim_eta1", "ddim", {"eta": 1.0}, True),)
+VARIANTS: tuple[tuple[str, str, dict[str, Any], bool], ...] = (
+    ("ddim_eta1", "ddim", {"eta": 1.0}, True),
+    # The same method on the peers' Karras (EDM rho = 7) grid: separates grid effects from method effects.
+    ("dpmpp_2m_karras", "dpmpp_2m", {"grid": "edm"}, False),
+    ("dpmpp_2m_sde_karras", "dpmpp_2m_sde", {"grid": "edm"}, True),
+)
 
 _NFE_CACHE: dict[tuple[str, str, int], float] = {}
 
