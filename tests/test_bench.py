@@ -266,6 +266,8 @@ def test_median_of_3_rule_tolerates_one_stray_run_but_not_two():
     assert converged_nfe(runs([2.0, 2.0]), 1.0, median_of_3=True) is None
     clean = runs([3.0, 0.9, 0.8])
     assert converged_nfe(clean, 1.0) == converged_nfe(clean, 1.0, median_of_3=True) == 20.0
+    only_the_last = runs([120.0, 31.8, 13.9])  # never stricter than the strict rule
+    assert converged_nfe(only_the_last, 17.0) == converged_nfe(only_the_last, 17.0, median_of_3=True) == 30.0
 
 
 def test_bench_cli_end_to_end(tmp_path, capsys):

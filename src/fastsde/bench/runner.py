@@ -269,15 +269,17 @@ def converged_nfe(records: list[dict], tau: float, median_of_3: bool = False) ->
     """Smallest NFE from which on every run (more NFE) has quality ≤ τ; None if the last is above.
 
     With ``median_of_3`` the runs after the first one judge by the median of each run's quality and
-    its two neighbours' (by NFE; the last run with its one neighbour, by their mean), so a single run
-    above τ among converged ones, which happens to ~2 % of the runs of a stochastic sampler at τ =
-    floor + 2·sd, does not reset the answer; the run at the answer itself must still be ≤ τ.
+    its two neighbours' (by NFE; the last run with its one neighbour, by their mean or by itself,
+    whichever is lower), so a single run above τ among converged ones, which happens to ~2 % of the
+    runs of a stochastic sampler at τ = floor + 2·sd, does not reset the answer; the run at the answer
+    itself must still be ≤ τ. The answer is never larger than the strict rule's.
     """
     runs = sorted((r for r in records if r.get("error") is None), key=lambda r: r["nfe"])
     q = [r["quality"] for r in runs]
     if median_of_3 and len(q) >= 2:
         smooth = [sorted(q[max(i - 1, 0) : i + 2])[1] if 0 < i < len(q) - 1 else None for i in range(len(q))]
-        smooth[0], smooth[-1] = q[0], 0.5 * (q[-2] + q[-1])
+        # the last run has one neighbour: judged by their mean, but never more strictly than by itself
+        smooth[0], smooth[-1] = q[0], min(q[-1], 0.5 * (q[-2] + q[-1]))
     else:
         smooth = q
     best = None
