@@ -13,6 +13,7 @@ import fastsde
 from fastsde.bench.peers import PEERS, EDMDenoiser, karras_sigmas, vp_trained_betas
 from fastsde.bench.runner import converged_nfe, converged_threshold, reference_solution, steps_for_budget
 from fastsde.cli import main
+from fastsde.metrics.mixture import mixture_frechet
 from fastsde.noise import Stream, as_noise_source
 
 HAS_KDIFF = importlib.util.find_spec("k_diffusion") is not None
@@ -128,7 +129,7 @@ def test_pf_ode_reference_agrees_with_fastsde_ode():
 
 @pytest.mark.skipif(not HAS_TORCHSDE, reason="torchsde not installed")
 def test_torchsde_adapter_samples_the_mixture():
-    from fastsde.metrics.mixture import mixture_frechet, mixture_frechet_floor
+    from fastsde.metrics.mixture import mixture_frechet_floor
 
     sde = fastsde.VPSDE()
     gm = fastsde.problems.mixture_2d(sde)
@@ -352,11 +353,8 @@ def test_bench_variants_run_their_base_solver_with_the_fixed_options(tmp_path):
     recs = {r["sampler"]: r for r in json.loads((out / "results.json").read_text())["records"]}
     assert json.loads(recs["dpmpp_2m_sde_karras"]["options"])["grid"] == "edm"
     assert json.loads(recs["dpmpp_2m"]["options"])["grid"] == "logsnr"
-    from fastsde.metrics.mixture import mixture_frechet
-    from fastsde.problems import mixture_2d
-
     sde = fastsde.VPSDE()
-    gm = mixture_2d(sde)
+    gm = fastsde.problems.mixture_2d(sde)
     rec = recs["dpmpp_2m_sde_karras"]
     steps = json.loads(rec["options"])["steps"]
     res = fastsde.sample(
