@@ -119,7 +119,7 @@ def _one_move(solver, sde, x, **options):
         **options,
     )
     t0 = torch.full((x.shape[0],), sde.T, dtype=F64)
-    t1 = torch.full((x.shape[0],), sde.default_t_end, dtype=F64)
+    t1 = torch.full((x.shape[0],), options.get("t_end", sde.default_t_end), dtype=F64)
     z = NoiseSource.from_seed(7, x.shape[0]).normal(x.shape[1:], Stream.STEP, 0, dtype=F64)
     return res.samples, gm(x, t0), z, t0, t1
 
@@ -153,26 +153,8 @@ def test_pc_move_is_langevin_corrector_then_reverse_diffusion(name, per_sample_n
     gm = make_mixture(sde)
     x = torch.tensor([[0.3, -1.2], [2.0, 0.5], [-0.7, 0.1]], dtype=F64) * sde.prior_std
     snr = 0.2
-    got = fastsde.sample(
-        gm,
-        sde,
-        (3, 2),
-        solver="pc",
-        seed=7,
-        x_init=x,
-        dtype=F64,
-        denoise=False,
-        steps=2,
-        grid="uniform",
-        t_end=t_end,
-        snr=snr,
-        per_sample_norm=per_sample_norm,
-    ).samples
-    src = NoiseSource.from_seed(7, 3)
-    zc = src.normal((2,), Stream.CORRECTOR, 0, dtype=F64)
-    zp = src.normal((2,), Stream.STEP, 0, dtype=F64)
-    t0, t1 = torch.full((3,), sde.T, dtype=F64), torch.full((3,), t_end, dtype=F64)
-    s = gm(x, t0)
+    got, s, zp, t0, t1 = _one_move("pc", sde, x, t_end=t_end, snr=snr, per_sample_norm=per_sample_norm)
+    zc = NoiseSource.from_seed(7, 3).normal((2,), Stream.CORRECTOR, 0, dtype=F64)
     s_norm, z_norm = s.norm(dim=1), zc.norm(dim=1)
     if not per_sample_norm:
         s_norm, z_norm = s_norm.mean().expand(3), z_norm.mean().expand(3)
