@@ -93,8 +93,8 @@ def test_nfe_determinism_and_batch_independence():
 @pytest.mark.parametrize(
     "options, message",
     [
-        (dict(eta=-0.5), "eta must be a finite number >= 0"),
-        (dict(eta=float("nan")), "eta must be a finite number >= 0"),
+        (dict(eta=-0.5), r"eta must be >= 0, got -0.5"),
+        (dict(eta=float("nan")), "eta must be a finite number, got nan"),
         (dict(solver_type="euler"), "solver_type must be one of"),
         (dict(steps=1), "steps must be an integer >= 2"),
         (dict(order=3), "unknown option"),

@@ -22,15 +22,22 @@ in λ.
 
 from __future__ import annotations
 
-import math
-from typing import Any
-
 import torch
 from torch import Tensor
 
 from ..noise import Stream
 from ..sde import SDE, broadcast_to_rows
-from .base import Option, SolverContext, SolverSpec, boolean, grid_options, one_of, run_grid, solver_grid
+from .base import (
+    Option,
+    SolverContext,
+    SolverSpec,
+    boolean,
+    grid_options,
+    nonnegative_float,
+    one_of,
+    run_grid,
+    solver_grid,
+)
 from .dpmpp import LOWER_ORDER_FINAL_BELOW
 
 __all__ = ["DPMPP_2M_SDE", "dpmpp_2m_sde", "sde_dpm_step", "SDEDPMCoefficients"]
@@ -103,17 +110,12 @@ def dpmpp_2m_sde(
     return run_grid(ctx, x, solver_grid(ctx, dict(steps=steps, grid=grid, rho=rho)), step, "dpmpp_2m_sde")
 
 
-def _eta(name: str, v: Any) -> None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
-
-
 DPMPP_2M_SDE = SolverSpec(
     name="dpmpp_2m_sde",
     run=dpmpp_2m_sde,
     options={
         **grid_options(20, "exp"),
-        "eta": Option(1.0, _eta, "noise scale: 1 the reverse SDE, 0 the PF-ODE"),
+        "eta": Option(1.0, nonnegative_float, "noise scale: 1 the reverse SDE, 0 the PF-ODE"),
         "solver_type": Option("midpoint", one_of("midpoint", "heun"), "form of the second-order correction"),
         "lower_order_final": Option(True, boolean, "first-order last move when there are fewer than 15 moves"),
     },
