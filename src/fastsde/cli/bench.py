@@ -66,7 +66,7 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..bench.runner import DEFAULT_TOLS, BenchConfig, merge_results, run_bench, write_outputs
+    from ..bench.runner import merge_results, write_outputs
 
     torch.set_num_threads(1)
     if args.merge:
@@ -79,10 +79,18 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"--merge expects folders written by fastsde bench; {str(path)!r} does not exist")
             pieces.append(json.loads(path.read_text()))
         result = merge_results(pieces)
-        paths = write_outputs(result, args.out)
-        print((args.out / "table.md").read_text())
-        print("wrote " + ", ".join(str(p) for p in paths))
-        return 0
+    else:
+        result = _run_bench(args)
+    paths = write_outputs(result, args.out)
+    print((args.out / "table.md").read_text())
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def _run_bench(args: argparse.Namespace) -> dict:
+    """Run the bench as configured on the command line (validated before any compute)."""
+    from ..bench.runner import DEFAULT_TOLS, BenchConfig, run_bench
+
     cfg = BenchConfig(
         problem=args.problem,
         budgets=args.budgets,
@@ -96,8 +104,4 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     cfg.check()
-    result = run_bench(cfg)
-    paths = write_outputs(result, args.out)
-    print((args.out / "table.md").read_text())
-    print("wrote " + ", ".join(str(p) for p in paths))
-    return 0
+    return run_bench(cfg)
