@@ -190,9 +190,8 @@ def run(args: argparse.Namespace) -> int:
             fd, floor = quality["fd"], quality["floor"]
             ratio = fd / floor if math.isfinite(fd) and floor > 0 else math.inf
             print(
-                f"quality: FD {fd:.3f} (real-data floor at n={n}: {floor:.3f} ± {quality.get('floor_sd', 0.0):.3f}, "
-                f"ratio {ratio:.2f})  "
-                f"confidence {quality['confidence']:.3f}"
+                f"quality: FD {fd:.3f} (real-data floor at n={n}: {floor:.3f} ± {quality['floor_sd']:.3f}, "
+                f"ratio {ratio:.2f})  confidence {quality['confidence']:.3f}"
             )
         else:
             print(f"quality: mixture FD {quality['fd']:.4f}")
