@@ -18,7 +18,7 @@ from fastsde.bench.runner import BenchConfig, run_bench
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--process", default="vp", choices=["vp", "subvp", "ve"])
+    p.add_argument("--process", default="vp", choices=["vp", "subvp", "ve", "edm"])
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--dim", type=int, default=16)
     p.add_argument("--budgets", default="5,10,20,50,100,200,500,1000")

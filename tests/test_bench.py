@@ -106,7 +106,7 @@ def test_vp_only_peers_refuse_other_processes():
         ),
     ],
 )
-@pytest.mark.parametrize("sde_cls", [fastsde.VPSDE, fastsde.VESDE])
+@pytest.mark.parametrize("sde_cls", [fastsde.VPSDE, fastsde.VESDE, fastsde.EDM])
 def test_pf_ode_adapters_reach_the_reference(name, sde_cls):
     sde = sde_cls()
     gm = fastsde.problems.mixture_2d(sde)
@@ -166,7 +166,7 @@ def test_edm_denoiser_is_tweedie_in_edm_coordinates():
         ("kdiff_dpmpp_2m", "dpmpp_2m", {"grid": "edm", "lower_order_final": False}),
     ],
 )
-@pytest.mark.parametrize("sde_cls", [fastsde.VPSDE, fastsde.VESDE])
+@pytest.mark.parametrize("sde_cls", [fastsde.VPSDE, fastsde.VESDE, fastsde.EDM])
 def test_kdiffusion_adapters_match_fastsde_on_the_same_sigmas(peer, solver, opts, sde_cls):
     _need(solver)
     sde = sde_cls()
@@ -181,7 +181,7 @@ def test_kdiffusion_adapters_match_fastsde_on_the_same_sigmas(peer, solver, opts
 
 
 @needs_kdiff
-@pytest.mark.parametrize("sde_cls", [fastsde.VPSDE, fastsde.VESDE])
+@pytest.mark.parametrize("sde_cls", [fastsde.VPSDE, fastsde.VESDE, fastsde.EDM])
 def test_kdiffusion_dpmpp_2m_sde_matches_fastsde_with_the_same_noise(sde_cls):
     """k-diffusion's sample_dpmpp_2m_sde (η = 1, midpoint), fed fastsde's keyed noise through its
     noise_sampler, equals fastsde's dpmpp_2m_sde on the same Karras sigmas."""
@@ -237,6 +237,17 @@ def test_steps_for_budget_inverts_the_nfe():
     assert steps_for_budget("em", sde, 1) is None
     if "heun" in fastsde.SOLVERS:
         assert steps_for_budget("heun", sde, 10) == 5  # 2N − 1 = 9 ≤ 10 < 11
+
+
+@pytest.mark.parametrize("solver", ["em", "pc", "reverse_diffusion"])
+def test_steps_for_budget_dry_run_stays_finite_on_edm(solver):
+    """The NFE dry run on EDM (σ up to 80) up to 1000 NFE: with a crude dummy score (−x) the reverse
+    SDE overflowed there from ~1000 steps on, which aborted the whole bench."""
+    _need(solver)
+    sde = fastsde.EDM()
+    for budget in (5, 100, 1000, 2000):
+        steps = steps_for_budget(solver, sde, budget)
+        assert steps is not None and steps >= 2
 
 
 def test_converged_nfe_needs_every_larger_run_below_threshold():
@@ -309,6 +320,29 @@ def test_bench_cli_end_to_end(tmp_path, capsys):
     assert not any(r["sampler"] == "diffusers_ddim" and r["process"] == "ve" for r in recs)
     assert set(res["summary"]) == {"vp", "ve"}
     assert "NFE to converge" in (out / "table.md").read_text()
+
+
+def test_bench_runs_on_the_edm_process(tmp_path):
+    """EDM (t = σ) is a bench process like the others; the VP-only diffusers peers are skipped on it."""
+    out = tmp_path / "bench"
+    samplers = "em,dpmpp_2m,scipy_rk45,diffusers_ddim" if "dpmpp_2m" in fastsde.SOLVERS else "em,scipy_rk45"
+    common = ["--n", "64", "--dim", "2", "--budgets", "10,20", "--no-progress", "--out", str(out)]
+    rc = main(["bench", "--processes", "edm", "--samplers", samplers, "--tolerances", "0.01", *common])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["summary"]) == {"edm"}
+    assert res["summary"]["edm"]["sde"]["type"] == "EDM"
+    recs = res["records"]
+    assert recs and all(r["error"] is None and r["process"] == "edm" for r in recs)
+    assert not any(r["sampler"] == "diffusers_ddim" for r in recs)
+    assert [r["nfe"] for r in recs if r["sampler"] == "em"] == [10.0, 20.0]
+
+
+def test_bench_rejects_an_unknown_process(tmp_path, capsys):
+    rc = main(["bench", "--processes", "vp,sub-vp", "--n", "8", "--out", str(tmp_path), "--no-progress"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "sub-vp" in err and "edm" in err
 
 
 def test_bench_cli_rejects_unknown_sampler(tmp_path, capsys):

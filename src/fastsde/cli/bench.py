@@ -43,7 +43,9 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--samplers", type=_str_list, default=None, help="names (fastsde solvers, peers, or 'fastsde'/'peers')"
     )
-    p.add_argument("--processes", type=_str_list, default=["vp", "subvp", "ve"], help="mixture only: vp,subvp,ve")
+    p.add_argument(
+        "--processes", type=_str_list, default=["vp", "subvp", "ve"], help="mixture only: any of vp,subvp,ve,edm"
+    )
     p.add_argument("--n", type=int, default=2000, help="number of samples")
     p.add_argument("--dim", type=int, default=16, help="mixture dimension (2: the 2-D three-mode mixture)")
     p.add_argument("--seed", type=int, default=0)
