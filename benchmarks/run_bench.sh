@@ -18,12 +18,17 @@ MIX=(--problem mixture --dim 16 --n "$N" --no-progress)
 for part in $PARTS; do
   case $part in
   mixture)  # every sampler, deterministic and stochastic pieces, pooled per process
-    for P in ${PROCS-vp subvp ve}; do
+    for P in ${PROCS-vp subvp ve edm}; do
       "$PY/fastsde" bench "${MIX[@]}" --processes "$P" --budgets "$DET_BUDGETS" --samplers "$DET" \
         --out "runs/bench/det10k_$P"
       "$PY/fastsde" bench "${MIX[@]}" --processes "$P" --budgets "$STOCH_BUDGETS" --tolerances "$STOCH_TOLS" \
         --samplers "$STOCH" --out "runs/bench/stoch10k_$P"
       "$PY/fastsde" bench --merge "runs/bench/det10k_$P" "runs/bench/stoch10k_$P" --out "runs/bench/mix10k_$P"
+      if [ "$P" = edm ]; then  # the log-SNR grid variants differ from the defaults only on EDM
+        "$PY/fastsde" bench "${MIX[@]}" --processes edm --budgets "$STOCH_BUDGETS" \
+          --samplers dpmpp_2m_logsnr,dpmpp_2m_sde_logsnr --out runs/bench/logsnr10k_edm
+        "$PY/fastsde" bench --merge runs/bench/mix10k_edm runs/bench/logsnr10k_edm --out runs/bench/all10k_edm
+      fi
     done ;;
   seed1)  # a second noise seed for the deciding stochastic samplers
     for P in ${PROCS-vp ve}; do

@@ -404,3 +404,20 @@ def test_bench_variants_run_their_base_solver_with_the_fixed_options(tmp_path):
     )
     assert res.nfe == rec["nfe"]
     assert mixture_frechet(res.samples, gm).value == pytest.approx(rec["quality"], rel=1e-9)
+
+
+def test_bench_skips_a_variant_that_repeats_its_base_on_a_process(tmp_path, capsys):
+    """The log-SNR variants are the defaults on VP (skipped there) and real variants on EDM, where
+    the default grid is Karras (so there the Karras variants are the ones skipped)."""
+    _need("dpmpp_2m")
+    out = tmp_path / "bench"
+    samplers = "dpmpp_2m,dpmpp_2m_karras,dpmpp_2m_logsnr"
+    common = ["bench", "--n", "32", "--dim", "2", "--budgets", "6", "--no-progress", "--samplers", samplers]
+    assert main([*common, "--processes", "vp,edm", "--out", str(out)]) == 0
+    recs = json.loads((out / "results.json").read_text())["records"]
+    ran = {(r["process"], r["sampler"]) for r in recs}
+    assert ran == {("vp", "dpmpp_2m"), ("vp", "dpmpp_2m_karras"), ("edm", "dpmpp_2m"), ("edm", "dpmpp_2m_logsnr")}
+    grids = {(r["process"], r["sampler"]): json.loads(r["options"])["grid"] for r in recs}
+    assert grids[("edm", "dpmpp_2m")] == "edm" and grids[("edm", "dpmpp_2m_logsnr")] == "logsnr"
+    log = capsys.readouterr().out
+    assert "dpmpp_2m_logsnr: skipped on vp" in log and "dpmpp_2m_karras: skipped on edm" in log

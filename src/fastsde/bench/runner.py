@@ -193,9 +193,21 @@ VARIANTS: tuple[tuple[str, str, dict[str, Any], bool], ...] = (
     # The same method on the peers' Karras (EDM rho = 7) grid: separates grid effects from method effects.
     ("dpmpp_2m_karras", "dpmpp_2m", {"grid": "edm"}, False),
     ("dpmpp_2m_sde_karras", "dpmpp_2m_sde", {"grid": "edm"}, True),
+    # ... and on the log-SNR grid, which differs from the default only on EDM (Karras there).
+    ("dpmpp_2m_logsnr", "dpmpp_2m", {"grid": "logsnr"}, False),
+    ("dpmpp_2m_sde_logsnr", "dpmpp_2m_sde", {"grid": "logsnr"}, True),
 )
 
 _NFE_CACHE: dict[tuple[str, str, int], float] = {}
+
+
+def _variant_is_default(s: FastsdeSampler, sde: SDE) -> bool:
+    """True when a variant's fixed options are its base solver's defaults on this process (the
+    variant would repeat the base row: the Karras grid is the default on EDM, the log-SNR grid elsewhere)."""
+    from ..solvers import SOLVERS
+
+    options = SOLVERS[s.solver].options
+    return all(options[k].default_for(sde) == v for k, v in s.fixed.items())
 
 
 def fastsde_nfe(name: str, sde: SDE, steps: int) -> float:
@@ -349,6 +361,9 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
         )
         jobs: list[tuple[str, Any]] = []
         for s in fs:
+            if s.fixed and _variant_is_default(s, sde):
+                log(f"{s.name}: skipped on {prob.process} (its options are {s.solver}'s defaults there)")
+                continue
             jobs.append(("fastsde", s))
         for p in peers:
             if p.supports(sde):
