@@ -9,7 +9,7 @@ and the noise of its last step), so a step never waits for a new evaluation and 
 - ``correction``: the embedded 1st/2M pair. h is the largest step whose 2M correction
   ½·m_t(1 − e^{−2h})·h·(x̂0_s − x̂0_p)/h_p has scaled-L2 norm ≤ θ = 0.9 against the mixed tolerance
   δ = max(0.78·ε, ε·|x_s|) (GGF's test; here it needs no new evaluation, so retries are free and
-  the step is solved for by bisection).
+  the step is solved for by bisection); growth ≤ 2× per step, as for the other rules.
 - ``weak``: the first-order step has the exact conditional mean; its error is the missing
   covariance m_t²(1 − e^{−2h})²·Cov[x0 | x_s], relative to the local covariance ≈ (2h)²·P(I − P)
   with P = m·∂x̂0/∂x. Per sample, with N the last step's noise and Δ = x̂0_s − x̂0_p (≈ ∂x̂0/∂x·N
@@ -114,7 +114,7 @@ def choose_step(rule, eps, sde, t, lam_s, xs, delta, noise_prev, hp, m_s) -> tor
             mid = 0.5 * (lo + hi)
             fits = err(mid) <= THETA
             lo, hi = torch.where(fits, mid, lo), torch.where(fits, hi, mid)
-        return torch.clamp_min(lo, 1e-4)
+        return torch.minimum(torch.clamp_min(lo, 1e-4), 2.0 * hp)
     nn = (noise_prev * noise_prev).sum(dim=1).clamp_min(1e-300)
     tr_p = m_s * (noise_prev * delta).sum(dim=1) / nn
     tr_p2 = m_s**2 * (delta * delta).sum(dim=1) / nn
