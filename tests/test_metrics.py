@@ -163,10 +163,11 @@ def test_compute_floor_is_deterministic_and_matches_the_shipped_table():
         i = ns.index(n)
         assert abs(a[n]["mean"] - means[i]) < 4 * sds[i] / math.sqrt(16)
         assert 0.4 * sds[i] < a[n]["sd"] < 2.0 * sds[i]
-    # the whole split is one subset: reproduces the shipped value (up to eigensolver rounding)
+    # the whole split is one subset: reproduces the shipped value up to eigensolver rounding, which
+    # moves with the torch build (2.13 reproduces it to 1e-9, 2.14 differs by 4e-7)
     full = compute_floor((1497,), subsets=2)[1497]
     assert full["subsets"] == 1 and full["sd"] == 0.0
-    assert full["mean"] == pytest.approx(means[-1], rel=1e-9)
+    assert full["mean"] == pytest.approx(means[-1], rel=1e-6)
     with pytest.raises(ValueError, match="sizes"):
         compute_floor((1,))
     with pytest.raises(ValueError, match="subsets"):
