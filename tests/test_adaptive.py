@@ -325,6 +325,26 @@ def test_budget_error_and_partial_results():
     assert bool((res.stats["t_final"] > 1e-3).all())
 
 
+@pytest.mark.parametrize("solver", ["adaptive", "adaptive_sde_dpm"])
+def test_pi_control_halves_rejections_without_changing_the_law(solver):
+    """PI control damps the step growth that follows a large accepted error, so fewer attempts are
+    rejected (measured on the 16-D VP mixture at n = 10 000: 7.8 → 3.8 per sample for
+    adaptive_sde_dpm at eps_rel 0.035), and the samples still have the right law."""
+    sde = fastsde.VPSDE()
+    gm = mixture_nd(sde, dim=16)
+
+    def run(beta: float):
+        return fastsde.sample(
+            gm, sde, (600, 16), solver=solver, seed=3, dtype=F64, eps_rel=0.035, eps_abs=0.027, pi_beta=beta
+        )
+
+    plain, pi = run(0.0), run(0.35)
+    rej_plain = plain.stats["rejected"].double().mean()
+    rej_pi = pi.stats["rejected"].double().mean()
+    assert rej_pi < 0.7 * rej_plain, (float(rej_pi), float(rej_plain))
+    check_marginal(gm, pi.samples)
+
+
 @pytest.mark.parametrize(
     "bad",
     [
@@ -336,6 +356,8 @@ def test_budget_error_and_partial_results():
         dict(max_nfe=1),
         dict(brownian="bridge"),
         dict(max_growth=1.0),
+        dict(pi_beta=-0.1),
+        dict(pi_beta=math.nan),
         dict(improved_euler=1),
     ],
 )

@@ -421,3 +421,16 @@ def test_bench_skips_a_variant_that_repeats_its_base_on_a_process(tmp_path, caps
     assert grids[("edm", "dpmpp_2m")] == "edm" and grids[("edm", "dpmpp_2m_logsnr")] == "logsnr"
     log = capsys.readouterr().out
     assert "dpmpp_2m_logsnr: skipped on vp" in log and "dpmpp_2m_karras: skipped on edm" in log
+
+
+def test_adaptive_variant_is_swept_over_tolerances(tmp_path):
+    """`adaptive_sde_dpm_pi` is `adaptive_sde_dpm` with PI control, benchmarked like its base (a
+    tolerance sweep, not step budgets)."""
+    _need("adaptive_sde_dpm")
+    out = tmp_path / "bench"
+    args = ["bench", "--n", "32", "--dim", "2", "--processes", "vp", "--budgets", "500", "--no-progress"]
+    assert main([*args, "--samplers", "adaptive_sde_dpm_pi", "--tolerances", "0.1,0.05", "--out", str(out)]) == 0
+    recs = json.loads((out / "results.json").read_text())["records"]
+    assert [r["setting"] for r in recs] == [0.1, 0.05]
+    opts = [json.loads(r["options"]) for r in recs]
+    assert all(o["pi_beta"] == 0.35 and o["eps_rel"] == r["setting"] for o, r in zip(opts, recs))

@@ -183,7 +183,8 @@ def fastsde_samplers() -> tuple[list[FastsdeSampler], list[str]]:
             notes.append(f"{name}: skipped, no steps or tolerance option to sweep")
     for name, base, fixed, stochastic in VARIANTS:
         if base in SOLVERS and all(k in SOLVERS[base].options for k in fixed):
-            out.append(FastsdeSampler(name, stochastic, "nfe", base, dict(fixed)))
+            kind = "nfe" if "steps" in SOLVERS[base].options else "tol"
+            out.append(FastsdeSampler(name, stochastic, kind, base, dict(fixed)))
     return out, notes
 
 
@@ -196,6 +197,8 @@ VARIANTS: tuple[tuple[str, str, dict[str, Any], bool], ...] = (
     # ... and on the log-SNR grid, which differs from the default only on EDM (Karras there).
     ("dpmpp_2m_logsnr", "dpmpp_2m", {"grid": "logsnr"}, False),
     ("dpmpp_2m_sde_logsnr", "dpmpp_2m_sde", {"grid": "logsnr"}, True),
+    # The adaptive SDE-DPM solver under PI step control instead of GGF's controller.
+    ("adaptive_sde_dpm_pi", "adaptive_sde_dpm", {"pi_beta": 0.35}, True),
 )
 
 _NFE_CACHE: dict[tuple[str, str, int], float] = {}
