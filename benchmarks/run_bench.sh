@@ -6,7 +6,7 @@
 # Pick parts with e.g. PARTS="mixture karras" PROCS="vp" benchmarks/run_bench.sh
 set -euo pipefail
 PY=${PY:-.venv-peers/bin}
-PARTS=${PARTS-mixture seed1 karras digits}
+PARTS=${PARTS-mixture seed1 pi karras digits}
 N=${N:-10000}
 DET_BUDGETS=5,6,8,10,12,15,20,25,30,40,50,70,100,200,500
 STOCH_BUDGETS=8,10,12,15,20,25,30,40,50,70,100,150,200,300,500
@@ -31,10 +31,19 @@ for part in $PARTS; do
       fi
     done ;;
   seed1)  # a second noise seed for the deciding stochastic samplers
-    for P in ${PROCS-vp ve}; do
+    for P in ${PROCS-vp subvp ve}; do
       "$PY/fastsde" bench "${MIX[@]}" --processes "$P" --seed 1 --budgets "$STOCH_BUDGETS" --tolerances "$STOCH_TOLS" \
         --samplers em,adaptive_sde_dpm,dpmpp_2m_sde,kdiff_dpmpp_2m_sde,kdiff_dpm_adaptive_eta1 \
         --out "runs/bench/stoch10k_seed1_$P"
+    done ;;
+  pi)  # adaptive_sde_dpm with PI step control (pi_beta 0.35), seeds 0 and 1 (benchmarks_adaptive.md)
+    for P in ${PROCS-vp subvp ve edm}; do
+      "$PY/fastsde" bench "${MIX[@]}" --processes "$P" --budgets "$STOCH_BUDGETS" --tolerances "$STOCH_TOLS" \
+        --samplers adaptive_sde_dpm_pi --out "runs/bench/pi10k_$P"
+      if [ "$P" != edm ]; then
+        "$PY/fastsde" bench "${MIX[@]}" --processes "$P" --seed 1 --budgets "$STOCH_BUDGETS" --tolerances "$STOCH_TOLS" \
+          --samplers adaptive_sde_dpm_pi --out "runs/bench/pi10k_seed1_$P"
+      fi
     done ;;
   karras)  # fastsde's 2M solvers on the peers' Karras grid: grid against method
     "$PY/fastsde" bench "${MIX[@]}" --processes vp --budgets "$STOCH_BUDGETS" \
@@ -49,6 +58,6 @@ for part in $PARTS; do
       "$PY/fastsde" bench --merge runs/bench/digits1k runs/bench/digits1k_karras --out runs/bench/digits1k_all
     fi
     "$PY/python" benchmarks/digits_sde_seeds.py --n 1000 --nfe 50 --seeds 0,1,2,3,4,5 ;;
-  *) echo "unknown part $part (expected mixture, seed1, karras, digits)" >&2; exit 2 ;;
+  *) echo "unknown part $part (expected mixture, seed1, pi, karras, digits)" >&2; exit 2 ;;
   esac
 done
