@@ -31,7 +31,8 @@ the growth that follows a large error; 0, GGF's controller, by default).
 Statistics in ctx.stats (per sample unless noted): accepted, rejected, nonfinite_rejections,
 reused_evaluations, status ("done" | "budget" | "stopped"), t_final, nfe_solver_per_sample (denoise
 excluded), iterations (batch loop count). The callback's StepInfo.h is the attempted step in the
-controller's coordinate (t for GGF, λ for adaptive_sde_dpm), 0 for samples not attempting.
+controller's coordinate (t for GGF, λ for adaptive_sde_dpm), 0 for samples not attempting (finished
+ones included, whose StepInfo.accepted is False: count rejections where h > 0 and not accepted).
 """
 
 from __future__ import annotations
