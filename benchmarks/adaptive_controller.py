@@ -19,11 +19,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 
 import torch
 
 import fastsde
-from fastsde.bench.runner import PROCESSES, BenchConfig, mixture_problem
+from fastsde.bench.runner import PROCESSES, BenchConfig, converged_threshold, mixture_problem
 from fastsde.metrics.mixture import mixture_frechet
 from fastsde.noise import Stream, as_noise_source
 from fastsde.problems import mixture_nd
@@ -48,7 +49,7 @@ def main() -> None:
     prob = mixture_problem(args.process, BenchConfig(n=args.n, processes=[args.process], seed=args.seed))
     sde, gm = prob.sde, mixture_nd(prob.sde, dim=16)
     x_T = sde.prior_sample(as_noise_source(args.seed, args.n).normal(prob.dims, Stream.PRIOR, 0, dtype=prob.dtype))
-    tau = max(1.1 * prob.floor[0], prob.floor[0] + 2.0 * prob.floor[1])
+    tau = converged_threshold(prob.floor, math.nan)  # the bench's τ without the reference term
     ends = sde.log_snr(torch.tensor([sde.T, sde.default_t_end], dtype=torch.float64))
     edges = torch.linspace(float(ends[0]), float(ends[1]), 7, dtype=torch.float64)
     bins = " ".join(f"[{a:.1f},{b:.1f})" for a, b in zip(edges[:-1].tolist(), edges[1:].tolist()))

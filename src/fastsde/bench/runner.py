@@ -168,23 +168,32 @@ class FastsdeSampler:
         return {"eps_rel": setting, "eps_abs": setting * 0.78}
 
 
+def _budget_kind(options: Any) -> str | None:
+    """How the bench sweeps a solver with these options: "nfe" (steps), "tol" (a tolerance), or None."""
+    opts = set(options)
+    if "steps" in opts:
+        return "nfe"
+    if {"rtol", "atol"} <= opts or {"eps_rel", "eps_abs"} <= opts:
+        return "tol"
+    return None
+
+
 def fastsde_samplers() -> tuple[list[FastsdeSampler], list[str]]:
     """The registered fastsde solvers the bench can drive (discovered at run time)."""
     from ..solvers import SOLVERS
 
     out, notes = [], []
     for name, spec in SOLVERS.items():
-        opts = set(spec.options)
-        if "steps" in opts:
-            out.append(FastsdeSampler(name, bool(spec.stochastic), "nfe"))
-        elif {"rtol", "atol"} <= opts or {"eps_rel", "eps_abs"} <= opts:
-            out.append(FastsdeSampler(name, bool(spec.stochastic), "tol"))
-        else:
+        kind = _budget_kind(spec.options)
+        if kind is None:
             notes.append(f"{name}: skipped, no steps or tolerance option to sweep")
+        else:
+            out.append(FastsdeSampler(name, bool(spec.stochastic), kind))
     for name, base, fixed, stochastic in VARIANTS:
         if base in SOLVERS and all(k in SOLVERS[base].options for k in fixed):
-            kind = "nfe" if "steps" in SOLVERS[base].options else "tol"
-            out.append(FastsdeSampler(name, stochastic, kind, base, dict(fixed)))
+            kind = _budget_kind(SOLVERS[base].options)
+            if kind is not None:
+                out.append(FastsdeSampler(name, stochastic, kind, base, dict(fixed)))
     return out, notes
 
 
