@@ -442,3 +442,143 @@ def test_sde_dpm_with_brownian_memory_matches_exact_marginal_2d(proc):
     gm = mixture_2d(sde)
     res = fastsde.sample(gm, sde, (1000, 2), solver="adaptive_sde_dpm", seed=2, dtype=F64, brownian="memory")
     check_marginal(gm, res.samples, bias=0.08)
+
+
+# ---------------------------------------------------------------------------------------------
+# adaptive_sde_dpm_2m: 2M predictor, corrector at the step's end, 1 NFE per attempt
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("proc", list(PROCS))
+def test_sde_dpm_2m_matches_exact_marginal_2d(proc):
+    sde = PROCS[proc]()
+    gm = mixture_2d(sde)
+    res = fastsde.sample(gm, sde, (1000, 2), solver="adaptive_sde_dpm_2m", seed=2, dtype=F64)
+    check_marginal(gm, res.samples, bias=0.08)
+
+
+@pytest.mark.parametrize("proc", ["vp", "ve"])
+def test_sde_dpm_2m_matches_exact_marginal_16d(proc):
+    sde = PROCS[proc]()
+    gm = mixture_nd(sde, dim=16)
+    res = fastsde.sample(gm, sde, (600, 16), solver="adaptive_sde_dpm_2m", seed=1, dtype=F64)
+    check_marginal(gm, res.samples)
+
+
+def test_sde_dpm_2m_costs_one_evaluation_per_attempt():
+    sde = fastsde.VESDE()
+    gm = mixture_nd(sde, dim=16)
+    res = fastsde.sample(gm, sde, (40, 16), solver="adaptive_sde_dpm_2m", seed=0, dtype=F64)
+    acc, rej = res.stats["accepted"], res.stats["rejected"]
+    assert torch.equal(res.nfe_per_sample, (1 + acc + rej + 1).to(F64))  # x̂0(x_T), attempts, denoise
+    assert bool((rej > 0).any()) and res.nfe_per_sample.unique().numel() > 5
+    assert res.stats["status"] == ["done"] * 40
+    assert res.stats["rows_evaluated"] == int(res.nfe_per_sample.sum())  # compaction
+    # at the same tolerance the 2S pair pays two evaluations per attempt
+    dpm = fastsde.sample(gm, sde, (40, 16), solver="adaptive_sde_dpm", seed=0, dtype=F64)
+    assert res.nfe < dpm.nfe, (res.nfe, dpm.nfe)
+
+
+def test_sde_dpm_2m_accepted_step_is_the_specified_update():
+    """Replays one sample from the callback: every accepted step equals the documented predictor /
+    corrector update (fresh noise keyed by the attempt), the decision equals E ≤ 1 under the mixed
+    tolerance, and a rejected attempt moves nothing."""
+    sde = fastsde.VPSDE()
+    gm = mixture_2d(sde)
+    eps_rel, eps_abs = 0.02, 2 / 256
+    x_T = torch.tensor([[0.3, -0.2]], dtype=F64)
+    steps = []
+    fastsde.sample(
+        gm, sde, (1, 2), solver="adaptive_sde_dpm_2m", seed=11, dtype=F64, x_init=x_T, denoise=False,
+        brownian="fresh", callback=lambda i: steps.append((i.step, i.t.clone(), i.x.clone(), bool(i.accepted[0]))),
+    )  # fmt: skip
+    noise = NoiseSource.from_seed(11, 1)
+    x, t = x_T, torch.tensor([1.0], dtype=F64)
+    x0_now = sde.denoise(x, t, gm(x, t))
+    x0_before, h_before = None, None
+    checked = rejected = 0
+    for step, t_after, x_after, ok in steps:
+        if not ok:
+            assert torch.equal(x_after, x) and torch.equal(t_after, t)
+            rejected += 1
+            continue
+        lam_s, lam_t = sde.log_snr(t), sde.log_snr(t_after)
+        h = lam_t - lam_s
+        m_t, s_t, s_s = sde.mean_coeff(t_after), sde.marginal_std(t_after), sde.marginal_std(t)
+        w = (torch.exp(2 * lam_t) - torch.exp(2 * lam_s)).sqrt() * noise.normal((2,), Stream.STEP, 4 * step, dtype=F64)
+        base = s_t / s_s * torch.exp(-h) * x + m_t * (1 - torch.exp(-2 * h)) * x0_now + s_t * torch.exp(-lam_t) * w
+        d_old = (x0_now - x0_before) / h_before if x0_before is not None else torch.zeros_like(x)
+        pred = base + 0.5 * m_t * (1 - torch.exp(-2 * h)) * h * d_old
+        x0_t = sde.denoise(pred, t_after, gm(pred, t_after))
+        lin = m_t * (h - 0.5 * (1 - torch.exp(-2 * h)))
+        corr = base + lin * (x0_t - x0_now) / h
+        old = base + lin * d_old
+        delta = torch.clamp_min(eps_rel * old.abs(), eps_abs)
+        assert float(((corr - old) / delta).pow(2).mean().sqrt()) <= 1.0
+        assert torch.allclose(x_after, corr, rtol=1e-10, atol=1e-12), (step, x_after, corr)
+        x, t, x0_before, x0_now, h_before = x_after, t_after, x0_now, x0_t, h
+        checked += 1
+    assert checked > 15 and rejected > 0
+    assert float(t) == pytest.approx(1e-3)
+
+
+def test_sde_dpm_2m_h_max_caps_the_step():
+    sde = fastsde.VESDE()
+    gm = mixture_nd(sde, dim=16)
+
+    def largest(**o):
+        hs = []
+        fastsde.sample(
+            gm, sde, (20, 16), solver="adaptive_sde_dpm_2m", seed=0, dtype=F64, eps_rel=0.2, eps_abs=0.15,
+            callback=lambda i: hs.append(float(i.h.max())), **o,
+        )  # fmt: skip
+        return max(hs)
+
+    assert largest() <= 0.45 + 1e-12
+    assert largest(h_max=0.3) <= 0.3 + 1e-12
+    assert largest(h_max=math.inf) > 1.0  # without the cap loose tolerances take long steps
+
+
+def test_sde_dpm_2m_determinism_and_batch_size_independence():
+    sde = fastsde.SubVPSDE()
+    gm = mixture_2d(sde)
+    a = fastsde.sample(gm, sde, (4, 2), solver="adaptive_sde_dpm_2m", seed=7, dtype=F64)
+    b = fastsde.sample(gm, sde, (4, 2), solver="adaptive_sde_dpm_2m", seed=7, dtype=F64)
+    big = fastsde.sample(gm, sde, (9, 2), solver="adaptive_sde_dpm_2m", seed=7, dtype=F64)
+    assert torch.equal(a.samples, b.samples)
+    assert torch.allclose(a.samples, big.samples[:4], rtol=0, atol=1e-12)
+    assert torch.equal(a.nfe_per_sample, big.nfe_per_sample[:4])
+    off = fastsde.sample(gm, sde, (4, 2), solver="adaptive_sde_dpm_2m", seed=7, dtype=F64, compact=False)
+    assert torch.allclose(a.samples, off.samples, rtol=0, atol=1e-12)
+    assert torch.equal(a.nfe_per_sample, off.nfe_per_sample)
+
+
+def test_sde_dpm_2m_transient_nan_is_rejected_and_run_finishes():
+    sde = fastsde.VPSDE()
+    gm = mixture_2d(sde)
+    calls = [0]
+
+    def score(x, t):
+        calls[0] += 1
+        s = gm(x, t)
+        return torch.full_like(s, float("nan")) if calls[0] % 7 == 0 else s
+
+    res = fastsde.sample(score, sde, (8, 2), solver="adaptive_sde_dpm_2m", seed=0, dtype=F64, denoise=False)
+    assert torch.isfinite(res.samples).all()
+    assert int(res.stats["nonfinite_rejections"].sum()) > 8
+    assert res.stats["status"] == ["done"] * 8
+
+
+@pytest.mark.parametrize(
+    "bad", [dict(h_max=0), dict(h_max=math.nan), dict(h_max=True), dict(max_nfe=1), dict(corrector_steps=1)]
+)
+def test_sde_dpm_2m_bad_options_fail_before_compute(bad):
+    calls = []
+
+    def score(x, t):
+        calls.append(1)
+        return -x
+
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        fastsde.sample(score, fastsde.VPSDE(), (2, 2), solver="adaptive_sde_dpm_2m", **bad)
+    assert calls == []

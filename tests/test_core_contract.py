@@ -53,6 +53,8 @@ def expected_nfe(name: str, res: fastsde.SampleResult) -> Tensor | None:
     if name in ("adaptive", "adaptive_sde_dpm"):
         attempts = (s["accepted"] + s["rejected"]).double()
         return 2 * attempts - s["reused_evaluations"].double() + 1
+    if name == "adaptive_sde_dpm_2m":  # x̂0 at x_T + 1 per attempt (at the step's end) + denoise
+        return 1 + (s["accepted"] + s["rejected"]).double() + 1
     if name == "ode":  # initial derivative + automatic h_init + 6 per attempted step + denoise
         return 2 + 6 * s["steps_per_sample"].double() + 1
     return None

@@ -208,6 +208,8 @@ VARIANTS: tuple[tuple[str, str, dict[str, Any], bool], ...] = (
     ("dpmpp_2m_sde_logsnr", "dpmpp_2m_sde", {"grid": "logsnr"}, True),
     # The adaptive SDE-DPM solver under PI step control instead of GGF's controller.
     ("adaptive_sde_dpm_pi", "adaptive_sde_dpm", {"pi_beta": 0.35}, True),
+    # SDE-DPM-Solver++(2M) with the predictor-corrector step of adaptive_sde_dpm_2m, on its fixed grid.
+    ("dpmpp_2m_sde_pc", "dpmpp_2m_sde", {"corrector": True}, True),
 )
 
 _NFE_CACHE: dict[tuple[str, str, int], float] = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .adaptive import ADAPTIVE
+from .adaptive_2m import ADAPTIVE_SDE_DPM_2M
 from .adaptive_exp import ADAPTIVE_SDE_DPM
 from .base import SolverSpec
 from .ddim import DDIM
@@ -20,6 +21,7 @@ SOLVERS: dict[str, SolverSpec] = {
         EM,
         ADAPTIVE,
         ADAPTIVE_SDE_DPM,
+        ADAPTIVE_SDE_DPM_2M,
         REVERSE_DIFFUSION,
         ANCESTRAL,
         PC,

@@ -101,6 +101,8 @@ class Attempt:
     brownian: Callable[[list[Tensor]], list[Tensor]]
     #: score at (x, t), the first evaluation of every pair (reused after a rejection if enabled)
     score0: Callable[[], Tensor]
+    #: the sample index of every row (CPU int64), for pairs that keep per-sample history
+    rows: Tensor | None = None
 
 
 class BrownianTree:
@@ -241,6 +243,9 @@ class BrownianMemory:
 
 #: pair(ctx, x, attempt) -> (low, high): the two proposals of the embedded pair.
 PairFn = Callable[[SolverContext, Tensor, Attempt], tuple[Tensor, Tensor]]
+#: commit(rows, ok): called after every attempt with the sub-batch's sample indices (CPU) and which of
+#: its rows were accepted (on x's device), so that a pair with per-sample history can advance it.
+CommitFn = Callable[[Tensor, Tensor], None]
 
 
 def _growth_check(name: str, v: Any) -> None:
@@ -343,6 +348,8 @@ def run_adaptive(
     max_growth: float,
     reuse_rejected: bool,
     pi_beta: float = 0.0,
+    h_max: float = math.inf,
+    commit: CommitFn | None = None,
 ) -> Tensor:
     """Per-sample error-controlled stepping of an embedded pair from c_start up to c_end.
 
@@ -350,7 +357,9 @@ def run_adaptive(
     previous proposal and attempt counter. ``brownian="fresh"`` draws new noise for every attempt
     (keyed by sample and attempt: GGF's rule); ``"tree"`` reads the increments off a per-sample
     :class:`BrownianTree` and ``"memory"`` off a lazily revealed :class:`BrownianMemory`, so that
-    retries after a rejection see the same path. Returns x at t_end; per-sample statistics go to ctx.stats.
+    retries after a rejection see the same path. ``h_max`` caps every attempted step; ``commit`` is
+    told after each attempt which rows were accepted. ``nfe_per_attempt`` is what the budget check
+    charges per attempt. Returns x at t_end; per-sample statistics go to ctx.stats.
     """
     n, dt, dev = x.shape[0], x.dtype, x.device
     f64 = torch.float64
@@ -391,7 +400,7 @@ def run_adaptive(
             rows_d = rows.to(dev)
             act_d = act.to(dev)
             xs, ts, cs = x[rows_d], t[rows_d], c[rows_d]
-            hs = torch.where(act_d, h[rows_d], torch.zeros_like(cs))
+            hs = torch.where(act_d, h[rows_d].clamp_max(h_max), torch.zeros_like(cs))
             last = act_d & (hs >= c_end - cs)
             cn = torch.where(last, torch.full_like(cs, c_end), cs + hs)
             tn = torch.where(last, torch.full_like(ts, ctx.t_end), to_t(cn))
@@ -440,7 +449,7 @@ def run_adaptive(
                 s_valid[_rows] = _act & torch.isfinite(out.reshape(out.shape[0], -1)).all(dim=1)
                 return out
 
-            low, high = pair(ctx, xs, Attempt(ts_d, tn.to(dt), cs, cn, score, increments, score0))
+            low, high = pair(ctx, xs, Attempt(ts_d, tn.to(dt), cs, cn, score, increments, score0, rows))
             keep, ref = (high, low) if extrapolate else (low, high)
             scale = ref.abs()
             if use_prev is True:
@@ -451,6 +460,8 @@ def run_adaptive(
             err = _error_norm((high - low) / delta, norm).to(f64)
             finite = torch.isfinite(err)
             ok = act_d & finite & (err <= 1.0)
+            if commit is not None:
+                commit(rows, ok)
 
             # state update for accepted rows
             x[rows_d] = torch.where(broadcast_to_rows(ok, xs), keep, xs)
