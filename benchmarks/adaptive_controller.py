@@ -1,17 +1,21 @@
-"""Where does ``adaptive_sde_dpm`` spend its evaluations? Controller settings on the bench mixture.
+"""Where does ``adaptive_sde_dpm`` (or ``--solver adaptive_sde_dpm_2m``) spend its evaluations?
+Controller settings on the bench mixture.
 
-A measurement, not a test. Runs the adaptive SDE-DPM-Solver++ pair on exactly the problem of
+A measurement, not a test. Runs the adaptive SDE-DPM-Solver++ solver on exactly the problem of
 ``fastsde bench --problem mixture --dim 16`` (same mixture, same x_T for a given seed, tolerance
 swept as the bench sweeps it: eps_abs = 0.78·eps_rel) once per combination of the settings given,
 and prints per run: mean NFE per sample, mean accepted and rejected attempts per sample (a rejected
-attempt costs 1 NFE: the score at the unchanged start is reused), the per-mode Fréchet distance
+attempt costs 1 NFE for both solvers: the score at the unchanged start is reused), the per-mode Fréchet distance
 over τ (the bench's threshold without the reference term), the share of it from the mode weights,
 and the accepted steps per sample in six equal bins of λ = log(m/σ) from high noise (left) to low
 noise (right). Extra solver options go in ``--options`` as JSON, e.g. '{"max_growth": 2}'.
 
     .venv/bin/python benchmarks/adaptive_controller.py --process ve --eps 0.05,0.025 --pi 0,0.35
+    .venv/bin/python benchmarks/adaptive_controller.py --solver adaptive_sde_dpm_2m --process ve \
+        --eps 0.1,0.035 --pi 0.35 --options '{"h_max": Infinity}'
 
-Measured 2026-11-23, docs/benchmarks_adaptive.md, "PI step control".
+Measured 2026-11-23, docs/benchmarks_adaptive.md, "PI step control" and "One evaluation per step,
+with a corrector".
 """
 
 from __future__ import annotations
@@ -37,12 +41,13 @@ def floats(text: str) -> list[float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--solver", default="adaptive_sde_dpm", choices=["adaptive_sde_dpm", "adaptive_sde_dpm_2m"])
     p.add_argument("--process", default="vp", choices=sorted(PROCESSES))
     p.add_argument("--n", type=int, default=10_000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eps", type=floats, default=floats("0.05,0.025"), help="eps_rel values (eps_abs = 0.78·eps_rel)")
     p.add_argument("--pi", type=floats, default=floats("0,0.35"), help="pi_beta values")
-    p.add_argument("--options", type=json.loads, default={}, help="further adaptive_sde_dpm options as JSON")
+    p.add_argument("--options", type=json.loads, default={}, help="further solver options as JSON")
     args = p.parse_args()
     torch.set_num_threads(1)
 
@@ -56,7 +61,7 @@ def main() -> None:
     print(
         f"{args.process}, n = {args.n}, seed {args.seed}: floor {prob.floor[0]:.4g} ± {prob.floor[1]:.2g}, τ = {tau:.4g}"
     )
-    print(f"λ bins {bins}; options {args.options}")
+    print(f"{args.solver}; λ bins {bins}; options {args.options}")
     print("| eps_rel | pi_beta | NFE | accepted | rejected | FD/τ | weights/τ | accepted steps per λ bin |")
     print("|---|---|---|---|---|---|---|---|")
     for eps, beta in itertools.product(args.eps, args.pi):
@@ -68,7 +73,7 @@ def main() -> None:
 
         opts = {"eps_rel": eps, "eps_abs": 0.78 * eps, "pi_beta": beta, **args.options}
         res = fastsde.sample(
-            prob.score, sde, tuple(x_T.shape), solver="adaptive_sde_dpm", seed=args.seed, x_init=x_T,
+            prob.score, sde, tuple(x_T.shape), solver=args.solver, seed=args.seed, x_init=x_T,
             dtype=torch.float64, callback=count, **opts,
         )  # fmt: skip
         fd = mixture_frechet(res.samples, gm)

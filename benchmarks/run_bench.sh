@@ -6,7 +6,7 @@
 # Pick parts with e.g. PARTS="mixture karras" PROCS="vp" benchmarks/run_bench.sh
 set -euo pipefail
 PY=${PY:-.venv-peers/bin}
-PARTS=${PARTS-mixture seed1 pi karras digits}
+PARTS=${PARTS-mixture seed1 pi pc2m karras digits}
 N=${N:-10000}
 DET_BUDGETS=5,6,8,10,12,15,20,25,30,40,50,70,100,200,500
 STOCH_BUDGETS=8,10,12,15,20,25,30,40,50,70,100,150,200,300,500
@@ -43,6 +43,21 @@ for part in $PARTS; do
       if [ "$P" != edm ]; then
         "$PY/fastsde" bench "${MIX[@]}" --processes "$P" --seed 1 --budgets "$STOCH_BUDGETS" --tolerances "$STOCH_TOLS" \
           --samplers adaptive_sde_dpm_pi --out "runs/bench/pi10k_seed1_$P"
+      fi
+    done ;;
+  pc2m)  # adaptive_sde_dpm_2m, seeds 0 and 1; seeds 2 and 3 with the peer (benchmarks_adaptive.md)
+    for P in ${PROCS-vp subvp ve edm}; do
+      "$PY/fastsde" bench "${MIX[@]}" --processes "$P" --budgets "$STOCH_BUDGETS" --tolerances "$STOCH_TOLS" \
+        --samplers adaptive_sde_dpm_2m --out "runs/bench/pc2m10k_$P"
+      if [ "$P" != edm ]; then
+        "$PY/fastsde" bench "${MIX[@]}" --processes "$P" --seed 1 --budgets "$STOCH_BUDGETS" --tolerances "$STOCH_TOLS" \
+          --samplers adaptive_sde_dpm_2m --out "runs/bench/pc2m10k_seed1_$P"
+      fi
+      if [ "$P" = vp ] || [ "$P" = ve ]; then
+        for S in 2 3; do
+          "$PY/fastsde" bench "${MIX[@]}" --processes "$P" --seed $S --budgets "$STOCH_BUDGETS" --tolerances "$STOCH_TOLS" \
+            --samplers adaptive_sde_dpm_2m,kdiff_dpmpp_2m_sde,dpmpp_2m_sde_pc --out "runs/bench/rep_${P}_s$S"
+        done
       fi
     done ;;
   karras)  # fastsde's 2M solvers on the peers' Karras grid: grid against method
