@@ -29,7 +29,8 @@ Defaults, measured on the 16-D exact mixture (docs/benchmarks_adaptive.md, "One 
 with a corrector"): ``h_max=0.45`` caps the step in λ (an error estimate from one step cannot foresee
 the high-noise range where the mode weights are decided; without the cap the loose tolerances skip
 it), ``max_growth=2``, ``exponent=0.5`` (E scales like h^{3/2} but the noise in D_new makes E jumpy;
-0.5 halves the rejections against 0.67), ``pi_beta=0.35`` (PI control), ``brownian="memory"``,
+against 0.67, on VE at eps_rel 0.035: 1.56 rejections per sample instead of 2.33 and 0.74 τ instead
+of 1.27 τ), ``pi_beta=0.35`` (PI control), ``brownian="memory"``,
 ``use_prev=False`` (δ from |x_lin| only, as for ``adaptive_sde_dpm``).
 
 NFE per sample: 1 (x̂0 at the start) + 1 per attempt + 1 for the final denoise.
@@ -79,7 +80,9 @@ class _PredictorCorrector2M:
         x0_s = self.x0_now[rd]
         h_old = self.h_before[rd]
         safe_old = torch.where(h_old > 0, h_old, torch.ones_like(h_old))
-        d_old = torch.where(broadcast_to_rows(h_old > 0, x), (x0_s - self.x0_before[rd]) / rows(safe_old), torch.zeros_like(x0_s))
+        d_old = torch.where(
+            broadcast_to_rows(h_old > 0, x), (x0_s - self.x0_before[rd]) / rows(safe_old), torch.zeros_like(x0_s)
+        )
         w_t = a.brownian([a.c_next])[0]
         noise = rows(sde.marginal_std(a.t_next.to(torch.float64)) * torch.exp(-lam_t)) * w_t.to(dt)
         base = rows(coef.decay) * x + rows(coef.weight) * x0_s + noise

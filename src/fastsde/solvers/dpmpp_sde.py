@@ -24,8 +24,9 @@ redoes move k − 1 with x̂0 linear in λ between that move's two ends, x_k ←
 m_t·h·(1 − (1 − e^{−(1+η)h})/((1+η)h))·(x̂0_k − x̂0_{k−1})/h (base: the first-order part with the
 same noise), and then steps on from the corrected x_k with the x̂0_k it has. No extra evaluation;
 the last move is not corrected (that would need the score at t_end beyond the final denoise). This
-is the corrector of ``adaptive_sde_dpm_2m`` on a fixed grid. The noise of move k is Stream.STEP with counter k. Default grid: uniform
-in λ.
+is the corrector of ``adaptive_sde_dpm_2m`` on a fixed grid.
+
+The noise of move k is Stream.STEP with counter k. Default grid: uniform in λ.
 """
 
 from __future__ import annotations
