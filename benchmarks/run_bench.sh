@@ -15,6 +15,16 @@ DET=euler,heun,ddim,dpmpp_2m,ode,kdiff_euler,kdiff_heun,kdiff_dpmpp_2m,kdiff_dpm
 STOCH=em,pc,ancestral,reverse_diffusion,ddim_eta1,adaptive,adaptive_sde_dpm,dpmpp_2m_sde,kdiff_dpmpp_2m_sde,kdiff_dpm_adaptive_eta1,torchsde_srk,torchsde_milstein
 MIX=(--problem mixture --dim 16 --n "$N" --no-progress)
 
+# An adaptive sampler swept over tolerances on seed 0 and (except EDM) seed 1: runs/bench/<prefix>_<P>, <prefix>_seed1_<P>.
+adaptive_seeds01() {
+  "$PY/fastsde" bench "${MIX[@]}" --processes "$1" --budgets "$STOCH_BUDGETS" --tolerances "$STOCH_TOLS" \
+    --samplers "$2" --out "runs/bench/$3_$1"
+  if [ "$1" != edm ]; then
+    "$PY/fastsde" bench "${MIX[@]}" --processes "$1" --seed 1 --budgets "$STOCH_BUDGETS" --tolerances "$STOCH_TOLS" \
+      --samplers "$2" --out "runs/bench/$3_seed1_$1"
+  fi
+}
+
 for part in $PARTS; do
   case $part in
   mixture)  # every sampler, deterministic and stochastic pieces, pooled per process
@@ -37,22 +47,10 @@ for part in $PARTS; do
         --out "runs/bench/stoch10k_seed1_$P"
     done ;;
   pi)  # adaptive_sde_dpm with PI step control (pi_beta 0.35), seeds 0 and 1 (benchmarks_adaptive.md)
-    for P in ${PROCS-vp subvp ve edm}; do
-      "$PY/fastsde" bench "${MIX[@]}" --processes "$P" --budgets "$STOCH_BUDGETS" --tolerances "$STOCH_TOLS" \
-        --samplers adaptive_sde_dpm_pi --out "runs/bench/pi10k_$P"
-      if [ "$P" != edm ]; then
-        "$PY/fastsde" bench "${MIX[@]}" --processes "$P" --seed 1 --budgets "$STOCH_BUDGETS" --tolerances "$STOCH_TOLS" \
-          --samplers adaptive_sde_dpm_pi --out "runs/bench/pi10k_seed1_$P"
-      fi
-    done ;;
+    for P in ${PROCS-vp subvp ve edm}; do adaptive_seeds01 "$P" adaptive_sde_dpm_pi pi10k; done ;;
   pc2m)  # adaptive_sde_dpm_2m, seeds 0 and 1; seeds 2 and 3 with the peer (benchmarks_adaptive.md)
     for P in ${PROCS-vp subvp ve edm}; do
-      "$PY/fastsde" bench "${MIX[@]}" --processes "$P" --budgets "$STOCH_BUDGETS" --tolerances "$STOCH_TOLS" \
-        --samplers adaptive_sde_dpm_2m --out "runs/bench/pc2m10k_$P"
-      if [ "$P" != edm ]; then
-        "$PY/fastsde" bench "${MIX[@]}" --processes "$P" --seed 1 --budgets "$STOCH_BUDGETS" --tolerances "$STOCH_TOLS" \
-          --samplers adaptive_sde_dpm_2m --out "runs/bench/pc2m10k_seed1_$P"
-      fi
+      adaptive_seeds01 "$P" adaptive_sde_dpm_2m pc2m10k
       if [ "$P" = vp ] || [ "$P" = ve ]; then
         for S in 2 3; do
           "$PY/fastsde" bench "${MIX[@]}" --processes "$P" --seed $S --budgets "$STOCH_BUDGETS" --tolerances "$STOCH_TOLS" \
@@ -73,6 +71,6 @@ for part in $PARTS; do
       "$PY/fastsde" bench --merge runs/bench/digits1k runs/bench/digits1k_karras --out runs/bench/digits1k_all
     fi
     "$PY/python" benchmarks/digits_sde_seeds.py --n 1000 --nfe 50 --seeds 0,1,2,3,4,5 ;;
-  *) echo "unknown part $part (expected mixture, seed1, pi, karras, digits)" >&2; exit 2 ;;
+  *) echo "unknown part $part (expected mixture, seed1, pi, pc2m, karras, digits)" >&2; exit 2 ;;
   esac
 done

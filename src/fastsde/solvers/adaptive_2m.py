@@ -45,7 +45,8 @@ import torch
 from torch import Tensor
 
 from ..sde import broadcast_to_rows
-from .adaptive import Attempt, adaptive_options, run_adaptive
+from .adaptive import Attempt, adaptive_options
+from .adaptive_exp import run_in_log_snr
 from .base import Option, SolverContext, SolverSpec
 from .dpmpp_sde import SDEDPMCoefficients
 
@@ -109,21 +110,13 @@ class _PredictorCorrector2M:
 
 def adaptive_sde_dpm_2m(ctx: SolverContext, x: Tensor, *, h_max: float, **opts: Any) -> Tensor:
     """Adaptive SDE-DPM-Solver++(2M) with a 1-NFE predictor–corrector error estimate, per sample, in λ."""
-    sde = ctx.sde
-    ends = torch.tensor([ctx.t_start, ctx.t_end], dtype=torch.float64)
-    lam = sde.log_snr(ends).tolist()
     pair = _PredictorCorrector2M(x)
-    return run_adaptive(
+    return run_in_log_snr(
         ctx,
         x,
         pair=pair,
         commit=pair.commit,
         nfe_per_attempt=1,
-        c_start=lam[0],
-        c_end=lam[1],
-        to_t=sde.t_from_lambda,
-        variance=lambda lam: torch.exp(2.0 * lam),
-        stop_tol=1e-6,
         desc="adaptive_sde_dpm_2m",
         h_max=h_max,
         extrapolate=True,  # keep the corrected state

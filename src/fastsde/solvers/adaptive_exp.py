@@ -55,7 +55,7 @@ from ..sde import broadcast_to_rows
 from .adaptive import Attempt, adaptive_options, run_adaptive
 from .base import SolverContext, SolverSpec
 
-__all__ = ["ADAPTIVE_SDE_DPM", "adaptive_sde_dpm"]
+__all__ = ["ADAPTIVE_SDE_DPM", "adaptive_sde_dpm", "run_in_log_snr"]
 
 _R = 0.5  # midpoint ratio r
 
@@ -96,24 +96,26 @@ def _sde_dpm_pair(ctx: SolverContext, x: Tensor, a: Attempt) -> tuple[Tensor, Te
     return low, low + c2 * (x0_m - x0_s)
 
 
-def adaptive_sde_dpm(ctx: SolverContext, x: Tensor, **opts: Any) -> Tensor:
-    """Adaptive SDE-DPM-Solver++ (1 vs 2S-midpoint) with the per-sample GGF controller, in λ."""
+def run_in_log_snr(ctx: SolverContext, x: Tensor, **kwargs: Any) -> Tensor:
+    """:func:`run_adaptive` with the controller's coordinate c = λ (half log-SNR) from t_start to t_end
+    and the Brownian process of the exponential integrators (Var W(λ) = e^{2λ})."""
     sde = ctx.sde
-    ends = torch.tensor([ctx.t_start, ctx.t_end], dtype=torch.float64)
-    lam = sde.log_snr(ends).tolist()
+    lam = sde.log_snr(torch.tensor([ctx.t_start, ctx.t_end], dtype=torch.float64)).tolist()
     return run_adaptive(
         ctx,
         x,
-        pair=_sde_dpm_pair,
-        nfe_per_attempt=2,
         c_start=lam[0],
         c_end=lam[1],
         to_t=sde.t_from_lambda,
         variance=lambda lam: torch.exp(2.0 * lam),
         stop_tol=1e-6,
-        desc="adaptive_sde_dpm",
-        **opts,
+        **kwargs,
     )
+
+
+def adaptive_sde_dpm(ctx: SolverContext, x: Tensor, **opts: Any) -> Tensor:
+    """Adaptive SDE-DPM-Solver++ (1 vs 2S-midpoint) with the per-sample GGF controller, in λ."""
+    return run_in_log_snr(ctx, x, pair=_sde_dpm_pair, nfe_per_attempt=2, desc="adaptive_sde_dpm", **opts)
 
 
 ADAPTIVE_SDE_DPM = SolverSpec(
