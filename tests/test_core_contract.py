@@ -121,7 +121,14 @@ def test_deterministic_and_batch_size_independent_on_every_process(process, solv
     again = fastsde.sample(gm, process, (4, 2), **kw)
     big = fastsde.sample(gm, process, (13, 2), **kw)
     assert torch.equal(small.samples, again.samples)
-    assert torch.equal(small.samples, big.samples[:4])
+    if fastsde.SOLVERS[solver].nfe_per_step is None:
+        # Adaptive solvers drop finished samples from the batch, so sample i sits at another position
+        # in a batch of 13 than in a batch of 4; torch's SIMD kernels round exp/log/pow in the scalar
+        # tail of a vector differently in the last bit (seen with AVX2). Same steps, same NFE; the
+        # samples agree to rounding.
+        torch.testing.assert_close(small.samples, big.samples[:4], rtol=0, atol=1e-12)
+    else:
+        assert torch.equal(small.samples, big.samples[:4])
     assert torch.equal(small.nfe_per_sample, big.nfe_per_sample[:4])
     other = fastsde.sample(gm, process, (4, 2), **{**kw, "seed": 22})
     assert not torch.equal(small.samples, other.samples)

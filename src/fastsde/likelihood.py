@@ -179,6 +179,7 @@ def log_likelihood(
     allow_partial: bool = False,
     callback: Callable[[Any], Any] | None = None,
     pass_index: int = 0,
+    measured_exponent: bool = True,
 ) -> LikelihoodResult:
     """Log-density (nats) of each row of x under the model (score, sde), via the PF-ODE.
 
@@ -197,6 +198,8 @@ def log_likelihood(
         allow_partial: return NaN for samples that did not reach T instead of raising.
         callback: passed each integrator StepReport (rk45); returning False stops (then partial).
         pass_index: draws fresh Hutchinson probes for repeated evaluation passes (same seed).
+        measured_exponent: rk45's start-up rule for repeated rejections of the first step (see
+            ``fastsde.integrate``); False gives scipy's step control exactly.
     """
     if not isinstance(sde, SDE):
         raise ValueError(f"sde must be a fastsde process (VPSDE, SubVPSDE, VESDE, EDM), got {sde!r}")
@@ -275,7 +278,17 @@ def log_likelihood(
         finished = torch.ones(n, dtype=torch.bool)
         stats.update(nfev=nfev, accepted=steps)
     else:
-        sol = dopri5(field, y0, float(t_end), float(sde.T), rtol=rtol, atol=atol, max_steps=max_steps, on_step=callback)
+        sol = dopri5(
+            field,
+            y0,
+            float(t_end),
+            float(sde.T),
+            rtol=rtol,
+            atol=atol,
+            max_steps=max_steps,
+            on_step=callback,
+            measured_exponent=measured_exponent,
+        )
         if not allow_partial:
             msg = sol.failure_message()
             if msg:

@@ -309,3 +309,22 @@ class EDM(SDE):
     @property
     def prior_std(self) -> float:
         return self.sigma_max
+
+
+#: The processes by the short names the CLI, the bench and the docs use (default parameters).
+PROCESSES: dict[str, type[SDE]] = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE, "edm": EDM}
+
+
+def process_name(sde: SDE) -> str:
+    """The short name of a process ('vp', 'subvp', 've', 'edm'), or its class name if it has none."""
+    for name, cls in PROCESSES.items():
+        if type(sde) is cls:
+            return name
+    return type(sde).__name__
+
+
+def process_by_name(name: str, **params: float) -> SDE:
+    """A process from its short name; an unknown name is a ValueError listing the valid ones."""
+    if name not in PROCESSES:
+        raise ValueError(f"unknown process {name!r}; valid processes: {list(PROCESSES)}")
+    return PROCESSES[name](**params)
