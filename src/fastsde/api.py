@@ -37,6 +37,12 @@ class SampleResult:
     wall_time: float
     stats: dict[str, Any] = field(default_factory=dict)
     stopped_early: bool = False
+    #: mean compute per sample: evaluations × cost per evaluation (equals ``nfe`` for a plain score)
+    cost: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.cost is None:
+            self.cost = self.nfe
 
     def config(self) -> dict[str, Any]:
         """Every knob that produced these samples (for benchmark records)."""
@@ -110,7 +116,7 @@ def sample(
     if x_init is not None and tuple(x_init.shape) != shape:
         raise ValueError(f"x_init must have shape {shape}, got {tuple(x_init.shape)}")
 
-    counted = CountingScore(score, n, device)
+    counted = CountingScore(score, n)
     ctx = SolverContext(
         sde=sde, score=counted, noise=noise, t_start=sde.T, t_end=float(t_end), callback=callback, progress=progress
     )
@@ -135,4 +141,5 @@ def sample(
         wall_time=wall,
         stats=dict(ctx.stats, rows_evaluated=counted.rows_evaluated),
         stopped_early=ctx.stopped,
+        cost=counted.compute,
     )

@@ -239,7 +239,7 @@ def log_likelihood(
     d = math.prod(dims)
     dtype, device = x.dtype, x.device
     noise = as_noise_source(seed, n)
-    counted = CountingScore(score, n, device)
+    counted = CountingScore(score, n)
     v_all = None
     if trace == "hutchinson":
         draw = noise.rademacher if probe == "rademacher" else noise.normal

@@ -37,13 +37,22 @@ class CountingScore:
     """Wraps a score function and counts evaluations per sample: the only place NFE is counted.
 
     ``rows`` names which samples the rows of ``x`` belong to when a solver passes a subset of the
-    batch (finished samples dropped); by default row i is sample i.
+    batch (finished samples dropped); by default row i is sample i. ``cost`` is the compute of one
+    evaluation of one row (1 for a plain score; the level's cost for a network in a hierarchy):
+    ``cost_per_sample`` accumulates evaluations × cost, so a solver over several networks reports
+    its compute without a counter of its own. ``pass_rows`` hands ``rows`` on to the wrapped
+    function as a third argument (for vector fields that need to know their samples).
     """
 
-    def __init__(self, score: ScoreFn, n: int, device: torch.device | str = "cpu") -> None:
+    def __init__(self, score: ScoreFn, n: int, *, cost: float = 1.0, pass_rows: bool = False) -> None:
+        if isinstance(cost, bool) or not isinstance(cost, (int, float)) or not math.isfinite(cost) or cost <= 0:
+            raise ValueError(f"cost must be a positive finite number, got {cost!r}")
         self.score = score
         self.n = n
+        self.cost = float(cost)
+        self.pass_rows = pass_rows
         self.nfe_per_sample = torch.zeros(n, dtype=torch.float64)
+        self.cost_per_sample = torch.zeros(n, dtype=torch.float64)
         self.calls = 0
         self.rows_evaluated = 0
 
@@ -52,7 +61,7 @@ class CountingScore:
             raise ValueError(
                 f"t must be a 1-D tensor with one time per row of x ({x.shape[0]}), got shape {tuple(t.shape)}"
             )
-        out = self.score(x, t)
+        out = self.score(x, t, rows) if self.pass_rows else self.score(x, t)
         if not isinstance(out, Tensor) or out.shape != x.shape:
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ValueError(f"score(x, t) must return a tensor shaped like x {tuple(x.shape)}, got {got}")
@@ -60,10 +69,12 @@ class CountingScore:
         self.rows_evaluated += x.shape[0]
         if rows is None:
             self.nfe_per_sample += 1.0
+            self.cost_per_sample += self.cost
         else:
-            self.nfe_per_sample.index_add_(
-                0, rows.to("cpu", torch.long), torch.ones(rows.shape[0], dtype=torch.float64)
-            )
+            idx = rows.to("cpu", torch.long)
+            ones = torch.ones(rows.shape[0], dtype=torch.float64)
+            self.nfe_per_sample.index_add_(0, idx, ones)
+            self.cost_per_sample.index_add_(0, idx, ones * self.cost)
         if check_finite and not bool(torch.isfinite(out).all()):
             bad = ~torch.isfinite(out.reshape(out.shape[0], -1)).all(dim=1)
             times = sorted({float(v) for v in t[bad].tolist()})[:5]
@@ -74,7 +85,13 @@ class CountingScore:
 
     @property
     def nfe(self) -> float:
+        """Mean evaluations per sample."""
         return float(self.nfe_per_sample.mean())
+
+    @property
+    def compute(self) -> float:
+        """Mean compute per sample: evaluations × cost (equals ``nfe`` for cost 1)."""
+        return float(self.cost_per_sample.mean())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -328,3 +328,9 @@ def process_by_name(name: str, **params: float) -> SDE:
     if name not in PROCESSES:
         raise ValueError(f"unknown process {name!r}; valid processes: {list(PROCESSES)}")
     return PROCESSES[name](**params)
+
+
+def grid_beta(sde: SDE, t: Tensor, t_next: Tensor) -> Tensor:
+    """β_i = 1 − m(t)²/m(t_next)² of a VP-type (β-schedule) process between two times: the one-step
+    DDPM β that a grid implies for the move t → t_next, computed without cancellation."""
+    return -(2.0 * (sde.log_alpha(t) - sde.log_alpha(t_next))).expm1()

@@ -1,19 +1,22 @@
-"""Solver registry: one line per solver. Each module declares its SolverSpec(s)."""
+"""Solver registry: one line per solver. Each module declares its SolverSpec; its stepper declares
+what the method is (order, error order, NFE per step, stochasticity, coordinate)."""
 
 from __future__ import annotations
 
 from .adaptive import ADAPTIVE
-from .adaptive_2m import ADAPTIVE_SDE_DPM_2M
-from .adaptive_exp import ADAPTIVE_SDE_DPM
+from .adaptive_sde_dpm import ADAPTIVE_SDE_DPM
+from .adaptive_sde_dpm_2m import ADAPTIVE_SDE_DPM_2M
+from .ancestral import ANCESTRAL
 from .base import SolverSpec
 from .ddim import DDIM
-from .discrete import ANCESTRAL, REVERSE_DIFFUSION
-from .dpmpp import DPMPP_2M
-from .dpmpp_sde import DPMPP_2M_SDE
+from .dpmpp_2m import DPMPP_2M
+from .dpmpp_2m_sde import DPMPP_2M_SDE
 from .em import EM
-from .heun import EULER, HEUN
+from .euler import EULER
+from .heun import HEUN
 from .ode import ODE
 from .pc import PC
+from .reverse_diffusion import REVERSE_DIFFUSION
 
 SOLVERS: dict[str, SolverSpec] = {
     spec.name: spec

@@ -1,10 +1,10 @@
-"""What every solver shares: its declaration (name, options, run function), the context it runs in,
-option validators, and the fixed-grid loop.
+"""What every solver shares: its declaration (name, options, declarations, how it is built), the
+context it runs in, and option validators.
 
-A solver is a function ``run(ctx, x, **options) -> x_at_t_end``. It draws randomness only from
-``ctx.noise``, evaluates the score only through ``ctx.score`` (which counts NFE), reports each step
-through ``ctx.report`` and returns the state at ``ctx.t_end``; the front door applies the final
-denoise.
+A solver is a stepper (``solvers.stepper``) run by the driver (``solvers.driver``) under a
+controller (``solvers.controllers``). The stepper draws randomness only from the noise source,
+evaluates the score only through the counting wrapper, and the driver returns the state at
+``ctx.t_end``; the front door applies the final denoise.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ __all__ = [
     "one_of",
     "boolean",
     "grid_options",
-    "run_grid",
+    "solver_grid",
+    "fixed_grid",
 ]
 
 
@@ -114,15 +115,76 @@ def grid_options(steps: int, family: str = "sde") -> dict[str, Option]:
 
 @dataclass(frozen=True)
 class SolverSpec:
-    """A registered solver: its name, its run function and its options."""
+    """A registered solver: its name, options and declarations, and how it is built.
+
+    ``build(ctx, options)`` returns the keyword arguments of :func:`~fastsde.solvers.driver.integrate`
+    (stepper, controller, and the driver's settings); ``stepper`` is the stepper class, whose
+    declarations (order, error order, NFE per step, stochasticity, coordinate) the solver reports.
+    ``adaptive``: the step size is controlled per sample (``nfe_per_step`` is then None);
+    ``tolerance``: the option a tolerance sweep varies (None for fixed-step solvers).
+    """
 
     name: str
-    run: Callable[..., Tensor]
+    build: Callable[[SolverContext, dict[str, Any]], dict[str, Any]]
+    stepper: type
     options: Mapping[str, Option]
     summary: str
-    stochastic: bool = False
+    adaptive: bool = False
+    tolerance: str | None = None
     #: Extra cross-option checks, run after each option is checked: check(options, sde, t_end).
     check: Callable[[dict, SDE, float], None] | None = None
+
+    # -- declarations --------------------------------------------------------------------------
+
+    def _defaults(self, options: Mapping[str, Any] | None) -> dict[str, Any]:
+        out = {k: (opt.default if not callable(opt.default) else None) for k, opt in self.options.items()}
+        out.update(options or {})
+        return out
+
+    @property
+    def order(self) -> float:
+        """Convergence order at the default options (weak order for stochastic methods)."""
+        return self.order_for(None)
+
+    def order_for(self, options: Mapping[str, Any] | None) -> float:
+        return float(self.stepper.declared_order(self._defaults(options)))
+
+    @property
+    def error_order(self) -> float | None:
+        """Order of the embedded error estimate (None: the method has none)."""
+        return self.stepper.error_order
+
+    @property
+    def nfe_per_step(self) -> int | None:
+        """Score evaluations per step at the default options; None when the step size is adaptive."""
+        return None if self.adaptive else self.nfe_per_step_for(None)
+
+    def nfe_per_step_for(self, options: Mapping[str, Any] | None) -> int:
+        """Evaluations per attempted step for these options (fixed-grid and adaptive alike)."""
+        return int(self.stepper.declared_nfe(self._defaults(options)))
+
+    def fixed_nfe(self, options: Mapping[str, Any] | None = None, denoise: bool = True) -> int | None:
+        """Total NFE per sample of a fixed-grid run with these options (None when adaptive)."""
+        if self.adaptive:
+            return None
+        opts = self._defaults(options)
+        return (opts["steps"] - 1) * self.nfe_per_step_for(opts) + int(self.stepper.first_nfe) + int(denoise)
+
+    def is_stochastic(self, options: Mapping[str, Any] | None = None) -> bool:
+        """True when the samples depend on the seed beyond x_T for these options."""
+        return bool(self.stepper.declared_stochastic(self._defaults(options)))
+
+    @property
+    def stochastic(self) -> bool:
+        """Stochastic at the default options."""
+        return self.is_stochastic(None)
+
+    @property
+    def coordinate(self) -> str:
+        """The coordinate the stepper steps in: "t" or "logsnr"."""
+        return self.stepper.coordinate
+
+    # -- running -------------------------------------------------------------------------------
 
     def resolve(self, sde: SDE, given: Mapping[str, Any], t_end: float) -> dict[str, Any]:
         """Fill defaults and check every option; raise a ValueError before any compute."""
@@ -138,6 +200,13 @@ class SolverSpec:
         if self.check is not None:
             self.check(resolved, sde, t_end)
         return resolved
+
+    def run(self, ctx: SolverContext, x: Tensor, **options: Any) -> Tensor:
+        """Build the stepper and controller for these (resolved) options and run the driver."""
+        from .driver import integrate
+
+        plan = self.build(ctx, dict(options))
+        return integrate(ctx, x, desc=self.name, **plan)
 
 
 @dataclass
@@ -187,40 +256,16 @@ class SolverContext:
         return True
 
 
-def progress_bar(ctx: SolverContext, total: int, desc: str):
-    """A tqdm bar when progress is on, else None."""
-    if not ctx.progress:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, leave=False)
-
-
-def run_grid(
-    ctx: SolverContext,
-    x: Tensor,
-    grid: Tensor,
-    step: Callable[[int, Tensor, Tensor, Tensor], Tensor],
-    desc: str,
-) -> Tensor:
-    """Run ``step(k, x, t_cur, t_next) -> x`` over consecutive grid points; handles callbacks and
-    progress. t_cur and t_next are per-row time vectors."""
-    bar = progress_bar(ctx, len(grid) - 1, desc)
-    try:
-        for k in range(len(grid) - 1):
-            t_cur = ctx.times(float(grid[k]), x)
-            t_next = ctx.times(float(grid[k + 1]), x)
-            x = step(k, x, t_cur, t_next)
-            if bar is not None:
-                bar.update(1)
-            if not ctx.report(StepInfo(step=k, t=t_next, h=t_cur - t_next, x=x, nfe=ctx.score.nfe)):
-                break
-    finally:
-        if bar is not None:
-            bar.close()
-    return x
-
-
 def solver_grid(ctx: SolverContext, opts: Mapping[str, Any]) -> Tensor:
     """The grid named by a fixed-step solver's options."""
     return time_grid(ctx.sde, opts["grid"], opts["steps"], ctx.t_start, ctx.t_end, opts["rho"])
+
+
+def fixed_grid(stepper_cls: type) -> Callable[[SolverContext, dict[str, Any]], dict[str, Any]]:
+    """The build function of a fixed-grid solver: its stepper on the grid its options name."""
+    from .controllers import FixedGrid
+
+    def build(ctx: SolverContext, opts: dict[str, Any]) -> dict[str, Any]:
+        return dict(stepper=stepper_cls(ctx, opts), controller=FixedGrid(solver_grid(ctx, opts)))
+
+    return build

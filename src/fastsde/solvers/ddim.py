@@ -14,27 +14,54 @@ Stream.STEP with counter k.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 from torch import Tensor
 
-from ..noise import Stream
-from .base import Option, SolverContext, SolverSpec, grid_options, run_grid, solver_grid
-from .discrete import posterior_step
+from ..sde import SDE, broadcast_to_rows
+from .base import Option, SolverSpec, fixed_grid, grid_options
+from .stepper import Step, Stepper, StepResult
 
-__all__ = ["DDIM", "ddim"]
+__all__ = ["DDIM", "DDIMStepper", "posterior_step"]
 
 
-def ddim(ctx: SolverContext, x: Tensor, *, steps: int, grid: str, rho: float, eta: float) -> Tensor:
-    sde = ctx.sde
-    eta = float(eta)
+def posterior_step(sde: SDE, x: Tensor, x0: Tensor, t: Tensor, t_next: Tensor, eta: float, z: Tensor | None) -> Tensor:
+    """DDIM's move t → s = t_next in data-prediction form for x_t = m·x0 + σ·z:
 
-    def step(k: int, x: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
-        x0 = sde.denoise(x, t, ctx.score(x, t))
-        z = ctx.normal(x, Stream.STEP, k) if eta > 0.0 else None
-        return posterior_step(sde, x, x0, t, t_next, eta, z)
+    x_s = m_s·x̂0 + √(σ_s² − c²)·ε̂ + c·z, ε̂ = (x_t − m_t·x̂0)/σ_t, c = η·σ_s·√(1 − e^{−2h}),
 
-    return run_grid(ctx, x, solver_grid(ctx, dict(steps=steps, grid=grid, rho=rho)), step, "ddim")
+    with h = λ_s − λ_t the step in half log-SNR (e^{−2h} = σ̃_s²/σ̃_t²). η = 1 is the exact DDPM
+    posterior q(x_s | x_t, x0 = x̂0); η = 0 is deterministic.
+    """
+    m_t = broadcast_to_rows(sde.mean_coeff(t), x)
+    m_s = broadcast_to_rows(sde.mean_coeff(t_next), x)
+    sig_t = broadcast_to_rows(sde.marginal_std(t), x)
+    sig_s = broadcast_to_rows(sde.marginal_std(t_next), x)
+    eps = (x - m_t * x0) / sig_t
+    if eta == 0.0 or z is None:
+        return m_s * x0 + sig_s * eps
+    h = broadcast_to_rows(sde.log_snr(t_next) - sde.log_snr(t), x)
+    frac = -(-2.0 * h).expm1()  # 1 − σ̃_s²/σ̃_t² ∈ [0, 1)
+    c = eta * sig_s * frac.sqrt()
+    keep = sig_s * (1.0 - eta * eta * frac).clamp_min(0.0).sqrt()
+    return m_s * x0 + keep * eps + c * z
+
+
+class DDIMStepper(Stepper):
+    """DDIM: order 1 on the PF-ODE (η = 0); weak order 1 on the ancestral chain (η > 0)."""
+
+    order = 1.0
+
+    @classmethod
+    def declared_stochastic(cls, options: Mapping[str, Any]) -> bool:
+        return float(options.get("eta") or 0.0) > 0.0
+
+    def step(self, x: Tensor, s: Step) -> StepResult:
+        eta = float(self.options["eta"])
+        x0 = self.sde.denoise(x, s.t, s.score(x, s.t))
+        z = s.normal(x) if eta > 0.0 else None
+        return StepResult(x=posterior_step(self.sde, x, x0, s.t, s.t_next, eta, z), x0_hat=x0)
 
 
 def _eta(name: str, v: Any) -> None:
@@ -44,8 +71,8 @@ def _eta(name: str, v: Any) -> None:
 
 DDIM = SolverSpec(
     name="ddim",
-    run=ddim,
+    build=fixed_grid(DDIMStepper),
+    stepper=DDIMStepper,
     options={**grid_options(50, "sde"), "eta": Option(0.0, _eta, "0: deterministic DDIM, 1: ancestral (DDPM)")},
     summary="DDIM in data-prediction form for any m, σ (eta 0 deterministic, 1 ancestral), N NFE with denoise",
-    stochastic=False,  # deterministic by default; eta > 0 draws noise
 )

@@ -10,19 +10,23 @@ dx/dt = f(x, t) − ½ g(t)² s(x, t), integrated from T down to t_end by Dorman
 - method "scipy": scipy's ``solve_ivp`` RK45 on the whole batch flattened into one float64 vector,
   the reference code's procedure (the batch shares its steps; NFE = nfev, + 1 for the denoise).
 
-Accepted/rejected step counts per sample go into ``ctx.stats``. A sample that spends ``max_steps``
-attempts without reaching t_end is an IntegrationError naming how many did not finish, unless
-``partial=True`` (then they are returned where they stopped and ``ctx.stats["status"]`` says so).
+The rk45 method is the :class:`DormandPrince` stepper (the tableau, FSAL, scipy's initial step)
+under the driver's adaptive controller with scipy's law. Accepted/rejected step counts per sample go
+into ``ctx.stats``. A sample that spends ``max_nfe`` evaluations without reaching t_end is a
+BudgetError naming how many did not finish, unless ``on_budget="partial"`` (then they are returned
+where they stopped and ``ctx.stats["status"]`` says so). ``max_steps`` (attempts per sample) and
+``partial`` are the older spellings of the same budget and policy.
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..integrate import Status, StepReport, dopri5, scipy_rk45
 from .base import (
     Option,
     SolverContext,
@@ -32,10 +36,128 @@ from .base import (
     one_of,
     positive_float,
     positive_int,
-    progress_bar,
 )
+from .controllers import Adaptive, Coordinate
+from .driver import integrate
+from .stepper import State, Step, Stepper, StepResult
 
-__all__ = ["ODE", "ode"]
+__all__ = ["ODE", "DormandPrince", "select_initial_step", "scipy_law", "DOPRI_NFE_START"]
+
+#: F(y, t, rows) -> dy/dt for the rows of y; t holds one float64 time per row, rows the sample indices.
+Field = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+# Dormand–Prince 5(4) tableau (the coefficients of the published method).
+_C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0)
+_A = (
+    (),
+    (1 / 5,),
+    (3 / 40, 9 / 40),
+    (44 / 45, -56 / 15, 32 / 9),
+    (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
+    (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
+)
+_B = (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84)
+# Error weights: 5th-order minus embedded 4th-order solution, over the 7 stages (FSAL stage last).
+_E = (-71 / 57600, 0.0, 71 / 16695, -71 / 1920, 17253 / 339200, -22 / 525, 1 / 40)
+
+#: Evaluations before the first step: the FSAL evaluation at the start and scipy's step selection.
+DOPRI_NFE_START = 2
+
+
+def _rms(v: Tensor) -> Tensor:
+    """Per-row RMS norm over all but the first dimension."""
+    return v.reshape(v.shape[0], -1).pow(2).mean(dim=1).sqrt()
+
+
+def _bcast(v: Tensor, like: Tensor) -> Tensor:
+    return v.to(like.dtype).reshape(v.shape[0], *([1] * (like.dim() - 1)))
+
+
+def select_initial_step(
+    fun: Field, y0: Tensor, f0: Tensor, t0: Tensor, direction: Tensor, span: Tensor, rows: Tensor, rtol, atol
+) -> Tensor:
+    """scipy's starting step size, per row (Hairer, Nørsett & Wanner, II.4); one evaluation of F."""
+    scale = atol + y0.abs() * rtol
+    d0 = _rms(y0 / scale).to(torch.float64)
+    d1 = _rms(f0 / scale).to(torch.float64)
+    h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1)
+    h0 = torch.minimum(h0, span)
+    y1 = y0 + _bcast(h0 * direction, y0) * f0
+    f1 = fun(y1, t0 + h0 * direction, rows)
+    d2 = _rms((f1 - f0) / scale).to(torch.float64) / h0
+    small = (d1 <= 1e-15) & (d2 <= 1e-15)
+    h1 = torch.where(small, torch.clamp(h0 * 1e-3, min=1e-6), (0.01 / torch.maximum(d1, d2)) ** (1.0 / 5.0))
+    h = torch.minimum(torch.minimum(100 * h0, h1), span)
+    return torch.where(torch.isfinite(h) & (h > 0), h, h0)
+
+
+class DormandPrince(Stepper):
+    """Dormand–Prince 5(4) on dy/dt = F(y, t, rows): order 5, embedded error of order 5 (scipy's
+    exponent 1/5), 6 evaluations per attempt with FSAL, one at the start."""
+
+    order = 5.0
+    error_order = 5.0
+    nfe_per_step = 6
+    first_nfe = 1
+
+    def __init__(self, ctx: SolverContext, options: dict[str, Any], field: Field, direction: float) -> None:
+        super().__init__(ctx, options)
+        self.field, self.direction = field, float(direction)
+
+    def _rows(self, rows: Tensor | None, n: int, device) -> Tensor:
+        return torch.arange(n, device=device) if rows is None else rows.to(device)
+
+    def init(self, x: Tensor) -> tuple[State, Tensor | None]:
+        n = x.shape[0]
+        t0 = torch.full((n,), float(self.ctx.t_start), dtype=torch.float64, device=x.device)
+        f0 = self.field(x, t0, torch.arange(n, device=x.device))
+        bad = ~torch.isfinite(f0.reshape(n, -1)).all(dim=1)
+        return {"f": f0}, bad
+
+    def initial_step(self, x: Tensor, state: State, rows: Tensor, span: Tensor, rtol: float, atol: float) -> Tensor:
+        rd = rows.to(x.device)
+        t0 = torch.full((rd.shape[0],), float(self.ctx.t_start), dtype=torch.float64, device=x.device)
+        direction = torch.full_like(t0, self.direction)
+        return select_initial_step(self.field, x[rd], state["f"][rd], t0, direction, span, rd, rtol, atol)
+
+    def step(self, x: Tensor, s: Step) -> StepResult:
+        rows = self._rows(s.rows, x.shape[0], x.device)
+        ti = s.t64
+        hs = s.h * self.direction  # signed step in t, float64
+        hy = _bcast(hs, x)
+        ks = [s.get("f")]
+        for j in range(1, 6):
+            acc = sum(a * k for a, k in zip(_A[j], ks))
+            ks.append(self.field(x + hy * acc, ti + _C[j] * hs, rows))
+        y_new = x + hy * sum(b * k for b, k in zip(_B, ks) if b != 0.0)
+        f_new = self.field(y_new, s.t_next64, rows)
+        ks.append(f_new)
+        err = hy * sum(e * k for e, k in zip(_E, ks) if e != 0.0)
+        valid = torch.isfinite(f_new.reshape(x.shape[0], -1)).all(dim=1)
+        return StepResult(x=y_new, error=err, x_ref=y_new, valid=valid, state={"f": f_new})
+
+
+def scipy_law(rtol: float, atol: float, h_init: float | None, measured_exponent: bool = True) -> Adaptive:
+    """scipy's RK45 step control per sample (RMS norm of err / (atol + rtol·max(|y|, |y_new|)),
+    accept below 1, safety 0.9, factors 0.2..10, exponent 1/5, no growth after a rejection), plus
+    the measured-exponent start-up rule of ``fastsde.integrate`` when ``measured_exponent``."""
+    return Adaptive(
+        rtol=rtol,
+        atol=atol,
+        exponent=1.0 / DormandPrince.error_order,
+        mixed="sum",
+        norm="rms",
+        safety=0.9,
+        max_growth=10.0,
+        min_factor=0.2,
+        nonfinite_factor=0.2,
+        h_init=h_init,
+        grow_after_reject=False,
+        measured_exponent=measured_exponent,
+        accept_equal=False,
+        stop_tol=None,
+        min_step=True,
+    )
 
 
 def _optional_positive(name: str, v: Any) -> None:
@@ -43,93 +165,93 @@ def _optional_positive(name: str, v: Any) -> None:
         positive_float(name, v)
 
 
-def ode(
-    ctx: SolverContext,
-    x: Tensor,
-    *,
-    rtol: float,
-    atol: float,
-    method: str,
-    max_steps: int,
-    h_init: float | None,
-    partial: bool,
-) -> Tensor:
+def _optional_int(name: str, v: Any) -> None:
+    if v is not None:
+        positive_int(1)(name, v)
+
+
+def _optional_bool(name: str, v: Any) -> None:
+    if v is not None:
+        boolean(name, v)
+
+
+def budget_from_steps(max_nfe: int, max_steps: int | None, on_budget: str, partial: bool | None) -> tuple[int, str]:
+    """The older spellings: ``max_steps`` attempts per sample is max_nfe = 2 + 6·max_steps;
+    ``partial=True`` is on_budget="partial"."""
+    if max_steps is not None:
+        warnings.warn("max_steps is deprecated: use max_nfe (= 2 + 6·max_steps)", DeprecationWarning, stacklevel=4)
+        max_nfe = DOPRI_NFE_START + DormandPrince.nfe_per_step * max_steps
+    if partial is not None:
+        warnings.warn("partial is deprecated: use on_budget='partial'", DeprecationWarning, stacklevel=4)
+        on_budget = "partial" if partial else "raise"
+    return max_nfe, on_budget
+
+
+def _build(ctx: SolverContext, opts: dict[str, Any]) -> dict[str, Any]:
     sde = ctx.sde
-    dtype = x.dtype
-    n = x.shape[0]
 
-    if method == "scipy":
+    def field(y: Tensor, t: Tensor, rows: Tensor) -> Tensor:
+        # Non-finite scores are handled by the controller (the step is rejected and shrunk).
+        tt = t.to(y.dtype)
+        return sde.ode_drift(y, tt, ctx.score(y, tt, rows, check_finite=False))
 
-        def field(y: Tensor, t: Tensor, rows: Tensor | None) -> Tensor:
-            # A non-finite drift makes scipy's error norm NaN: it rejects the step and shrinks it.
-            tt = t.to(dtype)
-            return sde.ode_drift(y, tt, ctx.score(y, tt, rows, check_finite=False))
+    max_nfe, on_budget = budget_from_steps(opts["max_nfe"], opts["max_steps"], opts["on_budget"], opts["partial"])
+    coord = Coordinate.time(ctx.t_start, ctx.t_end)
+    return dict(
+        stepper=DormandPrince(ctx, opts, field, direction=-1.0),
+        controller=scipy_law(opts["rtol"], opts["atol"], opts["h_init"], measured_exponent=True),
+        coordinate=coord,
+        max_nfe=max_nfe,
+        on_budget=on_budget,
+        budget_hint="raise max_nfe, loosen rtol/atol",
+    )
 
-        y, nfev, steps = scipy_rk45(field, x, ctx.t_start, ctx.t_end, rtol=rtol, atol=atol)
-        ctx.stats.update(method="scipy", nfev=nfev, accepted=steps)
-        ctx.report(StepInfo(step=steps, t=ctx.times(ctx.t_end, y), h=torch.zeros(n), x=y, nfe=ctx.score.nfe))
-        return y
+
+def _run_scipy(ctx: SolverContext, x: Tensor, rtol: float, atol: float) -> Tensor:
+    """scipy's solve_ivp on the flattened batch (the reference procedure; shared steps)."""
+    from ..integrate import scipy_rk45
+
+    sde, dtype, n = ctx.sde, x.dtype, x.shape[0]
 
     def field(y: Tensor, t: Tensor, rows: Tensor | None) -> Tensor:
-        # Non-finite scores are handled by the integrator (the step is rejected and shrunk).
+        # A non-finite drift makes scipy's error norm NaN: it rejects the step and shrinks it.
         tt = t.to(dtype)
         return sde.ode_drift(y, tt, ctx.score(y, tt, rows, check_finite=False))
 
-    span = abs(ctx.t_start - ctx.t_end)
-    bar = progress_bar(ctx, 1000, "ode")
-    shown = 0
-
-    def on_step(rep: StepReport) -> bool:
-        nonlocal shown
-        h_full = torch.zeros(n, dtype=torch.float64, device=x.device)
-        h_full[rep.rows] = rep.h
-        acc = torch.zeros(n, dtype=torch.bool, device=x.device)
-        acc[rep.rows] = rep.accepted
-        if bar is not None:
-            # progress of the slowest sample still running
-            frac = float((ctx.t_start - rep.t).abs().min()) / span if span > 0 else 1.0
-            k = int(1000 * min(frac, 1.0))
-            if k > shown:
-                bar.update(k - shown)
-                shown = k
-        info = StepInfo(step=rep.step, t=rep.t.to(dtype), h=h_full, x=rep.y, nfe=ctx.score.nfe, accepted=acc)
-        return ctx.report(info)
-
-    try:
-        sol = dopri5(
-            field, x, ctx.t_start, ctx.t_end, rtol=rtol, atol=atol, max_steps=max_steps, h_init=h_init, on_step=on_step
-        )
-    finally:
-        if bar is not None:
-            bar.close()
-    ctx.stats.update(
-        method="rk45",
-        accepted=sol.accepted.cpu(),
-        rejected=sol.rejected.cpu(),
-        steps_per_sample=(sol.accepted + sol.rejected).cpu(),
-        status=sol.status.cpu(),
-        h_initial=sol.h_initial.cpu(),
-        t_reached=sol.t.cpu(),
-    )
-    stopped = sol.status == Status.STOPPED
-    if bool(stopped.any()):
-        ctx.stopped = True
-    elif not partial:
-        sol.raise_if_unfinished()
-    return sol.y
+    y, nfev, steps = scipy_rk45(field, x, ctx.t_start, ctx.t_end, rtol=rtol, atol=atol)
+    ctx.stats.update(method="scipy", nfev=nfev, accepted=steps)
+    ctx.report(StepInfo(step=steps, t=torch.full((n,), ctx.t_end, dtype=dtype), h=torch.zeros(n), x=y, nfe=ctx.score.nfe))
+    return y
 
 
-ODE = SolverSpec(
+class _ODESpec(SolverSpec):
+    """``ode``: the driver for rk45, scipy's own loop for method="scipy"."""
+
+    def run(self, ctx: SolverContext, x: Tensor, **options: Any) -> Tensor:
+        if options["method"] == "scipy":
+            return _run_scipy(ctx, x, options["rtol"], options["atol"])
+        plan = self.build(ctx, dict(options))
+        ctx.stats["method"] = "rk45"
+        return integrate(ctx, x, desc=self.name, **plan)
+
+
+ODE = _ODESpec(
     name="ode",
-    run=ode,
+    build=_build,
+    stepper=DormandPrince,
     options={
         "rtol": Option(1e-5, positive_float, "relative tolerance"),
         "atol": Option(1e-5, positive_float, "absolute tolerance"),
         "method": Option("rk45", one_of("rk45", "scipy"), "rk45: per-sample torch; scipy: solve_ivp on the batch"),
-        "max_steps": Option(10_000, positive_int(1), "step attempts allowed per sample (rk45)"),
+        "max_nfe": Option(
+            DOPRI_NFE_START + 6 * 10_000, positive_int(8), "per-sample budget of solver NFE (rk45; 10 000 attempts)"
+        ),
+        "on_budget": Option("raise", one_of("raise", "partial"), "what happens when max_nfe is reached"),
+        "max_steps": Option(None, _optional_int, "deprecated: step attempts per sample (sets max_nfe)"),
         "h_init": Option(None, _optional_positive, "first step size (default: scipy's selection, 1 NFE)"),
-        "partial": Option(False, boolean, "return unfinished samples instead of raising"),
+        "partial": Option(None, _optional_bool, "deprecated: True is on_budget='partial'"),
     },
     summary="adaptive Dormand–Prince RK45 on the probability-flow ODE, per-sample steps",
-    stochastic=False,
+    adaptive=True,
+    tolerance="rtol",
 )

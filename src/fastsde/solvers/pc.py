@@ -20,17 +20,21 @@ batch-mean rule does not.
 implies for the move leaving t_k (the reference code's per-step α_i, read from the β schedule, so
 sub-VP works too); α = 1 for VE and EDM.
 
-Predictors (``predictor``): "reverse_diffusion" (default), "ancestral", "em", see
-``solvers.discrete``. Predictor noise is Stream.STEP with counter k; corrector noise is
-Stream.CORRECTOR with counter k·M + j.
+Predictors (``predictor``): "reverse_diffusion" (default), "ancestral", "em" (the moves of those
+solvers). Predictor noise is Stream.STEP with counter k; corrector noise is Stream.CORRECTOR with
+counter k·M + j. The corrector is the driver's :class:`~fastsde.solvers.correctors.Langevin`, placed
+at T and after every move that does not end at t_end.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from typing import Any
+
 from torch import Tensor
 
-from ..noise import Stream
-from ..sde import VPSDE, SubVPSDE, broadcast_to_rows
+from ..sde import SDE, VPSDE, SubVPSDE, grid_beta
+from .ancestral import ancestral_move
 from .base import (
     Option,
     SolverContext,
@@ -40,59 +44,69 @@ from .base import (
     one_of,
     positive_float,
     positive_int,
-    run_grid,
     solver_grid,
 )
-from .discrete import PREDICTORS, grid_beta
+from .controllers import FixedGrid
+from .correctors import Langevin
+from .em import em_move
+from .reverse_diffusion import reverse_diffusion_move
+from .stepper import Step, Stepper, StepResult
 
-__all__ = ["PC", "pc", "langevin_step"]
+__all__ = ["PC", "Predictor", "PREDICTORS"]
 
-
-def _norms(v: Tensor, per_sample: bool) -> Tensor:
-    """Per-row L2 norms (n,), or their batch mean broadcast to (n,)."""
-    norms = v.reshape(v.shape[0], -1).norm(dim=1)
-    return norms if per_sample else norms.mean().expand_as(norms)
-
-
-def langevin_step(
-    ctx: SolverContext, x: Tensor, t: Tensor, alpha: Tensor, snr: float, counter: int, per_sample_norm: bool
-) -> Tensor:
-    """One Langevin corrector step at fixed t with the snr step-size rule."""
-    s = ctx.score(x, t)
-    z = ctx.normal(x, Stream.CORRECTOR, counter)
-    ratio = snr * _norms(z, per_sample_norm) / _norms(s, per_sample_norm)
-    eps = broadcast_to_rows(2.0 * alpha * ratio**2, x)
-    return x + eps * s + (2.0 * eps).sqrt() * z
+#: The predictor moves pc can use: (sde, x, step) -> x at step.t_next.
+PREDICTORS: dict[str, Callable[[SDE, Tensor, Step], Tensor]] = {
+    "reverse_diffusion": reverse_diffusion_move,
+    "ancestral": ancestral_move,
+    "em": em_move,
+}
 
 
-def pc(
-    ctx: SolverContext,
-    x: Tensor,
-    *,
-    steps: int,
-    grid: str,
-    rho: float,
-    snr: float,
-    corrector_steps: int,
-    predictor: str,
-    per_sample_norm: bool,
-) -> Tensor:
-    sde = ctx.sde
-    move = PREDICTORS[predictor]
-    beta_schedule = isinstance(sde, (VPSDE, SubVPSDE))
+class Predictor(Stepper):
+    """The predictor move of pc; the driver's Langevin corrector adds M evaluations per point."""
 
-    def step(k: int, x: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
-        alpha = 1.0 - grid_beta(sde, t, t_next) if beta_schedule else t.new_ones(t.shape)
-        for j in range(corrector_steps):
-            x = langevin_step(ctx, x, t, alpha, snr, k * corrector_steps + j, per_sample_norm)
-        return move(ctx, k, x, t, t_next)
+    order = 1.0
+    stochastic = True
 
-    return run_grid(ctx, x, solver_grid(ctx, dict(steps=steps, grid=grid, rho=rho)), step, "pc")
+    @classmethod
+    def declared_nfe(cls, options: Mapping[str, Any]) -> int:
+        return 1 + int(options.get("corrector_steps") or 0)
+
+    def step(self, x: Tensor, s: Step) -> StepResult:
+        return StepResult(x=PREDICTORS[self.options["predictor"]](self.sde, x, s))
+
+
+def _alpha(sde: SDE) -> Callable[[Tensor, Tensor | None], Tensor] | None:
+    """α = 1 − β_i of the move leaving the corrected point (VP, sub-VP); α = 1 otherwise."""
+    if not isinstance(sde, (VPSDE, SubVPSDE)):
+        return None
+
+    def alpha(t: Tensor, t_next: Tensor | None) -> Tensor:
+        assert t_next is not None
+        return 1.0 - grid_beta(sde, t, t_next)
+
+    return alpha
+
+
+def _build(ctx: SolverContext, opts: dict[str, Any]) -> dict[str, Any]:
+    corrector = None
+    if opts["corrector_steps"] > 0:
+        corrector = Langevin(
+            opts["corrector_steps"],
+            opts["snr"],
+            per_sample_norm=opts["per_sample_norm"],
+            alpha=_alpha(ctx.sde),
+            at_start=True,
+            at_end=False,
+            key="point",
+        )
+    return dict(stepper=Predictor(ctx, opts), controller=FixedGrid(solver_grid(ctx, opts)), corrector=corrector)
 
 
 PC = SolverSpec(
     name="pc",
-    run=pc,
+    build=_build,
+    stepper=Predictor,
     options={
         **grid_options(1000, "sde"),
         "snr": Option(0.16, positive_float, "signal-to-noise ratio of the Langevin step size"),
@@ -101,5 +115,4 @@ PC = SolverSpec(
         "per_sample_norm": Option(False, boolean, "per-sample norms in the step size (batch-independent)"),
     },
     summary="Predictor–corrector: M Langevin steps then a predictor move at each grid point + denoise",
-    stochastic=True,
 )

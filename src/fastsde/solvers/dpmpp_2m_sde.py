@@ -31,25 +31,18 @@ The noise of move k is Stream.STEP with counter k. Default grid: uniform in λ.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import Tensor
 
-from ..noise import Stream
 from ..sde import SDE, broadcast_to_rows
-from .base import (
-    Option,
-    SolverContext,
-    SolverSpec,
-    boolean,
-    grid_options,
-    nonnegative_float,
-    one_of,
-    run_grid,
-    solver_grid,
-)
-from .dpmpp import LOWER_ORDER_FINAL_BELOW
+from .base import Option, SolverSpec, boolean, fixed_grid, grid_options, nonnegative_float, one_of
+from .dpmpp_2m import first_order_moves
+from .stepper import State, Step, Stepper, StepResult
 
-__all__ = ["DPMPP_2M_SDE", "dpmpp_2m_sde", "sde_dpm_step", "SDEDPMCoefficients"]
+__all__ = ["DPMPP_2M_SDE", "SDEDPMSolverPP2M", "SDEDPMCoefficients"]
 
 
 class SDEDPMCoefficients:
@@ -74,62 +67,64 @@ class SDEDPMCoefficients:
         safe_k = torch.where(k > 0, k, torch.ones_like(k))
         self.linear = torch.where(k > 0, m_t * self.h * (1.0 - one_minus / safe_k), torch.zeros_like(k))
 
-
-def sde_dpm_step(
-    x: Tensor,
-    x0: Tensor,
-    coef: SDEDPMCoefficients,
-    slope: Tensor | None,
-    form: str,
-) -> Tensor:
-    """The noise-free part of one move: first order when ``slope`` is None, else second order."""
-    out = broadcast_to_rows(coef.decay.to(x.dtype), x) * x + broadcast_to_rows(coef.weight.to(x.dtype), x) * x0
-    if slope is not None:
-        c = coef.midpoint if form == "midpoint" else coef.linear
-        out = out + broadcast_to_rows(c.to(x.dtype), x) * slope
-    return out
+    def first_order(self, x: Tensor, x0: Tensor) -> Tensor:
+        """The noise-free first-order part of the move: decay·x + weight·x̂0."""
+        return broadcast_to_rows(self.decay.to(x.dtype), x) * x + broadcast_to_rows(self.weight.to(x.dtype), x) * x0
 
 
-def dpmpp_2m_sde(
-    ctx: SolverContext,
-    x: Tensor,
-    *,
-    steps: int,
-    grid: str,
-    rho: float,
-    eta: float,
-    solver_type: str,
-    lower_order_final: bool,
-    corrector: bool = False,
-) -> Tensor:
-    sde = ctx.sde
-    moves = steps - 1
-    history: dict[str, Tensor] = {}
+class SDEDPMSolverPP2M(Stepper):
+    """SDE-DPM-Solver++(2M): weak order 1 on the reverse SDE (η > 0), order 2 on the PF-ODE (η = 0);
+    one evaluation per move."""
 
-    def step(k: int, x: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
-        coef = SDEDPMCoefficients(sde, t, t_next, eta)
-        x0 = sde.denoise(x, t, ctx.score(x, t))
-        if corrector and k > 0:  # redo the last move with x̂0 linear between its two ends
-            x = history["base"] + broadcast_to_rows(history["linear"].to(x.dtype), x) * (x0 - history["x0"]) / (
-                broadcast_to_rows(history["h"].to(x.dtype), x)
+    order = 1.0
+
+    @classmethod
+    def declared_order(cls, options: Mapping[str, Any]) -> float:
+        return 2.0 if float(options.get("eta", 1.0)) == 0.0 else 1.0
+
+    @classmethod
+    def declared_stochastic(cls, options: Mapping[str, Any]) -> bool:
+        return float(options.get("eta", 1.0)) > 0.0
+
+    def init(self, x: Tensor) -> tuple[State, Tensor | None]:
+        n, dev = x.shape[0], x.device
+        f64 = torch.float64
+        return {
+            "x0": torch.zeros_like(x),
+            "h": torch.zeros(n, dtype=f64, device=dev),
+            "base": torch.zeros_like(x),
+            "linear": torch.zeros(n, dtype=f64, device=dev),
+        }, None
+
+    def reset(self, state: State, rows: Tensor) -> None:
+        state["h"][rows.to(state["h"].device)] = 0.0
+
+    def step(self, x: Tensor, s: Step) -> StepResult:
+        sde, o = self.sde, self.options
+        eta, dt = o["eta"], x.dtype
+        coef = SDEDPMCoefficients(sde, s.t, s.t_next, eta)
+        x0 = sde.denoise(x, s.t, s.score(x, s.t))
+        h_prev, x0_prev = s.get("h"), s.get("x0")
+        has = broadcast_to_rows(h_prev > 0, x)
+        if o["corrector"]:  # redo the last move with x̂0 linear between its two ends
+            redone = s.get("base") + broadcast_to_rows(s.get("linear").to(dt), x) * (x0 - x0_prev) / (
+                broadcast_to_rows(h_prev.to(dt), x)
             )
-        first_order = k == 0 or (lower_order_final and k == moves - 1 and moves < LOWER_ORDER_FINAL_BELOW)
-        slope = None if first_order else (x0 - history["x0"]) / broadcast_to_rows(history["h"].to(x.dtype), x)
-        base = sde_dpm_step(x, x0, coef, None, solver_type)
+            x = torch.where(has, redone, x)
+        first = first_order_moves(s, h_prev > 0, o["lower_order_final"])
+        slope = (x0 - x0_prev) / broadcast_to_rows(h_prev.to(dt), x)
+        base = coef.first_order(x, x0)
         if eta > 0.0:
-            base = base + broadcast_to_rows(coef.noise_std.to(x.dtype), x) * ctx.normal(x, Stream.STEP, k)
-        history["x0"], history["h"], history["base"], history["linear"] = x0, coef.h, base, coef.linear
-        if slope is None:
-            return base
-        c = coef.midpoint if solver_type == "midpoint" else coef.linear
-        return base + broadcast_to_rows(c.to(x.dtype), x) * slope
-
-    return run_grid(ctx, x, solver_grid(ctx, dict(steps=steps, grid=grid, rho=rho)), step, "dpmpp_2m_sde")
+            base = base + broadcast_to_rows(coef.noise_std.to(dt), x) * s.normal(x)
+        c = coef.midpoint if o["solver_type"] == "midpoint" else coef.linear
+        out = torch.where(broadcast_to_rows(first, x), base, base + broadcast_to_rows(c.to(dt), x) * slope)
+        return StepResult(x=out, state={"x0": x0, "h": coef.h, "base": base, "linear": coef.linear}, x0_hat=x0)
 
 
 DPMPP_2M_SDE = SolverSpec(
     name="dpmpp_2m_sde",
-    run=dpmpp_2m_sde,
+    build=fixed_grid(SDEDPMSolverPP2M),
+    stepper=SDEDPMSolverPP2M,
     options={
         **grid_options(20, "exp"),
         "eta": Option(1.0, nonnegative_float, "noise scale: 1 the reverse SDE, 0 the PF-ODE"),
@@ -143,5 +138,4 @@ DPMPP_2M_SDE = SolverSpec(
         ),
     },
     summary="SDE-DPM-Solver++(2M) on the reverse SDE (eta 1), N NFE with denoise",
-    stochastic=True,
 )

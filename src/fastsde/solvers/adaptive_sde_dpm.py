@@ -27,7 +27,7 @@ t = T for VP.
 
 Defaults that differ from GGF, and why (measured on the exact mixtures, benchmarks/adaptive_quick.py):
 - ``brownian="memory"``: W is revealed lazily per sample with memory of the points a rejected
-  attempt drew (:class:`~fastsde.solvers.adaptive.BrownianMemory`), so a retried step sees the same
+  attempt drew (:class:`~fastsde.brownian.BrownianMemory`), so a retried step sees the same
   path. With fresh noise after every rejection the accepted steps are those with small noise, and
   in low dimension the samples come out visibly too narrow even at tight tolerances. ``"tree"``
   (a per-sample Brownian tree) gives the same quality and a path that depends on the seed only
@@ -52,78 +52,78 @@ import torch
 from torch import Tensor
 
 from ..sde import broadcast_to_rows
-from .adaptive import Attempt, adaptive_options, run_adaptive
+from .adaptive import adaptive_options, adaptive_plan
 from .base import SolverContext, SolverSpec
+from .controllers import Coordinate
+from .stepper import Step, Stepper, StepResult, embedded
 
-__all__ = ["ADAPTIVE_SDE_DPM", "adaptive_sde_dpm", "run_in_log_snr"]
+__all__ = ["ADAPTIVE_SDE_DPM", "SDEDPMPair"]
 
 _R = 0.5  # midpoint ratio r
 
 
-def _sde_dpm_pair(ctx: SolverContext, x: Tensor, a: Attempt) -> tuple[Tensor, Tensor]:
-    sde = ctx.sde
-    dt = x.dtype
-    ts, tn = a.t.to(torch.float64), a.t_next.to(torch.float64)
-    lam_s, lam_t = sde.log_snr(ts), sde.log_snr(tn)
-    h = lam_t - lam_s
-    tm = sde.t_from_lambda(lam_s + _R * h)
-    tm = torch.minimum(torch.maximum(tm, tn), ts)  # round-trip safety
-    lam_m = sde.log_snr(tm)
-    r = torch.where(h > 0, (lam_m - lam_s) / torch.where(h > 0, h, torch.ones_like(h)), torch.full_like(h, _R))
-    sig_s, sig_m, sig_t = sde.marginal_std(ts), sde.marginal_std(tm), sde.marginal_std(tn)
-    m_m, m_t = sde.mean_coeff(tm), sde.mean_coeff(tn)
-    e2h = -torch.expm1(-2.0 * h)  # 1 − e^{−2h}
+class SDEDPMPair(Stepper):
+    """SDE-DPM-Solver++ 1 / 2S-midpoint pair in λ (2 NFE per attempt; error of order 1.5)."""
 
-    def rows(v: Tensor) -> Tensor:
-        return broadcast_to_rows(v.to(dt), x)
+    order = 1.0
+    error_order = 1.5
+    nfe_per_step = 2
+    coordinate = "logsnr"
+    stochastic = True
 
-    a_t = rows(sig_t / sig_s * torch.exp(-h))
-    b_t = rows(m_t * e2h)
-    a_m = rows(sig_m / sig_s * torch.exp(-r * h))
-    b_m = rows(m_m * -torch.expm1(-2.0 * r * h))
-    safe_rh = torch.where(h > 0, r * h, torch.ones_like(h))
-    c2 = rows(torch.where(h > 0, m_t * (h - 0.5 * e2h) / safe_rh, torch.zeros_like(h)))
+    def step(self, x: Tensor, s: Step) -> StepResult:
+        sde = self.sde
+        dt = x.dtype
+        ts, tn = s.t.to(torch.float64), s.t_next.to(torch.float64)
+        lam_s, lam_t = sde.log_snr(ts), sde.log_snr(tn)
+        h = lam_t - lam_s
+        tm = sde.t_from_lambda(lam_s + _R * h)
+        tm = torch.minimum(torch.maximum(tm, tn), ts)  # round-trip safety
+        lam_m = sde.log_snr(tm)
+        r = torch.where(h > 0, (lam_m - lam_s) / torch.where(h > 0, h, torch.ones_like(h)), torch.full_like(h, _R))
+        sig_s, sig_m, sig_t = sde.marginal_std(ts), sde.marginal_std(tm), sde.marginal_std(tn)
+        m_m, m_t = sde.mean_coeff(tm), sde.mean_coeff(tn)
+        e2h = -torch.expm1(-2.0 * h)  # 1 − e^{−2h}
 
-    # W in λ with Var = e^{2λ}: N_m = σ_m e^{−λ_m}(W_m − W_s), N_t = σ_t e^{−λ_t}(W_t − W_s)
-    w_m, w_t = a.brownian([lam_m, a.c_next])
-    n_m = rows(sig_m * torch.exp(-lam_m)) * w_m.to(dt)
-    n_t = rows(sig_t * torch.exp(-lam_t)) * w_t.to(dt)
-    x0_s = sde.denoise(x, a.t, a.score0())
-    u = a_m * x + b_m * x0_s + n_m
-    tm_d = tm.to(dt)
-    x0_m = sde.denoise(u, tm_d, a.score(u, tm_d))
-    low = a_t * x + b_t * x0_s + n_t
-    return low, low + c2 * (x0_m - x0_s)
+        def rows(v: Tensor) -> Tensor:
+            return broadcast_to_rows(v.to(dt), x)
 
+        a_t = rows(sig_t / sig_s * torch.exp(-h))
+        b_t = rows(m_t * e2h)
+        a_m = rows(sig_m / sig_s * torch.exp(-r * h))
+        b_m = rows(m_m * -torch.expm1(-2.0 * r * h))
+        safe_rh = torch.where(h > 0, r * h, torch.ones_like(h))
+        c2 = rows(torch.where(h > 0, m_t * (h - 0.5 * e2h) / safe_rh, torch.zeros_like(h)))
 
-def run_in_log_snr(ctx: SolverContext, x: Tensor, **kwargs: Any) -> Tensor:
-    """:func:`run_adaptive` with the controller's coordinate c = λ (half log-SNR) from t_start to t_end
-    and the Brownian process of the exponential integrators (Var W(λ) = e^{2λ})."""
-    sde = ctx.sde
-    lam = sde.log_snr(torch.tensor([ctx.t_start, ctx.t_end], dtype=torch.float64)).tolist()
-    return run_adaptive(
-        ctx,
-        x,
-        c_start=lam[0],
-        c_end=lam[1],
-        to_t=sde.t_from_lambda,
-        variance=lambda lam: torch.exp(2.0 * lam),
-        stop_tol=1e-6,
-        **kwargs,
-    )
+        # W in λ with Var = e^{2λ}: N_m = σ_m e^{−λ_m}(W_m − W_s), N_t = σ_t e^{−λ_t}(W_t − W_s)
+        w_m, w_t = s.brownian([lam_m, s.c_next])
+        n_m = rows(sig_m * torch.exp(-lam_m)) * w_m.to(dt)
+        n_t = rows(sig_t * torch.exp(-lam_t)) * w_t.to(dt)
+        x0_s = sde.denoise(x, s.t, s.score0())
+        u = a_m * x + b_m * x0_s + n_m
+        tm_d = tm.to(dt)
+        x0_m = sde.denoise(u, tm_d, s.score(u, tm_d))
+        low = a_t * x + b_t * x0_s + n_t
+        return embedded(low, low + c2 * (x0_m - x0_s), self.options["extrapolate"], x0_hat=x0_s)
 
 
-def adaptive_sde_dpm(ctx: SolverContext, x: Tensor, **opts: Any) -> Tensor:
-    """Adaptive SDE-DPM-Solver++ (1 vs 2S-midpoint) with the per-sample GGF controller, in λ."""
-    return run_in_log_snr(ctx, x, pair=_sde_dpm_pair, nfe_per_attempt=2, desc="adaptive_sde_dpm", **opts)
+def log_snr_coordinate(ctx: SolverContext) -> Coordinate:
+    """The controller's coordinate c = λ (half log-SNR) from t_start to t_end."""
+    return Coordinate.log_snr(ctx.sde, ctx.t_start, ctx.t_end)
+
+
+def _build(ctx: SolverContext, opts: dict[str, Any]) -> dict[str, Any]:
+    return adaptive_plan(ctx, SDEDPMPair(ctx, opts), opts, log_snr_coordinate(ctx), opts["h_init"])
 
 
 ADAPTIVE_SDE_DPM = SolverSpec(
     name="adaptive_sde_dpm",
-    run=adaptive_sde_dpm,
+    build=_build,
+    stepper=SDEDPMPair,
     options=adaptive_options(
         h_init=0.1, eps_rel=0.02, exponent=0.67, brownian="memory", use_prev=False, max_growth=5.0, reuse=True
     ),
     summary="adaptive SDE-DPM-Solver++ (1 / 2S midpoint pair in log-SNR, per-sample steps) on the reverse SDE",
-    stochastic=True,
+    adaptive=True,
+    tolerance="eps_rel",
 )

@@ -7,7 +7,7 @@ the end of the step, and that evaluation serves three purposes: it corrects the 
 step's error, and (when the step is accepted) it is the first evaluation of the next step.
 
 One attempt s → t (h = λ_t − λ_s in half log-SNR, data prediction x̂0, Brownian path W in λ with
-Var W(λ) = e^{2λ} as in :mod:`~fastsde.solvers.adaptive_exp`, so N_t = σ_t e^{−λ_t}(W(λ_t) − W(λ_s))
+Var W(λ) = e^{2λ} as in :mod:`~fastsde.solvers.adaptive_sde_dpm`, so N_t = σ_t e^{−λ_t}(W(λ_t) − W(λ_s))
 has variance σ_t²(1 − e^{−2h})):
 
 - base  = (σ_t/σ_s)e^{−h}·x_s + m_t(1 − e^{−2h})·x̂0_s + N_t        (the first-order step);
@@ -45,86 +45,64 @@ import torch
 from torch import Tensor
 
 from ..sde import broadcast_to_rows
-from .adaptive import Attempt, adaptive_options
-from .adaptive_exp import run_in_log_snr
+from .adaptive import adaptive_options, adaptive_plan
+from .adaptive_sde_dpm import log_snr_coordinate
 from .base import Option, SolverContext, SolverSpec
-from .dpmpp_sde import SDEDPMCoefficients
+from .dpmpp_2m_sde import SDEDPMCoefficients
+from .stepper import State, Step, Stepper, StepResult
 
-__all__ = ["ADAPTIVE_SDE_DPM_2M", "adaptive_sde_dpm_2m"]
+__all__ = ["ADAPTIVE_SDE_DPM_2M", "SDEDPM2MPredictorCorrector"]
 
 
-class _PredictorCorrector2M:
-    """The 2M predictor / linear-slope corrector pair with per-sample history (x̂0 now and before)."""
+class SDEDPM2MPredictorCorrector(Stepper):
+    """The 2M predictor / linear-slope corrector pair with per-sample history (x̂0 now and before):
+    1 NFE per attempt, plus one evaluation at x_T for every sample before the first step."""
 
-    def __init__(self, like: Tensor) -> None:
-        n = like.shape[0]
-        self.x0_now = torch.zeros_like(like)
-        self.x0_before = torch.zeros_like(like)
-        self.h_before = torch.zeros(n, dtype=torch.float64, device=like.device)  # 0: no history yet
-        self.started = False
-        self.pending: tuple[Tensor, Tensor] | None = None  # (x̂0 at the attempted end, h) per sub-batch row
+    order = 1.0
+    error_order = 1.5
+    nfe_per_step = 1
+    first_nfe = 1
+    coordinate = "logsnr"
+    stochastic = True
 
-    def __call__(self, ctx: SolverContext, x: Tensor, a: Attempt) -> tuple[Tensor, Tensor]:
-        sde, dt = ctx.sde, x.dtype
-        assert a.rows is not None
-        rd = a.rows.to(x.device)
-        if not self.started:  # every sample starts together: one evaluation at x_T for all
-            self.x0_now[rd] = sde.denoise(x, a.t, a.score0())
-            self.started = True
-        coef = SDEDPMCoefficients(sde, a.t, a.t_next, eta=1.0)
+    def init(self, x: Tensor) -> tuple[State, Tensor | None]:
+        n = x.shape[0]
+        t = torch.full((n,), float(self.ctx.t_start), dtype=torch.float64, device=x.device).to(x.dtype)
+        x0 = self.sde.denoise(x, t, self.ctx.score(x, t, check_finite=False))
+        state = {
+            "x0_now": x0,
+            "x0_before": torch.zeros_like(x),
+            "h_before": torch.zeros(n, dtype=torch.float64, device=x.device),  # 0: no history yet
+        }
+        return state, None
+
+    def step(self, x: Tensor, s: Step) -> StepResult:
+        sde, dt = self.sde, x.dtype
+        coef = SDEDPMCoefficients(sde, s.t, s.t_next, eta=1.0)
         h = coef.h
-        lam_t = sde.log_snr(a.t_next.to(torch.float64))
+        lam_t = sde.log_snr(s.t_next.to(torch.float64))
 
         def rows(v: Tensor) -> Tensor:
             return broadcast_to_rows(v.to(dt), x)
 
-        x0_s = self.x0_now[rd]
-        h_old = self.h_before[rd]
+        x0_s = s.get("x0_now")
+        h_old = s.get("h_before")
         safe_old = torch.where(h_old > 0, h_old, torch.ones_like(h_old))
         d_old = torch.where(
-            broadcast_to_rows(h_old > 0, x), (x0_s - self.x0_before[rd]) / rows(safe_old), torch.zeros_like(x0_s)
+            broadcast_to_rows(h_old > 0, x), (x0_s - s.get("x0_before")) / rows(safe_old), torch.zeros_like(x0_s)
         )
-        w_t = a.brownian([a.c_next])[0]
-        noise = rows(sde.marginal_std(a.t_next.to(torch.float64)) * torch.exp(-lam_t)) * w_t.to(dt)
+        w_t = s.brownian([s.c_next])[0]
+        noise = rows(sde.marginal_std(s.t_next.to(torch.float64)) * torch.exp(-lam_t)) * w_t.to(dt)
         base = rows(coef.decay) * x + rows(coef.weight) * x0_s + noise
         pred = base + rows(coef.midpoint) * d_old
-        x0_t = sde.denoise(pred, a.t_next, a.score(pred, a.t_next))
+        x0_t = sde.denoise(pred, s.t_next, s.score(pred, s.t_next))
         safe_h = torch.where(h > 0, h, torch.ones_like(h))
         d_new = torch.where(broadcast_to_rows(h > 0, x), (x0_t - x0_s) / rows(safe_h), torch.zeros_like(x0_s))
         lin = rows(coef.linear)
-        self.pending = (x0_t, h)
-        return base + lin * d_old, base + lin * d_new
-
-    def commit(self, rows: Tensor, ok: Tensor) -> None:
-        """Accepted rows move on: x̂0 at the new point becomes the current one, the old one the previous."""
-        assert self.pending is not None
-        x0_t, h = self.pending
-        self.pending = None
-        if not bool(ok.any()):
-            return
-        sel = rows.to(ok.device)[ok]
-        self.x0_before[sel] = self.x0_now[sel]
-        self.x0_now[sel] = x0_t[ok]
-        self.h_before[sel] = h[ok]
-
-
-def adaptive_sde_dpm_2m(ctx: SolverContext, x: Tensor, *, h_max: float, **opts: Any) -> Tensor:
-    """Adaptive SDE-DPM-Solver++(2M) with a 1-NFE predictor–corrector error estimate, per sample, in λ."""
-    pair = _PredictorCorrector2M(x)
-    return run_in_log_snr(
-        ctx,
-        x,
-        pair=pair,
-        commit=pair.commit,
-        nfe_per_attempt=1,
-        desc="adaptive_sde_dpm_2m",
-        h_max=h_max,
-        extrapolate=True,  # keep the corrected state
-        corrector_steps=0,  # a Langevin step would move x away from its evaluated x̂0
-        snr=0.16,
-        reuse_rejected=False,  # built in: a retry never re-evaluates the start
-        **opts,
-    )
+        low, high = base + lin * d_old, base + lin * d_new
+        # accepted rows move on: x̂0 at the new point becomes the current one, the old one the previous
+        state = {"x0_before": x0_s, "x0_now": x0_t, "h_before": h}
+        return StepResult(x=high, error=high - low, x_ref=low, state=state, x0_hat=x0_s)
 
 
 def _h_max_check(name: str, v: Any) -> None:
@@ -141,10 +119,19 @@ def _options() -> dict[str, Option]:
     return opts
 
 
+def _build(ctx: SolverContext, opts: dict[str, Any]) -> dict[str, Any]:
+    """The corrected state is kept; no Langevin corrector (it would move x away from its evaluated
+    x̂0) and no reuse cache (a retry never re-evaluates the start)."""
+    stepper = SDEDPM2MPredictorCorrector(ctx, opts)
+    return adaptive_plan(ctx, stepper, opts, log_snr_coordinate(ctx), opts["h_init"], h_max=opts["h_max"])
+
+
 ADAPTIVE_SDE_DPM_2M = SolverSpec(
     name="adaptive_sde_dpm_2m",
-    run=adaptive_sde_dpm_2m,
+    build=_build,
+    stepper=SDEDPM2MPredictorCorrector,
     options=_options(),
     summary="adaptive SDE-DPM-Solver++(2M) with a 1-NFE predictor-corrector error estimate (per-sample steps in log-SNR)",
-    stochastic=True,
+    adaptive=True,
+    tolerance="eps_rel",
 )

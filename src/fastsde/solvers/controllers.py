@@ -1,0 +1,178 @@
+"""Step-size controllers and the coordinate they step in.
+
+- :class:`FixedGrid`: the times of a grid; every step is accepted; NFE known without running.
+- :class:`Adaptive`: per-sample error control. One class covers Gotta Go Fast's controller (mixed
+  tolerance δ = max(ε_abs, ε_rel·|x|), h ← θ·h·E^(−r), optional PI) and scipy's RK45 control (δ =
+  atol + rtol·max(|y|, |y_new|), factor limits, no growth after a rejection, FSAL start-up), through
+  its settings; the exponent follows from the stepper's declared error order unless given.
+
+A :class:`Coordinate` maps the controller's increasing coordinate c to time: c = −t (time runs down),
+c = t (the likelihood's forward solve), or c = λ, the half log-SNR.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..sde import SDE
+
+__all__ = ["Coordinate", "FixedGrid", "Adaptive", "error_norm"]
+
+
+@dataclass
+class Coordinate:
+    """c_start < c_end; ``to_t(c)`` maps float64 per-row coordinates to times; ``variance`` is the
+    variance function of the Brownian path in c; ``t_end`` is the exact end time."""
+
+    c_start: float
+    c_end: float
+    to_t: Callable[[Tensor], Tensor]
+    variance: Callable[[Tensor], Tensor]
+    t_start: float
+    t_end: float
+
+    @staticmethod
+    def time(t_start: float, t_end: float) -> Coordinate:
+        """c = ∓t so that c increases from t_start to t_end (either direction)."""
+        sign = -1.0 if t_end < t_start else 1.0
+        if sign < 0:
+            return Coordinate(-float(t_start), -float(t_end), lambda c: -c, lambda c: c, t_start, t_end)
+        return Coordinate(float(t_start), float(t_end), lambda c: c, lambda c: c, t_start, t_end)
+
+    @staticmethod
+    def log_snr(sde: SDE, t_start: float, t_end: float) -> Coordinate:
+        """c = λ = log(m/σ) with the exponential integrators' Brownian process (Var W(λ) = e^{2λ})."""
+        lam = sde.log_snr(torch.tensor([t_start, t_end], dtype=torch.float64)).tolist()
+        return Coordinate(lam[0], lam[1], sde.t_from_lambda, lambda v: torch.exp(2.0 * v), t_start, t_end)
+
+
+class FixedGrid:
+    """Step from grid point k to k + 1 (the coordinate is the grid index); always accepts."""
+
+    adaptive = False
+
+    def __init__(self, grid: Tensor) -> None:
+        self.grid = grid.to(torch.float64)
+        self.moves = len(grid) - 1
+        g = self.grid
+
+        def to_t(c: Tensor) -> Tensor:
+            return g.to(c.device)[c.round().to(torch.int64)]
+
+        self.coordinate = Coordinate(0.0, float(self.moves), to_t, to_t, float(g[0]), float(g[-1]))
+
+    def next_time(self, index: Tensor) -> Tensor | None:
+        """The grid point after each row's current one (for correctors that need the next move)."""
+        nxt = (index + 1).clamp_max(self.moves)
+        return self.grid.to(index.device)[nxt]
+
+
+def error_norm(ratio: Tensor, norm: str) -> Tensor:
+    """Per-row norm of the scaled error: 'scaled_l2' (RMS), 'rms' (RMS as scipy computes it), 'l2', 'linf'."""
+    r = ratio.reshape(ratio.shape[0], -1)
+    if norm == "linf":
+        return r.abs().amax(dim=1)
+    if norm == "rms":
+        return r.pow(2).mean(dim=1).sqrt()
+    sq = (r * r).sum(dim=1)
+    return (sq / r.shape[1]).sqrt() if norm == "scaled_l2" else sq.sqrt()
+
+
+@dataclass
+class Adaptive:
+    """Per-sample error control (see the module docstring); every field is a setting of the law.
+
+    ``mixed``: "max" (δ = max(ε_abs, ε_rel·scale), scale from the reference proposal and, with
+    ``use_prev``, the previous accepted one (True) or the current state ('x')) or "sum" (scipy's
+    δ = atol + rtol·max(|x|, |x_new|)). The new step is h·clamp(θ·E^(−r), min_factor, max_growth),
+    with PI control E_prev^β after an accepted step, no growth on the step after a rejection when
+    ``grow_after_reject`` is False, ``nonfinite_factor`` after a non-finite error, and, with
+    ``measured_exponent``, scipy's start-up shrink replaced by the exponent measured from two
+    rejections in a row before the first accepted step. ``h_init`` None asks the stepper.
+    """
+
+    rtol: float
+    atol: float
+    exponent: float
+    mixed: str = "max"
+    use_prev: bool | str = True
+    norm: str = "scaled_l2"
+    safety: float = 0.9
+    max_growth: float = math.inf
+    min_factor: float = 0.0
+    nonfinite_factor: float = 0.1
+    pi_beta: float = 0.0
+    h_init: float | None = 0.01
+    h_max: float = math.inf
+    grow_after_reject: bool = True
+    measured_exponent: bool = False
+    accept_equal: bool = True
+    stop_tol: float | None = 1e-6
+    min_step: bool = False
+    extrapolate: bool = True
+
+    adaptive = True
+
+    def error(self, x: Tensor, res, x_prev: Tensor | None) -> Tensor:
+        """Per-row scaled error norm (float64) of a proposal ``res`` from state x."""
+        dt = x.dtype
+        if self.mixed == "sum":
+            scale = self.atol + self.rtol * torch.maximum(x.abs(), res.x.abs())
+            return error_norm(res.error / scale, self.norm).to(torch.float64)
+        scale = res.x_ref.abs()
+        if self.use_prev is True and x_prev is not None:
+            scale = torch.maximum(scale, x_prev.abs())
+        elif self.use_prev == "x":
+            scale = torch.maximum(scale, x.abs())
+        delta = torch.clamp_min(torch.clamp_min(self.rtol * scale, self.atol), torch.finfo(dt).tiny)
+        return error_norm(res.error / delta, self.norm).to(torch.float64)
+
+    def accepts(self, err: Tensor) -> Tensor:
+        return err <= 1.0 if self.accept_equal else err < 1.0
+
+    def factor(
+        self,
+        err: Tensor,
+        ok: Tensor,
+        finite: Tensor,
+        h: Tensor,
+        err_prev: Tensor,
+        after_reject: Tensor,
+        last_err: Tensor,
+        last_h: Tensor,
+        before_first: Tensor,
+    ) -> Tensor:
+        """The factor by which each attempted row's step changes."""
+        fac = self.safety * err.clamp_min(1e-300).pow(-self.exponent)
+        if self.pi_beta > 0:  # PI control (Gustafsson): damp growth after a large accepted error
+            fac = torch.where(ok, fac * err_prev.pow(self.pi_beta), fac)
+        grow = fac.clamp_max(self.max_growth)
+        if not self.grow_after_reject:
+            grow = torch.where(after_reject, grow.clamp(max=1.0), grow)
+        shrink = fac.clamp_min(self.min_factor) if self.min_factor > 0 else fac
+        if self.measured_exponent:
+            again = after_reject & finite & before_first
+            shrink = _measured_shrink(shrink, err, h, last_err, last_h, again, self.safety, self.min_factor)
+        out = torch.where(ok, grow, shrink)
+        return torch.where(finite, out, torch.full_like(out, self.nonfinite_factor))
+
+
+def _measured_shrink(
+    shrink: Tensor, err: Tensor, h: Tensor, prev_err: Tensor, prev_h: Tensor, again: Tensor, safety: float, lo: float
+) -> Tensor:
+    """After a second rejection in a row at the start: 0.9·err^(−1/p) with the exponent p measured
+    from the two attempts (clamped to [1, 5]) where it is smaller than ``shrink``. Only rows where
+    ``again`` holds and the error fell as the step fell use the measurement."""
+    use = again & torch.isfinite(prev_err) & (prev_err > err) & (err > 1.0) & (prev_h > h)
+    if not bool(use.any()):
+        return shrink
+    ratio_h = torch.where(use, prev_h / h, torch.full_like(h, 2.0))
+    ratio_e = torch.where(use, prev_err / err, torch.full_like(err, 2.0))
+    p = (torch.log(ratio_e) / torch.log(ratio_h)).clamp(1.0, 5.0)
+    fitted = torch.clamp(safety * err.clamp_min(1.0) ** (-1.0 / p), min=lo)
+    return torch.where(use, torch.minimum(shrink, fitted), shrink)

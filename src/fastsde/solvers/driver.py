@@ -1,0 +1,387 @@
+"""The driver: the one loop that every solver runs in.
+
+``integrate(ctx, x, stepper, controller, ...)`` steps every sample from the coordinate's start to its
+end. It owns per-sample time, step size and status (:class:`Status`), compaction (finished samples
+leave the score calls), the per-sample NFE budget with one policy for running out (``on_budget``:
+raise :class:`BudgetError`, or return partial results with a per-sample status), the score-reuse
+cache after a rejection, the Brownian path, the corrector after accepted steps, progress (driven by
+t), the callback (a :class:`~fastsde.solvers.base.StepInfo` after each batched attempt; returning
+False stops) and one stats schema for every solver:
+
+    accepted, rejected, nonfinite_rejections (per sample), status (per-sample names),
+    t_final (per sample), nfe_solver_per_sample (denoise excluded), iterations (batched attempts)
+
+A fixed grid is the controller that always accepts; then every sample steps together.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+import torch
+from torch import Tensor
+
+from ..brownian import make_path
+from ..sde import broadcast_to_rows
+from .base import StepInfo
+from .controllers import Adaptive, Coordinate, FixedGrid
+from .stepper import Step, Stepper
+
+__all__ = ["Status", "IntegrationError", "BudgetError", "integrate"]
+
+
+class Status(IntEnum):
+    """Per-sample status of a solve."""
+
+    RUNNING = 0
+    DONE = 1
+    BUDGET = 2  # the NFE budget ran out before t_end
+    STOPPED = 3  # the callback asked to stop
+    STEP_TOO_SMALL = 4  # the step fell below the floating-point spacing of the coordinate
+    NONFINITE_START = 5  # the first evaluation was not finite
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+class IntegrationError(RuntimeError):
+    """Some samples did not reach the end time; the message says how many and why."""
+
+
+class BudgetError(IntegrationError):
+    """Some samples did not reach t_end within the per-sample NFE budget ``max_nfe``."""
+
+
+def integrate(
+    ctx,
+    x: Tensor,
+    stepper: Stepper,
+    controller: FixedGrid | Adaptive,
+    *,
+    coordinate: Coordinate | None = None,
+    brownian: str = "fresh",
+    corrector=None,
+    compact: bool = True,
+    max_nfe: int | None = None,
+    on_budget: str = "raise",
+    reuse_rejected: bool = False,
+    desc: str = "",
+    budget_hint: str = "raise max_nfe, loosen the tolerances",
+) -> Tensor:
+    """Step x from the coordinate's start to its end; returns x at the end (partial rows where they
+    stopped). Statistics go to ``ctx.stats``."""
+    n, dt, dev = x.shape[0], x.dtype, x.device
+    f64 = torch.float64
+    adaptive = controller.adaptive
+    coord = controller.coordinate if not adaptive else coordinate
+    assert coord is not None
+    c_start, c_end, t_end = coord.c_start, coord.c_end, float(coord.t_end)
+    moves = None if adaptive else controller.moves
+    stop_tol = controller.stop_tol if adaptive else 0.0
+
+    x = x.clone()
+    x_prev = x.clone() if adaptive else None
+    t = torch.full((n,), float(coord.t_start), dtype=f64, device=dev)
+    c = torch.full((n,), float(c_start), dtype=f64, device=dev)
+    status = torch.full((n,), int(Status.RUNNING), dtype=torch.int64)
+    attempts = torch.zeros(n, dtype=torch.int64)
+    accepted = torch.zeros(n, dtype=torch.int64)
+    rejected = torch.zeros(n, dtype=torch.int64)
+    nonfinite = torch.zeros(n, dtype=torch.int64)
+    reused = torch.zeros(n, dtype=torch.int64)
+    nfe0 = ctx.score.nfe_per_sample.clone()
+
+    state, bad_start = stepper.init(x)
+    if bad_start is not None and bool(bad_start.any()):
+        status[bad_start.cpu()] = int(Status.NONFINITE_START)
+    if adaptive:
+        if controller.h_init is None:
+            rows0 = (status == Status.RUNNING).nonzero().squeeze(1)
+            h = torch.zeros(n, dtype=f64, device=dev)
+            if rows0.numel():
+                span = torch.full((rows0.numel(),), c_end - c_start, dtype=f64, device=dev)
+                h[rows0.to(dev)] = stepper.initial_step(x, state, rows0, span, controller.rtol, controller.atol)
+        else:
+            h = torch.full((n,), float(controller.h_init), dtype=f64, device=dev)
+    else:
+        h = torch.ones(n, dtype=f64, device=dev)
+    h_initial = h.clone()
+    s_cache = torch.zeros_like(x) if reuse_rejected else None
+    s_valid = torch.zeros(n, dtype=torch.bool, device=dev)
+    err_prev = torch.ones(n, dtype=f64, device=dev)
+    after_reject = torch.zeros(n, dtype=torch.bool, device=dev)
+    last_err = torch.zeros(n, dtype=f64, device=dev)
+    last_h = torch.zeros(n, dtype=f64, device=dev)
+    cost = stepper.nfe_per_step + (corrector.nfe if corrector is not None else 0)
+    span_c = c_end - c_start
+    path = make_path(brownian, ctx.noise, x, c_start, c_end, coord.variance) if adaptive else None
+    check_finite = not adaptive
+
+    if corrector is not None and corrector.at_start:
+        nxt = controller.next_time(accepted) if not adaptive else None
+        x = corrector(ctx, x, t.to(dt), None, accepted, nxt.to(dt) if nxt is not None else None)
+        stepper.reset(state, torch.arange(n))
+
+    bar = None
+    if ctx.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=1000, desc=desc, leave=False)
+    shown = 0
+    it = 0
+    try:
+        while True:
+            if max_nfe is not None:
+                used = (ctx.score.nfe_per_sample - nfe0).to(status.device)
+                over = (status == Status.RUNNING) & (used + cost > max_nfe)
+                status[over] = int(Status.BUDGET)
+            running = status == Status.RUNNING
+            if controller_min_step(controller):
+                run_d = running.to(dev)
+                cc = c
+                spacing = torch.nextafter(cc, cc + 1.0) - cc
+                tiny = run_d & (h < 10 * spacing)
+                if bool(tiny.any()):
+                    status[tiny.cpu()] = int(Status.STEP_TOO_SMALL)
+                    running = status == Status.RUNNING
+            if not bool(running.any()):
+                break
+            everyone = bool(running.all())
+            if everyone:
+                rows, act = torch.arange(n), torch.ones(n, dtype=torch.bool)
+            elif compact:
+                rows = running.nonzero().squeeze(1)
+                act = torch.ones(rows.shape[0], dtype=torch.bool)
+            else:
+                rows, act = torch.arange(n), running
+            full = rows.shape[0] == n  # rows are 0..n-1 in order: no gather needed
+            charge = rows[act]
+            rows_d, act_d = rows.to(dev), act.to(dev)
+            if full:
+                xs, ts, cs, hs0 = x, t, c, h
+            else:
+                xs, ts, cs, hs0 = x[rows_d], t[rows_d], c[rows_d], h[rows_d]
+            rem = c_end - cs
+            if adaptive:
+                hs = torch.where(act_d, torch.minimum(hs0.clamp_max(controller.h_max), rem), torch.zeros_like(cs))
+                last = act_d & (hs >= rem)
+                cn = torch.where(last, torch.full_like(cs, c_end), cs + hs)
+                tn = torch.where(last, torch.full_like(ts, t_end), coord.to_t(cn))
+                tn = torch.where(act_d, tn, ts)
+            else:
+                hs = torch.ones_like(cs)
+                cn = cs + hs
+                last = cn >= c_end
+                tn = coord.to_t(cn)
+            counter = attempts[rows]
+            index = accepted[rows]
+            score_rows = None if (full and everyone) else charge
+            ts_d = ts.to(dt)
+
+            def score(xx: Tensor, tt: Tensor, _r=score_rows) -> Tensor:
+                return ctx.score(xx, tt, rows=_r, check_finite=check_finite)
+
+            def score0(_rows=rows_d, _act=act_d, _r=score_rows, _xs=xs, _ts=ts_d) -> Tensor:
+                if s_cache is None:
+                    return ctx.score(_xs, _ts, rows=_r, check_finite=check_finite)
+                valid = s_valid[_rows] & _act
+                need = ~valid
+                out = s_cache[_rows].clone()
+                if bool(need.any()):
+                    out[need] = ctx.score(_xs[need], _ts[need], rows=_rows[_act & need].cpu(), check_finite=False)
+                reused[_rows[valid].cpu()] += 1
+                s_cache[_rows] = out
+                s_valid[_rows] = _act & torch.isfinite(out.reshape(out.shape[0], -1)).all(dim=1)
+                return out
+
+            def increments(points: list[Tensor], _rows=rows, _counter=counter, _cs=cs) -> list[Tensor]:
+                if path is None:
+                    raise ValueError(f"{type(stepper).__name__} needs a Brownian path: run it adaptively")
+                return path.increments(points, _rows, _counter, _cs)
+
+            noise_rows = None if full else rows
+            noise_counter = index if adaptive is False else counter
+
+            def normal(like: Tensor, stream: int, _r=noise_rows, _k=noise_counter) -> Tensor:
+                return ctx.noise.normal(like.shape[1:], stream, _k, _r, dtype=like.dtype, device=like.device)
+
+            step = Step(
+                t=ts_d,
+                t_next=tn.to(dt),
+                t64=ts,
+                t_next64=tn,
+                c=cs,
+                c_next=cn,
+                h=hs,
+                index=index,
+                attempt=counter,
+                final=last,
+                moves=moves,
+                rows=None if full else rows,
+                score=score,
+                score0=score0,
+                brownian=increments,
+                normal_fn=normal,
+                state=state,
+            )
+            res = stepper.step(xs, step)
+
+            if adaptive:
+                prev = None if x_prev is None else (x_prev if full else x_prev[rows_d])
+                err = controller.error(xs, res, prev)
+                finite = torch.isfinite(err)
+                if res.valid is not None:
+                    finite = finite & res.valid
+                ok = act_d & finite & controller.accepts(err)
+            else:
+                err = torch.zeros(rows.shape[0], dtype=f64, device=dev)
+                finite = torch.ones(rows.shape[0], dtype=torch.bool, device=dev)
+                ok = act_d
+            if path is not None:
+                path.advance(rows, ok, cn)
+            for name, new in res.state.items():
+                old = state[name] if full else state[name][rows_d]
+                state[name][rows_d] = torch.where(broadcast_to_rows(ok, old), new.to(old.dtype), old)
+
+            okx = broadcast_to_rows(ok, xs)
+            if full:
+                x = torch.where(okx, res.x, xs)
+            else:
+                x[rows_d] = torch.where(okx, res.x, xs)
+            if adaptive:
+                s_valid[rows_d] = s_valid[rows_d] & ~ok  # a moved state needs a new evaluation
+                x_prev[rows_d] = torch.where(okx, res.x_ref, x_prev[rows_d])
+            t_new = torch.where(ok, tn, ts)
+            c_new = torch.where(ok, cn, cs)
+            rem_new = torch.clamp_min(c_end - c_new, 0.0)
+            done = ok & (last | (rem_new <= stop_tol)) if stop_tol is not None else ok & last
+            t_new = torch.where(done, torch.full_like(t_new, t_end), t_new)
+            c_new = torch.where(done, torch.full_like(c_new, c_end), c_new)
+            if adaptive:
+                fac = controller.factor(
+                    err,
+                    ok,
+                    finite,
+                    hs,
+                    err_prev[rows_d],
+                    after_reject[rows_d],
+                    last_err[rows_d],
+                    last_h[rows_d],
+                    (accepted[rows] == 0).to(dev),
+                )
+                if controller.pi_beta > 0:
+                    err_prev[rows_d] = torch.where(ok, err.clamp_min(1e-4), err_prev[rows_d])
+                after_reject[rows_d] = torch.where(act_d, ~ok, after_reject[rows_d])
+                last_err[rows_d] = torch.where(ok, torch.zeros_like(err), err)
+                last_h[rows_d] = hs
+                h[rows_d] = torch.where(act_d, hs * fac, hs0)
+            t[rows_d] = torch.where(act_d, t_new, ts)
+            c[rows_d] = torch.where(act_d, c_new, cs)
+
+            ok_c, act_c, done_c = ok.cpu(), act.cpu(), done.cpu()
+            attempts[rows[act_c]] += 1
+            accepted[rows[ok_c]] += 1
+            rejected[rows[act_c & ~ok_c]] += 1
+            nonfinite[rows[act_c & ~finite.cpu()]] += 1
+            status[rows[done_c]] = int(Status.DONE)
+
+            if corrector is not None:
+                sel = rows[ok_c] if corrector.at_end else rows[ok_c & ~done_c]
+                if sel.numel():
+                    sd, every = sel.to(dev), sel.shape[0] == n
+                    nxt = controller.next_time(accepted[sel]) if not adaptive else None
+                    x_new = corrector(
+                        ctx,
+                        x if every else x[sd],
+                        t[sd].to(dt),
+                        None if every else sel,
+                        accepted[sel] if corrector.key == "point" else attempts[sel] - 1,
+                        nxt.to(dt) if nxt is not None else None,
+                    )
+                    if every:
+                        x = x_new
+                    else:
+                        x[sd] = x_new
+                    stepper.reset(state, sel)
+
+            if bar is not None:
+                frac = float(((c - c_start) / span_c).clamp(0.0, 1.0).mean()) if span_c > 0 else 1.0
+                now = int(1000 * frac)
+                bar.update(now - shown)
+                shown = now
+            if ctx.callback is not None:
+                full_ok = torch.zeros(n, dtype=torch.bool, device=dev)
+                full_ok[rows_d] = ok
+                h_used = torch.zeros(n, dtype=f64, device=dev)
+                if adaptive:
+                    h_used[rows_d] = hs
+                    h_info = h_used.to(dt)
+                else:
+                    h_info = (ts - tn).to(dt) if full else None
+                x0_hat = None
+                if res.x0_hat is not None and full:
+                    x0_hat = res.x0_hat
+                info = StepInfo(
+                    step=it,
+                    t=t.to(dt),
+                    h=h_info,
+                    x=x,
+                    nfe=ctx.score.nfe,
+                    accepted=full_ok if adaptive else None,
+                    x0_hat=x0_hat,
+                )
+                it += 1
+                if not ctx.report(info):
+                    status[status == Status.RUNNING] = int(Status.STOPPED)
+                    break
+            else:
+                it += 1
+    finally:
+        if bar is not None:
+            bar.close()
+
+    used = ctx.score.nfe_per_sample - nfe0
+    ctx.stats.update(
+        iterations=it,
+        accepted=accepted,
+        rejected=rejected,
+        nonfinite_rejections=nonfinite,
+        status=[Status(int(s)).label for s in status],
+        t_final=t.cpu(),
+        nfe_solver_per_sample=used.clone(),
+    )
+    if reuse_rejected:
+        ctx.stats["reused_evaluations"] = reused
+    if adaptive and controller.h_init is None:
+        ctx.stats["h_initial"] = h_initial.cpu()
+    unfinished = (status != Status.DONE) & (status != Status.STOPPED)
+    if bool(unfinished.any()) and on_budget == "raise":
+        raise _unfinished_error(status, t, n, t_end, max_nfe, budget_hint)
+    return x
+
+
+def controller_min_step(controller) -> bool:
+    return bool(getattr(controller, "min_step", False))
+
+
+def _unfinished_error(status: Tensor, t: Tensor, n: int, t_end: float, max_nfe: int | None, hint: str) -> Exception:
+    """One message naming how many samples did not finish, why, and where they stopped."""
+    bad = (status != Status.DONE) & (status != Status.STOPPED)
+    where = t[bad.to(t.device)]
+    k_budget = int((status == Status.BUDGET).sum())
+    head = f"{int(bad.sum())} of {n} samples did not reach t_end = {t_end:g}"
+    if k_budget:
+        head += f" within max_nfe = {max_nfe} score evaluations per sample"
+    others = [
+        f"{int((status == st).sum())} {st.label.replace('_', ' ')}"
+        for st in (Status.STEP_TOO_SMALL, Status.NONFINITE_START)
+        if bool((status == st).any())
+    ]
+    if others:
+        head += f" ({', '.join(others)})"
+    msg = (
+        f"{head}; they stopped at t in [{float(where.min()):.6g}, {float(where.max()):.6g}]. {hint}, "
+        "or pass on_budget='partial' to get partial results"
+    )
+    return BudgetError(msg) if k_budget else IntegrationError(msg)

@@ -1,0 +1,157 @@
+"""What a method is, for the driver: a stepper declares its order, error order, NFE per step,
+stochasticity and time coordinate, makes its state, and takes one step at a time.
+
+A stepper never loops, never counts NFE and never draws noise except through the :class:`Step` it is
+handed: the driver (``solvers.driver``) owns the loop, the controller the step sizes, the Brownian
+path the noise of a retried step, and the counting wrapper the evaluations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from ..noise import Stream
+
+if TYPE_CHECKING:
+    from .base import SolverContext
+
+__all__ = ["Step", "StepResult", "Stepper", "State", "embedded"]
+
+#: A stepper's per-sample state: name -> full-batch tensor whose first dimension is the sample.
+State = dict[str, Tensor]
+
+
+@dataclass
+class Step:
+    """One attempted step for the rows being stepped (a subset of the samples when some are finished).
+
+    ``t``/``t_next`` are per-row times in x's dtype (``t_next`` is t_end exactly on a final step);
+    ``t64``/``t_next64`` the same in float64; ``c``/``c_next``/``h`` the controller's coordinate
+    (float64: t reversed, half log-SNR λ, or the grid index) with h = c_next − c ≥ 0. ``index`` is
+    how many steps each row has accepted (the grid index on a fixed grid), ``attempt`` how many it
+    has attempted; ``final`` marks rows whose step ends at t_end; ``moves`` is the number of moves of
+    a fixed grid (None when adaptive). ``rows`` are the sample indices of the rows (CPU int64), None
+    when every sample is stepped in order.
+    """
+
+    t: Tensor
+    t_next: Tensor
+    t64: Tensor
+    t_next64: Tensor
+    c: Tensor
+    c_next: Tensor
+    h: Tensor
+    index: Tensor
+    attempt: Tensor
+    final: Tensor
+    moves: int | None
+    rows: Tensor | None
+    score: Callable[[Tensor, Tensor], Tensor]
+    score0: Callable[[], Tensor]
+    brownian: Callable[[list[Tensor]], list[Tensor]]
+    normal_fn: Callable[[Tensor, int], Tensor]
+    state: State = field(default_factory=dict)
+
+    def normal(self, like: Tensor, stream: int = Stream.STEP) -> Tensor:
+        """Standard normal noise shaped like ``like``, keyed per sample by this step's index."""
+        return self.normal_fn(like, stream)
+
+    def get(self, name: str) -> Tensor:
+        """The rows' part of a state tensor."""
+        v = self.state[name]
+        return v if self.rows is None else v[self.rows.to(v.device)]
+
+
+@dataclass
+class StepResult:
+    """A proposal. ``x``: the state at t_next if accepted. For a step with an embedded error estimate,
+    ``error`` is the local error (same shape as x) and ``x_ref`` the other member of the pair (the
+    tolerance scale of the mixed rule reads it); ``valid`` masks rows whose proposal is unusable
+    (non-finite evaluations). ``state``: new values of the stepper's state tensors for the rows, kept
+    where the step is accepted. ``x0_hat``: the data prediction the step computed, if any."""
+
+    x: Tensor
+    error: Tensor | None = None
+    x_ref: Tensor | None = None
+    valid: Tensor | None = None
+    state: State = field(default_factory=dict)
+    x0_hat: Tensor | None = None
+
+
+def embedded(low: Tensor, high: Tensor, extrapolate: bool = True, **kw: Any) -> StepResult:
+    """The result of an embedded pair: keep ``high`` (local extrapolation) or ``low``; error high − low."""
+    keep, ref = (high, low) if extrapolate else (low, high)
+    return StepResult(x=keep, error=high - low, x_ref=ref, **kw)
+
+
+class Stepper:
+    """One method. Subclasses set the declarations and implement :meth:`step`.
+
+    Declarations (class attributes, or properties of the options):
+
+    - ``order``: convergence order (weak order for stochastic methods);
+    - ``error_order``: order of the embedded error estimate's local error (the controller's
+      exponent is 1/error_order unless overridden), None when the method has none;
+    - ``nfe_per_step``: score evaluations per attempted step (before any reuse);
+    - ``first_nfe``: evaluations made once before the first step (``init``);
+    - ``coordinate``: "t" or "logsnr", the coordinate an adaptive controller steps in;
+    - ``stochastic``: whether its samples depend on the seed beyond x_T for these options.
+    """
+
+    order: float = 1.0
+    error_order: float | None = None
+    nfe_per_step: int = 1
+    first_nfe: int = 0
+    coordinate: str = "t"
+    stochastic: bool = False
+
+    @classmethod
+    def declared_order(cls, options: Mapping[str, Any]) -> float:
+        """The order for these options (default: the class's ``order``)."""
+        return cls.order
+
+    @classmethod
+    def declared_nfe(cls, options: Mapping[str, Any]) -> int:
+        """Evaluations per attempted step for these options (default: ``nfe_per_step``)."""
+        return cls.nfe_per_step
+
+    @classmethod
+    def declared_stochastic(cls, options: Mapping[str, Any]) -> bool:
+        """Whether the samples depend on the seed beyond x_T for these options."""
+        return cls.stochastic
+
+    def __init__(self, ctx: SolverContext, options: Mapping[str, Any]) -> None:
+        self.ctx = ctx
+        self.sde = ctx.sde
+        self.options = dict(options)
+
+    def init(self, x: Tensor) -> tuple[State, Tensor | None]:
+        """The stepper's state for the samples of x, and a per-sample mask of samples whose start is
+        unusable (None: all fine). May evaluate the score (``first_nfe`` per sample)."""
+        return {}, None
+
+    def step(self, x: Tensor, s: Step) -> StepResult:
+        raise NotImplementedError
+
+    def reset(self, state: State, rows: Tensor) -> None:
+        """A corrector moved these samples: forget what the state knows of their old position."""
+
+    def initial_step(self, x: Tensor, state: State, rows: Tensor, span: Tensor, rtol: float, atol: float) -> Tensor:
+        """The first step size when the controller is asked to choose it (h_init=None)."""
+        raise ValueError(f"{type(self).__name__} cannot choose its first step: give h_init")
+
+
+def zeros_state(like: Tensor, **shapes: tuple[str, torch.dtype | None]) -> State:
+    """Helper: a state of zero tensors, 'x' shaped like the batch or 'n' one value per sample."""
+    out: State = {}
+    for name, (kind, dtype) in shapes.items():
+        if kind == "x":
+            out[name] = torch.zeros_like(like)
+        else:
+            out[name] = torch.zeros(like.shape[0], dtype=dtype or torch.float64, device=like.device)
+    return out
