@@ -12,26 +12,17 @@ process, less sensitive than wall time to other jobs on a shared machine.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import functools
 import math
 import time
-from unittest import mock
 
 import torch
 
 import fastsde
-import fastsde.likelihood
-from fastsde.integrate import dopri5
+from fastsde.data import load_digits
 from fastsde.likelihood import default_likelihood_t_end
-
-PROCESSES = {
-    "vp": lambda: fastsde.VPSDE(),
-    "subvp": lambda: fastsde.SubVPSDE(),
-    "ve": lambda: fastsde.VESDE(sigma_min=0.01, sigma_max=50.0),
-    "edm": lambda: fastsde.EDM(sigma_min=0.002, sigma_max=80.0),
-}
+from fastsde.likelihood_data import prepare_data
+from fastsde.sde import process_by_name
 
 
 def _row(cells: list[str]) -> str:
@@ -51,7 +42,7 @@ def run_mixture(args: argparse.Namespace) -> list[str]:
         _row(["---"] * 10),
     ]  # fmt: skip
     for name in args.processes:
-        sde = PROCESSES[name]()
+        sde = process_by_name(name)
         gm = fastsde.problems.mixture_nd(sde, dim=args.dim, modes=4, seed=0)
         t_end = default_likelihood_t_end(sde)
         x = gm.sample(args.n, t=t_end, generator=torch.Generator().manual_seed(1))
@@ -108,7 +99,7 @@ def run_ode_sampler(args: argparse.Namespace) -> list[str]:
         _row(["---"] * 9),
     ]
     for name in args.processes:
-        sde = PROCESSES[name]()
+        sde = process_by_name(name)
         gm = fastsde.problems.mixture_nd(sde, dim=args.dim, modes=4, seed=0)
         res, cpu = {}, {}
         for method in ("rk45", "scipy"):
@@ -155,26 +146,11 @@ def _digits_reference(score, sde, x: torch.Tensor, k: int, tol: float) -> torch.
 
 
 def run_digits(args: argparse.Namespace) -> list[str]:
-    load = getattr(fastsde, "load_model", None)
-    if load is None:
-        try:
-            from fastsde.models import load_model as load  # type: ignore[no-redef]
-        except ImportError:
-            return ["Held-out digits: no shipped model in this install (fastsde.load_model missing); skipped."]
-    from fastsde.cli.likelihood import _heldout_digits, differentiable_score, prepare_data
-
-    model = load(args.model)
-    score = differentiable_score(model)
-    arr = getattr(model, "heldout", None)
-    arr = arr() if callable(arr) else arr
-    if arr is None:
-        arr = _heldout_digits()
-    if arr is None:
-        return [f"Held-out digits: model {args.model!r} loaded but no held-out split ships; skipped."]
-    if isinstance(arr, torch.Tensor):
-        arr = arr.cpu().numpy()
-    arr = arr[: args.digits_n]
-    x, offset, note = prepare_data(arr, tuple(model.shape), args.levels, 0, torch.float32)
+    model = fastsde.load_model(args.model)
+    score = fastsde.differentiable_score(model)
+    arr = load_digits("heldout").numpy()[: args.digits_n]
+    data = prepare_data(arr, tuple(model.shape), args.levels, 0, torch.float32)
+    x, offset, note = data.x, data.offset, data.note
     d = math.prod(model.shape)
     k = min(args.digits_ref, x.shape[0])
     ref_bpd = None
@@ -201,16 +177,17 @@ def run_digits(args: argparse.Namespace) -> list[str]:
         ("scipy solve_ivp RK45 (batch)", "scipy", True),
     ]
     for label, method, measured in variants:
-        patch = (
-            contextlib.nullcontext()
-            if measured
-            else mock.patch.object(fastsde.likelihood, "dopri5", functools.partial(dopri5, measured_exponent=False))
-        )
         start = time.process_time()
-        with patch:
-            out = fastsde.log_likelihood(
-                score, model.sde, x, trace="hutchinson", rtol=args.tol, atol=args.tol, method=method
-            )
+        out = fastsde.log_likelihood(
+            score,
+            model.sde,
+            x,
+            trace="hutchinson",
+            rtol=args.tol,
+            atol=args.tol,
+            method=method,
+            measured_exponent=measured,
+        )
         wall = time.process_time() - start
         bpd = fastsde.bits_per_dim(out.logp, d, offset)
         se = float(bpd.std()) / math.sqrt(bpd.numel())

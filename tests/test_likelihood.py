@@ -357,14 +357,12 @@ def test_cli_shipped_model_and_heldout_digits(monkeypatch, capsys):
 
 
 def test_shipped_model_score_made_differentiable():
-    """Shipped models score under no_grad (for sampling); the likelihood CLI rebuilds the same score
+    """Shipped models score under no_grad (for sampling); differentiable_score rebuilds the same score
     with autograd and checks it against model.score."""
     if not hasattr(fastsde, "list_models") or "digits-small" not in fastsde.list_models():
         pytest.skip("no shipped digits-small model in this build")
-    from fastsde.cli.likelihood import differentiable_score
-
     model = fastsde.load_model("digits-small")
-    score = differentiable_score(model)
+    score = fastsde.differentiable_score(model)
     x = torch.randn(3, *model.shape, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
     t = torch.tensor([0.01, 0.3, 0.9])
     out = score(x, t)

@@ -5,6 +5,7 @@ from . import problems
 from .api import SampleResult, sample
 from .grids import time_grid
 from .likelihood import LikelihoodResult, bits_per_dim, log_likelihood
+from .likelihood_data import DatasetLikelihood, dataset_likelihood, differentiable_score
 from .models import list_models, load_model
 from .noise import NoiseSource
 from .score import (
@@ -42,6 +43,9 @@ __all__ = [
     "log_likelihood",
     "bits_per_dim",
     "LikelihoodResult",
+    "dataset_likelihood",
+    "DatasetLikelihood",
+    "differentiable_score",
     "load_model",
     "list_models",
 ]

@@ -14,10 +14,23 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["load_digits", "digits_labels", "load_array", "load_image_folder", "load_dataset", "to_uint8"]
+__all__ = [
+    "load_digits",
+    "digits_labels",
+    "integer_levels",
+    "read_array",
+    "load_array",
+    "load_image_folder",
+    "load_dataset",
+    "to_uint8",
+    "NPZ_KEYS",
+]
 
 _SPLITS = ("train", "heldout")
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
+
+#: Array names ``load_array`` looks for in an .npz that holds several arrays (first found wins).
+NPZ_KEYS = ("x", "images", "train_images")
 
 
 def _digits_npz() -> dict[str, np.ndarray]:
@@ -53,10 +66,16 @@ def _to_nchw(arr: np.ndarray, source: str) -> np.ndarray:
     return arr
 
 
+def integer_levels(arr: np.ndarray) -> int:
+    """Quantisation levels of integer data as fastsde reads it: 17 (the digits' 0..16) when the
+    largest value is ≤ 16, else 256 (8-bit, 0..255)."""
+    return 17 if int(arr.max()) <= 16 else 256
+
+
 def _scale(arr: np.ndarray, source: str) -> np.ndarray:
     """Map integer images (0..255) or floats in [0, 1] to [−1, 1]; floats already in [−1, 1] pass."""
     if np.issubdtype(arr.dtype, np.integer):
-        hi = 16.0 if arr.max() <= 16 else 255.0
+        hi = float(integer_levels(arr) - 1)
         return arr.astype(np.float64) / (hi / 2.0) - 1.0
     arr = arr.astype(np.float64)
     if not np.isfinite(arr).all():
@@ -69,34 +88,48 @@ def _scale(arr: np.ndarray, source: str) -> np.ndarray:
     raise ValueError(f"{source}: float data must lie in [0, 1] or [−1, 1], got range [{lo:g}, {hi:g}]")
 
 
+def read_array(
+    path: str | Path, key: str | None = None, *, prefer: tuple[str, ...] = NPZ_KEYS, key_hint: str = "a key"
+) -> np.ndarray:
+    """The array stored in an .npy file, or one array of an .npz file, as saved (no scaling).
+
+    For .npz: ``key`` names the array; without it the file's only array, or else the first name of
+    ``prefer`` the file holds. ``key_hint`` says, in the error for an .npz of several arrays, how to
+    name one (the likelihood command says "--key").
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such data file: {path}")
+    suffix = path.suffix.lower()
+    if suffix not in (".npy", ".npz"):
+        raise ValueError(f"data file must be .npy or .npz, got {path.name!r}")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except Exception as exc:  # a corrupt or non-numpy file
+        raise ValueError(f"cannot read {path}: {exc}") from None
+    if suffix == ".npy":
+        return loaded
+    with loaded:
+        names = list(loaded.files)
+        if key is not None:
+            if key not in names:
+                raise ValueError(f"{path.name} has no array {key!r}; it holds {names}")
+            return loaded[key]
+        if len(names) == 1:
+            return loaded[names[0]]
+        for cand in prefer:
+            if cand in names:
+                return loaded[cand]
+        raise ValueError(f"{path.name} holds several arrays {names}; name one with {key_hint}")
+
+
 def load_array(path: str | Path, key: str | None = None) -> Tensor:
     """Images from an .npy or .npz file as float32 (n, C, H, W) in [−1, 1].
 
     Integer arrays are read as 0..255 (or 0..16 when the max is ≤ 16); float arrays must lie in [0, 1]
     or [−1, 1]. For .npz, ``key`` names the array (default: the only one, or "x"/"images"/"train_images").
     """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no such data file: {path}")
-    if path.suffix == ".npy":
-        arr = np.load(path, allow_pickle=False)
-    elif path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            names = list(z.files)
-            if key is None:
-                for cand in ("x", "images", "train_images"):
-                    if cand in names:
-                        key = cand
-                        break
-                else:
-                    if len(names) != 1:
-                        raise ValueError(f"{path}: several arrays {names}; name one with a key")
-                    key = names[0]
-            if key not in names:
-                raise ValueError(f"{path}: no array {key!r}; it holds {names}")
-            arr = z[key]
-    else:
-        raise ValueError(f"data file must be .npy or .npz, got {path.name!r}")
+    arr = read_array(path, key)
     return torch.from_numpy(_scale(_to_nchw(arr, str(path)), str(path))).float()
 
 
