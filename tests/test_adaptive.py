@@ -389,7 +389,7 @@ def test_brownian_tree_is_a_fixed_path_with_the_right_increments():
     n = 4000
     noise = NoiseSource.from_seed(0, n)
     ctx = SolverContext(sde=fastsde.VPSDE(), score=None, noise=noise, t_start=1.0, t_end=1e-3)
-    tree = BrownianTree(ctx, torch.zeros(n, 1, dtype=F64), -1.0, 2.0, lambda c: torch.exp(2 * c))
+    tree = BrownianTree(ctx.noise, torch.zeros(n, 1, dtype=F64), -1.0, 2.0, lambda c: torch.exp(2 * c))
     rows = torch.arange(n)
     pts = [torch.full((n,), v, dtype=F64) for v in (-0.7, 0.1, 0.1003, 1.5)]
     w = [tree(p, rows) for p in pts]
@@ -419,7 +419,7 @@ def test_brownian_memory_reveals_a_brownian_path_in_any_query_order():
     every revealed value is Brownian."""
     n, c0 = 20_000, -1.0
     ctx = SolverContext(sde=fastsde.VPSDE(), score=None, noise=NoiseSource.from_seed(0, n), t_start=1.0, t_end=1e-3)
-    path = BrownianMemory(ctx, torch.zeros(n, 1, dtype=F64), c0, lambda c: torch.exp(2 * c))
+    path = BrownianMemory(ctx.noise, torch.zeros(n, 1, dtype=F64), c0, lambda c: torch.exp(2 * c))
     rows = torch.arange(n)
 
     def at(v: float) -> torch.Tensor:

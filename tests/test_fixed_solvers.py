@@ -16,7 +16,7 @@ from fastsde.grids import time_grid
 from fastsde.noise import NoiseSource, Stream
 from fastsde.problems import mixture_2d as make_mixture
 from fastsde.score import GaussianMixture, NonFiniteScoreError
-from fastsde.solvers.discrete import grid_beta
+from fastsde.sde import grid_beta
 
 NEW_SOLVERS = ["reverse_diffusion", "ancestral", "pc", "euler", "heun", "ddim", "dpmpp_2m"]
 F64 = torch.float64
@@ -254,7 +254,17 @@ def test_dpmpp_2m_few_steps_finite_and_sensible(process, steps, lower_order_fina
 
 
 def _expected_nfe(solver: str, n: int, m: int = 1) -> int:
-    return {"heun": 2 * n - 1, "pc": (n - 1) * (m + 1) + 1}.get(solver, n)
+    """The NFE the solver declares for n grid points (and m corrector steps), the denoise included."""
+    return fastsde.SOLVERS[solver].fixed_nfe({"steps": n, "corrector_steps": m})
+
+
+def test_declared_nfe_rules_are_the_documented_ones():
+    """The README's NFE column, in numbers: N, 2N − 1 for Heun, (N − 1)(M + 1) + 1 for pc."""
+    for n in (2, 7):
+        assert _expected_nfe("heun", n) == 2 * n - 1
+        assert _expected_nfe("pc", n, 3) == (n - 1) * 4 + 1
+        for name in ("em", "euler", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m", "ancestral"):
+            assert _expected_nfe(name, n) == n
 
 
 @pytest.mark.parametrize("solver", ["em", *NEW_SOLVERS])

@@ -201,7 +201,7 @@ def test_ode_samples_match_exact_marginal(process):
         assert torch.all((xk.mean(0) - mu[k]).abs() < 4 * sd[k] / math.sqrt(nk) + 2e-3)
         assert torch.all((xk.std(0) / sd[k] - 1).abs() < 4 / math.sqrt(2 * nk) + 0.02)
     # accounting: 2 NFE to start + 6 per attempted step, no denoise
-    steps = res.stats["steps_per_sample"].to(F64)
+    steps = (res.stats["accepted"] + res.stats["rejected"]).to(F64)
     torch.testing.assert_close(res.nfe_per_sample, 2 + 6 * steps)
     assert res.stats["accepted"].sum() + res.stats["rejected"].sum() == steps.sum()
     assert res.calls == 2 + 6 * int(steps.max())
@@ -224,14 +224,14 @@ def test_ode_per_sample_steps_and_batch_independence():
     sde = fastsde.VPSDE()
     gm = make_mixture(sde)
     res = fastsde.sample(gm, sde, (64, 2), solver="ode", seed=5, dtype=F64)
-    steps = res.stats["steps_per_sample"]
+    steps = res.stats["accepted"] + res.stats["rejected"]
     assert int(steps.min()) < int(steps.max())
     hard, easy = int(steps.argmax()), int(steps.argmin())
     for i in (hard, easy):
         seeds = fastsde.NoiseSource.from_seed(5, 64).subset([i])
         alone = fastsde.sample(gm, sde, (1, 2), solver="ode", seed=seeds, dtype=F64)
         torch.testing.assert_close(alone.samples[0], res.samples[i], rtol=0, atol=1e-12)
-        assert int(alone.stats["steps_per_sample"][0]) == int(steps[i])
+        assert int((alone.stats["accepted"] + alone.stats["rejected"])[0]) == int(steps[i])
         assert float(alone.nfe_per_sample[0]) == float(res.nfe_per_sample[i])
 
 
@@ -245,7 +245,7 @@ def test_ode_rejection_path_runs():
     assert torch.all(big.stats["rejected"] >= 1)
     torch.testing.assert_close(big.samples, auto.samples, rtol=0, atol=1e-5)
     # with h_init given, no evaluation for the initial step selection
-    assert torch.all(big.nfe_per_sample == 2 + 6 * big.stats["steps_per_sample"].to(F64))
+    assert torch.all(big.nfe_per_sample == 2 + 6 * (big.stats["accepted"] + big.stats["rejected"]).to(F64))
 
 
 def test_ode_nan_score_region_rejected_not_returned():
@@ -272,13 +272,26 @@ def test_ode_nan_score_region_rejected_not_returned():
 
 
 def test_ode_budget_error_and_partial():
+    """One budget (max_nfe) and one policy (on_budget) as for the adaptive SDE solvers; 3 attempts
+    are 2 + 6·3 = 20 evaluations."""
     sde = fastsde.VESDE()
     gm = make_mixture(sde)
-    with pytest.raises(IntegrationError, match="5 of 5 samples did not reach the end time"):
-        fastsde.sample(gm, sde, (5, 2), solver="ode", dtype=F64, max_steps=3)
-    res = fastsde.sample(gm, sde, (5, 2), solver="ode", dtype=F64, max_steps=3, partial=True, denoise=False)
-    assert torch.all(res.stats["status"] == Status.MAX_STEPS)
-    assert torch.all(res.stats["t_reached"] > sde.default_t_end)
+    with pytest.raises(IntegrationError, match="5 of 5 samples did not reach t_end = 1e-05 within max_nfe = 20"):
+        fastsde.sample(gm, sde, (5, 2), solver="ode", dtype=F64, max_nfe=20)
+    res = fastsde.sample(gm, sde, (5, 2), solver="ode", dtype=F64, max_nfe=20, on_budget="partial", denoise=False)
+    assert res.stats["status"] == ["budget"] * 5
+    assert torch.all(res.stats["t_final"] > sde.default_t_end)
+    assert torch.all(res.stats["accepted"] + res.stats["rejected"] == 3)
+
+
+def test_ode_old_budget_spellings_still_work():
+    """max_steps (attempts) and partial are the older spellings of max_nfe and on_budget."""
+    sde = fastsde.VESDE()
+    gm = make_mixture(sde)
+    with pytest.warns(DeprecationWarning):
+        old = fastsde.sample(gm, sde, (5, 2), solver="ode", dtype=F64, max_steps=3, partial=True, denoise=False)
+    new = fastsde.sample(gm, sde, (5, 2), solver="ode", dtype=F64, max_nfe=20, on_budget="partial", denoise=False)
+    assert torch.equal(old.samples, new.samples) and old.stats["status"] == new.stats["status"]
 
 
 def test_ode_callback_sees_steps_and_can_stop():

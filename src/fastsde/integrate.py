@@ -151,7 +151,7 @@ def _measured_shrink(shrink: Tensor, err: Tensor, h: Tensor, prev_err: Tensor, p
 def dopri5(
     fun: Field,
     y0: Tensor,
-    t0: float,
+    t0: float | Tensor,
     t1: float,
     *,
     rtol: float = 1e-5,
@@ -167,7 +167,7 @@ def dopri5(
         fun: the vector field; called on the unfinished rows only, with their float64 times and
             sample indices.
         y0: (n, ...) initial states; the solve runs in their dtype.
-        t0, t1: start and end time.
+        t0, t1: start time (one number, or one per row) and end time.
         rtol, atol: tolerances of the scipy-style RMS error norm.
         max_steps: step attempts (accepted + rejected) allowed per sample.
         h_init: first step size (positive); default scipy's per-sample selection (1 extra NFE).
@@ -184,7 +184,8 @@ def dopri5(
     from .solvers.ode import DOPRI_NFE_START, DormandPrince, scipy_law
 
     n = y0.shape[0]
-    t0, t1 = float(t0), float(t1)
+    t0 = t0 if isinstance(t0, Tensor) and t0.dim() > 0 else float(t0)
+    t1 = float(t1)
     counter = CountingScore(fun, n, pass_rows=True)
 
     def field(y: Tensor, t: Tensor, rows: Tensor) -> Tensor:
@@ -212,11 +213,11 @@ def dopri5(
         t_end=t1,
         callback=report if on_step is not None else None,
     )
-    if t0 == t1:
+    if not isinstance(t0, Tensor) and t0 == t1:
         zeros = torch.zeros(n, dtype=torch.int64, device=y0.device)
         t = torch.full((n,), t1, dtype=torch.float64, device=y0.device)
         return ODESolution(y0.clone(), t, zeros.clone(), zeros, zeros, zeros, t * 0, t * 0)
-    direction = -1.0 if t1 < t0 else 1.0
+    direction = -1.0 if bool((torch.as_tensor(t0) > t1).all()) else 1.0
     stepper = DormandPrince(ctx, {}, field, direction)
     y = integrate(
         ctx,

@@ -11,6 +11,7 @@ from .base import SolverSpec
 from .ddim import DDIM
 from .dpmpp_2m import DPMPP_2M
 from .dpmpp_2m_sde import DPMPP_2M_SDE
+from .dpmpp_3m import ADAPTIVE_DPMPP_3M, DPMPP_3M
 from .em import EM
 from .euler import EULER
 from .heun import HEUN
@@ -33,6 +34,8 @@ SOLVERS: dict[str, SolverSpec] = {
         DDIM,
         DPMPP_2M,
         DPMPP_2M_SDE,
+        DPMPP_3M,
+        ADAPTIVE_DPMPP_3M,
         ODE,
     )
 }

@@ -29,20 +29,23 @@ class Coordinate:
     """c_start < c_end; ``to_t(c)`` maps float64 per-row coordinates to times; ``variance`` is the
     variance function of the Brownian path in c; ``t_end`` is the exact end time."""
 
-    c_start: float
+    c_start: float | Tensor
     c_end: float
     to_t: Callable[[Tensor], Tensor]
     variance: Callable[[Tensor], Tensor]
-    t_start: float
+    t_start: float | Tensor
     t_end: float
 
     @staticmethod
-    def time(t_start: float, t_end: float) -> Coordinate:
-        """c = ∓t so that c increases from t_start to t_end (either direction)."""
-        sign = -1.0 if t_end < t_start else 1.0
-        if sign < 0:
-            return Coordinate(-float(t_start), -float(t_end), lambda c: -c, lambda c: c, t_start, t_end)
-        return Coordinate(float(t_start), float(t_end), lambda c: c, lambda c: c, t_start, t_end)
+    def time(t_start: float | Tensor, t_end: float) -> Coordinate:
+        """c = ∓t so that c increases from t_start to t_end (either direction); t_start may hold one
+        time per sample."""
+        backwards = bool((torch.as_tensor(t_start) > t_end).all())
+        if backwards:
+            start = -t_start if isinstance(t_start, Tensor) else -float(t_start)
+            return Coordinate(start, -float(t_end), lambda c: -c, lambda c: c, t_start, t_end)
+        start = t_start if isinstance(t_start, Tensor) else float(t_start)
+        return Coordinate(start, float(t_end), lambda c: c, lambda c: c, t_start, t_end)
 
     @staticmethod
     def log_snr(sde: SDE, t_start: float, t_end: float) -> Coordinate:

@@ -82,8 +82,9 @@ def integrate(
 
     x = x.clone()
     x_prev = x.clone() if adaptive else None
-    t = torch.full((n,), float(coord.t_start), dtype=f64, device=dev)
-    c = torch.full((n,), float(c_start), dtype=f64, device=dev)
+    t = _per_row(coord.t_start, n, dev)
+    c = _per_row(c_start, n, dev)
+    c0 = c.clone()
     status = torch.full((n,), int(Status.RUNNING), dtype=torch.int64)
     attempts = torch.zeros(n, dtype=torch.int64)
     accepted = torch.zeros(n, dtype=torch.int64)
@@ -100,7 +101,7 @@ def integrate(
             rows0 = (status == Status.RUNNING).nonzero().squeeze(1)
             h = torch.zeros(n, dtype=f64, device=dev)
             if rows0.numel():
-                span = torch.full((rows0.numel(),), c_end - c_start, dtype=f64, device=dev)
+                span = c_end - c0[rows0.to(dev)]
                 h[rows0.to(dev)] = stepper.initial_step(x, state, rows0, span, controller.rtol, controller.atol)
         else:
             h = torch.full((n,), float(controller.h_init), dtype=f64, device=dev)
@@ -114,7 +115,7 @@ def integrate(
     last_err = torch.zeros(n, dtype=f64, device=dev)
     last_h = torch.zeros(n, dtype=f64, device=dev)
     cost = stepper.nfe_per_step + (corrector.nfe if corrector is not None else 0)
-    span_c = c_end - c_start
+    span_c = c_end - c0
     path = make_path(brownian, ctx.noise, x, c_start, c_end, coord.variance) if adaptive else None
     check_finite = not adaptive
 
@@ -240,9 +241,12 @@ def integrate(
                 ok = act_d
             if path is not None:
                 path.advance(rows, ok, cn)
+            merged = {}  # every new value first: a result may alias the state it replaces
             for name, new in res.state.items():
                 old = state[name] if full else state[name][rows_d]
-                state[name][rows_d] = torch.where(broadcast_to_rows(ok, old), new.to(old.dtype), old)
+                merged[name] = torch.where(broadcast_to_rows(ok, old), new.to(old.dtype), old)
+            for name, value in merged.items():
+                state[name][rows_d] = value
 
             okx = broadcast_to_rows(ok, xs)
             if full:
@@ -286,27 +290,8 @@ def integrate(
             nonfinite[rows[act_c & ~finite.cpu()]] += 1
             status[rows[done_c]] = int(Status.DONE)
 
-            if corrector is not None:
-                sel = rows[ok_c] if corrector.at_end else rows[ok_c & ~done_c]
-                if sel.numel():
-                    sd, every = sel.to(dev), sel.shape[0] == n
-                    nxt = controller.next_time(accepted[sel]) if not adaptive else None
-                    x_new = corrector(
-                        ctx,
-                        x if every else x[sd],
-                        t[sd].to(dt),
-                        None if every else sel,
-                        accepted[sel] if corrector.key == "point" else attempts[sel] - 1,
-                        nxt.to(dt) if nxt is not None else None,
-                    )
-                    if every:
-                        x = x_new
-                    else:
-                        x[sd] = x_new
-                    stepper.reset(state, sel)
-
             if bar is not None:
-                frac = float(((c - c_start) / span_c).clamp(0.0, 1.0).mean()) if span_c > 0 else 1.0
+                frac = float(((c - c0) / span_c.clamp_min(1e-300)).clamp(0.0, 1.0).mean())
                 now = int(1000 * frac)
                 bar.update(now - shown)
                 shown = now
@@ -337,6 +322,24 @@ def integrate(
                     break
             else:
                 it += 1
+            if corrector is not None:
+                sel = rows[ok_c] if corrector.at_end else rows[ok_c & ~done_c]
+                if sel.numel():
+                    sd, every = sel.to(dev), sel.shape[0] == n
+                    nxt = controller.next_time(accepted[sel]) if not adaptive else None
+                    x_new = corrector(
+                        ctx,
+                        x if every else x[sd],
+                        t[sd].to(dt),
+                        None if every else sel,
+                        accepted[sel] if corrector.key == "point" else attempts[sel] - 1,
+                        nxt.to(dt) if nxt is not None else None,
+                    )
+                    if every:
+                        x = x_new
+                    else:
+                        x[sd] = x_new
+                    stepper.reset(state, sel)
     finally:
         if bar is not None:
             bar.close()
@@ -351,14 +354,21 @@ def integrate(
         t_final=t.cpu(),
         nfe_solver_per_sample=used.clone(),
     )
-    if reuse_rejected:
-        ctx.stats["reused_evaluations"] = reused
+    ctx.stats["reused_evaluations"] = reused
     if adaptive and controller.h_init is None:
         ctx.stats["h_initial"] = h_initial.cpu()
     unfinished = (status != Status.DONE) & (status != Status.STOPPED)
     if bool(unfinished.any()) and on_budget == "raise":
         raise _unfinished_error(status, t, n, t_end, max_nfe, budget_hint)
     return x
+
+
+def _per_row(value: float | Tensor, n: int, device) -> Tensor:
+    """One float64 value per sample from a number or a per-sample tensor."""
+    if isinstance(value, Tensor):
+        v = value.to(device=device, dtype=torch.float64)
+        return v.expand(n).clone() if v.dim() == 0 else v.clone()
+    return torch.full((n,), float(value), dtype=torch.float64, device=device)
 
 
 def controller_min_step(controller) -> bool:

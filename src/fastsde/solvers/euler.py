@@ -35,7 +35,9 @@ class Euler(Stepper):
         sde = self.sde
         xt = x / broadcast_to_rows(sde.mean_coeff(s.t), x)
         dsig = broadcast_to_rows(sde.edm_sigma(s.t_next) - sde.edm_sigma(s.t), x)
-        return StepResult(x=broadcast_to_rows(sde.mean_coeff(s.t_next), x) * (xt + dsig * edm_direction(sde, s, xt, s.t)))
+        return StepResult(
+            x=broadcast_to_rows(sde.mean_coeff(s.t_next), x) * (xt + dsig * edm_direction(sde, s, xt, s.t))
+        )
 
 
 EULER = SolverSpec(

@@ -99,6 +99,7 @@ class DormandPrince(Stepper):
     error_order = 5.0
     nfe_per_step = 6
     first_nfe = 1
+    initial_step_nfe = 1
 
     def __init__(self, ctx: SolverContext, options: dict[str, Any], field: Field, direction: float) -> None:
         super().__init__(ctx, options)
@@ -107,16 +108,22 @@ class DormandPrince(Stepper):
     def _rows(self, rows: Tensor | None, n: int, device) -> Tensor:
         return torch.arange(n, device=device) if rows is None else rows.to(device)
 
+    def _t0(self, n: int, device) -> Tensor:
+        t0 = self.ctx.t_start
+        if isinstance(t0, Tensor):
+            return t0.to(device=device, dtype=torch.float64).expand(n).clone()
+        return torch.full((n,), float(t0), dtype=torch.float64, device=device)
+
     def init(self, x: Tensor) -> tuple[State, Tensor | None]:
         n = x.shape[0]
-        t0 = torch.full((n,), float(self.ctx.t_start), dtype=torch.float64, device=x.device)
+        t0 = self._t0(n, x.device)
         f0 = self.field(x, t0, torch.arange(n, device=x.device))
         bad = ~torch.isfinite(f0.reshape(n, -1)).all(dim=1)
         return {"f": f0}, bad
 
     def initial_step(self, x: Tensor, state: State, rows: Tensor, span: Tensor, rtol: float, atol: float) -> Tensor:
         rd = rows.to(x.device)
-        t0 = torch.full((rd.shape[0],), float(self.ctx.t_start), dtype=torch.float64, device=x.device)
+        t0 = self._t0(x.shape[0], x.device)[rd]
         direction = torch.full_like(t0, self.direction)
         return select_initial_step(self.field, x[rd], state["f"][rd], t0, direction, span, rd, rtol, atol)
 
@@ -220,7 +227,9 @@ def _run_scipy(ctx: SolverContext, x: Tensor, rtol: float, atol: float) -> Tenso
 
     y, nfev, steps = scipy_rk45(field, x, ctx.t_start, ctx.t_end, rtol=rtol, atol=atol)
     ctx.stats.update(method="scipy", nfev=nfev, accepted=steps)
-    ctx.report(StepInfo(step=steps, t=torch.full((n,), ctx.t_end, dtype=dtype), h=torch.zeros(n), x=y, nfe=ctx.score.nfe))
+    ctx.report(
+        StepInfo(step=steps, t=torch.full((n,), ctx.t_end, dtype=dtype), h=torch.zeros(n), x=y, nfe=ctx.score.nfe)
+    )
     return y
 
 

@@ -99,6 +99,7 @@ class Stepper:
       exponent is 1/error_order unless overridden), None when the method has none;
     - ``nfe_per_step``: score evaluations per attempted step (before any reuse);
     - ``first_nfe``: evaluations made once before the first step (``init``);
+    - ``initial_step_nfe``: evaluations of its automatic first-step selection (h_init=None);
     - ``coordinate``: "t" or "logsnr", the coordinate an adaptive controller steps in;
     - ``stochastic``: whether its samples depend on the seed beyond x_T for these options.
     """
@@ -107,6 +108,7 @@ class Stepper:
     error_order: float | None = None
     nfe_per_step: int = 1
     first_nfe: int = 0
+    initial_step_nfe: int = 0
     coordinate: str = "t"
     stochastic: bool = False
 
