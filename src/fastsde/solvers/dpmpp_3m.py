@@ -146,7 +146,7 @@ DPMPP_3M = SolverSpec(
 def _build_adaptive(ctx: SolverContext, opts: dict[str, Any]) -> dict[str, Any]:
     controller = Adaptive(
         rtol=opts["eps_rel"],
-        atol=opts["eps_abs"],
+        atol=opts["eps_abs"] if opts["eps_abs"] is not None else opts["eps_rel"] * ctx.sde.data_range / 200.0,
         exponent=1.0 / DPMSolverPP3M.error_order,
         mixed="max",
         use_prev=False,
@@ -170,6 +170,11 @@ def _build_adaptive(ctx: SolverContext, opts: dict[str, Any]) -> dict[str, Any]:
     )
 
 
+def _optional_positive(name: str, v: Any) -> None:
+    if v is not None:
+        positive_float(name, v)
+
+
 def _h_max_check(name: str, v: Any) -> None:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) or not v > 0:
         raise ValueError(f"{name} must be a number > 0 (math.inf for no cap), got {v!r}")
@@ -181,7 +186,9 @@ ADAPTIVE_DPMPP_3M = SolverSpec(
     stepper=DPMSolverPP3M,
     options={
         "eps_rel": Option(1e-3, positive_float, "relative tolerance"),
-        "eps_abs": Option(lambda sde: sde.data_range / 2560.0, positive_float, "absolute tolerance"),
+        "eps_abs": Option(
+            None, _optional_positive, "absolute tolerance (default eps_rel × data range / 200, so that it scales)"
+        ),
         "h_init": Option(0.1, positive_float, "first step in λ = log(m/σ) (accepted without an estimate)"),
         "h_max": Option(math.inf, _h_max_check, "largest step in λ"),
         "safety": Option(0.9, unit_interval, "safety factor θ"),
