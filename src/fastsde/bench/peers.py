@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from ..grids import time_grid
+from ..integrate import scipy_rk45
 from ..score import CountingScore, ScoreFn
 from ..sde import SDE, VPSDE, broadcast_to_rows
 
@@ -290,19 +291,11 @@ def _torchsde(method: str):
 
 
 def _scipy_rk45(counted, sde, x_T, budget, t_end, seed):
-    from scipy.integrate import solve_ivp
+    def fun(x: Tensor, t: Tensor, rows: None) -> Tensor:
+        tt = t.to(x.dtype)
+        return sde.ode_drift(x, tt, counted(x, tt))
 
-    shape, dtype = x_T.shape, x_T.dtype
-
-    def fun(t: float, y):
-        x = torch.from_numpy(y).to(dtype).reshape(shape)
-        tt = _times(t, x)
-        return sde.ode_drift(x, tt, counted(x, tt)).reshape(-1).double().numpy()
-
-    sol = solve_ivp(fun, (sde.T, t_end), x_T.reshape(-1).double().numpy(), method="RK45", rtol=budget, atol=budget)
-    if not sol.success:
-        raise RuntimeError(f"scipy RK45 failed: {sol.message}")
-    x = torch.from_numpy(sol.y[:, -1]).to(dtype).reshape(shape)
+    x, _, _ = scipy_rk45(fun, x_T, sde.T, t_end, rtol=budget, atol=budget)
     return _denoise(counted, sde, x, t_end), {"rtol": budget, "atol": budget}
 
 
