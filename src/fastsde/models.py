@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -22,11 +21,11 @@ import torch
 from torch import Tensor, nn
 
 from .score import NoisePredictionScore
-from .sde import EDM, SDE, VESDE, VPSDE, SubVPSDE
+from .sde import PROCESSES, SDE, VESDE
 
 __all__ = ["EpsNetwork", "LoadedModel", "build_network", "sde_from_config", "load_model", "list_models"]
 
-_SDES = {"VPSDE": VPSDE, "SubVPSDE": SubVPSDE, "VESDE": VESDE, "EDM": EDM}
+_SDES = {cls.__name__: cls for cls in PROCESSES.values()}  # by the "type" of sde.config()
 
 
 def sde_from_config(cfg: dict[str, Any]) -> SDE:
@@ -157,7 +156,3 @@ def load_model(name: str = "digits", dtype: torch.dtype = torch.float32) -> Load
     smallest = min(f for f in flops if f == f) if any(f == f for f in flops) else math.nan
     cost = float(cfg.get("flops_per_sample", math.nan)) / smallest
     return LoadedModel(name, net, net.sde, tuple(cfg["shape"]), cfg, cost)
-
-
-def model_score(model: LoadedModel) -> Callable[[Tensor, Tensor], Tensor]:
-    return model.score

@@ -38,12 +38,11 @@ from torch import Tensor
 
 from ..noise import Stream, as_noise_source
 from ..score import ScoreFn
-from ..sde import EDM, SDE, VESDE, VPSDE, SubVPSDE, broadcast_to_rows
+from ..sde import PROCESSES, SDE, broadcast_to_rows, process_by_name, process_name
 from .peers import PEERS, Peer, TimedScore, available_peers
 
-__all__ = ["BenchConfig", "Problem", "run_bench", "merge_results", "write_outputs", "converged_nfe", "PROCESSES"]
+__all__ = ["BenchConfig", "Problem", "run_bench", "merge_results", "write_outputs", "converged_nfe"]
 
-PROCESSES: dict[str, Callable[[], SDE]] = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE, "edm": EDM}
 DEFAULT_TOLS = (1e-1, 5e-2, 2e-2, 1e-2, 5e-3, 2e-3, 1e-3, 5e-4, 2e-4, 1e-4)
 
 
@@ -97,7 +96,7 @@ def mixture_problem(process: str, cfg: BenchConfig) -> Problem:
     from ..metrics.mixture import mixture_frechet, mixture_frechet_floor
     from ..problems import mixture_2d, mixture_nd
 
-    sde = PROCESSES[process]()
+    sde = process_by_name(process)
     gm = mixture_2d(sde) if cfg.dim == 2 else mixture_nd(sde, dim=cfg.dim)
     floor = mixture_frechet_floor(gm, cfg.n, draws=cfg.floor_draws, seed=cfg.seed + 12345)
     return Problem(
@@ -129,7 +128,7 @@ def digits_problem(cfg: BenchConfig) -> Problem:
         raise ValueError(f"problem 'digits' needs fastsde.metrics.digits, which this build lacks ({exc})") from None
     model = fastsde.load_model("digits")
     sde = model.sde
-    process = {VPSDE: "vp", SubVPSDE: "subvp", VESDE: "ve"}.get(type(sde), type(sde).__name__)
+    process = process_name(sde)
     return Problem(
         name="digits",
         process=process,

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..sde import PROCESSES
+
 
 def _int_list(text: str) -> list[int]:
     try:
@@ -44,7 +46,7 @@ def add_parser(subparsers) -> None:
         "--samplers", type=_str_list, default=None, help="names (fastsde solvers, peers, or 'fastsde'/'peers')"
     )
     p.add_argument(
-        "--processes", type=_str_list, default=["vp", "subvp", "ve"], help="mixture only: any of vp,subvp,ve,edm"
+        "--processes", type=_str_list, default=["vp", "subvp", "ve"], help=f"mixture only: any of {','.join(PROCESSES)}"
     )
     p.add_argument("--n", type=int, default=2000, help="number of samples")
     p.add_argument("--dim", type=int, default=16, help="mixture dimension (2: the 2-D three-mode mixture)")
