@@ -28,10 +28,11 @@ import math
 import torch
 
 import fastsde
-from fastsde.bench.runner import PROCESSES, BenchConfig, converged_threshold, mixture_problem
+from fastsde.bench.runner import BenchConfig, converged_threshold, mixture_problem
 from fastsde.metrics.mixture import mixture_frechet
 from fastsde.noise import Stream, as_noise_source
 from fastsde.problems import mixture_nd
+from fastsde.sde import PROCESSES
 from fastsde.solvers.base import StepInfo
 
 
