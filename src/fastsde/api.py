@@ -17,7 +17,7 @@ from .sde import SDE
 from .solvers import SolverSpec, get_solver
 from .solvers.base import SolverContext, StepInfo
 
-__all__ = ["SampleResult", "sample", "check_shape"]
+__all__ = ["SampleResult", "sample", "check_shape", "check_score_and_process"]
 
 
 @dataclass
@@ -47,6 +47,14 @@ class SampleResult:
     def config(self) -> dict[str, Any]:
         """Every knob that produced these samples (for benchmark records)."""
         return {"solver": self.solver, **self.options}
+
+
+def check_score_and_process(score: Any, sde: Any) -> None:
+    """The front doors' first checks: a fastsde process and a callable score."""
+    if not isinstance(sde, SDE):
+        raise ValueError(f"sde must be a fastsde process (VPSDE, SubVPSDE, VESDE, EDM), got {sde!r}")
+    if not callable(score):
+        raise ValueError(f"score must be callable as score(x, t), got {score!r}")
 
 
 def check_shape(shape: Any) -> tuple[int, ...]:
@@ -97,10 +105,7 @@ def sample(
         x_init: start from this state at T instead of a prior draw.
         **options: solver options; unknown names are a ValueError listing the valid ones.
     """
-    if not isinstance(sde, SDE):
-        raise ValueError(f"sde must be a fastsde process (VPSDE, SubVPSDE, VESDE, EDM), got {sde!r}")
-    if not callable(score):
-        raise ValueError(f"score must be callable as score(x, t), got {score!r}")
+    check_score_and_process(score, sde)
     shape = check_shape(shape)
     spec = get_solver(solver)
     t_end = sde.default_t_end if t_end is None else t_end

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .api import check_score_and_process
 from .integrate import IntegrationError, dopri5, scipy_rk45
 from .noise import NoiseSource, Stream, as_noise_source
 from .score import CountingScore, ScoreFn
@@ -201,10 +202,7 @@ def log_likelihood(
         measured_exponent: rk45's start-up rule for repeated rejections of the first step (see
             ``fastsde.integrate``); False gives scipy's step control exactly.
     """
-    if not isinstance(sde, SDE):
-        raise ValueError(f"sde must be a fastsde process (VPSDE, SubVPSDE, VESDE, EDM), got {sde!r}")
-    if not callable(score):
-        raise ValueError(f"score must be callable as score(x, t), got {score!r}")
+    check_score_and_process(score, sde)
     if not isinstance(x, Tensor) or x.dim() < 2 or x.shape[0] == 0 or x[0].numel() == 0:
         got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"x must be a tensor of shape (n, *dims) with n >= 1, got {got}")

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .sde import EDM, SDE, VPSDE, SubVPSDE, broadcast_to_rows
+from .sde import EDM, SDE, VPSDE, SubVPSDE, broadcast_to_rows, per_row
 
 __all__ = [
     "ScoreFn",
@@ -199,11 +199,9 @@ class GaussianMixture:
 
 
 def _as_time(t: Tensor | float, x: Tensor) -> Tensor:
-    if not isinstance(t, Tensor):
-        return torch.full((x.shape[0],), float(t), dtype=x.dtype, device=x.device)
-    if t.dim() == 0:
-        return t.expand(x.shape[0]).to(x.dtype)
-    return t.to(x.dtype)
+    if isinstance(t, Tensor) and t.dim() == 1:
+        return t.to(x.dtype)  # keeps the device the caller chose
+    return per_row(t, x.shape[0], x.dtype, x.device)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -334,3 +334,11 @@ def grid_beta(sde: SDE, t: Tensor, t_next: Tensor) -> Tensor:
     """β_i = 1 − m(t)²/m(t_next)² of a VP-type (β-schedule) process between two times: the one-step
     DDPM β that a grid implies for the move t → t_next, computed without cancellation."""
     return -(2.0 * (sde.log_alpha(t) - sde.log_alpha(t_next))).expm1()
+
+
+def per_row(value: float | Tensor, n: int, dtype: torch.dtype, device) -> Tensor:
+    """One value per row: a number, a 0-d tensor or a per-row tensor as an (n,) tensor (a copy)."""
+    if isinstance(value, Tensor):
+        v = value.to(device=device, dtype=dtype)
+        return v.expand(n).clone() if v.dim() == 0 else v.clone()
+    return torch.full((n,), float(value), dtype=dtype, device=device)

@@ -14,13 +14,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from ..grids import GRIDS, default_grid, time_grid
 from ..noise import NoiseSource
 from ..score import CountingScore
-from ..sde import SDE
+from ..sde import SDE, per_row
 
 __all__ = [
     "Option",
@@ -238,9 +237,7 @@ class SolverContext:
 
     def times(self, value: float | Tensor, x: Tensor) -> Tensor:
         """A per-row time vector for x."""
-        if isinstance(value, Tensor):
-            return value.to(x.device, x.dtype).expand(x.shape[0]) if value.dim() == 0 else value.to(x.device, x.dtype)
-        return torch.full((x.shape[0],), float(value), dtype=x.dtype, device=x.device)
+        return per_row(value, x.shape[0], x.dtype, x.device)
 
     def normal(self, x: Tensor, stream: int, counter: int | Tensor, rows: Tensor | None = None) -> Tensor:
         """Standard normal noise shaped like x, keyed per sample."""

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ..brownian import make_path
-from ..sde import broadcast_to_rows
+from ..sde import broadcast_to_rows, per_row
 from .base import StepInfo
 from .controllers import Adaptive, Coordinate, FixedGrid
 from .stepper import Step, Stepper
@@ -82,8 +82,8 @@ def integrate(
 
     x = x.clone()
     x_prev = x.clone() if adaptive else None
-    t = _per_row(coord.t_start, n, dev)
-    c = _per_row(c_start, n, dev)
+    t = per_row(coord.t_start, n, f64, dev)
+    c = per_row(c_start, n, f64, dev)
     c0 = c.clone()
     status = torch.full((n,), int(Status.RUNNING), dtype=torch.int64)
     attempts = torch.zeros(n, dtype=torch.int64)
@@ -361,14 +361,6 @@ def integrate(
     if bool(unfinished.any()) and on_budget == "raise":
         raise _unfinished_error(status, t, n, t_end, max_nfe, budget_hint)
     return x
-
-
-def _per_row(value: float | Tensor, n: int, device) -> Tensor:
-    """One float64 value per sample from a number or a per-sample tensor."""
-    if isinstance(value, Tensor):
-        v = value.to(device=device, dtype=torch.float64)
-        return v.expand(n).clone() if v.dim() == 0 else v.clone()
-    return torch.full((n,), float(value), dtype=torch.float64, device=device)
 
 
 def controller_min_step(controller) -> bool:

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..sde import per_row
 from .base import (
     Option,
     SolverContext,
@@ -109,10 +110,7 @@ class DormandPrince(Stepper):
         return torch.arange(n, device=device) if rows is None else rows.to(device)
 
     def _t0(self, n: int, device) -> Tensor:
-        t0 = self.ctx.t_start
-        if isinstance(t0, Tensor):
-            return t0.to(device=device, dtype=torch.float64).expand(n).clone()
-        return torch.full((n,), float(t0), dtype=torch.float64, device=device)
+        return per_row(self.ctx.t_start, n, torch.float64, device)
 
     def init(self, x: Tensor) -> tuple[State, Tensor | None]:
         n = x.shape[0]
