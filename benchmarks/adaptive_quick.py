@@ -26,8 +26,7 @@ import torch
 import fastsde
 from fastsde.metrics.mixture import mixture_frechet, mixture_frechet_floor
 from fastsde.problems import mixture_2d, mixture_nd
-
-PROCESSES = {"vp": fastsde.VPSDE, "subvp": fastsde.SubVPSDE, "ve": fastsde.VESDE, "edm": fastsde.EDM}
+from fastsde.sde import process_by_name
 
 
 def problem(name: str, sde: fastsde.SDE) -> fastsde.GaussianMixture:
@@ -76,7 +75,7 @@ def main() -> None:
     summary = []
     for prob in args.problems.split(","):
         for proc in args.processes.split(","):
-            sde = PROCESSES[proc]()
+            sde = process_by_name(proc)
             gm = problem(prob, sde)
             shape = (args.n, *gm.dims)
             floor, floor_sd = mixture_frechet_floor(gm, args.n, draws=5, seed=123)
