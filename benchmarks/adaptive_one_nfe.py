@@ -17,7 +17,8 @@ and the noise of its last step), so a step never waits for a new evaluation and 
   w = |tr P − tr P²|/d and h = ½·√(ε/w), growth ≤ 2× per step.
 - ``weak_ahead``: as ``weak`` with w(h) = min(w·e^{2h}, ¼) (P grows like e^{2λ} at high noise).
 
-Measured 2026-11-23 (commit after 2fa9ba1), mixture 16-D, n = 10 000, seed 0: see
+Measured 2026-11-23, re-run 2026-12-01 with NoiseSource noise and CountingScore NFE (``uniform`` is
+fastsde's ``dpmpp_2m_sde`` itself), mixture 16-D, n = 10 000, seed 0: see
 docs/benchmarks_adaptive.md, "One evaluation per step". Every adaptive rule needs more NFE than the
 uniform grid for the same quality: ``correction`` puts most steps at low noise (where |x| sets δ);
 ``weak`` skips the range where the modes separate (x̂0 hardly moves just before it, so the estimate
@@ -36,9 +37,10 @@ import torch
 
 import fastsde
 from fastsde.metrics.mixture import mixture_frechet, mixture_frechet_floor
+from fastsde.noise import Stream
 from fastsde.problems import mixture_nd
+from fastsde.sde import process_by_name
 
-PROCESSES = {"vp": fastsde.VPSDE, "subvp": fastsde.SubVPSDE, "ve": fastsde.VESDE}
 SETTINGS = {
     "uniform": [15, 20, 25, 30, 40, 50],
     "correction": [0.005, 0.003, 0.002, 0.001, 0.0005],
@@ -49,18 +51,26 @@ THETA = 0.9
 
 
 def run(gm: fastsde.GaussianMixture, sde: fastsde.SDE, rule: str, setting: float, n: int, seed: int):
-    """Samples, mean NFE per sample (final denoise included) and the λ of every step taken."""
+    """Samples, mean NFE per sample (final denoise included) and the λ of every step taken.
+
+    Sample i's prior draw and the noise of its k-th step come from fastsde's NoiseSource (Stream.PRIOR,
+    and Stream.STEP with counter k), the NFE from CountingScore, as in fastsde's own solvers."""
     f64 = torch.float64
-    g = torch.Generator().manual_seed(seed)
+    if rule == "uniform":
+        res = fastsde.sample(gm, sde, (n, *gm.dims), solver="dpmpp_2m_sde", steps=int(setting), seed=seed, dtype=f64)
+        grid = fastsde.time_grid(sde, res.options["grid"], int(setting), sde.T, sde.default_t_end)
+        visited = sde.log_snr(grid[:-1]).repeat(n).numpy()
+        return res.samples, float(res.nfe_per_sample.mean()), visited
+    noise_source = fastsde.NoiseSource.from_seed(seed, n)
+    score = fastsde.CountingScore(gm.score, n)
     d = gm.dims[0]
-    t_hi, t_lo = torch.tensor(1.0, dtype=f64), torch.tensor(sde.default_t_end, dtype=f64)
-    x = sde.prior_sample(torch.randn(n, d, generator=g, dtype=f64))
+    t_hi, t_lo = torch.tensor(sde.T, dtype=f64), torch.tensor(sde.default_t_end, dtype=f64)
+    x = sde.prior_sample(noise_source.normal((d,), Stream.PRIOR, 0, dtype=f64))
     lam0, lam1 = float(sde.log_snr(t_hi)), float(sde.log_snr(t_lo))
     lam = torch.full((n,), lam0, dtype=f64)
-    h_first = (lam1 - lam0) / (int(setting) - 1) if rule == "uniform" else 0.1
     x0_prev, noise_prev = torch.zeros(n, d, dtype=f64), torch.zeros(n, d, dtype=f64)
     h_prev = torch.zeros(n, dtype=f64)
-    nfe = torch.zeros(n, dtype=f64)
+    step = torch.zeros(n, dtype=torch.int64)  # each sample's own step counter: keys its noise
     active = torch.ones(n, dtype=torch.bool)
     visited = []
     while bool(active.any()):
@@ -69,15 +79,13 @@ def run(gm: fastsde.GaussianMixture, sde: fastsde.SDE, rule: str, setting: float
         at_end = lam_s >= lam1 - 1e-12
         t = torch.where(at_end, t_lo.expand_as(lam_s), sde.t_from_lambda(lam_s))
         xs = x[idx]
-        x0 = sde.denoise(xs, t, gm.score(xs, t))
-        nfe[idx] += 1
+        x0 = sde.denoise(xs, t, score(xs, t, idx))
         m_s = sde.mean_coeff(t)
         hp = h_prev[idx]
         has_prev = hp > 0
         delta = x0 - x0_prev[idx]
-        h = torch.full_like(lam_s, h_first)
-        if rule != "uniform":
-            h = torch.where(has_prev, choose_step(rule, setting, sde, t, lam_s, xs, delta, noise_prev[idx], hp, m_s), h)
+        h = torch.full_like(lam_s, 0.1)
+        h = torch.where(has_prev, choose_step(rule, setting, sde, t, lam_s, xs, delta, noise_prev[idx], hp, m_s), h)
         rem = lam1 - lam_s
         last = h >= rem - 1e-9
         lam_t = torch.where(last, torch.full_like(lam_s, lam1), lam_s + h)
@@ -88,14 +96,16 @@ def run(gm: fastsde.GaussianMixture, sde: fastsde.SDE, rule: str, setting: float
         out = (s_t / s_s * torch.exp(-h))[:, None] * xs + (m_t * coef)[:, None] * x0
         slope = delta / torch.where(has_prev, hp, torch.ones_like(hp))[:, None]
         out = out + torch.where(has_prev, 0.5 * m_t * coef * h, torch.zeros_like(h))[:, None] * slope
-        noise = (s_t * coef.sqrt())[:, None] * torch.randn(idx.shape[0], d, generator=g, dtype=f64)
+        z = noise_source.normal((d,), Stream.STEP, step[idx], rows=idx, dtype=f64)
+        noise = (s_t * coef.sqrt())[:, None] * z
         x[idx] = out + noise
         x0_prev[idx], noise_prev[idx], h_prev[idx], lam[idx] = x0, noise, h, lam_t
+        step[idx] += 1
         visited.append(lam_s.numpy())
         active[idx[last]] = False
     t_end = t_lo.expand(n)
-    x = sde.denoise(x, t_end, gm.score(x, t_end))
-    return x, float((nfe + 1).mean()), np.concatenate(visited)
+    x = sde.denoise(x, t_end, score(x, t_end))
+    return x, score.nfe, np.concatenate(visited)
 
 
 def choose_step(rule, eps, sde, t, lam_s, xs, delta, noise_prev, hp, m_s) -> torch.Tensor:
@@ -129,13 +139,13 @@ def choose_step(rule, eps, sde, t, lam_s, xs, delta, noise_prev, hp, m_s) -> tor
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--process", default="vp", choices=sorted(PROCESSES))
+    p.add_argument("--process", default="vp", choices=["subvp", "ve", "vp"])
     p.add_argument("--n", type=int, default=10_000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rules", default=",".join(SETTINGS))
     args = p.parse_args()
     torch.set_num_threads(1)
-    sde = PROCESSES[args.process]()
+    sde = process_by_name(args.process)
     gm = mixture_nd(sde, dim=16)
     floor, sd = mixture_frechet_floor(gm, args.n, draws=30, seed=args.seed + 12345)
     tau = max(1.1 * floor, floor + 2 * sd)
