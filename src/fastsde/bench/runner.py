@@ -4,8 +4,8 @@ the same score and the same starting noise, quality against NFE and wall time.
 Definitions used in the outputs:
 
 - **budget**: fixed-step samplers get, per NFE budget B, the largest step count whose NFE is ≤ B
-  (fastsde's NFE per step count is measured once on a 1-sample dry run with a dummy score; the
-  peers' follow from their step rules). Adaptive samplers get a sweep of tolerances instead (loose
+  (fastsde's NFE per step count comes from each solver's declarations, ``SolverSpec.fixed_nfe``;
+  the peers' follow from their step rules). Adaptive samplers get a sweep of tolerances instead (loose
   to tight, stopped once NFE exceeds the largest budget). Each sampler is warmed up once on 8 rows
   (discarded) so that first-call imports do not count as wall time.
 - **NFE**: mean score evaluations per sample (``CountingScore``), rejected steps and the final
@@ -38,7 +38,7 @@ from torch import Tensor
 
 from ..noise import Stream, as_noise_source
 from ..score import ScoreFn
-from ..sde import PROCESSES, SDE, broadcast_to_rows, process_by_name, process_name
+from ..sde import PROCESSES, SDE, process_by_name, process_name
 from .peers import PEERS, Peer, TimedScore, available_peers
 
 __all__ = ["BenchConfig", "Problem", "run_bench", "merge_results", "write_outputs", "converged_nfe"]
@@ -160,59 +160,62 @@ class FastsdeSampler:
         self.solver = self.solver or self.name
 
     def options_for(self, setting: float, spec_options: dict) -> dict[str, Any]:
+        """The options of one sweep point: the step count, or the solver's declared tolerance option
+        with its absolute partner (atol = rtol for ``ode``; eps_abs = 0.78·eps_rel, the bench's
+        choice for the mixed tolerance of the adaptive SDE solvers)."""
+        from ..solvers import SOLVERS
+
         if self.budget_kind == "nfe":
             return {"steps": int(setting)}
-        if "rtol" in spec_options:
+        tol = SOLVERS[self.solver].tolerance
+        if tol == "rtol":
             return {"rtol": setting, "atol": setting}
-        return {"eps_rel": setting, "eps_abs": setting * 0.78}
+        return {tol: setting, "eps_abs": setting * 0.78}
 
 
-def _budget_kind(options: Any) -> str | None:
-    """How the bench sweeps a solver with these options: "nfe" (steps), "tol" (a tolerance), or None."""
-    opts = set(options)
-    if "steps" in opts:
+def _budget_kind(spec: Any) -> str | None:
+    """How the bench sweeps a solver, from its declarations: "nfe" (steps of a fixed grid), "tol"
+    (its declared tolerance option), or None."""
+    if not spec.adaptive:
         return "nfe"
-    if {"rtol", "atol"} <= opts or {"eps_rel", "eps_abs"} <= opts:
-        return "tol"
-    return None
+    return "tol" if spec.tolerance is not None else None
 
 
 def fastsde_samplers() -> tuple[list[FastsdeSampler], list[str]]:
-    """The registered fastsde solvers the bench can drive (discovered at run time)."""
+    """The registered fastsde solvers the bench can drive (discovered at run time); kind and
+    stochasticity come from each solver's declarations, for the variant's options."""
     from ..solvers import SOLVERS
 
     out, notes = [], []
     for name, spec in SOLVERS.items():
-        kind = _budget_kind(spec.options)
+        kind = _budget_kind(spec)
         if kind is None:
             notes.append(f"{name}: skipped, no steps or tolerance option to sweep")
         else:
-            out.append(FastsdeSampler(name, bool(spec.stochastic), kind))
-    for name, base, fixed, stochastic in VARIANTS:
+            out.append(FastsdeSampler(name, spec.is_stochastic(None), kind))
+    for name, base, fixed in VARIANTS:
         if base in SOLVERS and all(k in SOLVERS[base].options for k in fixed):
-            kind = _budget_kind(SOLVERS[base].options)
+            spec = SOLVERS[base]
+            kind = _budget_kind(spec)
             if kind is not None:
-                out.append(FastsdeSampler(name, stochastic, kind, base, dict(fixed)))
+                out.append(FastsdeSampler(name, spec.is_stochastic(fixed), kind, base, dict(fixed)))
     return out, notes
 
 
 #: Option variants of registered solvers that are benchmarked as samplers of their own.
-VARIANTS: tuple[tuple[str, str, dict[str, Any], bool], ...] = (
-    ("ddim_eta1", "ddim", {"eta": 1.0}, True),
+VARIANTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    ("ddim_eta1", "ddim", {"eta": 1.0}),
     # The same method on the peers' Karras (EDM rho = 7) grid: separates grid effects from method effects.
-    ("dpmpp_2m_karras", "dpmpp_2m", {"grid": "edm"}, False),
-    ("dpmpp_2m_sde_karras", "dpmpp_2m_sde", {"grid": "edm"}, True),
+    ("dpmpp_2m_karras", "dpmpp_2m", {"grid": "edm"}),
+    ("dpmpp_2m_sde_karras", "dpmpp_2m_sde", {"grid": "edm"}),
     # ... and on the log-SNR grid, which differs from the default only on EDM (Karras there).
-    ("dpmpp_2m_logsnr", "dpmpp_2m", {"grid": "logsnr"}, False),
-    ("dpmpp_2m_sde_logsnr", "dpmpp_2m_sde", {"grid": "logsnr"}, True),
+    ("dpmpp_2m_logsnr", "dpmpp_2m", {"grid": "logsnr"}),
+    ("dpmpp_2m_sde_logsnr", "dpmpp_2m_sde", {"grid": "logsnr"}),
     # The adaptive SDE-DPM solver under PI step control instead of GGF's controller.
-    ("adaptive_sde_dpm_pi", "adaptive_sde_dpm", {"pi_beta": 0.35}, True),
+    ("adaptive_sde_dpm_pi", "adaptive_sde_dpm", {"pi_beta": 0.35}),
     # SDE-DPM-Solver++(2M) with the predictor-corrector step of adaptive_sde_dpm_2m, on its fixed grid.
-    ("dpmpp_2m_sde_pc", "dpmpp_2m_sde", {"corrector": True}, True),
+    ("dpmpp_2m_sde_pc", "dpmpp_2m_sde", {"corrector": True}),
 )
-
-_NFE_CACHE: dict[tuple[str, str, int], float] = {}
-
 
 def _variant_is_default(s: FastsdeSampler, sde: SDE) -> bool:
     """True when a variant's fixed options are its base solver's defaults on this process (the
@@ -223,43 +226,23 @@ def _variant_is_default(s: FastsdeSampler, sde: SDE) -> bool:
     return all(options[k].default_for(sde) == v for k, v in s.fixed.items())
 
 
-def fastsde_nfe(name: str, sde: SDE, steps: int) -> float:
-    """NFE of a fixed-step fastsde solver at ``steps`` (1-sample dry run, cached).
+def fastsde_nfe(name: str, sde: SDE, steps: int, options: dict[str, Any] | None = None) -> float:
+    """NFE per sample of a fixed-step fastsde solver at ``steps`` grid points, the final denoise
+    included, from its declarations (no dry run)."""
+    from ..solvers import SOLVERS
 
-    The dry run's score is the exact one for N(0, 1) data, −x/(m² + σ²): any finite score counts the
-    same, but with a cruder one (−x) the reverse SDE grows like e^{σ²} and overflows on EDM (σ up to
-    80) once the grid is fine enough to follow it (~1000 steps)."""
-    import fastsde
-
-    def standard_normal_score(x: Tensor, t: Tensor) -> Tensor:
-        return -x / broadcast_to_rows(sde.mean_coeff(t) ** 2 + sde.marginal_std(t) ** 2, x)
-
-    key = (name, repr(sde), steps)
-    if key not in _NFE_CACHE:
-        res = fastsde.sample(standard_normal_score, sde, (1, 1), solver=name, seed=0, dtype=torch.float64, steps=steps)
-        _NFE_CACHE[key] = res.nfe
-    return _NFE_CACHE[key]
+    return float(SOLVERS[name].fixed_nfe({**(options or {}), "steps": steps}, denoise=True))
 
 
-def steps_for_budget(name: str, sde: SDE, budget: int) -> int | None:
-    """Largest step count (≥ 2) whose NFE is ≤ budget, or None.
-
-    NFE is affine in the step count for every fixed-step solver here, so the answer is predicted from
-    two dry runs and then checked (with a bisection as fallback)."""
-    if fastsde_nfe(name, sde, 2) > budget:
+def steps_for_budget(name: str, sde: SDE, budget: int, options: dict[str, Any] | None = None) -> int | None:
+    """Largest step count (≥ 2) whose declared NFE, first_nfe + (N − 1)·nfe_per_step + 1, is ≤ budget,
+    or None."""
+    if fastsde_nfe(name, sde, 2, options) > budget:
         return None
-    a = fastsde_nfe(name, sde, 4) - fastsde_nfe(name, sde, 3)
-    if a > 0:
-        guess = max(2, int((budget - fastsde_nfe(name, sde, 3)) // a) + 3)
-        if fastsde_nfe(name, sde, guess) <= budget < fastsde_nfe(name, sde, guess + 1):
-            return guess
-    lo, hi = 2, 3
-    while fastsde_nfe(name, sde, hi) <= budget:
-        lo, hi = hi, hi * 2
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fastsde_nfe(name, sde, mid) <= budget else (lo, mid)
-    return lo
+    per_step = fastsde_nfe(name, sde, 3, options) - fastsde_nfe(name, sde, 2, options)
+    steps = 2 + int((budget - fastsde_nfe(name, sde, 2, options)) // per_step)
+    assert fastsde_nfe(name, sde, steps, options) <= budget < fastsde_nfe(name, sde, steps + 1, options)
+    return steps
 
 
 # ---------------------------------------------------------------------------------------------
@@ -468,7 +451,7 @@ def _run_sampler(source: str, s: Any, prob: Problem, cfg: BenchConfig, x_T: Tens
     if s.budget_kind == "nfe":
         settings, seen = [], set()
         for b in sorted(cfg.budgets):
-            st = steps_for_budget(s.solver, sde, b) if source == "fastsde" else b
+            st = steps_for_budget(s.solver, sde, b, s.fixed) if source == "fastsde" else b
             if st is not None and st not in seen:
                 seen.add(st)
                 settings.append((b, st))
