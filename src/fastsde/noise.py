@@ -58,7 +58,7 @@ class Stream:
     PRIOR = 1
     STEP = 2  # Brownian increments / Langevin noise of step k
     CORRECTOR = 3
-    BERNOULLI = 4
+    BERNOULLI = 4  # reserved: the level draws of multilevel EM (their own stream, so the Brownian path is EM's)
     PROBE = 5  # Hutchinson probes, dequantisation
     USER = 16  # first id free for extensions
 

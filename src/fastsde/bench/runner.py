@@ -217,6 +217,7 @@ VARIANTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("dpmpp_2m_sde_pc", "dpmpp_2m_sde", {"corrector": True}),
 )
 
+
 def _variant_is_default(s: FastsdeSampler, sde: SDE) -> bool:
     """True when a variant's fixed options are its base solver's defaults on this process (the
     variant would repeat the base row: the Karras grid is the default on EDM, the log-SNR grid elsewhere)."""

@@ -239,10 +239,6 @@ class SolverContext:
         """A per-row time vector for x."""
         return per_row(value, x.shape[0], x.dtype, x.device)
 
-    def normal(self, x: Tensor, stream: int, counter: int | Tensor, rows: Tensor | None = None) -> Tensor:
-        """Standard normal noise shaped like x, keyed per sample."""
-        return self.noise.normal(x.shape[1:], stream, counter, rows, dtype=x.dtype, device=x.device)
-
     def report(self, info: StepInfo) -> bool:
         """Pass a step to the callback; False means the user asked to stop."""
         if self.callback is None:

@@ -12,7 +12,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import torch
 from torch import Tensor
 
 from ..noise import Stream
@@ -146,14 +145,3 @@ class Stepper:
     def initial_step(self, x: Tensor, state: State, rows: Tensor, span: Tensor, rtol: float, atol: float) -> Tensor:
         """The first step size when the controller is asked to choose it (h_init=None)."""
         raise ValueError(f"{type(self).__name__} cannot choose its first step: give h_init")
-
-
-def zeros_state(like: Tensor, **shapes: tuple[str, torch.dtype | None]) -> State:
-    """Helper: a state of zero tensors, 'x' shaped like the batch or 'n' one value per sample."""
-    out: State = {}
-    for name, (kind, dtype) in shapes.items():
-        if kind == "x":
-            out[name] = torch.zeros_like(like)
-        else:
-            out[name] = torch.zeros(like.shape[0], dtype=dtype or torch.float64, device=like.device)
-    return out
