@@ -53,6 +53,7 @@ from .base import (
     boolean,
     nonnegative_float,
     one_of,
+    optional,
     positive_float,
     positive_int,
     unit_interval,
@@ -86,11 +87,6 @@ def _use_prev_check(name: str, v: Any) -> None:
         raise ValueError(f"{name} must be True, False or 'x', got {v!r}")
 
 
-def _exponent_check(name: str, v: Any) -> None:
-    if v is not None:
-        positive_float(name, v)
-
-
 def adaptive_options(
     h_init: float,
     eps_rel: float,
@@ -110,7 +106,7 @@ def adaptive_options(
         "safety": Option(0.9, unit_interval, "safety factor θ"),
         "exponent": Option(
             exponent,
-            _exponent_check,
+            optional(positive_float),
             "controller exponent r in h ← θ·h·E^(−r) (None: 1 / the stepper's declared error order)",
         ),
         "norm": Option("scaled_l2", one_of("scaled_l2", "l2", "linf"), "error norm per sample"),

@@ -38,7 +38,6 @@ NFE per sample: 1 (x̂0 at the start) + 1 per attempt + 1 for the final denoise.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -47,7 +46,7 @@ from torch import Tensor
 from ..sde import broadcast_to_rows
 from .adaptive import adaptive_options, adaptive_plan
 from .adaptive_sde_dpm import log_snr_coordinate
-from .base import Option, SolverContext, SolverSpec
+from .base import Option, SolverContext, SolverSpec, positive_or_inf
 from .dpmpp_2m_sde import SDEDPMCoefficients
 from .stepper import State, Step, Stepper, StepResult
 
@@ -105,17 +104,12 @@ class SDEDPM2MPredictorCorrector(Stepper):
         return StepResult(x=high, error=high - low, x_ref=low, state=state, x0_hat=x0_s)
 
 
-def _h_max_check(name: str, v: Any) -> None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) or not v > 0:
-        raise ValueError(f"{name} must be a number > 0 (math.inf for no cap), got {v!r}")
-
-
 def _options() -> dict[str, Option]:
     opts = adaptive_options(h_init=0.1, eps_rel=0.02, exponent=0.5, brownian="memory", use_prev=False, max_growth=2.0)
     for name in ("extrapolate", "corrector_steps", "snr", "reuse_rejected"):
         del opts[name]
     opts["pi_beta"] = Option(0.35, opts["pi_beta"].check, opts["pi_beta"].doc)
-    opts["h_max"] = Option(0.45, _h_max_check, "largest step in λ = log(m/σ) (math.inf: no cap)")
+    opts["h_max"] = Option(0.45, positive_or_inf, "largest step in λ = log(m/σ) (math.inf: no cap)")
     return opts
 
 

@@ -31,6 +31,8 @@ __all__ = [
     "nonnegative_float",
     "unit_interval",
     "one_of",
+    "optional",
+    "positive_or_inf",
     "boolean",
     "grid_options",
     "solver_grid",
@@ -91,6 +93,22 @@ def one_of(*choices: Any) -> Callable[[str, Any], None]:
             raise ValueError(f"{name} must be one of {list(choices)}, got {v!r}")
 
     return check
+
+
+def optional(check: Callable[[str, Any], None]) -> Callable[[str, Any], None]:
+    """The check of an option whose None means "chosen for you"; any other value must pass ``check``."""
+
+    def check_optional(name: str, v: Any) -> None:
+        if v is not None:
+            check(name, v)
+
+    return check_optional
+
+
+def positive_or_inf(name: str, v: Any) -> None:
+    """A positive number; math.inf for no limit."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) or not v > 0:
+        raise ValueError(f"{name} must be a number > 0 (math.inf for no cap), got {v!r}")
 
 
 def boolean(name: str, v: Any) -> None:

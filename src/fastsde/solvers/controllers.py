@@ -58,6 +58,7 @@ class FixedGrid:
     """Step from grid point k to k + 1 (the coordinate is the grid index); always accepts."""
 
     adaptive = False
+    min_step = False
 
     def __init__(self, grid: Tensor) -> None:
         self.grid = grid.to(torch.float64)

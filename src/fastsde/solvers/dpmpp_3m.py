@@ -44,8 +44,10 @@ from .base import (
     fixed_grid,
     grid_options,
     one_of,
+    optional,
     positive_float,
     positive_int,
+    positive_or_inf,
     unit_interval,
 )
 from .controllers import Adaptive, Coordinate
@@ -170,16 +172,6 @@ def _build_adaptive(ctx: SolverContext, opts: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-def _optional_positive(name: str, v: Any) -> None:
-    if v is not None:
-        positive_float(name, v)
-
-
-def _h_max_check(name: str, v: Any) -> None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) or not v > 0:
-        raise ValueError(f"{name} must be a number > 0 (math.inf for no cap), got {v!r}")
-
-
 ADAPTIVE_DPMPP_3M = SolverSpec(
     name="adaptive_dpmpp_3m",
     build=_build_adaptive,
@@ -187,10 +179,10 @@ ADAPTIVE_DPMPP_3M = SolverSpec(
     options={
         "eps_rel": Option(1e-3, positive_float, "relative tolerance"),
         "eps_abs": Option(
-            None, _optional_positive, "absolute tolerance (default eps_rel × data range / 200, so that it scales)"
+            None, optional(positive_float), "absolute tolerance (default eps_rel × data range / 200, so that it scales)"
         ),
         "h_init": Option(0.1, positive_float, "first step in λ = log(m/σ) (accepted without an estimate)"),
-        "h_max": Option(math.inf, _h_max_check, "largest step in λ"),
+        "h_max": Option(math.inf, positive_or_inf, "largest step in λ"),
         "safety": Option(0.9, unit_interval, "safety factor θ"),
         "max_growth": Option(2.0, _growth_check, "largest factor by which h may grow per step"),
         "form": _FORM,

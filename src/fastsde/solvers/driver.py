@@ -138,7 +138,7 @@ def integrate(
                 over = (status == Status.RUNNING) & (used + cost > max_nfe)
                 status[over] = int(Status.BUDGET)
             running = status == Status.RUNNING
-            if controller_min_step(controller):
+            if controller.min_step:
                 run_d = running.to(dev)
                 cc = c
                 spacing = torch.nextafter(cc, cc + 1.0) - cc
@@ -202,7 +202,7 @@ def integrate(
                 return path.increments(points, _rows, _counter, _cs)
 
             noise_rows = None if full else rows
-            noise_counter = index if adaptive is False else counter
+            noise_counter = counter if adaptive else index
 
             def normal(like: Tensor, stream: int, _r=noise_rows, _k=noise_counter) -> Tensor:
                 return ctx.noise.normal(like.shape[1:], stream, _k, _r, dtype=like.dtype, device=like.device)
@@ -361,10 +361,6 @@ def integrate(
     if bool(unfinished.any()) and on_budget == "raise":
         raise _unfinished_error(status, t, n, t_end, max_nfe, budget_hint)
     return x
-
-
-def controller_min_step(controller) -> bool:
-    return bool(getattr(controller, "min_step", False))
 
 
 def _unfinished_error(status: Tensor, t: Tensor, n: int, t_end: float, max_nfe: int | None, hint: str) -> Exception:

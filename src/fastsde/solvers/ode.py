@@ -35,6 +35,7 @@ from .base import (
     StepInfo,
     boolean,
     one_of,
+    optional,
     positive_float,
     positive_int,
 )
@@ -165,19 +166,17 @@ def scipy_law(rtol: float, atol: float, h_init: float | None, measured_exponent:
     )
 
 
-def _optional_positive(name: str, v: Any) -> None:
-    if v is not None:
-        positive_float(name, v)
+def pf_ode_field(ctx: SolverContext) -> Field:
+    """The probability-flow drift f − ½g²·s as F(y, t, rows), t in float64. The score is not checked
+    for NaN: a non-finite drift makes the error norm non-finite, and the step is rejected and shrunk
+    (by the controller for rk45, by scipy for method="scipy")."""
+    sde = ctx.sde
 
+    def field(y: Tensor, t: Tensor, rows: Tensor | None) -> Tensor:
+        tt = t.to(y.dtype)
+        return sde.ode_drift(y, tt, ctx.score(y, tt, rows, check_finite=False))
 
-def _optional_int(name: str, v: Any) -> None:
-    if v is not None:
-        positive_int(1)(name, v)
-
-
-def _optional_bool(name: str, v: Any) -> None:
-    if v is not None:
-        boolean(name, v)
+    return field
 
 
 def budget_from_steps(max_nfe: int, max_steps: int | None, on_budget: str, partial: bool | None) -> tuple[int, str]:
@@ -193,13 +192,7 @@ def budget_from_steps(max_nfe: int, max_steps: int | None, on_budget: str, parti
 
 
 def _build(ctx: SolverContext, opts: dict[str, Any]) -> dict[str, Any]:
-    sde = ctx.sde
-
-    def field(y: Tensor, t: Tensor, rows: Tensor) -> Tensor:
-        # Non-finite scores are handled by the controller (the step is rejected and shrunk).
-        tt = t.to(y.dtype)
-        return sde.ode_drift(y, tt, ctx.score(y, tt, rows, check_finite=False))
-
+    field = pf_ode_field(ctx)
     max_nfe, on_budget = budget_from_steps(opts["max_nfe"], opts["max_steps"], opts["on_budget"], opts["partial"])
     coord = Coordinate.time(ctx.t_start, ctx.t_end)
     return dict(
@@ -216,14 +209,8 @@ def _run_scipy(ctx: SolverContext, x: Tensor, rtol: float, atol: float) -> Tenso
     """scipy's solve_ivp on the flattened batch (the reference procedure; shared steps)."""
     from ..integrate import scipy_rk45
 
-    sde, dtype, n = ctx.sde, x.dtype, x.shape[0]
-
-    def field(y: Tensor, t: Tensor, rows: Tensor | None) -> Tensor:
-        # A non-finite drift makes scipy's error norm NaN: it rejects the step and shrinks it.
-        tt = t.to(dtype)
-        return sde.ode_drift(y, tt, ctx.score(y, tt, rows, check_finite=False))
-
-    y, nfev, steps = scipy_rk45(field, x, ctx.t_start, ctx.t_end, rtol=rtol, atol=atol)
+    dtype, n = x.dtype, x.shape[0]
+    y, nfev, steps = scipy_rk45(pf_ode_field(ctx), x, ctx.t_start, ctx.t_end, rtol=rtol, atol=atol)
     ctx.stats.update(method="scipy", nfev=nfev, accepted=steps)
     ctx.report(
         StepInfo(step=steps, t=torch.full((n,), ctx.t_end, dtype=dtype), h=torch.zeros(n), x=y, nfe=ctx.score.nfe)
@@ -254,9 +241,9 @@ ODE = _ODESpec(
             DOPRI_NFE_START + 6 * 10_000, positive_int(8), "per-sample budget of solver NFE (rk45; 10 000 attempts)"
         ),
         "on_budget": Option("raise", one_of("raise", "partial"), "what happens when max_nfe is reached"),
-        "max_steps": Option(None, _optional_int, "deprecated: step attempts per sample (sets max_nfe)"),
-        "h_init": Option(None, _optional_positive, "first step size (default: scipy's selection, 1 NFE)"),
-        "partial": Option(None, _optional_bool, "deprecated: True is on_budget='partial'"),
+        "max_steps": Option(None, optional(positive_int(1)), "deprecated: step attempts per sample (sets max_nfe)"),
+        "h_init": Option(None, optional(positive_float), "first step size (default: scipy's selection, 1 NFE)"),
+        "partial": Option(None, optional(boolean), "deprecated: True is on_budget='partial'"),
     },
     summary="adaptive Dormand–Prince RK45 on the probability-flow ODE, per-sample steps",
     adaptive=True,
