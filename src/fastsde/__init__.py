@@ -4,6 +4,7 @@ evaluations."""
 from . import problems
 from .api import SampleResult, sample
 from .grids import time_grid
+from .iia import IIATable, fit_iia, load_iia
 from .likelihood import LikelihoodResult, bits_per_dim, log_likelihood
 from .likelihood_data import DatasetLikelihood, dataset_likelihood, differentiable_score
 from .models import list_models, load_model
@@ -48,4 +49,7 @@ __all__ = [
     "differentiable_score",
     "load_model",
     "list_models",
+    "fit_iia",
+    "load_iia",
+    "IIATable",
 ]

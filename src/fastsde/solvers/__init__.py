@@ -15,6 +15,7 @@ from .dpmpp_3m import ADAPTIVE_DPMPP_3M, DPMPP_3M
 from .em import EM
 from .euler import EULER
 from .heun import HEUN
+from .iia import IIA_DDIM, IIA_DPMPP_2M, IIA_HEUN
 from .ode import ODE
 from .pc import PC
 from .reverse_diffusion import REVERSE_DIFFUSION
@@ -37,6 +38,9 @@ SOLVERS: dict[str, SolverSpec] = {
         DPMPP_3M,
         ADAPTIVE_DPMPP_3M,
         ODE,
+        IIA_HEUN,
+        IIA_DDIM,
+        IIA_DPMPP_2M,
     )
 }
 
