@@ -1,12 +1,22 @@
 """Results do not move: every solver and log_likelihood reproduce the outputs recorded in
-tests/data/golden.safetensors (see tests/golden.py) bit for bit, unless a case is listed in
-TOLERANT with the reason its summation order changed."""
+tests/data/golden.safetensors (see tests/golden.py): counts (NFE, accepted, rejected) exactly, and
+float64 values bit for bit on a CPU like the recording one, to ROUNDING elsewhere, unless a case is
+listed in TOLERANT with the reason its summation order changed.
+
+Why ROUNDING: torch's vectorised exp / log / pow round the last bit differently on a CPU with
+another SIMD width (an AMD EPYC with AVX-512 moves dpmpp_2m's samples by 7e-16 and an adaptive ode
+case by 8e-13 against the record), so bit-for-bit would test the CPU, not the code. A change to the
+code moves results far more."""
 
 from __future__ import annotations
 
 import golden
 import pytest
 import torch
+
+#: Relative and absolute tolerance for float64 values: last-bit rounding of another CPU, amplified by an
+#: adaptive solve (edm/ode/2 moves by 8e-13 on AVX-512); the same as the batch-size tests use.
+ROUNDING = (1e-10, 1e-12)
 
 #: case key -> (absolute tolerance, why it is not bit for bit). Empty: every case is exact.
 TOLERANT: dict[str, tuple[float, str]] = {}
@@ -26,12 +36,13 @@ def _compare(recorded: dict[str, torch.Tensor], key: str, values: dict[str, torc
         if key in TOLERANT:
             tol = TOLERANT[key][0]
             assert torch.allclose(got, want, rtol=0, atol=tol, equal_nan=True), f"{key}/{name} moved beyond {tol}"
+        elif name in ("samples", "logp"):
+            rtol, atol = ROUNDING
+            assert torch.equal(got, want) or torch.allclose(got, want, rtol=rtol, atol=atol, equal_nan=True), (
+                f"{key}/{name} moved: max |diff| {float((got - want).abs().nan_to_num().max()):.3g}"
+            )
         else:
-            assert (
-                torch.equal(got, want)
-                or (got.isnan() == want.isnan()).all()
-                and torch.equal(got.nan_to_num(), want.nan_to_num())
-            ), f"{key}/{name} moved: max |diff| {float((got - want).abs().max()):.3g}"
+            assert torch.equal(got, want), f"{key}/{name} moved: {got.tolist()} != {want.tolist()}"
 
 
 @pytest.mark.parametrize(
