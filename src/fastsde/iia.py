@@ -36,7 +36,17 @@ from .solvers.base import SolverContext
 from .solvers.iia import IIA_BASES, IIAStepper
 from .solvers.stepper import Step
 
-__all__ = ["IIATable", "fit_iia", "load_iia", "iia_step_errors", "model_fingerprint", "shipped_table", "table_name"]
+__all__ = [
+    "IIATable",
+    "fit_iia",
+    "load_iia",
+    "iia_step_errors",
+    "model_fingerprint",
+    "shipped_table",
+    "shipped_tables",
+    "read_shipped",
+    "table_name",
+]
 
 FORMAT = "fastsde-iia/1"
 #: Fixed inputs of the model probe (user scores): rows, the noise seed and the times as fractions of [t_end, T].
@@ -302,6 +312,14 @@ def shipped_table(model: str, solver: str, steps: int, variant: str | None = Non
     return _from_bytes(f.read_bytes(), f.name) if f.is_file() else None
 
 
+def read_shipped(name: str) -> IIATable:
+    """A shipped table by its file name (see :func:`shipped_tables`)."""
+    f = _tables_dir().joinpath(name)
+    if not f.is_file():
+        raise FileNotFoundError(f"no shipped IIA table {name!r}; shipped: {shipped_tables()}")
+    return _from_bytes(f.read_bytes(), name)
+
+
 def shipped_tables() -> list[str]:
     """File names of the tables shipped in the package."""
     d = _tables_dir()
@@ -325,6 +343,33 @@ def _data_shape(score: Any, shape: Any) -> tuple[int, ...]:
     if not dims or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims):
         raise ValueError(f"shape must be the dims of one sample (positive ints), got {shape!r}")
     return dims
+
+
+def _ridge_solve(gram: list[list[float]], rhs: list[float], ridge: float) -> list[float]:
+    """(GᵀG + λI)β = Gᵀr with λ = ridge · mean diagonal, by Cholesky in Python floats (m ≤ 4:
+    exact same bits on every machine); zeros when GᵀG is zero."""
+    m = len(rhs)
+    lam = ridge * sum(gram[i][i] for i in range(m)) / m
+    if all(gram[i][i] == 0 for i in range(m)):
+        return [0.0] * m
+    a = [[gram[i][j] + (lam if i == j else 0.0) for j in range(m)] for i in range(m)]
+    low = [[0.0] * m for _ in range(m)]
+    for i in range(m):
+        for j in range(i + 1):
+            acc = a[i][j] - sum(low[i][k] * low[j][k] for k in range(j))
+            if i == j:
+                if not acc > 0:
+                    raise ValueError("IIA fit: the directions' Gram matrix is not positive definite; raise ridge")
+                low[i][i] = math.sqrt(acc)
+            else:
+                low[i][j] = acc / low[j][j]
+    y = [0.0] * m
+    for i in range(m):
+        y[i] = (rhs[i] - sum(low[i][k] * y[k] for k in range(i))) / low[i][i]
+    out = [0.0] * m
+    for i in reversed(range(m)):
+        out[i] = (y[i] - sum(low[k][i] * out[k] for k in range(i + 1, m))) / low[i][i]
+    return out
 
 
 class _Loop:
@@ -370,11 +415,10 @@ class _Loop:
             beta = self.coefficients[int(s.index[0])].clone()
         elif cols:
             g = torch.stack([dirs[j].reshape(b, -1).to(torch.float64) for j in cols], dim=-1).reshape(-1, len(cols))
-            gram, rhs = g.T @ g, g.T @ r.reshape(-1)
-            trace = float(gram.diagonal().sum())
-            if trace > 0:
-                a = gram + (self.ridge * trace / len(cols)) * torch.eye(len(cols), dtype=torch.float64)
-                beta[cols] = torch.linalg.lstsq(a, rhs.unsqueeze(1)).solution.squeeze(1)
+            # elementwise products and sums, not BLAS: the same bits on every run (MKL's dgemm is not)
+            gram = (g[:, :, None] * g[:, None, :]).sum(0).tolist()
+            rhs = (g * r.reshape(-1, 1)).sum(0).tolist()
+            beta[cols] = torch.tensor(_ridge_solve(gram, rhs, self.ridge), dtype=torch.float64)
         corr = sum(
             (beta[j] * dirs[j].reshape(b, -1).to(torch.float64) for j in cols if beta[j] != 0),
             torch.zeros_like(r),

@@ -45,6 +45,7 @@ def add_parser(subparsers) -> None:
         metavar="KEY=VALUE",
         help="any other solver option, e.g. --option corrector_steps=2 (repeatable)",
     )
+    p.add_argument("--table", default=None, help="IIA table for an iia_ solver (default: the shipped one)")
     p.add_argument("--no-metric", action="store_true", help="skip the quality metric")
     p.add_argument("--progress", action="store_true", help="show a progress bar")
     p.set_defaults(func=run)
@@ -124,6 +125,12 @@ def run(args: argparse.Namespace) -> int:
     else:
         model = fastsde.load_model(args.model)
         sde, score, shape, dtype = model.sde, model.score, tuple(model.shape), torch.float32
+    if solver.startswith("iia_"):
+        from .fit_iia import table_for_sample
+
+        opts["table"] = table_for_sample(args.model, solver, opts, args.table)
+    elif args.table is not None:
+        raise CLIError("--table applies to the iia_ solvers only")
     # validate options (names and values) before any compute
     spec.resolve(sde, dict(opts), sde.default_t_end)
 

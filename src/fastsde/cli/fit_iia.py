@@ -1,0 +1,118 @@
+"""`fastsde fit-iia`: fit IIA coefficient tables for a shipped model (or the exact 2-D mixture) at
+one or more step counts and write one table file per step count.
+
+    fastsde fit-iia --model digits --solver dpmpp_2m --steps 4,5,6,8,10
+
+writes ``iia_tables/digits-dpmpp_2m-4.safetensors`` … and prints each table's fitting cost; pass one
+to ``fastsde sample --solver iia_dpmpp_2m --steps 4 --table iia_tables/digits-dpmpp_2m-4.safetensors``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from . import CLIError
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "fit-iia",
+        help="fit IIA coefficient tables (iia_heun / iia_ddim / iia_dpmpp_2m) for a shipped model",
+        description="Fit per-step IIA coefficients against the base solver on fine sub-steps; one table per step count.",
+    )
+    p.add_argument("--model", default="digits", help="a shipped model (fastsde.list_models()) or 'mixture'")
+    p.add_argument("--solver", default="dpmpp_2m", help="base solver: dpmpp_2m, heun or ddim (default dpmpp_2m)")
+    p.add_argument("--steps", default="4,5,6,8,10", help="comma-separated grid point counts (default 4,5,6,8,10)")
+    p.add_argument("--n", type=int, default=256, help="prior draws to fit on (default 256)")
+    p.add_argument("--fine-steps", type=int, default=10, help="base-solver sub-steps per step (default 10)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fitting draws (default 0)")
+    p.add_argument("--variant", default=None, help="iia_heun only: iia (default) or biia")
+    p.add_argument("--out", default="iia_tables", help="output folder (default iia_tables/)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def parse_steps(text: str) -> list[int]:
+    try:
+        steps = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise CLIError(f"--steps must be comma-separated integers, got {text!r}") from None
+    if not steps or any(s < 2 for s in steps):
+        raise CLIError(f"--steps must be integers >= 2, got {text!r}")
+    return steps
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    import fastsde
+    from fastsde.iia import iia_solver_name, table_name
+
+    steps = parse_steps(args.steps)
+    try:
+        iia = iia_solver_name(args.solver)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    base = iia[len("iia_") :]
+    options = {}
+    if args.variant is not None:
+        if iia != "iia_heun":
+            raise CLIError("--variant applies to --solver heun only")
+        options["variant"] = args.variant
+    if args.model == "mixture":
+        sde = fastsde.VPSDE()
+        score = fastsde.problems.mixture_2d(sde).score
+    elif args.model in fastsde.list_models():
+        model = fastsde.load_model(args.model)
+        sde, score = model.sde, model.score
+    else:
+        raise CLIError(f"unknown model {args.model!r}; available: {', '.join(fastsde.list_models() + ['mixture'])}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {args.out!r} is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(steps, desc=f"fit-iia {args.model} {base}", disable=args.quiet)
+    for n_steps in bar:
+        table = fastsde.fit_iia(
+            score,
+            sde,
+            solver=base,
+            steps=n_steps,
+            n=args.n,
+            seed=args.seed,
+            fine_steps=args.fine_steps,
+            progress=not args.quiet,
+            **options,
+        )
+        path = table.save(out / table_name(args.model, iia, n_steps, args.variant))
+        fit = table.fit
+        gain = sum(fit["mse_base"]) / max(sum(fit["mse_iia"]), 1e-300)
+        tqdm.write(
+            f"{path}  steps {n_steps}  fit NFE {fit['nfe_per_sample']:.0f} per sample x {fit['n']} "
+            f"({fit['calls']} calls, {fit['seconds']:.1f} s)  training step MSE base/IIA {gain:.2f}x"
+        )
+    return 0
+
+
+def table_for_sample(model: str, solver: str, options: dict, path: str | None):
+    """The table `fastsde sample` uses for an iia_ solver: --table PATH, else the one shipped for the
+    model, solver and steps; without one, a CLIError that names the command that makes it."""
+    import fastsde
+    from fastsde.iia import shipped_table, table_name
+
+    if path is not None:
+        return fastsde.load_iia(path)
+    steps = options.get("steps", fastsde.SOLVERS[solver].options["steps"].default)
+    variant = options.get("variant")
+    table = shipped_table(model, solver, steps, variant) if model != "mixture" else None
+    if table is None:
+        base = solver[len("iia_") :]
+        extra = f" --variant {variant}" if variant and variant != "iia" else ""
+        name = table_name(model, solver, steps, variant)
+        raise CLIError(
+            f"no IIA table for model {model}, solver {solver}, steps {steps}; make one with "
+            f"`fastsde fit-iia --model {model} --solver {base} --steps {steps}{extra}` "
+            f"and pass --table iia_tables/{name}"
+        )
+    return table
