@@ -189,7 +189,9 @@ def fastsde_samplers() -> tuple[list[FastsdeSampler], list[str]]:
     out, notes = [], []
     for name, spec in SOLVERS.items():
         kind = _budget_kind(spec)
-        if kind is None:
+        if "table" in spec.options:  # IIA: without a table fitted for the problem it repeats its base solver
+            notes.append(f"{name}: skipped, needs a coefficient table fitted for the problem (benchmarks/iia.py)")
+        elif kind is None:
             notes.append(f"{name}: skipped, no steps or tolerance option to sweep")
         else:
             out.append(FastsdeSampler(name, spec.is_stochastic(None), kind))
