@@ -70,6 +70,7 @@ class Status(IntEnum):
     STEP_TOO_SMALL = 2  # step size fell below the floating-point spacing of t
     NONFINITE_START = 3  # F was not finite at the initial point
     STOPPED = 4  # the step callback asked to stop
+    NONFINITE = 5  # F was NaN/Inf in ten attempts in a row, however small the step
 
 
 _FROM_DRIVER = {
@@ -77,6 +78,7 @@ _FROM_DRIVER = {
     "budget": Status.MAX_STEPS,
     "step_too_small": Status.STEP_TOO_SMALL,
     "nonfinite_start": Status.NONFINITE_START,
+    "nonfinite": Status.NONFINITE,
     "stopped": Status.STOPPED,
     "running": Status.STOPPED,
 }
@@ -107,10 +109,13 @@ class ODESolution:
         """A one-line summary of the samples that did not finish ('' if all did)."""
         n = self.status.shape[0]
         parts = []
-        for st in (Status.MAX_STEPS, Status.STEP_TOO_SMALL, Status.NONFINITE_START, Status.STOPPED):
+        for st in (Status.MAX_STEPS, Status.STEP_TOO_SMALL, Status.NONFINITE_START, Status.NONFINITE, Status.STOPPED):
             k = int((self.status == st).sum())
             if k:
-                parts.append(f"{k} {st.name.lower().replace('_', ' ')}")
+                label = (
+                    "NaN/Inf however small the step" if st == Status.NONFINITE else st.name.lower().replace("_", " ")
+                )
+                parts.append(f"{k} {label}")
         if not parts:
             return ""
         bad = int((~self.finished).sum())

@@ -22,12 +22,13 @@ import torch
 from torch import Tensor
 
 from ..brownian import make_path
+from ..score import NonFiniteScoreError
 from ..sde import broadcast_to_rows, per_row
 from .base import StepInfo
 from .controllers import Adaptive, Coordinate, FixedGrid
 from .stepper import Step, Stepper
 
-__all__ = ["Status", "IntegrationError", "BudgetError", "integrate"]
+__all__ = ["Status", "IntegrationError", "BudgetError", "NonFiniteSolveError", "MAX_NONFINITE", "integrate"]
 
 
 class Status(IntEnum):
@@ -39,6 +40,7 @@ class Status(IntEnum):
     STOPPED = 3  # the callback asked to stop
     STEP_TOO_SMALL = 4  # the step fell below the floating-point spacing of the coordinate
     NONFINITE_START = 5  # the first evaluation was not finite
+    NONFINITE = 6  # MAX_NONFINITE attempts in a row had a non-finite error (the score returned NaN/Inf)
 
     @property
     def label(self) -> str:
@@ -51,6 +53,20 @@ class IntegrationError(RuntimeError):
 
 class BudgetError(IntegrationError):
     """Some samples did not reach t_end within the per-sample NFE budget ``max_nfe``."""
+
+
+class NonFiniteSolveError(IntegrationError, NonFiniteScoreError):
+    """Adaptive samples stopped because every attempt in a row gave NaN/Inf (a broken score, not a
+    tolerance problem); also a :class:`~fastsde.score.NonFiniteScoreError`, as fixed-step solvers raise."""
+
+
+#: Non-finite attempts in a run after which an adaptive sample stops (status "nonfinite"): each
+#: shrinks h by the controller's nonfinite factor (0.1 or 0.2), so after ten the score is NaN/Inf
+#: however small the step, and more attempts only burn the budget. A run ends with a finite attempt
+#: at a step within a factor 100 of the one that first failed, so a sample creeping up to a NaN region
+#: with ever smaller accepted steps in between stays in its run; one whose step falls below ten
+#: floating-point spacings of its coordinate after a non-finite attempt stops with the same status.
+MAX_NONFINITE = 10
 
 
 def integrate(
@@ -68,9 +84,12 @@ def integrate(
     reuse_rejected: bool = False,
     desc: str = "",
     budget_hint: str = "raise max_nfe, loosen the tolerances",
+    max_nonfinite: int | None = MAX_NONFINITE,
 ) -> Tensor:
     """Step x from the coordinate's start to its end; returns x at the end (partial rows where they
-    stopped). Statistics go to ``ctx.stats``."""
+    stopped). Statistics go to ``ctx.stats``. An adaptive sample with ``max_nonfinite`` attempts in
+    a row whose error was not finite, or whose step shrank below ten floating-point spacings of its
+    coordinate after a non-finite attempt, stops with status "nonfinite" (None: never)."""
     n, dt, dev = x.shape[0], x.dtype, x.device
     f64 = torch.float64
     adaptive = controller.adaptive
@@ -90,6 +109,8 @@ def integrate(
     accepted = torch.zeros(n, dtype=torch.int64)
     rejected = torch.zeros(n, dtype=torch.int64)
     nonfinite = torch.zeros(n, dtype=torch.int64)
+    nonfinite_run = torch.zeros(n, dtype=torch.int64)  # non-finite attempts in the current run
+    run_h0 = torch.zeros(n, dtype=f64)  # the step of the run's first non-finite attempt
     reused = torch.zeros(n, dtype=torch.int64)
     nfe0 = ctx.score.nfe_per_sample.clone()
 
@@ -128,7 +149,11 @@ def integrate(
     if ctx.progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=1000, desc=desc, leave=False)
+        # the share of the way from start to end (of the coordinate, averaged over samples) in
+        # percent: an attempt count or a rate in "it/s" would mislead for adaptive solvers
+        bar = tqdm(
+            total=100, desc=desc, leave=False, bar_format="{desc}: {n_fmt}/{total_fmt} % |{bar}| {elapsed}<{remaining}"
+        )
     shown = 0
     it = 0
     try:
@@ -137,14 +162,21 @@ def integrate(
                 used = (ctx.score.nfe_per_sample - nfe0).to(status.device)
                 over = (status == Status.RUNNING) & (used + cost > max_nfe)
                 status[over] = int(Status.BUDGET)
+            if adaptive and max_nonfinite is not None:
+                stuck = (status == Status.RUNNING) & (nonfinite_run >= max_nonfinite)
+                status[stuck] = int(Status.NONFINITE)
             running = status == Status.RUNNING
-            if controller.min_step:
+            if controller.min_step or (adaptive and max_nonfinite is not None and bool((nonfinite > 0).any())):
                 run_d = running.to(dev)
+                if not controller.min_step:  # only the rows that met a NaN/Inf: they may be creeping
+                    run_d = run_d & (nonfinite > 0).to(dev)
                 cc = c
                 spacing = torch.nextafter(cc, cc + 1.0) - cc
                 tiny = run_d & (h < 10 * spacing)
                 if bool(tiny.any()):
-                    status[tiny.cpu()] = int(Status.STEP_TOO_SMALL)
+                    tiny = tiny.cpu()  # shrunk to nothing after non-finite errors: the score's fault
+                    status[tiny] = int(Status.STEP_TOO_SMALL)
+                    status[tiny & (nonfinite > 0)] = int(Status.NONFINITE)
                     running = status == Status.RUNNING
             if not bool(running.any()):
                 break
@@ -287,12 +319,23 @@ def integrate(
             attempts[rows[act_c]] += 1
             accepted[rows[ok_c]] += 1
             rejected[rows[act_c & ~ok_c]] += 1
-            nonfinite[rows[act_c & ~finite.cpu()]] += 1
+            bad_c = act_c & ~finite.cpu()
+            nonfinite[rows[bad_c]] += 1
+            if adaptive:
+                # a run of non-finite attempts ends only with a finite attempt at a step within a
+                # factor 100 of the one that first failed: a sample creeping up to a NaN region
+                # with ever smaller accepted steps stays in its run
+                h_c = hs.detach().to("cpu", f64)
+                fresh = bad_c & (nonfinite_run[rows] == 0)
+                run_h0[rows[fresh]] = h_c[fresh]
+                recovered = act_c & ~bad_c & (h_c >= 0.01 * run_h0[rows])
+                nonfinite_run[rows[recovered]] = 0
+                nonfinite_run[rows[bad_c]] += 1
             status[rows[done_c]] = int(Status.DONE)
 
             if bar is not None:
                 frac = float(((c - c0) / span_c.clamp_min(1e-300)).clamp(0.0, 1.0).mean())
-                now = int(1000 * frac)
+                now = int(100 * frac)
                 bar.update(now - shown)
                 shown = now
             if ctx.callback is not None:
@@ -371,9 +414,22 @@ def _unfinished_error(status: Tensor, t: Tensor, n: int, t_end: float, max_nfe: 
     head = f"{int(bad.sum())} of {n} samples did not reach t_end = {t_end:g}"
     if k_budget:
         head += f" within max_nfe = {max_nfe} score evaluations per sample"
+    broken = (status == Status.NONFINITE) | (status == Status.NONFINITE_START)
+    if bool(broken.any()):
+        k = int(broken.sum())
+        times = sorted({round(float(v), 6) for v in t[broken.to(t.device)].tolist()})
+        shown = ", ".join(f"{v:.6g}" for v in times[:5]) + (", ..." if len(times) > 5 else "")
+        msg = (
+            f"the score returned NaN or Inf: {k} of {n} samples stopped at t = [{shown}] (non-finite at "
+            f"the start, or in {MAX_NONFINITE} attempts in a row with ever smaller steps: a larger max_nfe or "
+            "a looser tolerance would not help); check the score near these times"
+        )
+        if k_budget:
+            msg += f"; {k_budget} more did not finish within max_nfe = {max_nfe}"
+        return NonFiniteSolveError(msg)
     others = [
         f"{int((status == st).sum())} {st.label.replace('_', ' ')}"
-        for st in (Status.STEP_TOO_SMALL, Status.NONFINITE_START)
+        for st in (Status.STEP_TOO_SMALL,)
         if bool((status == st).any())
     ]
     if others:
