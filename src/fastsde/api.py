@@ -3,6 +3,7 @@ the samples with their accounting."""
 
 from __future__ import annotations
 
+import numbers
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -15,9 +16,17 @@ from .noise import NoiseSource, Stream, as_noise_source
 from .score import CountingScore, ScoreFn
 from .sde import SDE
 from .solvers import SolverSpec, get_solver
-from .solvers.base import SolverContext, StepInfo
+from .solvers.base import SolverContext, StepInfo, as_python_number
 
-__all__ = ["SampleResult", "sample", "check_shape", "check_score_and_process"]
+__all__ = [
+    "DEFAULT_SOLVER",
+    "SampleResult",
+    "sample",
+    "check_shape",
+    "check_score_and_process",
+    "check_dtype",
+    "score_process",
+]
 
 
 @dataclass
@@ -44,17 +53,60 @@ class SampleResult:
         if self.cost is None:
             self.cost = self.nfe
 
+    #: the seed as given (an int or a list of per-sample ints; None for a NoiseSource, which keeps
+    #: no record of the seeds it was made from), and where the solve ran
+    seed: int | list[int] | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+
     def config(self) -> dict[str, Any]:
-        """Every knob that produced these samples (for benchmark records)."""
-        return {"solver": self.solver, **self.options}
+        """Every knob that produced these samples (for benchmark records): the solver, its resolved
+        options, t_end, denoise, the process, n, the seed, the dtype and the device."""
+        return {"solver": self.solver, **self.options, "seed": self.seed, "dtype": self.dtype, "device": self.device}
+
+
+#: The solver ``sample`` and ``fastsde sample`` use when none is named: the fastest sampler measured
+#: to be unbiased at its defaults on exact problems (README, "Which solver to pick";
+#: docs/benchmarks.md, "The default solver"). ``adaptive`` is Gotta Go Fast as published.
+DEFAULT_SOLVER = "adaptive_sde_dpm_2m"
+
+
+def score_process(score: Any) -> SDE | None:
+    """The process a score adapter was built for (its ``sde``; for a bound method such as
+    ``LoadedModel.score``, its owner's), or None for a plain function."""
+    for obj in (score, getattr(score, "__self__", None)):
+        sde = getattr(obj, "sde", None)
+        if isinstance(sde, SDE):
+            return sde
+    return None
 
 
 def check_score_and_process(score: Any, sde: Any) -> None:
-    """The front doors' first checks: a fastsde process and a callable score."""
+    """The front doors' first checks: a fastsde process, a callable score, and, for a score that
+    carries its process (the adapters, the exact mixture, a loaded model), the same process: a
+    score built for one process and integrated under another is silently wrong (e.g. a denoiser
+    read as EDM sampled under VP gives N(0, I) data a std of 4)."""
     if not isinstance(sde, SDE):
         raise ValueError(f"sde must be a fastsde process (VPSDE, SubVPSDE, VESDE, EDM), got {sde!r}")
     if not callable(score):
         raise ValueError(f"score must be callable as score(x, t), got {score!r}")
+    own = score_process(score)
+    if own is not None and own is not sde and (type(own) is not type(sde) or own.config() != sde.config()):
+        hint = " (DenoiserScore without sde= assumes EDM)" if getattr(score, "process_defaulted", False) else ""
+        raise ValueError(
+            f"the score was built for {own!r}{hint} but is sampled under {sde!r}: "
+            "build the score with the process you sample under"
+        )
+
+
+def check_dtype(dtype: Any) -> torch.dtype:
+    """A floating torch dtype (None: torch's default); an integer or bool dtype would round every
+    step and return garbage."""
+    if dtype is None:
+        return torch.get_default_dtype()
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.is_complex:
+        raise ValueError(f"dtype must be a floating torch dtype (torch.float32, torch.float64), got {dtype!r}")
+    return dtype
 
 
 def check_shape(shape: Any) -> tuple[int, ...]:
@@ -64,20 +116,20 @@ def check_shape(shape: Any) -> tuple[int, ...]:
     ok = (
         isinstance(shape, (tuple, list))
         and len(shape) >= 2
-        and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)
+        and all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s > 0 for s in shape)
     )
     if not ok:
         raise ValueError(
             f"shape must be a tuple (n, *dims) of positive ints with at least one data dimension, got {shape!r}"
         )
-    return tuple(shape)
+    return tuple(int(s) for s in shape)
 
 
 def sample(
     score: ScoreFn,
     sde: SDE,
     shape: Sequence[int],
-    solver: str | SolverSpec = "adaptive",
+    solver: str | SolverSpec = DEFAULT_SOLVER,
     seed: int | Sequence[int] | NoiseSource = 0,
     *,
     t_end: float | None = None,
@@ -95,7 +147,7 @@ def sample(
         score: callable score(x, t) with one time per row of x.
         sde: the forward process the score belongs to.
         shape: (n, *dims).
-        solver: a solver name (see ``fastsde.SOLVERS``) or a SolverSpec.
+        solver: a solver name (see ``fastsde.SOLVERS``) or a SolverSpec; default ``DEFAULT_SOLVER``.
         seed: one int, one int per sample, or a NoiseSource; sample i depends only on its seed.
         t_end: end time of the solve (default: the process's ε).
         denoise: apply the Tweedie denoise at t_end (1 NFE, counted).
@@ -108,16 +160,19 @@ def sample(
     check_score_and_process(score, sde)
     shape = check_shape(shape)
     spec = get_solver(solver)
-    t_end = sde.default_t_end if t_end is None else t_end
+    t_end = sde.default_t_end if t_end is None else as_python_number(t_end)
+    if isinstance(t_end, bool) or not isinstance(t_end, (int, float)):
+        raise ValueError(f"t_end must be a number, got {t_end!r}")
     sde.check_time("t_end", t_end)
     if not t_end < sde.T:
         raise ValueError(f"t_end must be < T = {sde.T:g}, got {t_end!r}")
     if not isinstance(denoise, bool):
         raise ValueError(f"denoise must be True or False, got {denoise!r}")
     opts = spec.resolve(sde, options, t_end)
-    dtype = dtype or torch.get_default_dtype()
+    dtype = check_dtype(dtype)
     n = shape[0]
     noise = as_noise_source(seed, n)
+    seed_record = _seed_record(seed)
     if x_init is not None and tuple(x_init.shape) != shape:
         raise ValueError(f"x_init must have shape {shape}, got {tuple(x_init.shape)}")
 
@@ -147,4 +202,16 @@ def sample(
         stats=dict(ctx.stats, rows_evaluated=counted.rows_evaluated),
         stopped_early=ctx.stopped,
         cost=counted.compute,
+        seed=seed_record,
+        dtype=str(dtype).removeprefix("torch."),
+        device=str(x.device),
     )
+
+
+def _seed_record(seed: Any) -> int | list[int] | None:
+    """The seed as JSON-ready data: an int, a list of ints, or None for a NoiseSource."""
+    if isinstance(seed, NoiseSource):
+        return None
+    if isinstance(seed, numbers.Integral):
+        return int(seed)
+    return [int(s) for s in (seed.tolist() if hasattr(seed, "tolist") else seed)]

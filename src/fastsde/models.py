@@ -137,22 +137,70 @@ def list_models() -> list[str]:
 
 
 def _read_config(name: str) -> dict[str, Any]:
-    return json.loads(_models_dir().joinpath(f"{name}.json").read_text())
+    """The config of one shipped model; a broken file is a ValueError naming it (the others still load)."""
+    path = _models_dir().joinpath(f"{name}.json")
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"model {name!r}: cannot read its config {path}: {exc}") from None
+    missing = [k for k in ("unet", "sde", "shape") if not isinstance(cfg, dict) or k not in cfg]
+    if missing:
+        raise ValueError(f"model {name!r}: its config {path} lacks {missing}")
+    return cfg
 
 
-def load_model(name: str = "digits", dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a shipped model by name (see list_models())."""
+def _flops(name: str) -> float:
+    """A model's FLOPs per sample from its config; NaN where the config is missing or broken."""
+    try:
+        return float(_read_config(name).get("flops_per_sample", math.nan))
+    except (ValueError, TypeError):
+        return math.nan
+
+
+#: dtype names load_model accepts besides torch dtypes.
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
+
+
+def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """A floating torch dtype, or its name ("float32", "torch.float64", ...)."""
+    if isinstance(dtype, str):
+        key = dtype.removeprefix("torch.")
+        if key not in _DTYPES:
+            raise ValueError(f"dtype must be a floating dtype, one of {sorted(_DTYPES)}, got {dtype!r}")
+        return _DTYPES[key]
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch dtype (or one of {sorted(_DTYPES)}), got {dtype!r}")
+    return dtype
+
+
+def load_model(name: str = "digits", dtype: torch.dtype | str = torch.float32) -> LoadedModel:
+    """Load a shipped model by name (see list_models()). A model whose files are broken is a
+    ValueError naming the file; the other models are not affected."""
     from safetensors.torch import load
 
+    dtype = _as_dtype(dtype)
     available = list_models()
-    if name not in available:
+    if not isinstance(name, str) or name not in available:
         raise ValueError(f"unknown model {name!r}; shipped models are {available}")
     cfg = _read_config(name)
-    net = build_network(cfg["unet"], cfg["sde"])
-    weights = load(_models_dir().joinpath(f"{name}.safetensors").read_bytes())
-    net.load_state_dict({k: v.float() for k, v in weights.items()})
+    try:
+        net = build_network(cfg["unet"], cfg["sde"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"model {name!r}: its config {name}.json does not describe a network: {exc!r}") from None
+    path = _models_dir().joinpath(f"{name}.safetensors")
+    try:
+        weights = load(path.read_bytes())
+    except Exception as exc:  # safetensors raises its own error type for truncated / corrupt files
+        raise ValueError(f"model {name!r}: cannot read its weights {path}: {exc}") from None
+    try:
+        net.load_state_dict({k: v.float() for k, v in weights.items()})
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        detail = " ".join(line.strip() for line in first[1:3]) if len(first) > 1 else first[0] if first else ""
+        raise ValueError(f"model {name!r}: the weights in {path.name} do not fit its config: {detail[:300]}") from None
     net = net.to(dtype).eval().requires_grad_(False)
-    flops = [_read_config(n).get("flops_per_sample", math.nan) for n in available]
-    smallest = min(f for f in flops if f == f) if any(f == f for f in flops) else math.nan
+    flops = [_flops(n) for n in available]
+    finite = [f for f in flops if f == f]
+    smallest = min(finite) if finite else math.nan
     cost = float(cfg.get("flops_per_sample", math.nan)) / smallest
     return LoadedModel(name, net, net.sde, tuple(cfg["shape"]), cfg, cost)

@@ -10,12 +10,13 @@ device; only the final float transform may differ in the last bit between device
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["NoiseSource", "Stream", "as_noise_source"]
+__all__ = ["NoiseSource", "Stream", "as_noise_source", "check_seed"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -52,6 +53,19 @@ def _mix_int(z: int) -> int:
     return z ^ (z >> 31)
 
 
+def check_seed(seed: object, what: str = "seed") -> int:
+    """A seed as a Python int in [0, 2^64): any integer type (numpy's included), never a bool; a
+    seed outside the range would wrap silently onto another seed, so it is refused."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ValueError(
+            f"{what} must be an int in [0, 2**64) (or, for seed, a list of them or a NoiseSource), got {seed!r}"
+        )
+    value = int(seed)
+    if not 0 <= value <= _MASK64:
+        raise ValueError(f"{what} must lie in [0, 2**64), got {value}")
+    return value
+
+
 class Stream:
     """Stream identifiers, so that different kinds of draws never share numbers."""
 
@@ -67,26 +81,23 @@ class NoiseSource:
     """Keyed draws for n samples. Row i depends only on seeds[i], the stream and the counter.
 
     Args:
-        seeds: one integer seed per sample (Python ints, any size; reduced to 64 bits).
+        seeds: one integer seed per sample, each in [0, 2^64) (Python or numpy ints).
     """
 
     def __init__(self, seeds: Sequence[int] | Tensor) -> None:
         if isinstance(seeds, Tensor):
+            if seeds.dtype.is_floating_point or seeds.dtype == torch.bool:
+                raise ValueError(f"seeds must be integers, got a tensor of {seeds.dtype}")
             seeds = [int(s) for s in seeds.tolist()]
-        seeds = list(seeds)
+        seeds = [check_seed(s, "each seed") for s in seeds]
         if not seeds:
             raise ValueError("seeds must hold at least one seed, got an empty sequence")
-        for s in seeds:
-            if isinstance(s, bool) or not isinstance(s, int):
-                raise ValueError(f"each seed must be an int, got {s!r}")
         self.seeds = torch.tensor([_signed(_mix_int(s * 0x2545F4914F6CDD1D + 7)) for s in seeds], dtype=torch.int64)
 
     @classmethod
     def from_seed(cls, seed: int, n: int) -> NoiseSource:
         """Seed sample i with (seed, i): sample i is the same for every batch size."""
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an int, a list of ints or a NoiseSource, got {seed!r}")
-        base = _mix_int(seed)
+        base = _mix_int(check_seed(seed, "seed"))
         return cls([base ^ _mix_int(i + 0x51ED2705) for i in range(n)])
 
     def __len__(self) -> int:
@@ -149,11 +160,16 @@ class NoiseSource:
         return ((bits & 1) * 2 - 1).to(dtype)
 
 
+def _is_1d_array(seed: object) -> bool:
+    """A 1-D numpy array of per-sample seeds (checked without importing numpy)."""
+    return type(seed).__module__ == "numpy" and getattr(seed, "ndim", None) == 1
+
+
 def as_noise_source(seed: int | Sequence[int] | NoiseSource, n: int) -> NoiseSource:
     """Accept one seed, a list of per-sample seeds, or a NoiseSource; check it covers n samples."""
     if isinstance(seed, NoiseSource):
         src = seed
-    elif isinstance(seed, (list, tuple)) or (isinstance(seed, Tensor) and seed.dim() == 1):
+    elif isinstance(seed, (list, tuple)) or (isinstance(seed, Tensor) and seed.dim() == 1) or _is_1d_array(seed):
         src = NoiseSource(seed)
     else:
         src = NoiseSource.from_seed(seed, n)

@@ -235,11 +235,13 @@ class DenoiserScore:
     """Score from a denoiser D(x̃, σ̃) in the k-diffusion / EDM convention.
 
     The denoiser works in EDM coordinates x̃ = x/m, σ̃ = σ/m and returns x̂0; then
-    s = (m·x̂0 − x)/σ².
+    s = (m·x̂0 − x)/σ². Without ``sde`` the process is EDM(); ``fastsde.sample`` refuses to
+    integrate such a score under any other process (pass the process you sample under).
     """
 
     def __init__(self, denoiser: Callable[[Tensor, Tensor], Tensor], sde: SDE | None = None):
         self.denoiser = denoiser
+        self.process_defaulted = sde is None
         self.sde = sde if sde is not None else EDM()
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
@@ -268,6 +270,9 @@ class DiffusersUNetScore:
     ):
         if prediction_type not in ("epsilon", "sample", "v_prediction"):
             raise ValueError(f"prediction_type must be 'epsilon', 'sample' or 'v_prediction', got {prediction_type!r}")
+        if prediction_type == "v_prediction" and not isinstance(sde, VPSDE):
+            # v = m·ε − σ·x0 is read with m² + σ² = 1, which only VP satisfies
+            raise ValueError(f"prediction_type='v_prediction' needs a VPSDE (m² + σ² = 1), got {sde!r}")
         self.unet = unet
         self.sde = sde
         self.prediction_type = prediction_type

@@ -1,6 +1,6 @@
 """Gotta Go Fast (Jolicoeur-Martineau et al. 2021): adaptive-step SDE solver with per-sample steps.
 
-Spec: ``shared/algorithms/gotta_go_fast.md``. One iteration per active sample (state x, time t,
+Algorithm 1 of the paper (arXiv:2105.14080). One iteration per active sample (state x, time t,
 step h), with one z ~ N(0, I) shared by both stages:
 
 - stage 1 (1 NFE): K₁ = −h·b(x, t) + g(t)·√h·z, EM proposal x′ = x + K₁;

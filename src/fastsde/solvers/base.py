@@ -10,6 +10,7 @@ evaluates the score only through the counting wrapper, and the driver returns th
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,7 @@ from ..sde import SDE, per_row
 
 __all__ = [
     "Option",
+    "as_python_number",
     "SolverSpec",
     "SolverContext",
     "StepInfo",
@@ -55,6 +57,16 @@ class Option:
 
     def default_for(self, sde: SDE) -> Any:
         return self.default(sde) if callable(self.default) else self.default
+
+
+def as_python_number(v: Any) -> Any:
+    """numpy (or any numbers.Integral / numbers.Real) scalars as Python int / float; bools and
+    everything else unchanged, so that options accept ``np.int64(10)`` as they accept ``10``."""
+    if isinstance(v, bool) or type(v) in (int, float) or not isinstance(v, numbers.Real):
+        return v
+    if isinstance(v, numbers.Integral):
+        return int(v)
+    return float(v)
 
 
 def positive_int(minimum: int = 1) -> Callable[[str, Any], None]:
@@ -211,7 +223,9 @@ class SolverSpec:
                 f"unknown option(s) {unknown} for solver {self.name!r}; valid options: "
                 f"{sorted(self.options) + ['t_end', 'denoise']}"
             )
-        resolved = {k: (given[k] if k in given else opt.default_for(sde)) for k, opt in self.options.items()}
+        resolved = {
+            k: (as_python_number(given[k]) if k in given else opt.default_for(sde)) for k, opt in self.options.items()
+        }
         for k, opt in self.options.items():
             opt.check(k, resolved[k])
         if self.check is not None:
