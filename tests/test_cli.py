@@ -41,10 +41,11 @@ def test_sample_generic_option_and_mixture_scatter(tmp_path, capsys):
     assert "mixture FD" in capsys.readouterr().out
 
 
-def test_default_solver_is_adaptive_when_registered():
+def test_default_solver_is_the_library_default():
     import fastsde
 
-    assert default_solver() == ("adaptive" if "adaptive" in fastsde.SOLVERS else "em")
+    assert default_solver() == fastsde.api.DEFAULT_SOLVER == "adaptive_sde_dpm_2m"
+    assert fastsde.api.DEFAULT_SOLVER in fastsde.SOLVERS
 
 
 @pytest.mark.parametrize(

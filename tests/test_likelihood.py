@@ -266,7 +266,9 @@ def test_cli_reports_bits_per_dim(tmp_path, capsys):
     assert _cli(["--data", str(tmp_path / "x.npy"), "--model", "mixture2d-vp", "--no-progress"]) == 0
     out = capsys.readouterr().out
     bpd = float(out.split("bits/dim: ")[1].split()[0])
-    expected = fastsde.bits_per_dim(gm.log_prob(x.to(F64), 1e-5), 2, 7.0).mean()
+    # continuous data used as given: no dequantisation offset (issue 21; it was 7, the 8-bit one)
+    expected = fastsde.bits_per_dim(gm.log_prob(x.to(F64), 1e-5), 2, 0.0).mean()
+    assert "(offset 0)" in out
     assert abs(bpd - float(expected)) < 2e-3
     assert "NFE:" in out and "time:" in out
     # 8-bit integer levels are dequantised; the .npz key is found by name

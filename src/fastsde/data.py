@@ -103,6 +103,12 @@ def read_array(
     suffix = path.suffix.lower()
     if suffix not in (".npy", ".npz"):
         raise ValueError(f"data file must be .npy or .npz, got {path.name!r}")
+    with open(path, "rb") as fh:
+        magic = fh.read(6)
+    if suffix == ".npz" and not magic.startswith(b"PK"):  # numpy would read it as a pickle and say so
+        raise ValueError(f"cannot read {path}: not an .npz file (an .npz is a zip archive of .npy arrays)")
+    if suffix == ".npy" and magic != b"\x93NUMPY":
+        raise ValueError(f"cannot read {path}: not an .npy file (no numpy header)")
     try:
         loaded = np.load(path, allow_pickle=False)
     except Exception as exc:  # a corrupt or non-numpy file

@@ -4,7 +4,7 @@ Integer data (quantised levels; 17 when the largest value is ≤ 16, else 256, a
 reads integer arrays) is dequantised with keyed uniform noise and mapped to the model's range
 [-1, 1]. Float data must lie in that range: if it sits on a grid of L levels (the digits' 17 levels
 stored as floats) it is mapped back to levels and dequantised, else it is used as given. The bits/dim
-offset is log2(levels) − 1 (7 for 8-bit data), as Score SDE reports it.
+offset is log2(levels) − 1 (7 for 8-bit data), as Score SDE reports it; continuous data gets none.
 
 ``dataset_likelihood`` runs ``log_likelihood`` over the rows in batches, for one or more passes (each
 with fresh dequantisation noise and Hutchinson probes), and averages log p per sample over passes.
@@ -150,12 +150,13 @@ def _as_levels(
         if not np.isfinite(arr).all():
             raise ValueError("data holds NaN or Inf")
         lo, hi = float(arr.min()), float(arr.max())
-        if lo < -1.0 - 1e-6 or hi > 1.0 + 1e-6:
+        outside = lo < -1.0 - 1e-6 or hi > 1.0 + 1e-6
+        if outside and bool(np.all(arr == np.round(arr))):  # levels (0..255, 0..16) stored as floats
             raise ValueError(
                 f"float data must lie in the model's range [-1, 1], got values in [{lo:.4g}, {hi:.4g}]; "
                 "pass integer levels to have them dequantised"
             )
-        lv = grid_levels(arr, levels)
+        lv = None if outside else grid_levels(arr, levels)  # continuous data may leave [-1, 1] (a mixture's tails)
         if lv is None:
             if levels is not None:
                 raise ValueError(f"float data does not sit on the grid of {levels} levels in [-1, 1] ({levels_option})")
@@ -186,15 +187,16 @@ def prepare_data(
     """Check shape and range of data (n, *shape) or (n, D); dequantise quantised data.
 
     Integer data holds levels 0..levels−1 (default: 17 if its largest value is ≤ 16, else 256).
-    Float data must lie in [-1, 1]; if it sits on a grid of L levels (found, or ``levels`` if given)
+    Float data on a grid in [-1, 1]: if it sits on a grid of L levels (found, or ``levels`` if given)
     it is mapped back to levels and dequantised, since a density evaluated at lattice points is
-    meaningless; otherwise it is used as given (offset 7, as for 8-bit data). ``seed`` keys the
+    meaningless; otherwise it is used as given, with offset 0 (no dequantisation, so bits/dim is
+    the density's −log2 p per dimension in the units of x). ``seed`` keys the
     dequantisation noise per sample, ``pass_index`` draws fresh noise for repeated passes.
     ``levels_option`` is how messages name the levels setting (the command line: "--levels").
     """
     arr, lv, note = _as_levels(data, tuple(shape), levels, levels_option)
     x = _model_space(arr, lv, seed, dtype, pass_index)
-    return PreparedData(x, lv, bpd_offset(lv if lv is not None else 256), note)
+    return PreparedData(x, lv, bpd_offset(lv) if lv is not None else 0.0, note)
 
 
 def _positive_int(name: str, v: Any) -> None:
@@ -239,7 +241,7 @@ def dataset_likelihood(
     shape = tuple(shape)
     arr, lv, note = _as_levels(data, shape, levels, levels_option)
     if offset is None:
-        offset = bpd_offset(lv if lv is not None else 256)
+        offset = bpd_offset(lv) if lv is not None else 0.0  # continuous data: no dequantisation offset
     d = math.prod(shape)
     trace = trace or ("exact" if d <= 16 else "hutchinson")
     n = arr.shape[0]

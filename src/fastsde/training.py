@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from .files import write_atomic, write_json_atomic
 from .models import EpsNetwork, build_network, network_flops, sde_from_config
 from .sde import SDE
 
@@ -165,16 +166,19 @@ class Trainer:
         }
 
     def save(self, folder: str | Path, command: str | None = None) -> None:
+        """Write the checkpoint; every file goes to a temporary name and is renamed into place, so an
+        interrupted save leaves the previous checkpoint whole."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.ema.state_dict().items()}, str(folder / "model.safetensors"))
-        (folder / "config.json").write_text(json.dumps(self.model_config(command), indent=2) + "\n")
+        ema = {k: v.contiguous() for k, v in self.ema.state_dict().items()}
+        write_atomic(folder / "model.safetensors", lambda p: save_file(ema, str(p)))
+        write_json_atomic(folder / "config.json", self.model_config(command))
         state = {f"net.{k}": v.contiguous() for k, v in self.net.state_dict().items()}
         opt_state = self.opt.state_dict()
         for idx, st in opt_state["state"].items():
             for key, val in st.items():
                 state[f"opt.{idx}.{key}"] = torch.as_tensor(val).contiguous()
-        save_file(state, str(folder / "train_state.safetensors"))
+        write_atomic(folder / "train_state.safetensors", lambda p: save_file(state, str(p)))
         meta = {
             "step": self.step,
             "wall_time_s": self.wall_time,
@@ -182,7 +186,7 @@ class Trainer:
             "param_groups": opt_state["param_groups"],
             "config": asdict(self.config),
         }
-        (folder / "train_state.json").write_text(json.dumps(meta) + "\n")
+        write_json_atomic(folder / "train_state.json", meta, indent=None)
 
     @classmethod
     def load(cls, folder: str | Path, data: Tensor) -> Trainer:

@@ -28,20 +28,58 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # subcommand not built yet
             raise
         module.add_parser(sub)
+    parser.subcommands = sub.choices  # name -> subparser, for errors in a subcommand's own terms
     return parser
 
 
+def _one_line(exc: BaseException) -> str:
+    """An exception's message on one line (library messages may quote multi-line details)."""
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand. Exit status: 0 done, 2 bad input or a solve that could not finish (one
+    line on stderr, no traceback), 130 interrupted (Ctrl-C), 141 output pipe closed (``| head``)."""
+    from ..score import NonFiniteScoreError
+    from ..solvers.driver import IntegrationError
+
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
+    if extra:  # let the subcommand's parser say it, with its own usage line
+        parser.subcommands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args) or 0)
-    except (CLIError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
-        print(f"fastsde {args.command}: error: {exc}", file=sys.stderr)
+    except (
+        CLIError,
+        ValueError,
+        OSError,
+        IntegrationError,
+        NonFiniteScoreError,
+    ) as exc:
+        if isinstance(exc, BrokenPipeError):
+            return _broken_pipe()
+        print(f"fastsde {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"fastsde {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _broken_pipe() -> int:
+    """The reader of stdout went away (``fastsde ... | head -2``): stop quietly. stdout is pointed
+    at /dev/null so that the interpreter's final flush does not raise again."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return 141
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from . import CLIError
 
 #: Exact models for trying the command without a trained network: the 2-D mixture under a process.
 MIXTURES = tuple(f"mixture2d-{name}" for name in PROCESSES)
-_NPZ_KEYS = ("x", "data", "test", "heldout", "images", "arr_0")
+_NPZ_KEYS = ("x", "data", "test", "heldout", "images", "samples", "arr_0")  # samples: `fastsde sample`'s .npz
 
 
 def add_parser(subparsers) -> None:
@@ -81,6 +81,8 @@ def _load_model(name: str):
     if name in MIXTURES:
         sde = process_by_name(name.split("-", 1)[1])
         return fastsde.problems.mixture_2d(sde), sde, (2,)
+    if name not in fastsde.list_models():
+        raise CLIError(f"unknown model {name!r}; available: {', '.join(fastsde.list_models() + list(MIXTURES))}")
     model = fastsde.load_model(name)
     return differentiable_score(model), model.sde, tuple(model.shape)
 
@@ -116,6 +118,10 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--offset must be a finite number, got {args.offset}")
 
     score, sde, shape = _load_model(args.model)
+    if args.data is None and args.model in MIXTURES:
+        raise CLIError(
+            f"--data is required for {args.model} (an .npy/.npz of (n, 2) points); only digits models have a held-out split"
+        )
     if args.data is not None:
         arr = _read_data(args.data, args.key)
         source = str(args.data)
@@ -149,7 +155,10 @@ def run(args: argparse.Namespace) -> int:
             levels_option="--levels",
         )
     except (IntegrationError, NonFiniteScoreError) as exc:
-        raise CLIError(str(exc)) from None
+        hint = str(exc).replace(
+            "Raise max_steps, loosen rtol/atol, or ask for partial results", "raise --max-steps, loosen --rtol / --atol"
+        )
+        raise CLIError(hint) from None
     n, nfe = res.logp.shape[0], res.nfe_per_sample
     print(f"data: {source}, {n} samples of shape {shape} ({res.note}); model: {args.model}, {sde!r}")
     print(f"trace: {res.trace}" + (f" ({args.probes} {args.probe} probe(s))" if res.trace == "hutchinson" else ""))

@@ -1,5 +1,6 @@
-"""`fastsde sample`: draw samples from a shipped model (default: `digits` with the adaptive solver),
-write a PNG grid (or an .npz) and print NFE, wall time and the quality metric.
+"""`fastsde sample`: draw samples from a shipped model (default: `digits` with fastsde's default
+solver), write a PNG grid (or an .npz) with a JSON record next to it, and print NFE, wall time and
+the quality metric.
 
 ``--model mixture`` samples the exact 2-D Gaussian mixture (fastsde.problems.mixture_2d under VP) and
 writes a scatter over the true density contours.
@@ -9,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import ast
+import json
 import math
-import os
+import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,17 +23,31 @@ from . import CLIError
 _DEFAULT_OUT = "samples.png"
 
 
+QUALITY_HELP = (
+    "The quality line: for digits, FD is the Fréchet distance between the samples and 300 held-out "
+    "digits in the features of the shipped classifier (lower is better); the floor is the FD of n real "
+    "digits (it grows as n shrinks, so compare FD with the floor at the same n; ± is its spread over "
+    "subsets, i.e. the noise of one FD); ratio = FD / floor (about 1: as good as real data); confidence "
+    "is the classifier's mean top probability (held-out digits: 0.989). For the mixture, FD is the "
+    "Fréchet distance to the exact mixture (per mode, plus a weight term)."
+)
+
+
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "sample",
-        help="sample a shipped model (default: digits, adaptive solver, 64 samples -> samples.png)",
-        description="Sample a shipped model and write a PNG grid or an .npz; prints NFE, wall time and quality.",
+        help="sample a shipped model (default: digits, 64 samples -> samples.png)",
+        description=(
+            "Sample a shipped model and write a PNG grid or an .npz, with a JSON record of every setting "
+            "next to it (<out>.json); prints NFE, wall time and quality."
+        ),
+        epilog=QUALITY_HELP,
     )
     p.add_argument("--model", default="digits", help="a shipped model (fastsde.list_models()) or 'mixture'")
-    p.add_argument("--solver", default=None, help="solver name (default: adaptive if registered, else em)")
+    p.add_argument("--solver", default=None, help="solver name (default: fastsde.sample's default solver)")
     p.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
     p.add_argument("--batch-size", type=int, default=None, help="samples per batch (default: all at once)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="an integer in [0, 2**64) (default 0)")
     p.add_argument("--out", default=_DEFAULT_OUT, help="output .png (grid / scatter) or .npz (default samples.png)")
     p.add_argument("--steps", type=int, default=None, help="grid points for fixed-step solvers")
     p.add_argument("--eps-rel", type=float, default=None, help="relative tolerance of the adaptive solver")
@@ -38,6 +55,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--rtol", type=float, default=None, help="relative tolerance of the ODE solver")
     p.add_argument("--atol", type=float, default=None, help="absolute tolerance of the ODE solver")
     p.add_argument("--snr", type=float, default=None, help="corrector signal-to-noise ratio (pc)")
+    p.add_argument("--t-end", type=float, default=None, help="end time of the solve (default: the process's ε)")
+    p.add_argument("--no-denoise", action="store_true", help="skip the final Tweedie denoise at t_end")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default=None, help="default float32 (mixture float64)")
     p.add_argument(
         "--option",
         action="append",
@@ -47,8 +68,18 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--table", default=None, help="IIA table for an iia_ solver (default: the shipped one)")
     p.add_argument("--no-metric", action="store_true", help="skip the quality metric")
-    p.add_argument("--progress", action="store_true", help="show a progress bar")
+    bar = p.add_mutually_exclusive_group()
+    bar.add_argument("--progress", dest="progress", action="store_true", default=None, help="show a progress bar")
+    bar.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="no progress bar (default: shown on a terminal)"
+    )
     p.set_defaults(func=run)
+
+
+#: solver options that have their own flag (flag name = option name)
+_FLAGS = ("steps", "eps_rel", "eps_abs", "rtol", "atol", "snr")
+#: keywords of fastsde.sample that --option may also set
+_SAMPLE_KEYWORDS = ("t_end", "denoise")
 
 
 def _parse_value(text: str) -> Any:
@@ -64,57 +95,111 @@ def _parse_value(text: str) -> Any:
 
 
 def solver_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The solver options given on the command line (only those set)."""
+    """The solver options given on the command line (only those set); an option given twice (by
+    its flag and by --option, or by two --option) is an error rather than a silent choice."""
     opts: dict[str, Any] = {}
-    for flag in ("steps", "eps_rel", "eps_abs", "rtol", "atol", "snr"):
+    given: dict[str, str] = {}
+    for flag in _FLAGS:
         value = getattr(args, flag)
         if value is not None:
             opts[flag] = value
+            given[flag] = f"--{flag.replace('_', '-')} {value}"
+    if getattr(args, "t_end", None) is not None:
+        opts["t_end"] = args.t_end
+        given["t_end"] = f"--t-end {args.t_end}"
+    if getattr(args, "no_denoise", False):
+        opts["denoise"] = False
+        given["denoise"] = "--no-denoise"
     for item in args.option:
         if "=" not in item:
             raise CLIError(f"--option must be KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
-        opts[key.strip().replace("-", "_")] = _parse_value(value)
+        key = key.strip().replace("-", "_")
+        if not key:
+            raise CLIError(f"--option must be KEY=VALUE, got {item!r}")
+        if key in given:
+            raise CLIError(f"{key} is given twice ({given[key]} and --option {item}); give it once")
+        opts[key] = _parse_value(value)
+        given[key] = f"--option {item}"
     return opts
 
 
 def default_solver() -> str:
-    import fastsde
+    """The CLI's default solver: the library's (fastsde.sample's default)."""
+    from ..api import DEFAULT_SOLVER
 
-    return "adaptive" if "adaptive" in fastsde.SOLVERS else "em"
+    return DEFAULT_SOLVER
 
 
 def check_output(path: str) -> Path:
-    """The output must be a .png or .npz in an existing, writable folder (checked before compute)."""
+    """The output must be a .png or .npz that can be created (checked by creating a file next to it,
+    before compute), and so must its JSON record."""
+    from ..files import check_writable
+
     out = Path(path)
     if out.suffix.lower() not in (".png", ".npz"):
         raise CLIError(f"--out must end in .png or .npz, got {path!r}")
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise CLIError(f"cannot write {path!r}: folder {str(parent)!r} does not exist")
-    if out.is_dir():
-        raise CLIError(f"cannot write {path!r}: it is a folder")
-    if not os.access(parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
-        raise CLIError(f"cannot write {path!r}: permission denied")
+    try:
+        check_writable(out)
+    except OSError as exc:
+        raise CLIError(str(exc)) from None
     return out
+
+
+def record_path(out: Path) -> Path:
+    """The JSON record written next to an output: samples.png -> samples.png.json."""
+    return out.with_name(out.name + ".json")
+
+
+def _device(name: str):
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as exc:
+        raise CLIError(f"--device must be a torch device such as cpu or cuda:0, got {name!r} ({exc})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {name}: CUDA is not available on this machine")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise CLIError(f"--device {name}: MPS is not available on this machine")
+    return device
+
+
+def _cli_hint(message: str) -> str:
+    """A library error's advice in the command line's terms."""
+    return (
+        message.replace("on_budget='partial'", "--option on_budget=partial")
+        .replace("raise max_nfe", "raise --option max_nfe=N")
+        .replace("loosen eps_rel / eps_abs", "loosen --eps-rel / --eps-abs")
+        .replace("loosen rtol/atol", "loosen --rtol / --atol")
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     import fastsde
 
+    from ..score import NonFiniteScoreError
+    from ..solvers.driver import IntegrationError
+
     if args.n < 1:
         raise CLIError(f"--n must be a positive integer, got {args.n}")
     if args.batch_size is not None and args.batch_size < 1:
         raise CLIError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    fastsde.noise.check_seed(args.seed, "--seed")
     solver = args.solver or default_solver()
     if solver not in fastsde.SOLVERS:
         raise CLIError(f"unknown solver {solver!r}; valid solvers: {', '.join(sorted(fastsde.SOLVERS))}")
     spec = fastsde.SOLVERS[solver]
     opts = solver_options(args)
+    keywords = {k: opts.pop(k) for k in _SAMPLE_KEYWORDS if k in opts}
     out = check_output(args.out)
     mixture = args.model == "mixture"
     if not mixture and args.model not in fastsde.list_models():
         raise CLIError(f"unknown model {args.model!r}; available: {', '.join(fastsde.list_models() + ['mixture'])}")
+    device = _device(args.device)
 
     import torch
 
@@ -124,41 +209,66 @@ def run(args: argparse.Namespace) -> int:
         score, shape, dtype = gm.score, tuple(gm.shape), torch.float64
     else:
         model = fastsde.load_model(args.model)
+        model.network.to(device)
         sde, score, shape, dtype = model.sde, model.score, tuple(model.shape), torch.float32
+    if args.dtype is not None:
+        dtype = getattr(torch, args.dtype)
     if solver.startswith("iia_"):
         from .fit_iia import table_for_sample
 
         opts["table"] = table_for_sample(args.model, solver, opts, args.table)
     elif args.table is not None:
         raise CLIError("--table applies to the iia_ solvers only")
-    # validate options (names and values) before any compute
-    spec.resolve(sde, dict(opts), sde.default_t_end)
+    # validate options (names and values) and the sample keywords before any compute
+    t_end = keywords.get("t_end", sde.default_t_end)
+    if isinstance(t_end, bool) or not isinstance(t_end, (int, float)):
+        raise CLIError(f"t_end must be a number, got {t_end!r}")
+    sde.check_time("t_end", t_end)
+    if not t_end < sde.T:
+        raise CLIError(f"t_end must be < T = {sde.T:g}, got {t_end!r}")
+    if not isinstance(keywords.get("denoise", True), bool):
+        raise CLIError(f"denoise must be true or false, got {keywords['denoise']!r}")
+    resolved = spec.resolve(sde, dict(opts), t_end)
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
 
     n = args.n
     batch = args.batch_size or n
     noise = fastsde.NoiseSource.from_seed(args.seed, n)
-    chunks, nfe_rows = [], []
+    chunks, nfe_rows, statuses = [], [], []
     calls = 0
     start = time.perf_counter()
     for lo in range(0, n, batch):
         hi = min(n, lo + batch)
-        res = fastsde.sample(
-            score,
-            sde,
-            (hi - lo, *shape),
-            solver=solver,
-            seed=noise.subset(list(range(lo, hi))),
-            dtype=dtype,
-            progress=args.progress,
-            **opts,
-        )
-        chunks.append(res.samples)
+        try:
+            res = fastsde.sample(
+                score,
+                sde,
+                (hi - lo, *shape),
+                solver=solver,
+                seed=noise.subset(list(range(lo, hi))),
+                dtype=dtype,
+                device=device,
+                progress=progress,
+                **keywords,
+                **opts,
+            )
+        except (IntegrationError, NonFiniteScoreError) as exc:
+            raise CLIError(_cli_hint(str(exc))) from None
+        chunks.append(res.samples.cpu())
         nfe_rows.append(res.nfe_per_sample)
+        statuses += res.stats.get("status", ["done"] * (hi - lo))
         calls += res.calls
     wall = time.perf_counter() - start
     samples = torch.cat(chunks)
     nfe_per_sample = torch.cat(nfe_rows)
     nfe = float(nfe_per_sample.mean())
+    unfinished = sum(1 for st in statuses if st not in ("done", "stopped"))
+    if unfinished:
+        print(
+            f"fastsde sample: warning: {unfinished} of {n} samples did not reach t_end (on_budget=partial); "
+            f"they are written as they stopped and counted in {record_path(out).name}",
+            file=sys.stderr,
+        )
 
     quality: dict[str, float] = {}
     if not args.no_metric:
@@ -172,23 +282,56 @@ def run(args: argparse.Namespace) -> int:
             if n >= 2:
                 quality = digits_quality(samples)
 
+    record = {
+        "fastsde": fastsde.__version__,
+        "command": "fastsde " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "model": args.model,
+        "sde": sde.config(),
+        "solver": solver,
+        "options": {k: _jsonable(v) for k, v in resolved.items()},
+        "t_end": float(t_end),
+        "denoise": keywords.get("denoise", True),
+        "seed": args.seed,
+        "n": n,
+        "batch_size": batch,
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": str(device),
+        "nfe": nfe,
+        "calls": calls,
+        "wall_s": round(wall, 3),
+        "unfinished": unfinished,
+        "quality": quality,
+        "output": out.name,
+    }
+    from ..files import write_atomic, write_json_atomic
+
     if out.suffix.lower() == ".npz":
         import numpy as np
 
-        np.savez_compressed(
-            out,
-            samples=samples.double().cpu().numpy(),
-            nfe_per_sample=nfe_per_sample.numpy(),
-            seed=np.array(args.seed),
-        )
+        def write_npz(path: Path) -> None:
+            with open(path, "wb") as fh:  # a file object: numpy would append .npz to a name
+                np.savez_compressed(
+                    fh,
+                    samples=samples.double().numpy(),
+                    nfe_per_sample=nfe_per_sample.numpy(),
+                    seed=np.array(args.seed, dtype=np.uint64),
+                    model=np.array(args.model),
+                    solver=np.array(solver),
+                    options=np.array(json.dumps(record["options"])),
+                    status=np.array(statuses),
+                    record=np.array(json.dumps(record)),
+                )
+
+        write_atomic(out, write_npz)
     elif mixture:
         from ..plots import save_mixture_scatter
 
-        save_mixture_scatter(samples, gm, out, title=f"{solver}: {n} samples, NFE {nfe:.1f}")
+        write_atomic(out, lambda p: save_mixture_scatter(samples, gm, p, title=f"{solver}: {n} samples, NFE {nfe:.1f}"))
     else:
         from ..plots import save_image_grid
 
-        save_image_grid(samples, out, ncol=min(8, n) if n <= 64 else None)
+        write_atomic(out, lambda p: save_image_grid(samples, p, ncol=min(8, n) if n <= 64 else None))
+    write_json_atomic(record_path(out), record)
 
     print(f"model {args.model}  solver {solver}  options {opts or '{}'}  n {n}")
     print(f"NFE {nfe:.1f} per sample  ({calls} batched calls)  wall {wall:.2f} s")
@@ -198,9 +341,21 @@ def run(args: argparse.Namespace) -> int:
             ratio = fd / floor if math.isfinite(fd) and floor > 0 else math.inf
             print(
                 f"quality: FD {fd:.3f} (real-data floor at n={n}: {floor:.3f} ± {quality['floor_sd']:.3f}, "
-                f"ratio {ratio:.2f})  confidence {quality['confidence']:.3f}"
+                f"ratio {ratio:.2f})  confidence {quality['confidence']:.3f}  (lower FD is better; "
+                "see fastsde sample --help)"
             )
         else:
-            print(f"quality: mixture FD {quality['fd']:.4f}")
-    print(f"wrote {out}")
+            print(f"quality: mixture FD {quality['fd']:.4f} (Fréchet distance to the exact mixture, lower is better)")
+    print(f"wrote {out} and {record_path(out).name}")
     return 0
+
+
+def _jsonable(value: Any) -> Any:
+    """An option value as JSON data (numbers, strings, bools, None; anything else by repr)."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return repr(value)

@@ -56,11 +56,32 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--steps must be a positive integer, got {args.steps}")
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be a positive integer, got {args.batch_size}")
-    if not (args.lr > 0):
-        raise CLIError(f"--lr must be positive, got {args.lr}")
+    if not (args.lr > 0) or args.lr == float("inf"):
+        raise CLIError(f"--lr must be a positive finite number, got {args.lr}")
+    if not 0.0 <= args.ema < 1.0:
+        raise CLIError(f"--ema must lie in [0, 1) (the EMA decay per step, e.g. 0.999), got {args.ema}")
+    if args.save_every < 1:
+        raise CLIError(f"--save-every must be a positive integer, got {args.save_every}")
+    if args.max_minutes is not None and not args.max_minutes > 0:
+        raise CLIError(f"--max-minutes must be positive, got {args.max_minutes}")
+    if not (args.sigma_min > 0 and args.sigma_max > args.sigma_min) or args.sigma_max == float("inf"):
+        raise CLIError(f"--sigma-min and --sigma-max need 0 < min < max < inf, got {args.sigma_min}, {args.sigma_max}")
+    from ..noise import check_seed
+
+    check_seed(args.seed, "--seed")
     torch.set_num_threads(max(1, args.threads))
     out = Path(args.out)
     data = load_dataset(args.data)
+    if not args.resume:  # the checkpoint folder must be writable before any training
+        from ..files import check_writable
+
+        if out.exists() and not out.is_dir():
+            raise CLIError(f"--out {str(out)!r} is a file, not a checkpoint folder")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            check_writable(out / "model.safetensors")
+        except OSError as exc:
+            raise CLIError(f"cannot write the checkpoint folder {str(out)!r}: {exc}") from None
     command = "fastsde " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
     if args.resume:
