@@ -17,6 +17,7 @@ from .euler import EULER
 from .heun import HEUN
 from .iia import IIA_DDIM, IIA_DPMPP_2M, IIA_HEUN
 from .ode import ODE
+from .ode_corrector import ODE_CORRECTOR
 from .pc import PC
 from .reverse_diffusion import REVERSE_DIFFUSION
 
@@ -38,6 +39,7 @@ SOLVERS: dict[str, SolverSpec] = {
         DPMPP_3M,
         ADAPTIVE_DPMPP_3M,
         ODE,
+        ODE_CORRECTOR,
         IIA_HEUN,
         IIA_DDIM,
         IIA_DPMPP_2M,

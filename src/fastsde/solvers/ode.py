@@ -118,7 +118,11 @@ class DormandPrince(Stepper):
         t0 = self._t0(n, x.device)
         f0 = self.field(x, t0, torch.arange(n, device=x.device))
         bad = ~torch.isfinite(f0.reshape(n, -1)).all(dim=1)
-        return {"f": f0}, bad
+        return {"f": f0, "stale": torch.zeros(n, dtype=torch.bool, device=x.device)}, bad
+
+    def reset(self, state: State, rows: Tensor) -> None:
+        """A corrector moved these samples: their FSAL field value is re-evaluated at the next step."""
+        state["stale"][rows.to(state["stale"].device)] = True
 
     def initial_step(self, x: Tensor, state: State, rows: Tensor, span: Tensor, rtol: float, atol: float) -> Tensor:
         rd = rows.to(x.device)
@@ -131,7 +135,12 @@ class DormandPrince(Stepper):
         ti = s.t64
         hs = s.h * self.direction  # signed step in t, float64
         hy = _bcast(hs, x)
-        ks = [s.get("f")]
+        f0, stale = s.get("f"), s.get("stale")
+        if bool(stale.any()):  # moved by a corrector since f was evaluated (1 more NFE for those rows)
+            idx = stale.nonzero().squeeze(1)
+            f0 = f0.clone()
+            f0[idx] = self.field(x[idx], ti[idx], rows[idx])
+        ks = [f0]
         for j in range(1, 6):
             acc = sum(a * k for a, k in zip(_A[j], ks))
             ks.append(self.field(x + hy * acc, ti + _C[j] * hs, rows))
@@ -140,7 +149,8 @@ class DormandPrince(Stepper):
         ks.append(f_new)
         err = hy * sum(e * k for e, k in zip(_E, ks) if e != 0.0)
         valid = torch.isfinite(f_new.reshape(x.shape[0], -1)).all(dim=1)
-        return StepResult(x=y_new, error=err, x_ref=y_new, valid=valid, state={"f": f_new})
+        fresh = torch.zeros_like(stale)
+        return StepResult(x=y_new, error=err, x_ref=y_new, valid=valid, state={"f": f_new, "stale": fresh})
 
 
 def scipy_law(rtol: float, atol: float, h_init: float | None, measured_exponent: bool = True) -> Adaptive:
