@@ -5,6 +5,7 @@ from . import problems
 from .api import SampleResult, sample
 from .grids import time_grid
 from .iia import IIATable, fit_iia, load_iia
+from .levels import Levels
 from .likelihood import LikelihoodResult, bits_per_dim, log_likelihood
 from .likelihood_data import DatasetLikelihood, dataset_likelihood, differentiable_score
 from .models import list_models, load_model
@@ -52,4 +53,5 @@ __all__ = [
     "fit_iia",
     "load_iia",
     "IIATable",
+    "Levels",
 ]

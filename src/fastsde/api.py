@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .levels import Levels, LevelScores
 from .noise import NoiseSource, Stream, as_noise_source
 from .score import CountingScore, ScoreFn
 from .sde import SDE
@@ -58,11 +59,17 @@ class SampleResult:
     seed: int | list[int] | None = None
     dtype: str = "float32"
     device: str = "cpu"
+    #: with fastsde.Levels: (K,) mean evaluations per sample of each level, and the multilevel record
+    #: (schedule used, expected and realised cost, calibration) that config() reports as "multilevel"
+    nfe_per_level: Tensor | None = None
+    multilevel: dict[str, Any] | None = None
 
     def config(self) -> dict[str, Any]:
         """Every knob that produced these samples (for benchmark records): the solver, its resolved
-        options, t_end, denoise, the process, n, the seed, the dtype and the device."""
-        return {"solver": self.solver, **self.options, "seed": self.seed, "dtype": self.dtype, "device": self.device}
+        options, t_end, denoise, the process, n, the seed, the dtype and the device (and, for
+        Levels, the multilevel accounting)."""
+        out = {"solver": self.solver, **self.options, "seed": self.seed, "dtype": self.dtype, "device": self.device}
+        return out if self.multilevel is None else {**out, "multilevel": self.multilevel}
 
 
 #: The solver ``sample`` and ``fastsde sample`` use when none is named: the fastest sampler measured
@@ -157,7 +164,10 @@ def sample(
         x_init: start from this state at T instead of a prior draw.
         **options: solver options; unknown names are a ValueError listing the valid ones.
     """
-    check_score_and_process(score, sde)
+    if isinstance(score, Levels):  # a hierarchy for solver="mlem": each level checked like a score
+        score.check(sde, get_solver(solver).name)
+    else:
+        check_score_and_process(score, sde)
     shape = check_shape(shape)
     spec = get_solver(solver)
     t_end = sde.default_t_end if t_end is None else as_python_number(t_end)
@@ -176,7 +186,7 @@ def sample(
     if x_init is not None and tuple(x_init.shape) != shape:
         raise ValueError(f"x_init must have shape {shape}, got {tuple(x_init.shape)}")
 
-    counted = CountingScore(score, n)
+    counted = score.counting(n) if isinstance(score, Levels) else CountingScore(score, n)
     ctx = SolverContext(
         sde=sde, score=counted, noise=noise, t_start=sde.T, t_end=float(t_end), callback=callback, progress=progress
     )
@@ -191,6 +201,10 @@ def sample(
             t = ctx.times(ctx.t_end, x)
             x = sde.denoise(x, t, counted(x, t))
     wall = time.perf_counter() - start
+    multilevel = None
+    if isinstance(counted, LevelScores):
+        multilevel = counted.accounting(denoised=denoise and not ctx.stopped)
+        ctx.stats["nfe_per_level_per_sample"] = counted.nfe_per_level_per_sample
     return SampleResult(
         samples=x,
         nfe=counted.nfe,
@@ -205,6 +219,8 @@ def sample(
         seed=seed_record,
         dtype=str(dtype).removeprefix("torch."),
         device=str(x.device),
+        nfe_per_level=None if multilevel is None else counted.nfe_per_level,
+        multilevel=multilevel,
     )
 
 

@@ -16,6 +16,7 @@ from .em import EM
 from .euler import EULER
 from .heun import HEUN
 from .iia import IIA_DDIM, IIA_DPMPP_2M, IIA_HEUN
+from .mlem import MLEM
 from .ode import ODE
 from .ode_corrector import ODE_CORRECTOR
 from .pc import PC
@@ -43,6 +44,7 @@ SOLVERS: dict[str, SolverSpec] = {
         IIA_HEUN,
         IIA_DDIM,
         IIA_DPMPP_2M,
+        MLEM,
     )
 }
 
