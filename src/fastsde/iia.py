@@ -241,8 +241,10 @@ class IIATable:
     # -- files ---------------------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the table (safetensors + JSON metadata) atomically: a temporary name, then os.replace."""
+        """Write the table (safetensors + JSON metadata) whole or not at all (a temporary name, then os.replace)."""
         from safetensors.torch import save
+
+        from .files import write_atomic
 
         path = Path(path)
         tensors = {"coefficients": self.coefficients.to(torch.float64).contiguous()}
@@ -250,13 +252,7 @@ class IIATable:
             tensors["probe"] = self.probe.to(torch.float64).contiguous()
         meta = {"format": FORMAT, "key": self.key, "directions": list(self.directions), "fit": self.fit}
         data = save(tensors, metadata={"fastsde": json.dumps(meta, sort_keys=True)})
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        write_atomic(path, lambda tmp: tmp.write_bytes(data))
         return path
 
 
