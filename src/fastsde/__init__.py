@@ -20,6 +20,7 @@ from .score import (
 )
 from .sde import EDM, SDE, VESDE, VPSDE, SubVPSDE
 from .solvers import SOLVERS, get_solver
+from .solvers.driver import BudgetError, IntegrationError, NonFiniteSolveError
 
 __version__ = "0.1.0"
 
@@ -35,6 +36,9 @@ __all__ = [
     "DiffusersUNetScore",
     "CountingScore",
     "NonFiniteScoreError",
+    "NonFiniteSolveError",
+    "BudgetError",
+    "IntegrationError",
     "NoiseSource",
     "SampleResult",
     "sample",
