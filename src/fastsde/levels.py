@@ -300,12 +300,12 @@ def allocate(weight: Tensor, marginal: Tensor, budget: float, p_min: float) -> T
     contribution; ``marginal`` (K−1,): the cost c̄_k of drawing correction k."""
     sq = marginal.sqrt().expand_as(weight)
     free = weight > 0
-    p = torch.ones_like(weight)
+    p = torch.zeros_like(weight)  # a correction that is always 0 adds no variance: p_min
     for _ in range(64):
         if not bool(free.any()):
             break
         mu = (budget + (weight[free] ** 2).sum()) / (weight[free] * sq[free]).sum()
-        p = torch.where(free, weight / (mu * sq), torch.ones_like(weight))
+        p = torch.where(free, weight / (mu * sq), torch.where(weight > 0, 1.0, 0.0).to(weight))
         capped = free & (p >= 1.0)
         if not bool(capped.any()):
             break
@@ -350,16 +350,19 @@ def auto_schedule(
     t_now = float(sde.T)
     d = math.prod(like.shape[1:])
     diffs = torch.zeros(nb, len(levels) - 1, dtype=torch.float64)
+    coarse = None  # the coarsest level's score at (x, t_now), reused for the next pilot move
     for b in range(nb):
         tb = float(rep[b])
         if tb < t_now:  # move the pilot to the bucket's time with the coarsest level
             tt = per_row(t_now, samples, dt, dev)
-            x0 = sde.denoise(x, tt, counters[0](x, tt))
+            x0 = sde.denoise(x, tt, counters[0](x, tt) if coarse is None else coarse)
             z = src.normal(like.shape[1:], Stream.PROBE, b + 1, dtype=dt, device=dev)
             x = posterior_step(sde, x, x0, tt, per_row(tb, samples, dt, dev), 1.0, z)
             t_now = tb
         tt = per_row(tb, samples, dt, dev)
-        outs = [c(x, tt).reshape(samples, -1).to(torch.float64) for c in counters]
+        raw = [c(x, tt) for c in counters]
+        coarse = raw[0]
+        outs = [r.reshape(samples, -1).to(torch.float64) for r in raw]
         for k in range(len(levels) - 1):
             diffs[b, k] = ((outs[k + 1] - outs[k]) ** 2).sum(1).mean().div(d).sqrt()
     bucket_of = torch.zeros(moves, dtype=torch.long)
