@@ -1,4 +1,4 @@
-"""Log-likelihood and bits/dim through the probability-flow ODE (spec score_sde.md §7).
+"""Log-likelihood and bits/dim through the probability-flow ODE.
 
 The PF-ODE dx/dt = b(x, t) = f − ½g²s transports p_t; along it d log p_t(x_t)/dt = −∇·b. So
 integrating the augmented state [x, ℓ] forward from t_end to T with dℓ/dt = ∇·b(x, t) and ℓ(t_end) = 0

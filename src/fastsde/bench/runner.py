@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..files import write_atomic
 from ..noise import Stream, as_noise_source
 from ..score import ScoreFn
 from ..sde import PROCESSES, SDE, process_by_name, process_name
@@ -652,7 +653,7 @@ def plot(result: dict[str, Any], out: Path) -> list[Path]:
             axes[0].set_ylabel(summ["quality_name"] + " (solid o: fastsde, dashed x: peers)")
             fig.tight_layout()
             p = out / f"{summ['problem']}_{proc}_quality_vs_{'nfe' if xkey == 'nfe' else 'wall'}.png"
-            fig.savefig(p, dpi=100)
+            write_atomic(p, lambda q, f=fig: f.savefig(q, dpi=100))
             plt.close(fig)
             paths.append(p)
         det = [r for r in recs if r["mse"] is not None and r["mse"] > 0]
@@ -672,7 +673,7 @@ def plot(result: dict[str, Any], out: Path) -> list[Path]:
             ax.legend(fontsize=7)
             fig.tight_layout()
             p = out / f"{summ['problem']}_{proc}_mse_vs_nfe.png"
-            fig.savefig(p, dpi=100)
+            write_atomic(p, lambda q, f=fig: f.savefig(q, dpi=100))
             plt.close(fig)
             paths.append(p)
     return paths
@@ -680,15 +681,21 @@ def plot(result: dict[str, Any], out: Path) -> list[Path]:
 
 def write_outputs(result: dict[str, Any], out: Path) -> list[Path]:
     """results.json, results.csv, table.md and the PNG plots under ``out``."""
+    from ..files import write_text_atomic
+
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "results.json", out / "results.csv", out / "table.md"]
-    paths[0].write_text(json.dumps(result, indent=1, default=str))
-    with paths[1].open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        w.writeheader()
-        for r in result["records"]:
-            w.writerow(r)
+    write_text_atomic(paths[0], json.dumps(result, indent=1, default=str))
+
+    def write_csv(path: Path) -> None:
+        with path.open("w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=CSV_FIELDS, extrasaction="ignore")
+            w.writeheader()
+            for r in result["records"]:
+                w.writerow(r)
+
+    write_atomic(paths[1], write_csv)
     notes = "".join(f"- {n}\n" for n in result["notes"])
-    paths[2].write_text(markdown_tables(result) + ("\nNotes:\n" + notes if notes else ""))
+    write_text_atomic(paths[2], markdown_tables(result) + ("\nNotes:\n" + notes if notes else ""))
     paths += plot(result, out)
     return paths

@@ -1,4 +1,4 @@
-"""Adaptive RK45 on the probability-flow ODE (Song et al. 2021, §4.3; spec score_sde.md §6.8).
+"""Adaptive RK45 on the probability-flow ODE (Song et al. 2021, §4.3).
 
 dx/dt = f(x, t) − ½ g(t)² s(x, t), integrated from T down to t_end by Dormand–Prince 5(4).
 
