@@ -251,6 +251,7 @@ def test_cli_new_flags_and_the_record_next_to_every_output(capsys, tmp_path):
     rec = json.loads((tmp_path / "s.npz.json").read_text())
     assert rec["t_end"] == 0.01 and rec["denoise"] is False and rec["dtype"] == "float32" and rec["seed"] == 11
     assert rec["nfe"] == 5.0 and rec["model"] == "mixture" and rec["options"]["steps"] == 6
+    assert rec["command"].startswith("fastsde sample --model mixture") and "--seed 11" in rec["command"]
     want = fastsde.sample(
         mixture_2d(fastsde.VPSDE()), fastsde.VPSDE(), (5, 2), solver="em", steps=6, seed=11, t_end=0.01, denoise=False
     )

@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if extra:  # let the subcommand's parser say it, with its own usage line
         parser.subcommands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command, for the records outputs carry
     try:
         return int(args.func(args) or 0)
     except (

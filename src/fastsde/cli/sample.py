@@ -284,7 +284,7 @@ def run(args: argparse.Namespace) -> int:
 
     record = {
         "fastsde": fastsde.__version__,
-        "command": "fastsde " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "command": "fastsde " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:])),
         "model": args.model,
         "sde": sde.config(),
         "solver": solver,

@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
             check_writable(out / "model.safetensors")
         except OSError as exc:
             raise CLIError(f"cannot write the checkpoint folder {str(out)!r}: {exc}") from None
-    command = "fastsde " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = "fastsde " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:]))
 
     if args.resume:
         trainer = Trainer.load(out, data)
