@@ -83,6 +83,8 @@ def test_denoiser_score_without_process_is_refused_under_another_process():
     assert abs(float(res.samples.std()) - 1.0) < 0.05
     edm = fastsde.EDM()
     fastsde.sample(fastsde.DenoiserScore(denoiser), edm, (4, 2), solver="em", steps=5)  # EDM: as documented
+    # any EDM range: m = 1 and σ(t) = t for every EDM, so the score is the same
+    fastsde.sample(fastsde.DenoiserScore(denoiser), fastsde.EDM(sigma_max=160.0), (4, 2), solver="em", steps=5)
 
 
 def test_mixture_built_for_one_process_is_refused_under_another():

@@ -15,7 +15,7 @@ from torch import Tensor
 from .levels import Levels, LevelScores
 from .noise import NoiseSource, Stream, as_noise_source
 from .score import CountingScore, ScoreFn
-from .sde import SDE
+from .sde import EDM, SDE
 from .solvers import SolverSpec, get_solver
 from .solvers.base import SolverContext, StepInfo, as_python_number
 
@@ -98,12 +98,20 @@ def check_score_and_process(score: Any, sde: Any) -> None:
     if not callable(score):
         raise ValueError(f"score must be callable as score(x, t), got {score!r}")
     own = score_process(score)
-    if own is not None and own is not sde and (type(own) is not type(sde) or own.config() != sde.config()):
+    if own is not None and own is not sde and not _same_marginals(own, sde):
         hint = " (DenoiserScore without sde= assumes EDM)" if getattr(score, "process_defaulted", False) else ""
         raise ValueError(
             f"the score was built for {own!r}{hint} but is sampled under {sde!r}: "
             "build the score with the process you sample under"
         )
+
+
+def _same_marginals(a: SDE, b: SDE) -> bool:
+    """Whether a score built for process a is the score under process b: the same kind and settings,
+    or two EDM processes (m = 1 and σ(t) = t whatever σ_min and σ_max)."""
+    if type(a) is not type(b):
+        return False
+    return isinstance(a, EDM) or a.config() == b.config()
 
 
 def check_dtype(dtype: Any) -> torch.dtype:
