@@ -330,12 +330,15 @@ def auto_schedule(
 
     The pass runs ``samples`` pilot trajectories (fixed seed) with the coarsest level by ancestral
     (DDPM posterior) moves through one time per bucket (the middle move of each of ``buckets``
-    groups of consecutive moves), and at each evaluates every level to measure D_k(t), the RMS per
-    dimension of f_{k+1} − f_k. Each move i then gets p_k = min(1, w/(μ√c̄_k)), w = a_i·D_k(t_i)
-    (a_i: the base step's gain on the score), c̄_1 = c_2 and c̄_k = c_k + c_{k+1} (level 1 is always
-    paid), μ from ``budget``: the randomisation's added mean squared error per dimension of the
-    result, to first order (Σ_i Σ_k w²(1/p − 1), not propagated through the flow); floored at p_min.
-    Returns the schedule (moves, K−1) and the calibration record (times, D, evaluations, cost)."""
+    groups of consecutive moves) to t_end, and at each bucket time evaluates every level to measure
+    D_k(t), the RMS per dimension of f_{k+1} − f_k. A twin pilot from a slightly perturbed state at
+    each bucket time (same noise, coarsest level) measures S(t), the mean squared gain of the rest
+    of the path from there to t_end, since the reverse flow damps early errors. Each move i then
+    gets p_k = min(1, w/(μ√c̄_k)), w = a_i·D_k(t_i)·√S(t_i) (a_i: the base step's gain on the
+    score), c̄_1 = c_2 and c̄_k = c_k + c_{k+1} (level 1 is paid anyway), μ set by ``budget``: the
+    randomisation's added mean squared error per dimension at t_end to first order,
+    Σ_i Σ_k w²(1/p − 1) (the water-filling of :func:`allocate`); floored at p_min. Returns the
+    schedule (moves, K−1) and the calibration record (times, D, S, evaluations, cost)."""
     from .solvers.ddim import posterior_step
 
     moves = grid.shape[0] - 1
@@ -345,31 +348,51 @@ def auto_schedule(
     rep = grid[mids]
     counters = [CountingScore(f, samples, cost=c) for f, c in zip(levels.scores, levels.costs)]
     src = NoiseSource.from_seed(CALIBRATION_SEED, samples)
-    dt, dev = like.dtype, like.device
-    x = sde.prior_sample(src.normal(like.shape[1:], Stream.PRIOR, 0, dtype=dt, device=dev))
-    t_now = float(sde.T)
-    d = math.prod(like.shape[1:])
+    dt, dev, shape = like.dtype, like.device, like.shape[1:]
+    times = [float(sde.T), *(float(v) for v in rep), float(grid[-1])]  # pilot move j: times[j] → times[j+1]
+    zs = [src.normal(shape, Stream.PROBE, j + 1, dtype=dt, device=dev) for j in range(nb + 1)]
+
+    def move(x: Tensor, j: int, score: Tensor) -> Tensor:
+        """Pilot move j by the DDPM posterior step with the coarsest level's score at times[j]."""
+        if not times[j + 1] < times[j]:
+            return x
+        tt = per_row(times[j], samples, dt, dev)
+        return posterior_step(
+            sde, x, sde.denoise(x, tt, score), tt, per_row(times[j + 1], samples, dt, dev), 1.0, zs[j]
+        )
+
+    def at(j: int) -> Tensor:
+        return per_row(times[j], samples, dt, dev)
+
+    x = sde.prior_sample(src.normal(shape, Stream.PRIOR, 0, dtype=dt, device=dev))
+    if times[1] < times[0]:
+        x = move(x, 0, counters[0](x, at(0)))
+    d = math.prod(shape)
     diffs = torch.zeros(nb, len(levels) - 1, dtype=torch.float64)
-    coarse = None  # the coarsest level's score at (x, t_now), reused for the next pilot move
+    states = []
     for b in range(nb):
-        tb = float(rep[b])
-        if tb < t_now:  # move the pilot to the bucket's time with the coarsest level
-            tt = per_row(t_now, samples, dt, dev)
-            x0 = sde.denoise(x, tt, counters[0](x, tt) if coarse is None else coarse)
-            z = src.normal(like.shape[1:], Stream.PROBE, b + 1, dtype=dt, device=dev)
-            x = posterior_step(sde, x, x0, tt, per_row(tb, samples, dt, dev), 1.0, z)
-            t_now = tb
-        tt = per_row(tb, samples, dt, dev)
-        raw = [c(x, tt) for c in counters]
-        coarse = raw[0]
+        raw = [c(x, at(b + 1)) for c in counters]
         outs = [r.reshape(samples, -1).to(torch.float64) for r in raw]
         for k in range(len(levels) - 1):
             diffs[b, k] = ((outs[k + 1] - outs[k]) ** 2).sum(1).mean().div(d).sqrt()
+        states.append(x)
+        x = move(x, b + 1, raw[0])
+    # sensitivity of the end state to a perturbation at each bucket's time: a twin pilot from a
+    # perturbed state, same noise, coarsest level (the reverse flow damps early errors strongly)
+    sens = torch.zeros(nb, dtype=torch.float64)
+    for b in range(nb):
+        xb = states[b].to(torch.float64)
+        scale = 1e-2 * float(xb.pow(2).mean().sqrt().clamp_min(1e-3))
+        kick = scale * src.normal(shape, Stream.PROBE, 10_000 + b, dtype=torch.float64, device=dev)
+        y = (xb + kick).to(dt)
+        for j in range(b, nb):
+            y = move(y, j + 1, counters[0](y, at(j + 1)))
+        sens[b] = (y.to(torch.float64) - x.to(torch.float64)).pow(2).sum() / kick.pow(2).sum()
     bucket_of = torch.zeros(moves, dtype=torch.long)
     for b in range(nb):
         bucket_of[edges[b] : edges[b + 1]] = b
     gain = step_gain(sde, base, eta, grid[:-1], grid[1:]).abs()
-    weight = gain[:, None] * diffs[bucket_of]
+    weight = gain[:, None] * diffs[bucket_of] * sens.sqrt()[bucket_of, None]
     c = torch.tensor(levels.costs, dtype=torch.float64)
     marginal = torch.cat([c[1:2], c[1:-1] + c[2:]])
     schedule = allocate(weight, marginal, budget, p_min)
@@ -377,6 +400,7 @@ def auto_schedule(
         "samples": samples,
         "bucket_times": [float(v) for v in rep],
         "diff_rms": [[float(v) for v in row] for row in diffs],
+        "sensitivity": [float(v) for v in sens],
         "nfe_per_level": [float(cc.nfe_per_sample.sum()) for cc in counters],
         "cost": float(sum(float(cc.cost_per_sample.sum()) for cc in counters)),
         "predicted_mse": float(((weight**2) * (1.0 / schedule - 1.0)).sum()),
