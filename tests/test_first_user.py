@@ -119,6 +119,10 @@ def test_numpy_numbers_are_accepted_like_python_numbers():
     torch.testing.assert_close(got.samples, want.samples, rtol=0, atol=1e-5)
     res = fastsde.sample(gm, sde, (4, 2), solver="adaptive", eps_rel=np.float32(0.05), max_nfe=np.int16(500))
     assert res.options["eps_rel"] == pytest.approx(0.05) and type(res.options["max_nfe"]) is int
+    flags = fastsde.sample(gm, sde, (4, 2), solver="dpmpp_2m_sde", steps=5, corrector=np.bool_(True), denoise=np.False_)
+    assert flags.options["corrector"] is True and flags.options["denoise"] is False
+    with pytest.raises(ValueError, match="steps must be an integer"):
+        fastsde.sample(gm, sde, (4, 2), solver="em", steps=np.bool_(True))
     seeds = fastsde.sample(gm, sde, (2, 2), solver="em", steps=5, seed=np.array([5, 9]))
     assert torch.equal(seeds.samples, fastsde.sample(gm, sde, (2, 2), solver="em", steps=5, seed=[5, 9]).samples)
 

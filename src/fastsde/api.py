@@ -184,6 +184,7 @@ def sample(
     sde.check_time("t_end", t_end)
     if not t_end < sde.T:
         raise ValueError(f"t_end must be < T = {sde.T:g}, got {t_end!r}")
+    denoise = as_python_number(denoise)
     if not isinstance(denoise, bool):
         raise ValueError(f"denoise must be True or False, got {denoise!r}")
     opts = spec.resolve(sde, options, t_end)

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from torch import Tensor
 
 from ..grids import GRIDS, default_grid, time_grid
@@ -60,8 +61,11 @@ class Option:
 
 
 def as_python_number(v: Any) -> Any:
-    """numpy (or any numbers.Integral / numbers.Real) scalars as Python int / float; bools and
-    everything else unchanged, so that options accept ``np.int64(10)`` as they accept ``10``."""
+    """numpy (or any numbers.Integral / numbers.Real) scalars as Python int / float, numpy's bool as
+    bool; everything else unchanged, so that options accept ``np.int64(10)`` as they accept ``10``
+    (a bool stays a bool, which the integer and number checks refuse)."""
+    if isinstance(v, np.bool_):
+        return bool(v)
     if isinstance(v, bool) or type(v) in (int, float) or not isinstance(v, numbers.Real):
         return v
     if isinstance(v, numbers.Integral):
