@@ -19,6 +19,7 @@ from .score import (
     NonFiniteScoreError,
 )
 from .sde import EDM, SDE, VESDE, VPSDE, SubVPSDE
+from .sharding import ShardRun, load_samples, sample_to_dir
 from .solvers import SOLVERS, get_solver
 from .solvers.driver import BudgetError, IntegrationError, NonFiniteSolveError
 
@@ -58,4 +59,7 @@ __all__ = [
     "load_iia",
     "IIATable",
     "Levels",
+    "sample_to_dir",
+    "load_samples",
+    "ShardRun",
 ]

@@ -95,10 +95,14 @@ class NoiseSource:
         self.seeds = torch.tensor([_signed(_mix_int(s * 0x2545F4914F6CDD1D + 7)) for s in seeds], dtype=torch.int64)
 
     @classmethod
-    def from_seed(cls, seed: int, n: int) -> NoiseSource:
-        """Seed sample i with (seed, i): sample i is the same for every batch size."""
+    def from_seed(cls, seed: int, n: int, *, start: int = 0) -> NoiseSource:
+        """Seed sample i with (seed, i): sample i is the same for every batch size. ``start`` gives
+        the rows of global indices start .. start + n - 1 (a shard of a larger run) without building
+        the others: ``from_seed(s, m, start=a)`` equals ``from_seed(s, a + m).subset(range(a, a + m))``."""
         base = _mix_int(check_seed(seed, "seed"))
-        return cls([base ^ _mix_int(i + 0x51ED2705) for i in range(n)])
+        if isinstance(start, bool) or not isinstance(start, numbers.Integral) or start < 0:
+            raise ValueError(f"start must be a non-negative int, got {start!r}")
+        return cls([base ^ _mix_int(i + 0x51ED2705) for i in range(int(start), int(start) + n)])
 
     def __len__(self) -> int:
         return self.seeds.shape[0]

@@ -1,0 +1,608 @@
+"""Sharded, resumable sampling: ``sample_to_dir`` writes a run of n samples as fixed-size shards of
+consecutive indices plus a manifest; ``load_samples`` reads them back in index order.
+
+Why this works for any number of workers: fastsde's noise is keyed by sample index
+(:meth:`~fastsde.noise.NoiseSource.from_seed` with ``start``), so shard k, computed alone, holds
+exactly rows [k·s, k·s + s) of ``fastsde.sample(..., seed=seed)``. A shard file is written to a
+temporary name and renamed (``fastsde.files``), and carries the run's fingerprint, so a file that
+exists, reads back whole and matches the manifest is done and never recomputed: rerunning the same
+call resumes a killed job, losing at most the shards that were in progress. A rerun with different
+settings into the same folder is refused, naming the fields that differ.
+
+Under ``torchrun`` (RANK / WORLD_SIZE set) the shards still to do are dealt round-robin across ranks
+(the j-th missing shard to rank j mod world): no padding, no duplicates, and a resumed run stays
+balanced. Only rank 0 writes the manifest: after each of its own shards and, after a barrier, once
+more with every shard's status and the run's summary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import numbers
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .api import DEFAULT_SOLVER, check_dtype, check_score_and_process, check_shape, sample
+from .files import write_atomic, write_json_atomic
+from .levels import Levels
+from .noise import NoiseSource, check_seed
+from .sde import SDE
+from .solvers import SolverSpec, get_solver
+from .solvers.base import as_python_number
+
+__all__ = ["MANIFEST", "ShardInfo", "ShardRun", "sample_to_dir", "load_samples", "read_manifest", "score_identity"]
+
+#: the manifest's file name inside a run folder
+MANIFEST = "manifest.json"
+FORMAT = "fastsde-shards/1"
+#: how long a rank waits for the others at the final barrier when fastsde starts the process group
+#: (ranks finish their last shards at different times; torchrun tears the group down if one dies)
+BARRIER_TIMEOUT = timedelta(hours=6)
+#: the settings a run is identified by, in the order a mismatch is reported
+SETTINGS_FIELDS = ("model", "sde", "solver", "options", "t_end", "denoise", "seed", "n", "shape", "dtype", "shard_size")
+
+
+@dataclass
+class ShardInfo:
+    """One shard just written (handed to ``on_shard``): where it lies, its mean NFE and wall time."""
+
+    shard: int
+    start: int
+    stop: int
+    num_shards: int
+    nfe: float
+    wall_time: float
+    unfinished: int
+    rank: int
+
+
+@dataclass
+class ShardRun:
+    """What ``sample_to_dir`` did: the shards this rank computed, those found done before, and
+    whether the whole run is now complete (every rank agrees on ``complete``)."""
+
+    out_dir: Path
+    n: int
+    num_shards: int
+    computed: list[int]
+    skipped: list[int]
+    complete: bool
+    rank: int
+    world_size: int
+    wall_time: float
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+
+def score_identity(score: Any, model: str | None = None) -> str:
+    """What the manifest records as the model: ``model`` if given, a loaded model's name, else the
+    score's qualified name with a digest of the tensors it holds (so two mixtures differ)."""
+    if model is not None:
+        return str(model)
+    owner = getattr(score, "__self__", None)
+    name = getattr(owner, "name", None)
+    if isinstance(name, str):
+        return name
+    obj = owner if owner is not None else score
+    if owner is None and isinstance(getattr(score, "__qualname__", None), str):  # a plain function
+        label = f"{getattr(score, '__module__', '?')}.{score.__qualname__}"
+    else:  # a bound method or a callable object: its class
+        label = f"{type(obj).__module__}.{type(obj).__qualname__}"
+    digest = _tensor_digest(obj)
+    return label if digest is None else f"{label}#{digest}"
+
+
+def _tensor_digest(obj: Any) -> str | None:
+    """A short hash of the tensors an object holds (its attributes, or a module's state), or None."""
+    tensors: list[tuple[str, Tensor]] = []
+    if isinstance(obj, torch.nn.Module):
+        tensors = list(obj.state_dict().items())
+    else:
+        try:
+            attrs = vars(obj)
+        except TypeError:
+            return None
+        tensors = [(k, v) for k, v in sorted(attrs.items()) if isinstance(v, Tensor)]
+    if not tensors:
+        return None
+    h = hashlib.sha256()
+    for key, value in tensors:
+        h.update(key.encode())
+        h.update(value.detach().to("cpu").contiguous().reshape(-1).to(torch.float64).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _jsonable(value: Any) -> Any:
+    """An option value as JSON data; objects by their repr (by type where the repr is an address)."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    text = repr(value)
+    return f"{type(value).__module__}.{type(value).__qualname__}" if " at 0x" in text else text
+
+
+def _fingerprint(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def _shard_name(k: int, num_shards: int) -> str:
+    return f"shard-{k:0{max(5, len(str(num_shards - 1)))}d}.npz"
+
+
+def _ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
+    return [(a, min(n, a + shard_size)) for a in range(0, n, shard_size)]
+
+
+def _np_dtype(dtype: torch.dtype) -> np.dtype:
+    """The numpy dtype a shard stores samples in (bfloat16, which numpy lacks, as float32: exact)."""
+    return np.dtype(np.float32) if dtype == torch.bfloat16 else torch.empty((), dtype=dtype).numpy().dtype
+
+
+def _read_shard(path: Path, fingerprint: str, k: int, start: int, stop: int, dims: Sequence[int], dtype: str):
+    """The shard's arrays if the file reads back whole (every member, CRC checked) and belongs to
+    this run at this place; None for a missing, truncated, foreign or malformed file."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            data = {key: z[key] for key in z.files}
+    except Exception:  # noqa: BLE001 - any unreadable file is simply not done
+        return None
+    try:
+        ok = (
+            str(data["fingerprint"]) == fingerprint
+            and int(data["shard"]) == k
+            and int(data["start"]) == start
+            and int(data["stop"]) == stop
+            and data["samples"].shape == (stop - start, *dims)
+            and data["samples"].dtype == _np_dtype(getattr(torch, dtype))
+            and data["nfe_per_sample"].shape == (stop - start,)
+            and data["status"].shape == (stop - start,)
+        )
+    except (KeyError, ValueError, TypeError, AttributeError):
+        return None
+    return data if ok else None
+
+
+def _shard_entry(k: int, start: int, stop: int, num_shards: int, data: dict[str, Any] | None) -> dict[str, Any]:
+    """The manifest's line for one shard."""
+    entry: dict[str, Any] = {"shard": k, "start": start, "stop": stop, "file": _shard_name(k, num_shards)}
+    if data is None:
+        return {**entry, "status": "pending", "nfe": None}
+    unfinished = int(sum(1 for s in data["status"].tolist() if s not in ("done", "stopped")))
+    return {
+        **entry,
+        "status": "done" if unfinished == 0 else "partial",
+        "nfe": float(data["nfe_per_sample"].mean()),
+        "unfinished": unfinished,
+        "wall_s": round(float(data["wall_s"]), 4),
+    }
+
+
+def read_manifest(out_dir: str | Path) -> dict[str, Any]:
+    """A run folder's manifest (ValueError naming the folder if there is none or it is not one)."""
+    path = Path(out_dir) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{str(out_dir)!r} holds no fastsde run ({MANIFEST} is missing)") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read {str(path)!r}: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"{str(path)!r} is not a fastsde run manifest (format {FORMAT!r})")
+    return manifest
+
+
+def _mismatch(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The settings that differ, as 'field: old -> new' (options field by field)."""
+    out = []
+    for name in SETTINGS_FIELDS:
+        a, b = old.get(name), new.get(name)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b)):
+                if a.get(key) != b.get(key):
+                    out.append(f"{name}.{key}: {a.get(key, '(unset)')!r} -> {b.get(key, '(unset)')!r}")
+        else:
+            out.append(f"{name}: {a!r} -> {b!r}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.distributed
+# ---------------------------------------------------------------------------------------------
+
+
+def _device_for_rank(device: torch.device | str) -> torch.device:
+    """Under torchrun, a bare 'cuda' means this rank's GPU (LOCAL_RANK)."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None and "LOCAL_RANK" in os.environ:
+        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    return dev
+
+
+def _dist_setup(device: torch.device) -> tuple[int, int, bool]:
+    """(rank, world size, whether fastsde started the process group): an existing group is used;
+    otherwise one is started (gloo on CPU, nccl on CUDA) only if torchrun's variables say so."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and "RANK" in os.environ:
+        if not dist.is_available():
+            raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=BARRIER_TIMEOUT)
+        return dist.get_rank(), dist.get_world_size(), True
+    return 0, 1, False
+
+
+def _broadcast(obj: Any, world: int) -> Any:
+    """Rank 0's object on every rank."""
+    if world == 1:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+# writing a run
+# ---------------------------------------------------------------------------------------------
+
+
+def _settings(
+    score: Any,
+    sde: SDE,
+    shape: tuple[int, ...],
+    spec: SolverSpec,
+    options: dict[str, Any],
+    t_end: float,
+    denoise: bool,
+    seed: int,
+    dtype: torch.dtype,
+    shard_size: int,
+    model: str | None,
+) -> dict[str, Any]:
+    """What identifies a run (JSON data, as read back from the manifest)."""
+    resolved = spec.resolve(sde, dict(options), t_end)  # also validates names and values
+    settings = {
+        "model": score_identity(score, model),
+        "sde": sde.config(),
+        "solver": spec.name,
+        "options": {k: _jsonable(v) for k, v in resolved.items()},
+        "t_end": float(t_end),
+        "denoise": denoise,
+        "seed": seed,
+        "n": shape[0],
+        "shape": list(shape[1:]),
+        "dtype": str(dtype).removeprefix("torch."),
+        "shard_size": shard_size,
+    }
+    return json.loads(json.dumps(settings))
+
+
+def _prepare(out: Path, settings: dict[str, Any], fp: str, ranges: list[tuple[int, int]]) -> dict[int, dict]:
+    """Rank 0: create the folder, refuse a run with other settings, clear stale temporary files,
+    find the shards already done and write the manifest. Returns {shard: manifest entry} of those done."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / MANIFEST
+    if path.exists():
+        old = read_manifest(out)
+        diff = _mismatch(old.get("settings", {}), settings)
+        if diff:
+            raise ValueError(
+                f"{str(out)!r} holds a run with other settings ({'; '.join(diff)}): rerun with the "
+                "same settings to resume it, or write to another folder"
+            )
+    for stale in out.glob(".shard-*.tmp.npz"):  # a write that was killed before its rename
+        stale.unlink(missing_ok=True)
+    num = len(ranges)
+    dims, dtype = settings["shape"], settings["dtype"]
+    entries = []
+    for k, (a, b) in enumerate(ranges):
+        data = _read_shard(out / _shard_name(k, num), fp, k, a, b, dims, dtype)
+        entries.append(_shard_entry(k, a, b, num, data))
+    manifest = _manifest(settings, fp, entries, complete=all(e["status"] != "pending" for e in entries))
+    write_json_atomic(path, manifest)
+    return {e["shard"]: e for e in entries if e["status"] != "pending"}
+
+
+def _manifest(settings: dict[str, Any], fp: str, entries: list[dict], complete: bool, **extra: Any) -> dict[str, Any]:
+    from . import __version__
+
+    return {
+        "format": FORMAT,
+        "fastsde": __version__,
+        "settings": settings,
+        "fingerprint": fp,
+        "num_shards": len(entries),
+        "complete": complete,
+        **extra,
+        "shards": entries,
+    }
+
+
+def _write_shard(
+    path: Path, k: int, a: int, b: int, fp: str, samples: Tensor, nfe: Tensor, status: list[str], wall: float
+) -> None:
+    """One shard, whole or not at all (temporary name in the folder, then renamed)."""
+    arr = samples.detach().to("cpu")
+    if arr.dtype == torch.bfloat16:
+        arr = arr.float()
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:  # a file object: numpy would append .npz to a name
+            np.savez(
+                fh,
+                samples=arr.numpy(),
+                nfe_per_sample=nfe.detach().to("cpu", torch.float64).numpy(),
+                status=np.array(status, dtype=str),
+                shard=np.array(k, dtype=np.int64),
+                start=np.array(a, dtype=np.int64),
+                stop=np.array(b, dtype=np.int64),
+                fingerprint=np.array(fp),
+                wall_s=np.array(wall, dtype=np.float64),
+            )
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    write_atomic(path, write)
+
+
+def sample_to_dir(
+    score: Any,
+    sde: SDE,
+    shape: Sequence[int],
+    out_dir: str | Path,
+    solver: str | SolverSpec = DEFAULT_SOLVER,
+    seed: int = 0,
+    *,
+    shard_size: int = 1000,
+    model: str | None = None,
+    t_end: float | None = None,
+    denoise: bool = True,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    batch_size: int | None = None,
+    progress: bool = False,
+    on_shard: Callable[[ShardInfo], Any] | None = None,
+    **options: Any,
+) -> ShardRun:
+    """Draw ``fastsde.sample(score, sde, shape, solver, seed, ...)`` into ``out_dir`` as shards of
+    ``shard_size`` consecutive samples and a manifest, resuming whatever a previous identical call
+    left done; under torchrun the shards are split across ranks. ``load_samples(out_dir)`` then
+    equals the single call's samples.
+
+    Args:
+        score, sde, shape, solver, t_end, denoise, dtype, device, options: as for ``fastsde.sample``.
+        out_dir: the run's folder (created if missing).
+        seed: one int (per-sample seeds derive from it and the sample's index).
+        shard_size: samples per shard file; part of the run's identity.
+        model: the model's name for the manifest (default: derived from the score).
+        batch_size: samples per ``fastsde.sample`` call inside a shard (default: the whole shard).
+        progress: a progress bar per shard.
+        on_shard: called with a :class:`ShardInfo` after each shard this rank writes.
+    """
+    if isinstance(score, Levels):
+        score.check(sde, get_solver(solver).name)
+    else:
+        check_score_and_process(score, sde)
+    shape = check_shape(shape)
+    spec = get_solver(solver)
+    seed = check_seed(seed, "seed")
+    shard_size = as_python_number(shard_size)
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+        raise ValueError(f"shard_size must be a positive int, got {shard_size!r}")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+    t_end = sde.default_t_end if t_end is None else as_python_number(t_end)
+    if isinstance(t_end, bool) or not isinstance(t_end, (int, float)):
+        raise ValueError(f"t_end must be a number, got {t_end!r}")
+    sde.check_time("t_end", t_end)
+    if not t_end < sde.T:
+        raise ValueError(f"t_end must be < T = {sde.T:g}, got {t_end!r}")
+    denoise = as_python_number(denoise)
+    if not isinstance(denoise, bool):
+        raise ValueError(f"denoise must be True or False, got {denoise!r}")
+    dtype = check_dtype(dtype)
+    settings = _settings(score, sde, shape, spec, options, t_end, denoise, seed, dtype, shard_size, model)
+    fp = _fingerprint(settings)
+    out = Path(out_dir)
+    n, dims = shape[0], shape[1:]
+    ranges = _ranges(n, shard_size)
+    num = len(ranges)
+
+    dev = _device_for_rank(device)
+    rank, world, owned = _dist_setup(dev)
+    start_time = time.perf_counter()
+    try:
+        plan: Any = None
+        if rank == 0:
+            try:
+                plan = _prepare(out, settings, fp, ranges)
+            except (ValueError, OSError) as exc:
+                plan = exc
+        plan = _broadcast(plan, world)
+        if isinstance(plan, BaseException):
+            raise plan
+        done: dict[int, dict] = {int(k): v for k, v in plan.items()}
+        todo = [k for k in range(num) if k not in done]
+        mine = todo[rank::world]
+        entries = {k: v for k, v in done.items()}
+        computed = []
+        for k in mine:
+            a, b = ranges[k]
+            t0 = time.perf_counter()
+            samples, nfe, status = _sample_shard(
+                score, sde, dims, spec, seed, a, b, batch_size, t_end, denoise, dtype, dev, progress, options
+            )
+            wall = time.perf_counter() - t0
+            path = out / _shard_name(k, num)
+            _write_shard(path, k, a, b, fp, samples, nfe, status, wall)
+            computed.append(k)
+            data = {"status": np.array(status), "nfe_per_sample": nfe.numpy(), "wall_s": np.array(wall)}
+            entries[k] = _shard_entry(k, a, b, num, data)
+            if rank == 0:  # the manifest as rank 0 knows it: its own shards and those done before
+                listed = [entries.get(j, _shard_entry(j, *ranges[j], num, None)) for j in range(num)]
+                write_json_atomic(out / MANIFEST, _manifest(settings, fp, listed, complete=False))
+            if on_shard is not None:
+                on_shard(ShardInfo(k, a, b, num, float(nfe.mean()), wall, entries[k].get("unfinished", 0), rank))
+        _barrier(world)
+        wall_total = time.perf_counter() - start_time
+        manifest: Any = None
+        if rank == 0:
+            listed = []
+            for j, (a, b) in enumerate(ranges):
+                if j in entries:
+                    listed.append(entries[j])
+                else:  # another rank's: read it back
+                    data = _read_shard(out / _shard_name(j, num), fp, j, a, b, dims, settings["dtype"])
+                    listed.append(_shard_entry(j, a, b, num, data))
+            complete = all(e["status"] != "pending" for e in listed)
+            summary = _summary(listed, n, wall_total, world, len(done))
+            manifest = _manifest(settings, fp, listed, complete=complete, summary=summary)
+            write_json_atomic(out / MANIFEST, manifest)
+        manifest = _broadcast(manifest, world)
+    finally:
+        if owned:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    return ShardRun(
+        out_dir=out,
+        n=n,
+        num_shards=num,
+        computed=computed,
+        skipped=sorted(done),
+        complete=bool(manifest["complete"]),
+        rank=rank,
+        world_size=world,
+        wall_time=wall_total,
+        manifest=manifest,
+    )
+
+
+def _summary(entries: list[dict], n: int, wall: float, world: int, skipped: int) -> dict[str, Any]:
+    """The run's totals for the manifest: samples done, mean NFE, unfinished samples, wall time."""
+    done = [e for e in entries if e["status"] != "pending"]
+    count = sum(e["stop"] - e["start"] for e in done)
+    nfe = sum(e["nfe"] * (e["stop"] - e["start"]) for e in done) / count if count else None
+    return {
+        "samples_done": count,
+        "n": n,
+        "shards_done": len(done),
+        "shards_skipped_this_call": skipped,
+        "nfe": nfe,
+        "unfinished": sum(e.get("unfinished", 0) for e in done),
+        "wall_s_this_call": round(wall, 3),
+        "world_size": world,
+    }
+
+
+def _sample_shard(
+    score: Any,
+    sde: SDE,
+    dims: tuple[int, ...],
+    spec: SolverSpec,
+    seed: int,
+    a: int,
+    b: int,
+    batch_size: int | None,
+    t_end: float,
+    denoise: bool,
+    dtype: torch.dtype,
+    device: torch.device,
+    progress: bool,
+    options: dict[str, Any],
+) -> tuple[Tensor, Tensor, list[str]]:
+    """Rows [a, b) of the run, with the noise of those global indices."""
+    chunks, nfes, status = [], [], []
+    step = batch_size or (b - a)
+    for lo in range(a, b, step):
+        hi = min(b, lo + step)
+        res = sample(
+            score,
+            sde,
+            (hi - lo, *dims),
+            solver=spec,
+            seed=NoiseSource.from_seed(seed, hi - lo, start=lo),
+            t_end=t_end,
+            denoise=denoise,
+            dtype=dtype,
+            device=device,
+            progress=progress,
+            **options,
+        )
+        chunks.append(res.samples.detach().to("cpu"))
+        nfes.append(res.nfe_per_sample.to(torch.float64))
+        status += list(res.stats.get("status", ["done"] * (hi - lo)))
+    return torch.cat(chunks), torch.cat(nfes), status
+
+
+# ---------------------------------------------------------------------------------------------
+# reading a run
+# ---------------------------------------------------------------------------------------------
+
+
+def load_samples(
+    out_dir: str | Path, *, allow_incomplete: bool = False, with_indices: bool = False
+) -> Tensor | tuple[Tensor, Tensor]:
+    """All samples of a run folder in index order, in the run's dtype (equal to ``fastsde.sample``
+    with the run's settings). An incomplete run is a ValueError naming the missing shards unless
+    ``allow_incomplete``; then only the shards done are returned, and ``with_indices`` also returns
+    their global sample indices."""
+    out = Path(out_dir)
+    manifest = read_manifest(out)
+    settings, fp = manifest["settings"], manifest["fingerprint"]
+    n, size, dims, dtype = settings["n"], settings["shard_size"], settings["shape"], settings["dtype"]
+    ranges = _ranges(n, size)
+    parts, idx, missing = [], [], []
+    for k, (a, b) in enumerate(ranges):
+        data = _read_shard(out / _shard_name(k, len(ranges)), fp, k, a, b, dims, dtype)
+        if data is None:
+            missing.append(k)
+            continue
+        parts.append(torch.from_numpy(data["samples"]))
+        idx.append(torch.arange(a, b))
+    if missing and not allow_incomplete:
+        have = n - sum(ranges[k][1] - ranges[k][0] for k in missing)
+        shown = ", ".join(str(k) for k in missing[:10]) + (", ..." if len(missing) > 10 else "")
+        raise ValueError(
+            f"the run in {str(out)!r} is incomplete: {len(missing)} of {len(ranges)} shards missing "
+            f"({shown}; {have} of {n} samples done); rerun the same command to resume it, or pass "
+            "allow_incomplete=True"
+        )
+    tdtype = getattr(torch, dtype)
+    x = torch.cat(parts).to(tdtype) if parts else torch.empty((0, *dims), dtype=tdtype)
+    if with_indices:
+        return x, (torch.cat(idx) if idx else torch.empty(0, dtype=torch.long))
+    return x
