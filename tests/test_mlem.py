@@ -281,3 +281,22 @@ def test_the_probe_refuses_levels_that_disagree_in_shape_or_time_convention():
         fastsde.sample(fastsde.Levels([other_clock, GM], costs=[1, 2]), SDE, (4, 2), solver="mlem", p=0.5)
     ok = fastsde.Levels([other_clock, GM], costs=[1, 2], agree_tol=None)
     assert bool(torch.isfinite(fastsde.sample(ok, SDE, (4, 2), solver="mlem", steps=10, p=0.5).samples).all())
+
+
+def test_image_shaped_float32_levels_and_the_callback():
+    """Levels on (n, C, H, W) float32 samples: the solve stays float32, the callback sees the total
+    NFE over the levels, and the counts add up."""
+    sde = fastsde.VPSDE()
+    means = torch.tensor([[-0.5, 0.2, 0.4, -0.1], [0.5, -0.3, 0.0, 0.3]], dtype=F64).reshape(2, 1, 2, 2)
+    gm = fastsde.GaussianMixture([0.6, 0.4], means, [0.1, 0.2], sde)
+
+    def lvl(k: int):
+        return lambda x, t: gm(x, t) + 2.0**-k * torch.cos(x) / sde.marginal_std(t)[:, None, None, None]
+
+    infos = []
+    levels = fastsde.Levels([lvl(1), lvl(2), lvl(3)], costs=[1, 4, 16])
+    res = fastsde.sample(
+        levels, sde, (5, 1, 2, 2), solver="mlem", steps=12, p=[0.5, 0.25], seed=1, callback=infos.append
+    )
+    assert res.samples.dtype == torch.float32 and bool(torch.isfinite(res.samples).all())
+    assert infos[-1].nfe == pytest.approx(res.nfe - 1) and res.nfe == pytest.approx(float(res.nfe_per_level.sum()))
