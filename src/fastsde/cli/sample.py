@@ -48,7 +48,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
     p.add_argument("--batch-size", type=int, default=None, help="samples per batch (default: all at once)")
     p.add_argument("--seed", type=int, default=0, help="an integer in [0, 2**64) (default 0)")
-    p.add_argument("--out", default=_DEFAULT_OUT, help="output .png (grid / scatter) or .npz (default samples.png)")
+    p.add_argument(
+        "--out",
+        default=_DEFAULT_OUT,
+        help="output .png (grid / scatter) or .npz (default samples.png), or a run folder (a path ending in / "
+        "or an existing folder): resumable shards and a manifest (fastsde.sample_to_dir), also under torchrun",
+    )
+    p.add_argument("--shard-size", type=int, default=None, help="samples per shard file of a run folder (default 1000)")
     p.add_argument("--steps", type=int, default=None, help="grid points for fixed-step solvers")
     p.add_argument("--eps-rel", type=float, default=None, help="relative tolerance of the adaptive solver")
     p.add_argument("--eps-abs", type=float, default=None, help="absolute tolerance of the adaptive solver")
@@ -195,7 +201,12 @@ def run(args: argparse.Namespace) -> int:
     spec = fastsde.SOLVERS[solver]
     opts = solver_options(args)
     keywords = {k: opts.pop(k) for k in _SAMPLE_KEYWORDS if k in opts}
-    out = check_output(args.out)
+    from .sample_dir import is_run_dir
+
+    sharded = is_run_dir(args.out)
+    if args.shard_size is not None and (not sharded or args.shard_size < 1):
+        raise CLIError(f"--shard-size must be a positive integer with --out DIR/, got {args.shard_size}")
+    out = None if sharded else check_output(args.out)
     mixture = args.model == "mixture"
     if not mixture and args.model not in fastsde.list_models():
         raise CLIError(f"unknown model {args.model!r}; available: {', '.join(fastsde.list_models() + ['mixture'])}")
@@ -230,6 +241,12 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"denoise must be true or false, got {keywords['denoise']!r}")
     resolved = spec.resolve(sde, dict(opts), t_end)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
+    if sharded:
+        from .sample_dir import run_sharded
+
+        return run_sharded(
+            args, score, sde, shape, dtype, device, solver, opts, keywords, progress, gm if mixture else None
+        )
 
     n = args.n
     batch = args.batch_size or n
@@ -270,17 +287,7 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
 
-    quality: dict[str, float] = {}
-    if not args.no_metric:
-        if mixture:
-            from ..metrics.mixture import mixture_frechet
-
-            quality = {"fd": float(mixture_frechet(samples, gm).value)}
-        elif tuple(shape) == (1, 8, 8):
-            from ..metrics.digits import digits_quality
-
-            if n >= 2:
-                quality = digits_quality(samples)
+    quality = {} if args.no_metric else compute_quality(samples, gm if mixture else None)
 
     record = {
         "fastsde": fastsde.__version__,
@@ -336,18 +343,36 @@ def run(args: argparse.Namespace) -> int:
     print(f"model {args.model}  solver {solver}  options {opts or '{}'}  n {n}")
     print(f"NFE {nfe:.1f} per sample  ({calls} batched calls)  wall {wall:.2f} s")
     if quality:
-        if "floor" in quality:
-            fd, floor = quality["fd"], quality["floor"]
-            ratio = fd / floor if math.isfinite(fd) and floor > 0 else math.inf
-            print(
-                f"quality: FD {fd:.3f} (real-data floor at n={n}: {floor:.3f} ± {quality['floor_sd']:.3f}, "
-                f"ratio {ratio:.2f})  confidence {quality['confidence']:.3f}  (lower FD is better; "
-                "see fastsde sample --help)"
-            )
-        else:
-            print(f"quality: mixture FD {quality['fd']:.4f} (Fréchet distance to the exact mixture, lower is better)")
+        print(quality_line(quality, n))
     print(f"wrote {out} and {record_path(out).name}")
     return 0
+
+
+def compute_quality(samples, gm=None) -> dict[str, float]:
+    """The quality metric of the samples: FD to the exact mixture ``gm``, or for 1x8x8 samples the
+    digits FD with its real-data floor and the classifier's confidence; {} otherwise."""
+    if gm is not None:
+        from ..metrics.mixture import mixture_frechet
+
+        return {"fd": float(mixture_frechet(samples, gm).value)}
+    if tuple(samples.shape[1:]) == (1, 8, 8) and samples.shape[0] >= 2:
+        from ..metrics.digits import digits_quality
+
+        return digits_quality(samples)
+    return {}
+
+
+def quality_line(quality: dict[str, float], n: int) -> str:
+    """The printed quality line (see QUALITY_HELP)."""
+    if "floor" in quality:
+        fd, floor = quality["fd"], quality["floor"]
+        ratio = fd / floor if math.isfinite(fd) and floor > 0 else math.inf
+        return (
+            f"quality: FD {fd:.3f} (real-data floor at n={n}: {floor:.3f} ± {quality['floor_sd']:.3f}, "
+            f"ratio {ratio:.2f})  confidence {quality['confidence']:.3f}  (lower FD is better; "
+            "see fastsde sample --help)"
+        )
+    return f"quality: mixture FD {quality['fd']:.4f} (Fréchet distance to the exact mixture, lower is better)"
 
 
 def _jsonable(value: Any) -> Any:

@@ -1,0 +1,101 @@
+"""`fastsde sample --out DIR/`: a run folder of resumable shards (fastsde.sample_to_dir), also
+under ``torchrun --nproc-per-node K``. Every rank prints its shards as they are written; rank 0
+prints the summary and the quality metric over all samples."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import CLIError
+
+#: samples per shard file when --shard-size is not given
+DEFAULT_SHARD_SIZE = 1000
+
+
+def is_run_dir(path: str) -> bool:
+    """--out names a run folder: it ends in a path separator or is an existing folder."""
+    return path.endswith(("/", "\\")) or Path(path).is_dir()
+
+
+def run_sharded(
+    args: argparse.Namespace,
+    score: Any,
+    sde: Any,
+    shape: tuple[int, ...],
+    dtype: Any,
+    device: Any,
+    solver: str,
+    opts: dict[str, Any],
+    keywords: dict[str, Any],
+    progress: bool,
+    gm: Any = None,
+) -> int:
+    """Sample into the folder --out, resuming what is done there, and report as `fastsde sample` does."""
+    import fastsde
+
+    from ..score import NonFiniteScoreError
+    from ..sharding import ShardInfo
+    from ..solvers.driver import IntegrationError
+    from .sample import _cli_hint, compute_quality, quality_line
+
+    out = Path(args.out)
+    shard_size = args.shard_size or DEFAULT_SHARD_SIZE
+    command = "fastsde " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:]))
+
+    def report(info: ShardInfo) -> None:
+        late = f"  ({info.unfinished} did not reach t_end)" if info.unfinished else ""
+        print(
+            f"rank {info.rank}: shard {info.shard + 1}/{info.num_shards} [{info.start}, {info.stop}) "
+            f"NFE {info.nfe:.1f}  {info.wall_time:.2f} s{late}",
+            flush=True,
+        )
+
+    try:
+        run = fastsde.sample_to_dir(
+            score,
+            sde,
+            (args.n, *shape),
+            out,
+            solver=solver,
+            seed=args.seed,
+            shard_size=shard_size,
+            model=args.model,
+            dtype=dtype,
+            device=device,
+            batch_size=args.batch_size,
+            progress=progress,
+            on_shard=report,
+            **keywords,
+            **opts,
+        )
+    except (IntegrationError, NonFiniteScoreError) as exc:
+        raise CLIError(_cli_hint(str(exc))) from None
+    if run.rank != 0:
+        return 0
+    summary = run.manifest.get("summary", {})
+    print(
+        f"model {args.model}  solver {solver}  options {opts or '{}'}  n {args.n}  "
+        f"{run.num_shards} shards of {shard_size}  world size {run.world_size}"
+    )
+    print(
+        f"computed {len(run.computed)} shard(s) on rank 0, {len(run.skipped)} already done; "
+        f"NFE {summary.get('nfe') or float('nan'):.1f} per sample  wall {run.wall_time:.2f} s"
+    )
+    if summary.get("unfinished"):
+        print(
+            f"fastsde sample: warning: {summary['unfinished']} of {args.n} samples did not reach t_end "
+            "(on_budget=partial); they are written as they stopped and counted in the manifest",
+            file=sys.stderr,
+        )
+    if not run.complete:
+        raise CLIError(f"the run in {str(out)!r} is incomplete; rerun `{command}` to finish it")
+    if not args.no_metric:
+        quality = compute_quality(fastsde.load_samples(out), gm)
+        if quality:
+            print(quality_line(quality, args.n))
+    print(f"wrote {out / fastsde.sharding.MANIFEST} and {run.num_shards} shard file(s)")
+    return 0
