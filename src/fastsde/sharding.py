@@ -294,6 +294,12 @@ def _settings(
 ) -> dict[str, Any]:
     """What identifies a run (JSON data, as read back from the manifest)."""
     resolved = spec.resolve(sde, dict(options), t_end)  # also validates names and values
+    if resolved.get("per_sample_norm") is False:  # pc's default, as in Song et al.'s code
+        raise ValueError(
+            f"{spec.name} with per_sample_norm=False takes its corrector step from norms averaged over the "
+            "batch, so a sample depends on which samples share its shard: pass per_sample_norm=True "
+            "(--option per_sample_norm=true) for a sharded run"
+        )
     settings = {
         "model": score_identity(score, model),
         "sde": sde.config(),
