@@ -176,10 +176,11 @@ def test_auto_schedule_follows_the_budget_and_reports_its_calibration():
     for rec, res in ((rt, tight), (rl, loose)):
         assert rec["rule"] == "auto"
         cal = rec["calibration"]
-        # the pilot: the coarsest level at T, then every level at each of the 10 bucket times; the
-        # twins from each bucket time b to the end: 10 − b evaluations of the coarsest level
-        assert cal["nfe_per_level"] == [16 * 66, 16 * 10, 16 * 10] and cal["cost"] == 16 * (66 + 40 + 160)
-        assert len(cal["sensitivity"]) == 10 and all(0 < v < math.inf for v in cal["sensitivity"])
+        # the pilot: the coarsest level at T, then every level at each of the 10 bucket times
+        assert cal["nfe_per_level"] == [16 * 11, 16 * 10, 16 * 10] and cal["cost"] == 16 * (11 + 40 + 160)
+        # the VP reverse flow damps errors, the more the earlier they are made
+        sens = cal["sensitivity"]
+        assert len(sens) == 10 and all(0 < a < b <= 1 for a, b in zip(sens, sens[1:]))
         assert len(cal["bucket_times"]) == 10 and len(cal["diff_rms"]) == 10
         sched = res.stats["mlem_schedule"]
         assert sched.shape == (199, 2) and bool(((sched >= 1e-3) & (sched <= 1)).all())

@@ -313,6 +313,23 @@ def allocate(weight: Tensor, marginal: Tensor, budget: float, p_min: float) -> T
     return p.clamp(min=p_min, max=1.0)
 
 
+def flow_gain(sde: SDE, grid: Tensor, var: float, kappa: float) -> Tensor:
+    """(moves,) the gain from each move's start to t_end of the reverse flow (kappa = 1: the reverse
+    SDE; ½: the PF-ODE) for Gaussian data of variance ``var`` per dimension, whose score has slope
+    −1/v(t), v = m²·var + σ²: exp(−∫ (f′ + kappa·g²/v) du) from t_end to t, with f′ the drift's slope."""
+    t_end, t_top = float(grid[-1]), float(grid[0])
+    u = torch.linspace(t_end, t_top, 4001, dtype=torch.float64)
+    one = torch.ones(u.shape[0], 1, dtype=torch.float64)
+    slope = sde.drift(one, u).reshape(-1)
+    v = sde.mean_coeff(u) ** 2 * var + sde.marginal_std(u) ** 2
+    rate = slope + kappa * sde.diffusion(u) ** 2 / v
+    cum = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(0.5 * (rate[1:] + rate[:-1]) * u.diff(), 0)])
+    t = grid[:-1].to(torch.float64).clamp(t_end, t_top)
+    j = torch.searchsorted(u, t).clamp(1, u.shape[0] - 1)
+    w = (t - u[j - 1]) / (u[j] - u[j - 1])
+    return torch.exp(-(cum[j - 1] + w * (cum[j] - cum[j - 1])))
+
+
 def auto_schedule(
     levels: Levels,
     sde: SDE,
@@ -331,9 +348,10 @@ def auto_schedule(
     The pass runs ``samples`` pilot trajectories (fixed seed) with the coarsest level by ancestral
     (DDPM posterior) moves through one time per bucket (the middle move of each of ``buckets``
     groups of consecutive moves) to t_end, and at each bucket time evaluates every level to measure
-    D_k(t), the RMS per dimension of f_{k+1} − f_k. A twin pilot from a slightly perturbed state at
-    each bucket time (same noise, coarsest level) measures S(t), the mean squared gain of the rest
-    of the path from there to t_end, since the reverse flow damps early errors. Each move i then
+    D_k(t), the RMS per dimension of f_{k+1} − f_k. S(t) is the squared gain of the reverse flow
+    from t to t_end for Gaussian data with the pilot's final variance (:func:`flow_gain`), since the
+    flow damps early errors (a twin pilot would measure the coarsest level's own, much rougher,
+    Jacobian instead). Each move i then
     gets p_k = min(1, w/(μ√c̄_k)), w = a_i·D_k(t_i)·√S(t_i) (a_i: the base step's gain on the
     score), c̄_1 = c_2 and c̄_k = c_k + c_{k+1} (level 1 is paid anyway), μ set by ``budget``: the
     randomisation's added mean squared error per dimension at t_end to first order,
@@ -369,30 +387,21 @@ def auto_schedule(
         x = move(x, 0, counters[0](x, at(0)))
     d = math.prod(shape)
     diffs = torch.zeros(nb, len(levels) - 1, dtype=torch.float64)
-    states = []
     for b in range(nb):
         raw = [c(x, at(b + 1)) for c in counters]
         outs = [r.reshape(samples, -1).to(torch.float64) for r in raw]
         for k in range(len(levels) - 1):
             diffs[b, k] = ((outs[k + 1] - outs[k]) ** 2).sum(1).mean().div(d).sqrt()
-        states.append(x)
         x = move(x, b + 1, raw[0])
-    # sensitivity of the end state to a perturbation at each bucket's time: a twin pilot from a
-    # perturbed state, same noise, coarsest level (the reverse flow damps early errors strongly)
-    sens = torch.zeros(nb, dtype=torch.float64)
-    for b in range(nb):
-        xb = states[b].to(torch.float64)
-        scale = 1e-2 * float(xb.pow(2).mean().sqrt().clamp_min(1e-3))
-        kick = scale * src.normal(shape, Stream.PROBE, 10_000 + b, dtype=torch.float64, device=dev)
-        y = (xb + kick).to(dt)
-        for j in range(b, nb):
-            y = move(y, j + 1, counters[0](y, at(j + 1)))
-        sens[b] = (y.to(torch.float64) - x.to(torch.float64)).pow(2).sum() / kick.pow(2).sum()
+    # the end state's sensitivity to a perturbation at each move's start (the reverse flow damps
+    # early errors): the gain of the flow of Gaussian data with the pilot's variance per dimension
+    var = float(x.to(torch.float64).reshape(samples, -1).var(0, unbiased=False).mean())
+    sens = flow_gain(sde, grid, var, 1.0 if base == "em" else 0.5 * (1.0 + eta * eta)) ** 2
     bucket_of = torch.zeros(moves, dtype=torch.long)
     for b in range(nb):
         bucket_of[edges[b] : edges[b + 1]] = b
     gain = step_gain(sde, base, eta, grid[:-1], grid[1:]).abs()
-    weight = gain[:, None] * diffs[bucket_of] * sens.sqrt()[bucket_of, None]
+    weight = gain[:, None] * diffs[bucket_of] * sens.sqrt()[:, None]
     c = torch.tensor(levels.costs, dtype=torch.float64)
     marginal = torch.cat([c[1:2], c[1:-1] + c[2:]])
     schedule = allocate(weight, marginal, budget, p_min)
@@ -400,7 +409,8 @@ def auto_schedule(
         "samples": samples,
         "bucket_times": [float(v) for v in rep],
         "diff_rms": [[float(v) for v in row] for row in diffs],
-        "sensitivity": [float(v) for v in sens],
+        "data_variance": var,
+        "sensitivity": [float(v) for v in sens[[edges[b] for b in range(nb)]]],
         "nfe_per_level": [float(cc.nfe_per_sample.sum()) for cc in counters],
         "cost": float(sum(float(cc.cost_per_sample.sum()) for cc in counters)),
         "predicted_mse": float(((weight**2) * (1.0 / schedule - 1.0)).sum()),
