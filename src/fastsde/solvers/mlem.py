@@ -62,7 +62,7 @@ class MultilevelEM(Stepper):
         self.counted = ctx.score if isinstance(ctx.score, LevelScores) else None
         self.k = 1 if self.counted is None else len(self.counted.levels)
         p = opts["p"]
-        if self.counted is None and not (isinstance(p, str) or callable(p) or isinstance(p, (int, float))):
+        if self.counted is None and (isinstance(p, (list, tuple)) or (isinstance(p, Tensor) and p.dim() == 1)):
             if len(p) != 0:
                 raise ValueError(
                     f"p gives {len(p)} probabilit(ies) but a single score has no corrections: pass "
