@@ -155,9 +155,21 @@ def _np_dtype(dtype: torch.dtype) -> np.dtype:
     return np.dtype(np.float32) if dtype == torch.bfloat16 else torch.empty((), dtype=dtype).numpy().dtype
 
 
-def _read_shard(path: Path, fingerprint: str, k: int, start: int, stop: int, dims: Sequence[int], dtype: str):
+def _rows_spec(settings: dict[str, Any]) -> tuple[str, tuple[int, ...], np.dtype]:
+    """The array a shard holds one row per index of: (name, row shape, numpy dtype)."""
+    if settings.get("kind", "samples") == "likelihood":
+        return "logp_passes", (int(settings["passes"]),), np.dtype(np.float64)
+    return "samples", tuple(settings["shape"]), _np_dtype(getattr(torch, settings["dtype"]))
+
+
+def _read_shard(path: Path, fingerprint: str, k: int, start: int, stop: int, settings: dict[str, Any]):
     """The shard's arrays if the file reads back whole (every member, CRC checked) and belongs to
     this run at this place; None for a missing, truncated, foreign or malformed file."""
+    key, dims, dtype = _rows_spec(settings)
+    if key == "logp_passes":  # stored (passes, m)
+        rows_shape = (dims[0], stop - start)
+    else:
+        rows_shape = (stop - start, *dims)
     try:
         with np.load(path, allow_pickle=False) as z:
             data = {key: z[key] for key in z.files}
@@ -169,8 +181,8 @@ def _read_shard(path: Path, fingerprint: str, k: int, start: int, stop: int, dim
             and int(data["shard"]) == k
             and int(data["start"]) == start
             and int(data["stop"]) == stop
-            and data["samples"].shape == (stop - start, *dims)
-            and data["samples"].dtype == _np_dtype(getattr(torch, dtype))
+            and data[key].shape == rows_shape
+            and data[key].dtype == dtype
             and data["nfe_per_sample"].shape == (stop - start,)
             and data["status"].shape == (stop - start,)
         )
@@ -185,13 +197,16 @@ def _shard_entry(k: int, start: int, stop: int, num_shards: int, data: dict[str,
     if data is None:
         return {**entry, "status": "pending", "nfe": None}
     unfinished = int(sum(1 for s in data["status"].tolist() if s not in ("done", "stopped")))
-    return {
+    entry = {
         **entry,
         "status": "done" if unfinished == 0 else "partial",
         "nfe": float(data["nfe_per_sample"].mean()),
         "unfinished": unfinished,
         "wall_s": round(float(data["wall_s"]), 4),
     }
+    if "bpd" in data:
+        entry["bpd"] = float(np.mean(data["bpd"]))
+    return entry
 
 
 def read_manifest(out_dir: str | Path) -> dict[str, Any]:
@@ -211,7 +226,8 @@ def read_manifest(out_dir: str | Path) -> dict[str, Any]:
 def _mismatch(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """The settings that differ, as 'field: old -> new' (options field by field)."""
     out = []
-    for name in SETTINGS_FIELDS:
+    names = [*SETTINGS_FIELDS, *sorted((set(old) | set(new)) - set(SETTINGS_FIELDS))]
+    for name in names:
         a, b = old.get(name), new.get(name)
         if a == b:
             continue
@@ -332,10 +348,9 @@ def _prepare(out: Path, settings: dict[str, Any], fp: str, ranges: list[tuple[in
     for stale in out.glob(".shard-*.tmp.npz"):  # a write that was killed before its rename
         stale.unlink(missing_ok=True)
     num = len(ranges)
-    dims, dtype = settings["shape"], settings["dtype"]
     entries = []
     for k, (a, b) in enumerate(ranges):
-        data = _read_shard(out / _shard_name(k, num), fp, k, a, b, dims, dtype)
+        data = _read_shard(out / _shard_name(k, num), fp, k, a, b, settings)
         entries.append(_shard_entry(k, a, b, num, data))
     manifest = _manifest(settings, fp, entries, complete=all(e["status"] != "pending" for e in entries))
     write_json_atomic(path, manifest)
@@ -358,18 +373,23 @@ def _manifest(settings: dict[str, Any], fp: str, entries: list[dict], complete: 
 
 
 def _write_shard(
-    path: Path, k: int, a: int, b: int, fp: str, samples: Tensor, nfe: Tensor, status: list[str], wall: float
+    path: Path,
+    k: int,
+    a: int,
+    b: int,
+    fp: str,
+    arrays: dict[str, np.ndarray],
+    nfe: Tensor,
+    status: list[str],
+    wall: float,
 ) -> None:
-    """One shard, whole or not at all (temporary name in the folder, then renamed)."""
-    arr = samples.detach().to("cpu")
-    if arr.dtype == torch.bfloat16:
-        arr = arr.float()
+    """One shard, whole or not at all (temporary name in the folder, fsynced, then renamed)."""
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as fh:  # a file object: numpy would append .npz to a name
             np.savez(
                 fh,
-                samples=arr.numpy(),
+                **arrays,
                 nfe_per_sample=nfe.detach().to("cpu", torch.float64).numpy(),
                 status=np.array(status, dtype=str),
                 shard=np.array(k, dtype=np.int64),
@@ -445,9 +465,30 @@ def sample_to_dir(
     out = Path(out_dir)
     n, dims = shape[0], shape[1:]
     ranges = _ranges(n, shard_size)
-    num = len(ranges)
-
     dev = _device_for_rank(device)
+
+    def compute(k: int, a: int, b: int) -> tuple[dict[str, np.ndarray], Tensor, list[str]]:
+        samples, nfe, status = _sample_shard(
+            score, sde, dims, spec, seed, a, b, batch_size, t_end, denoise, dtype, dev, progress, options
+        )
+        arr = samples if samples.dtype != torch.bfloat16 else samples.float()
+        return {"samples": arr.numpy()}, nfe, status
+
+    return _run_shards(out, settings, fp, ranges, dev, compute, on_shard)
+
+
+def _run_shards(
+    out: Path,
+    settings: dict[str, Any],
+    fp: str,
+    ranges: list[tuple[int, int]],
+    dev: torch.device,
+    compute: Callable[[int, int, int], tuple[dict[str, np.ndarray], Tensor, list[str]]],
+    on_shard: Callable[[ShardInfo], Any] | None,
+) -> ShardRun:
+    """The run loop shared by sampling and likelihood: rank 0 prepares the folder, each rank computes
+    and writes its share of the missing shards, rank 0 writes the manifest and the summary."""
+    n, num = settings["n"], len(ranges)
     rank, world, owned = _dist_setup(dev)
     start_time = time.perf_counter()
     try:
@@ -468,14 +509,12 @@ def sample_to_dir(
         for k in mine:
             a, b = ranges[k]
             t0 = time.perf_counter()
-            samples, nfe, status = _sample_shard(
-                score, sde, dims, spec, seed, a, b, batch_size, t_end, denoise, dtype, dev, progress, options
-            )
+            arrays, nfe, status = compute(k, a, b)
             wall = time.perf_counter() - t0
             path = out / _shard_name(k, num)
-            _write_shard(path, k, a, b, fp, samples, nfe, status, wall)
+            _write_shard(path, k, a, b, fp, arrays, nfe, status, wall)
             computed.append(k)
-            data = {"status": np.array(status), "nfe_per_sample": nfe.numpy(), "wall_s": np.array(wall)}
+            data = {**arrays, "status": np.array(status), "nfe_per_sample": nfe.numpy(), "wall_s": np.array(wall)}
             entries[k] = _shard_entry(k, a, b, num, data)
             if rank == 0:  # the manifest as rank 0 knows it: its own shards and those done before
                 listed = [entries.get(j, _shard_entry(j, *ranges[j], num, None)) for j in range(num)]
@@ -491,7 +530,7 @@ def sample_to_dir(
                 if j in entries:
                     listed.append(entries[j])
                 else:  # another rank's: read it back
-                    data = _read_shard(out / _shard_name(j, num), fp, j, a, b, dims, settings["dtype"])
+                    data = _read_shard(out / _shard_name(j, num), fp, j, a, b, settings)
                     listed.append(_shard_entry(j, a, b, num, data))
             complete = all(e["status"] != "pending" for e in listed)
             summary = _summary(listed, n, wall_total, world, len(done))
@@ -589,11 +628,13 @@ def load_samples(
     out = Path(out_dir)
     manifest = read_manifest(out)
     settings, fp = manifest["settings"], manifest["fingerprint"]
+    if settings.get("kind", "samples") != "samples":
+        raise ValueError(f"{str(out)!r} holds a {settings['kind']} run: read it with load_likelihood")
     n, size, dims, dtype = settings["n"], settings["shard_size"], settings["shape"], settings["dtype"]
     ranges = _ranges(n, size)
     parts, idx, missing = [], [], []
     for k, (a, b) in enumerate(ranges):
-        data = _read_shard(out / _shard_name(k, len(ranges)), fp, k, a, b, dims, dtype)
+        data = _read_shard(out / _shard_name(k, len(ranges)), fp, k, a, b, settings)
         if data is None:
             missing.append(k)
             continue
