@@ -158,7 +158,7 @@ def _np_dtype(dtype: torch.dtype) -> np.dtype:
 def _rows_spec(settings: dict[str, Any]) -> tuple[str, tuple[int, ...], np.dtype]:
     """The array a shard holds one row per index of: (name, row shape, numpy dtype)."""
     if settings.get("kind", "samples") == "likelihood":
-        return "logp_passes", (int(settings["passes"]),), np.dtype(np.float64)
+        return "logp", (), np.dtype(np.float64)
     return "samples", tuple(settings["shape"]), _np_dtype(getattr(torch, settings["dtype"]))
 
 
@@ -166,10 +166,7 @@ def _read_shard(path: Path, fingerprint: str, k: int, start: int, stop: int, set
     """The shard's arrays if the file reads back whole (every member, CRC checked) and belongs to
     this run at this place; None for a missing, truncated, foreign or malformed file."""
     key, dims, dtype = _rows_spec(settings)
-    if key == "logp_passes":  # stored (passes, m)
-        rows_shape = (dims[0], stop - start)
-    else:
-        rows_shape = (stop - start, *dims)
+    rows_shape = (stop - start, *dims)
     try:
         with np.load(path, allow_pickle=False) as z:
             data = {key: z[key] for key in z.files}
@@ -568,6 +565,11 @@ def _summary(entries: list[dict], n: int, wall: float, world: int, skipped: int)
         "shards_skipped_this_call": skipped,
         "nfe": nfe,
         "unfinished": sum(e.get("unfinished", 0) for e in done),
+        **(
+            {"bpd": sum(e["bpd"] * (e["stop"] - e["start"]) for e in done) / count}
+            if count and all("bpd" in e for e in done)
+            else {}
+        ),
         "wall_s_this_call": round(wall, 3),
         "world_size": world,
     }

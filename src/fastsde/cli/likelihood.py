@@ -63,6 +63,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dtype", choices=["float32", "float64"], default=None, help="default float64 for mixtures")
     p.add_argument("--max-steps", type=int, default=10_000, help="RK45 step attempts allowed per sample")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="a run folder: resumable shards of per-sample log p and a manifest (also under torchrun; "
+        "rerun the same command to resume)",
+    )
+    p.add_argument("--shard-size", type=int, default=None, help="rows per shard file with --out (default 1000)")
     p.set_defaults(func=run)
 
 
@@ -132,28 +139,37 @@ def run(args: argparse.Namespace) -> int:
     if dtype is None:
         dtype = torch.float64 if args.model in MIXTURES else torch.float32
     arr = np.asarray(arr)[: args.n]
+    if args.shard_size is not None and (args.out is None or args.shard_size < 1):
+        raise CLIError(f"--shard-size must be a positive integer with --out DIR, got {args.shard_size}")
     try:
-        res = dataset_likelihood(
-            score,
-            sde,
-            arr,
-            shape,
-            levels=args.levels,
-            offset=args.offset,
-            seed=args.seed,
-            passes=args.passes,
-            batch_size=args.batch_size,
-            trace=args.trace,
-            probes=args.probes,
-            probe=args.probe,
-            rtol=args.rtol,
-            atol=args.atol,
-            method=args.method,
-            max_steps=args.max_steps,
-            dtype=dtype,
-            progress=not args.no_progress,
-            levels_option="--levels",
-        )
+        if args.out is not None:
+            from .likelihood_dir import run_sharded
+
+            res = run_sharded(args, score, sde, arr, shape, dtype)
+            if res is None:  # a rank other than 0
+                return 0
+        else:
+            res = dataset_likelihood(
+                score,
+                sde,
+                arr,
+                shape,
+                levels=args.levels,
+                offset=args.offset,
+                seed=args.seed,
+                passes=args.passes,
+                batch_size=args.batch_size,
+                trace=args.trace,
+                probes=args.probes,
+                probe=args.probe,
+                rtol=args.rtol,
+                atol=args.atol,
+                method=args.method,
+                max_steps=args.max_steps,
+                dtype=dtype,
+                progress=not args.no_progress,
+                levels_option="--levels",
+            )
     except (IntegrationError, NonFiniteScoreError) as exc:
         hint = str(exc).replace(
             "Raise max_steps, loosen rtol/atol, or ask for partial results", "raise --max-steps, loosen --rtol / --atol"

@@ -1,0 +1,64 @@
+"""`fastsde likelihood --out DIR`: bits/dim over a data set as resumable shards
+(fastsde.sharding_likelihood), also under ``torchrun``; every rank prints its shards, rank 0 the
+result over all rows."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from . import CLIError
+
+#: rows per shard file when --shard-size is not given
+DEFAULT_SHARD_SIZE = 1000
+
+
+def run_sharded(args: argparse.Namespace, score: Any, sde: Any, arr: Any, shape: tuple[int, ...], dtype: Any):
+    """Evaluate into the folder --out, resuming what is done there; the DatasetLikelihood over all
+    rows on rank 0, None on the other ranks."""
+    from ..sharding import ShardInfo
+    from ..sharding_likelihood import likelihood_to_dir, load_likelihood
+
+    out = Path(args.out)
+
+    def report(info: ShardInfo) -> None:
+        print(
+            f"rank {info.rank}: shard {info.shard + 1}/{info.num_shards} [{info.start}, {info.stop}) "
+            f"NFE {info.nfe:.1f}  {info.wall_time:.2f} s",
+            flush=True,
+        )
+
+    run = likelihood_to_dir(
+        score,
+        sde,
+        arr,
+        shape,
+        out,
+        shard_size=args.shard_size or DEFAULT_SHARD_SIZE,
+        model=args.model,
+        levels=args.levels,
+        offset=args.offset,
+        seed=args.seed,
+        passes=args.passes,
+        batch_size=args.batch_size,
+        trace=args.trace,
+        probes=args.probes,
+        probe=args.probe,
+        rtol=args.rtol,
+        atol=args.atol,
+        method=args.method,
+        max_steps=args.max_steps,
+        dtype=dtype,
+        on_shard=report,
+        levels_option="--levels",
+    )
+    if run.rank != 0:
+        return None
+    print(
+        f"{run.num_shards} shards, computed {len(run.computed)} on rank 0, {len(run.skipped)} already done, "
+        f"world size {run.world_size}; wrote {out / 'manifest.json'}"
+    )
+    if not run.complete:
+        raise CLIError(f"the likelihood run in {str(out)!r} is incomplete; rerun the same command to finish it")
+    return load_likelihood(out)
