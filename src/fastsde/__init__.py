@@ -20,6 +20,7 @@ from .score import (
 )
 from .sde import EDM, SDE, VESDE, VPSDE, SubVPSDE
 from .sharding import ShardRun, load_samples, sample_to_dir
+from .sharding_likelihood import likelihood_to_dir, load_likelihood
 from .solvers import SOLVERS, get_solver
 from .solvers.driver import BudgetError, IntegrationError, NonFiniteSolveError
 
@@ -62,4 +63,6 @@ __all__ = [
     "sample_to_dir",
     "load_samples",
     "ShardRun",
+    "likelihood_to_dir",
+    "load_likelihood",
 ]
