@@ -64,9 +64,13 @@ class FixedGrid:
         self.grid = grid.to(torch.float64)
         self.moves = len(grid) - 1
         g = self.grid
+        on_device: dict[torch.device, Tensor] = {}  # the grid copied once per device, not per step
 
         def to_t(c: Tensor) -> Tensor:
-            return g.to(c.device)[c.round().to(torch.int64)]
+            gd = on_device.get(c.device)
+            if gd is None:
+                gd = on_device[c.device] = g.to(c.device)
+            return gd[c.round().to(torch.int64)]
 
         self.coordinate = Coordinate(0.0, float(self.moves), to_t, to_t, float(g[0]), float(g[-1]))
 

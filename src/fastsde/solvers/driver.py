@@ -139,6 +139,10 @@ def integrate(
     span_c = c_end - c0
     path = make_path(brownian, ctx.noise, x, c_start, c_end, coord.variance) if adaptive else None
     check_finite = not adaptive
+    # the full batch's rows and mask, kept on the device: a fixed grid steps every sample together, and
+    # copying them from the host each step would wait for the device
+    all_rows, all_act = torch.arange(n), torch.ones(n, dtype=torch.bool)
+    all_rows_d, all_act_d = all_rows.to(dev), all_act.to(dev)
 
     if corrector is not None and corrector.at_start:
         nxt = controller.next_time(accepted) if not adaptive else None
@@ -182,7 +186,7 @@ def integrate(
                 break
             everyone = bool(running.all())
             if everyone:
-                rows, act = torch.arange(n), torch.ones(n, dtype=torch.bool)
+                rows, act = all_rows, all_act
             elif compact:
                 rows = running.nonzero().squeeze(1)
                 act = torch.ones(rows.shape[0], dtype=torch.bool)
@@ -190,7 +194,7 @@ def integrate(
                 rows, act = torch.arange(n), running
             full = rows.shape[0] == n  # rows are 0..n-1 in order: no gather needed
             charge = rows[act]
-            rows_d, act_d = rows.to(dev), act.to(dev)
+            rows_d, act_d = (all_rows_d, all_act_d) if everyone else (rows.to(dev), act.to(dev))
             if full:
                 xs, ts, cs, hs0 = x, t, c, h
             else:
@@ -315,11 +319,17 @@ def integrate(
             t[rows_d] = torch.where(act_d, t_new, ts)
             c[rows_d] = torch.where(act_d, c_new, cs)
 
-            ok_c, act_c, done_c = ok.cpu(), act.cpu(), done.cpu()
+            act_c = act
+            if adaptive:
+                ok_c, done_c = ok.cpu(), done.cpu()
+                bad_c = act_c & ~finite.cpu()
+            else:  # known on the host without waiting for the device: a fixed grid accepts every active
+                # row (its error is zero, so finite) and a row is done after its last move
+                ok_c, done_c = act_c, act_c & (index + 1 >= moves)
+                bad_c = torch.zeros_like(act_c)
             attempts[rows[act_c]] += 1
             accepted[rows[ok_c]] += 1
             rejected[rows[act_c & ~ok_c]] += 1
-            bad_c = act_c & ~finite.cpu()
             nonfinite[rows[bad_c]] += 1
             if adaptive:
                 # a run of non-finite attempts ends only with a finite attempt at a step within a
@@ -367,6 +377,9 @@ def integrate(
                 it += 1
             if corrector is not None:
                 sel = rows[ok_c] if corrector.at_end else rows[ok_c & ~done_c]
+                keys = accepted if corrector.key == "point" else attempts - 1
+                if sel.numel():  # only the points the corrector's placement names (every c-th, below σ)
+                    sel = sel[corrector.selects(ctx.sde.marginal_std(t[sel.to(dev)]), keys[sel])]
                 if sel.numel():
                     sd, every = sel.to(dev), sel.shape[0] == n
                     nxt = controller.next_time(accepted[sel]) if not adaptive else None
@@ -375,7 +388,7 @@ def integrate(
                         x if every else x[sd],
                         t[sd].to(dt),
                         None if every else sel,
-                        accepted[sel] if corrector.key == "point" else attempts[sel] - 1,
+                        keys[sel],
                         nxt.to(dt) if nxt is not None else None,
                     )
                     if every:
