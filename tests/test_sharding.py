@@ -159,6 +159,8 @@ def test_half_written_or_foreign_shards_are_never_done(tmp_path):
     shutil.copy(shards[0], shards[3])  # a whole file in the wrong place
     stray = tmp_path / ".shard-00002.npz.abc123.tmp.npz"  # a write killed before its rename
     stray.write_bytes(data[:100])
+    stray_manifest = tmp_path / ".manifest.json.xyz.tmp.json"
+    stray_manifest.write_text("{")
     foreign = tmp_path / "foreign"
     run_dir(foreign, n, 10, solver="dpmpp_2m", steps=8, seed=3, dtype=F64)  # another seed: another run
     shutil.copy(foreign / shards[2].name, shards[2])
@@ -166,7 +168,7 @@ def test_half_written_or_foreign_shards_are_never_done(tmp_path):
         fastsde.load_samples(tmp_path)
     again = run_dir(tmp_path, n, 10, **settings)
     assert again.skipped == [0] and again.computed == [1, 2, 3] and again.complete
-    assert not stray.exists()
+    assert not stray.exists() and not stray_manifest.exists()
     assert torch.equal(fastsde.load_samples(tmp_path), ref)
 
 

@@ -342,8 +342,9 @@ def _prepare(out: Path, settings: dict[str, Any], fp: str, ranges: list[tuple[in
                 f"{str(out)!r} holds a run with other settings ({'; '.join(diff)}): rerun with the "
                 "same settings to resume it, or write to another folder"
             )
-    for stale in out.glob(".shard-*.tmp.npz"):  # a write that was killed before its rename
-        stale.unlink(missing_ok=True)
+    for pattern in (".shard-*.tmp.npz", f".{MANIFEST}.*.tmp.json"):  # writes killed before their rename
+        for stale in out.glob(pattern):
+            stale.unlink(missing_ok=True)
     num = len(ranges)
     entries = []
     for k, (a, b) in enumerate(ranges):
