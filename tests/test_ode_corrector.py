@@ -301,3 +301,18 @@ def test_declarations():
     assert spec.fixed_nfe({"steps": 10}) == 9 + 8 + 1
     assert spec.fixed_nfe({"steps": 10, "sigma_max": 0.5}) is None  # needs the process's grid
     assert spec.fixed_nfe({"predictor": "ode"}) is None
+
+
+def test_uncorrected_points_keep_the_multistep_history():
+    """Only the rows the corrector moves restart the predictor: with sigma_max below every grid
+    level nothing is corrected and dpmpp_2m runs as itself, bit for bit (second-order moves)."""
+    sde = fastsde.VPSDE()
+    gm = gaussian(sde, 3)
+    kw = dict(seed=4, dtype=F64, steps=9, predictor="dpmpp_2m")
+    plain = fastsde.sample(gm, sde, (5, 3), solver="ode_corrector", corrector_steps=0, **kw)
+    none_corrected = fastsde.sample(gm, sde, (5, 3), solver="ode_corrector", sigma_max=1e-6, **kw)
+    assert torch.equal(plain.samples, none_corrected.samples)
+    assert torch.equal(plain.nfe_per_sample, none_corrected.nfe_per_sample)
+    low = fastsde.sample(gm, sde, (5, 3), solver="ode_corrector", sigma_max=0.3, **kw)
+    low_ddim = fastsde.sample(gm, sde, (5, 3), solver="ode_corrector", sigma_max=0.3, **{**kw, "predictor": "ddim"})
+    assert not torch.allclose(low.samples, low_ddim.samples)  # the second-order moves above σ 0.3 stay

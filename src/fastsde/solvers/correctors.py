@@ -65,7 +65,10 @@ class Corrector:
         return self.steps
 
     def selects(self, sigma: Tensor, key: Tensor) -> Tensor:
-        """Which points are corrected: key a multiple of ``every`` and σ_t ≤ ``sigma_max``."""
+        """Which points are corrected (CPU mask): key a multiple of ``every`` and σ_t ≤ ``sigma_max``.
+        The driver narrows the rows with it before the call, so that only the rows moved are reset."""
+        if self.every == 1 and not math.isfinite(self.sigma_max):
+            return torch.ones(key.shape[0], dtype=torch.bool)
         keep = (key.cpu() % self.every) == 0
         if math.isfinite(self.sigma_max):
             keep = keep & (sigma.cpu() <= self.sigma_max)
