@@ -41,7 +41,16 @@ from .sde import SDE
 from .solvers import SolverSpec, get_solver
 from .solvers.base import as_python_number
 
-__all__ = ["MANIFEST", "ShardInfo", "ShardRun", "sample_to_dir", "load_samples", "read_manifest", "score_identity"]
+__all__ = [
+    "MANIFEST",
+    "ShardInfo",
+    "ShardRun",
+    "sample_to_dir",
+    "load_samples",
+    "read_manifest",
+    "score_identity",
+    "device_for_rank",
+]
 
 #: the manifest's file name inside a run folder
 MANIFEST = "manifest.json"
@@ -242,7 +251,7 @@ def _mismatch(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _device_for_rank(device: torch.device | str) -> torch.device:
+def device_for_rank(device: torch.device | str) -> torch.device:
     """Under torchrun, a bare 'cuda' means this rank's GPU (LOCAL_RANK)."""
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None and "LOCAL_RANK" in os.environ:
@@ -463,7 +472,7 @@ def sample_to_dir(
     out = Path(out_dir)
     n, dims = shape[0], shape[1:]
     ranges = _ranges(n, shard_size)
-    dev = _device_for_rank(device)
+    dev = device_for_rank(device)
 
     def compute(k: int, a: int, b: int) -> tuple[dict[str, np.ndarray], Tensor, list[str]]:
         samples, nfe, status = _sample_shard(

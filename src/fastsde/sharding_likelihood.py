@@ -24,12 +24,12 @@ from .sde import SDE
 from .sharding import (
     ShardInfo,
     ShardRun,
-    _device_for_rank,
     _fingerprint,
     _ranges,
     _read_shard,
     _run_shards,
     _shard_name,
+    device_for_rank,
     read_manifest,
     score_identity,
 )
@@ -101,7 +101,7 @@ def likelihood_to_dir(
     }
     fp = _fingerprint(settings)
     ranges = _ranges(n, shard_size)
-    dev = _device_for_rank("cpu")
+    dev = device_for_rank("cpu")
 
     def compute(k: int, a: int, b: int) -> tuple[dict[str, np.ndarray], Tensor, list[str]]:
         noise = NoiseSource.from_seed(seed, b - a, start=a)

@@ -211,6 +211,10 @@ def run(args: argparse.Namespace) -> int:
     if not mixture and args.model not in fastsde.list_models():
         raise CLIError(f"unknown model {args.model!r}; available: {', '.join(fastsde.list_models() + ['mixture'])}")
     device = _device(args.device)
+    if sharded:  # under torchrun a bare cuda is this rank's GPU (LOCAL_RANK), for the network too
+        from ..sharding import device_for_rank
+
+        device = device_for_rank(device)
 
     import torch
 
