@@ -7,7 +7,7 @@ Problem: an exact 2-D mixture of two wide, overlapping Gaussians under VP, float
 (k = 1..K) is the exact score plus a deterministic error of size 2^(−k) in the noise prediction,
 f_k(x, t) = s(x, t) + 2^(−k)·sin(2x + 0.7)/σ(t), with cost c_k = 2^(γ(k−1)), γ = 3 (level 1 costs 1).
 
-Protocol (the spec's §7): every run starts from the same x_T and follows the same Brownian path as a
+Protocol (the paper's, Jacot 2026, arXiv:2603.24594): every run starts from the same x_T and follows the same Brownian path as a
 coupled reference, EM with the exact score (the hierarchy's limit) on a fine uniform grid; a run on a
 coarser nested grid gets the sums of the fine increments (``CoupledNoise``), ML-EM's Bernoulli draws
 come from their own stream. Error: pathwise MSE per dimension to the reference, averaged over the
@@ -187,7 +187,7 @@ def main() -> None:
                     f"mse {row['mse']:.3g}",
                     flush=True,
                 )
-        # the spec's dyadic rule: p_k = min(1, C·2^(−(1 + γ/2)k)), constant in t, C ∝ step size
+        # the dyadic rule (Paing & Jacot): p_k = min(1, C·2^(−(1 + γ/2)k)), constant in t, C ∝ step size
         for m in dyadic_moves:
             noise = CoupledNoise(fine, steps_table, fine_moves // m)
             for a in dyadic_a:
@@ -299,7 +299,7 @@ def write_doc(path: Path, log, em_rows, ml_rows, dy_rows, floor, quick: bool) ->
         "the noise prediction, f_k = s + 2^(−k)·sin(2x + 0.7)/σ(t); its cost is c_k = 2^(γ(k−1)) with "
         f"γ = {GAMMA:g} (costs {', '.join(f'{c:g}' for c in log['costs'])}).",
         "",
-        "**Protocol** (the spec's §7). Reference: EM with the exact score (the hierarchy's limit, so that "
+        "**Protocol** (the paper's: Jacot 2026, arXiv:2603.24594). Reference: EM with the exact score (the hierarchy's limit, so that "
         f"every level has an error to measure) on a uniform grid of {log['fine_moves']} moves. Every run "
         "starts from the reference's x_T and follows its Brownian path: a run on a coarser nested grid gets the "
         "normalised sums of the fine increments (`CoupledNoise` in the script); ML-EM's Bernoulli draws come "
@@ -311,7 +311,7 @@ def write_doc(path: Path, log, em_rows, ml_rows, dy_rows, floor, quick: bool) ->
         "- ML-EM `p=\"auto\"` on levels 1..K' (K' = 2..K) over step counts, with the variance budget 0.25, 1 "
         "and 4 × the MSE floor of level K' alone. Its calibration pass (16 pilot samples, 10 buckets) is a "
         'one-off per call, listed apart; the column "+ calibration / n" spreads it over this batch;',
-        "- ML-EM with the spec's dyadic rule, constant in time: p_k = min(1, a·(64/moves)·2^(−(1+γ/2)(k−1))) "
+        "- ML-EM with the dyadic rule of Paing & Jacot (*Convex Optimization Is Free When Accuracy Is Expensive*), constant in time: p_k = min(1, a·(64/moves)·2^(−(1+γ/2)(k−1))) "
         "for the correction f_(k+1) − f_k (p ∝ step size, as the theory says), a ∈ "
         "{" + ", ".join(f"{a:g}" for a in sorted({r["a"] for r in dy_rows})) + "}.",
         "",

@@ -7,7 +7,7 @@ increment, give the randomised telescoping score
 
 which the base step takes in place of the score: ``base="em"`` the Euler–Maruyama move of the
 reverse SDE, ``base="ddim"`` the DDIM move (η = 0: the PF-ODE). Both are affine in the score, so
-this is the multilevel drift of the spec. Level 1 is evaluated on every row; level k ≥ 2 only on
+this is the paper's multilevel drift. Level 1 is evaluated on every row; level k ≥ 2 only on
 the rows with B_{k−1} = 1 or B_k = 1 (gather/scatter), each through its own counter, so the compute
 saved is real and ``res.cost``/``res.nfe_per_level`` come from the counters. The draws are
 Stream.BERNOULLI with the move index as counter (Φ of a keyed normal), so the Brownian path
