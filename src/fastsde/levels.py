@@ -351,9 +351,9 @@ def auto_schedule(
     D_k(t), the RMS per dimension of f_{k+1} − f_k. S(t) is the squared gain of the reverse flow
     from t to t_end for Gaussian data with the pilot's final variance (:func:`flow_gain`), since the
     flow damps early errors (a twin pilot would measure the coarsest level's own, much rougher,
-    Jacobian instead). Each move i then
-    gets p_k = min(1, w/(μ√c̄_k)), w = a_i·D_k(t_i)·√S(t_i) (a_i: the base step's gain on the
-    score), c̄_1 = c_2 and c̄_k = c_k + c_{k+1} (level 1 is paid anyway), μ set by ``budget``: the
+    Jacobian instead; with well-separated modes the Gaussian gain underestimates what early noise
+    costs, through mode switches). Each move i then gets p_k = min(1, w/(μ√c̄_k)),
+    w = a_i·D_k(t_i)·√S(t_i) (a_i: the base step's gain on the score), c̄_1 = c_2 and c̄_k = c_k + c_{k+1} (level 1 is paid anyway), μ set by ``budget``: the
     randomisation's added mean squared error per dimension at t_end to first order,
     Σ_i Σ_k w²(1/p − 1) (the water-filling of :func:`allocate`); floored at p_min. Returns the
     schedule (moves, K−1) and the calibration record (times, D, S, evaluations, cost)."""
@@ -410,7 +410,7 @@ def auto_schedule(
         "bucket_times": [float(v) for v in rep],
         "diff_rms": [[float(v) for v in row] for row in diffs],
         "data_variance": var,
-        "sensitivity": [float(v) for v in sens[[edges[b] for b in range(nb)]]],
+        "sensitivity": [float(v) for v in sens[mids]],  # at the bucket times
         "nfe_per_level": [float(cc.nfe_per_sample.sum()) for cc in counters],
         "cost": float(sum(float(cc.cost_per_sample.sum()) for cc in counters)),
         "predicted_mse": float(((weight**2) * (1.0 / schedule - 1.0)).sum()),
