@@ -164,3 +164,49 @@ def test_mixture_rejects_samples_of_the_wrong_shape():
         gm.score(torch.zeros(4, 3, dtype=T64), torch.full((4,), 0.5, dtype=T64))
     with pytest.raises(ValueError, match=r"x must have shape \(n, 2\) for this mixture, got \(4, 1, 2\)"):
         gm.log_prob(torch.zeros(4, 1, 2, dtype=T64), 0.5)
+
+
+def test_deferred_finite_checks_raise_the_same_error_later():
+    """defer_finite keeps the NaN/Inf check on the device (no synchronisation per evaluation) and
+    raises the immediate check's error at flush, or every FLUSH_EVERY evaluations."""
+    import fastsde.score as score_mod
+
+    def nan_above_half(x, t):
+        return torch.where((t > 0.5)[:, None], torch.full_like(x, float("nan")), -x)
+
+    x = torch.zeros(3, 2)
+    counted = score_mod.CountingScore(nan_above_half, 3, defer_finite=True)
+    counted(x, torch.full((3,), 0.2))
+    counted(x, torch.tensor([0.2, 0.7, 0.9]))  # not raised yet
+    counted(x, torch.full((3,), 0.3))
+    with pytest.raises(score_mod.NonFiniteScoreError, match=r"t = \[0\.69\d*, 0\.89\d*\] \(2 of 3 rows\)"):
+        counted.flush()
+    counted.flush()  # cleared: nothing left to raise
+    assert counted.calls == 3
+    eager = score_mod.CountingScore(nan_above_half, 3)
+    with pytest.raises(score_mod.NonFiniteScoreError, match=r"\(2 of 3 rows\)"):
+        eager(x, torch.tensor([0.2, 0.7, 0.9]))
+    many = score_mod.CountingScore(nan_above_half, 3, defer_finite=True)
+    with pytest.raises(score_mod.NonFiniteScoreError):
+        for _ in range(score_mod.CountingScore.FLUSH_EVERY):
+            many(x, torch.full((3,), 0.8))
+
+
+def test_front_door_defers_on_accelerators_and_still_raises(monkeypatch):
+    import fastsde.api
+
+    sde = fastsde.VPSDE()
+    gm = fastsde.problems.mixture_2d(sde)
+    plain = fastsde.sample(gm, sde, (4, 2), solver="ddim", steps=6, seed=0)
+    monkeypatch.setattr(fastsde.api, "defer_finite_checks", lambda device: True)
+    deferred = fastsde.sample(gm, sde, (4, 2), solver="ddim", steps=6, seed=0)
+    assert torch.equal(plain.samples, deferred.samples)
+
+    def broken(x, t):
+        out = gm(x, t)
+        return torch.where(((t > 0.4) & (t < 0.6))[:, None], torch.full_like(out, float("nan")), out)
+
+    with pytest.raises(fastsde.NonFiniteScoreError, match="NaN or Inf at t ="):
+        fastsde.sample(broken, sde, (4, 2), solver="ddim", steps=11, seed=0)
+    monkeypatch.undo()
+    assert fastsde.api.defer_finite_checks("cuda:0") and not fastsde.api.defer_finite_checks("cpu")

@@ -195,7 +195,11 @@ def sample(
     if x_init is not None and tuple(x_init.shape) != shape:
         raise ValueError(f"x_init must have shape {shape}, got {tuple(x_init.shape)}")
 
-    counted = score.counting(n) if isinstance(score, Levels) else CountingScore(score, n)
+    counted = (
+        score.counting(n)
+        if isinstance(score, Levels)
+        else CountingScore(score, n, defer_finite=defer_finite_checks(device))
+    )
     ctx = SolverContext(
         sde=sde, score=counted, noise=noise, t_start=sde.T, t_end=float(t_end), callback=callback, progress=progress
     )
@@ -209,6 +213,8 @@ def sample(
         if denoise and not ctx.stopped:
             t = ctx.times(ctx.t_end, x)
             x = sde.denoise(x, t, counted(x, t))
+        if isinstance(counted, CountingScore):
+            counted.flush()  # deferred NaN/Inf checks (accelerators)
     wall = time.perf_counter() - start
     multilevel = None
     if isinstance(counted, LevelScores):
@@ -231,6 +237,12 @@ def sample(
         nfe_per_level=None if multilevel is None else counted.nfe_per_level,
         multilevel=multilevel,
     )
+
+
+def defer_finite_checks(device: torch.device | str | None) -> bool:
+    """Defer the score's NaN/Inf checks off the host on accelerators (no synchronisation per step);
+    check at once on the CPU, where it costs nothing."""
+    return device is not None and torch.device(device).type != "cpu"
 
 
 def _seed_record(seed: Any) -> int | list[int] | None:

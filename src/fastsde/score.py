@@ -42,9 +42,19 @@ class CountingScore:
     ``cost_per_sample`` accumulates evaluations × cost, so a solver over several networks reports
     its compute without a counter of its own. ``pass_rows`` hands ``rows`` on to the wrapped
     function as a third argument (for vector fields that need to know their samples).
+
+    ``defer_finite``: instead of checking each output for NaN/Inf at once (a host synchronisation per
+    evaluation), keep the per-row check on the device and look at it every ``FLUSH_EVERY``
+    evaluations and in :meth:`flush` (the front door calls it after the solve); the error is the same,
+    raised later. The front door defers on accelerators, where a synchronisation stalls the queue.
     """
 
-    def __init__(self, score: ScoreFn, n: int, *, cost: float = 1.0, pass_rows: bool = False) -> None:
+    #: Deferred checks kept before they are looked at (one synchronisation per this many evaluations).
+    FLUSH_EVERY = 64
+
+    def __init__(
+        self, score: ScoreFn, n: int, *, cost: float = 1.0, pass_rows: bool = False, defer_finite: bool = False
+    ) -> None:
         if isinstance(cost, bool) or not isinstance(cost, (int, float)) or not math.isfinite(cost) or cost <= 0:
             raise ValueError(f"cost must be a positive finite number, got {cost!r}")
         self.score = score
@@ -55,6 +65,8 @@ class CountingScore:
         self.cost_per_sample = torch.zeros(n, dtype=torch.float64)
         self.calls = 0
         self.rows_evaluated = 0
+        self.defer_finite = defer_finite
+        self._pending: list[tuple[Tensor, Tensor]] = []
 
     def __call__(self, x: Tensor, t: Tensor, rows: Tensor | None = None, *, check_finite: bool = True) -> Tensor:
         if t.dim() != 1 or t.shape[0] != x.shape[0]:
@@ -75,13 +87,24 @@ class CountingScore:
             ones = torch.ones(rows.shape[0], dtype=torch.float64)
             self.nfe_per_sample.index_add_(0, idx, ones)
             self.cost_per_sample.index_add_(0, idx, ones * self.cost)
-        if check_finite and not bool(torch.isfinite(out).all()):
-            bad = ~torch.isfinite(out.reshape(out.shape[0], -1)).all(dim=1)
-            times = sorted({float(v) for v in t[bad].tolist()})[:5]
-            raise NonFiniteScoreError(
-                f"score returned NaN or Inf at t = {times} ({int(bad.sum())} of {x.shape[0]} rows)"
-            )
+        if check_finite and self.defer_finite:
+            self._pending.append((torch.isfinite(out.reshape(out.shape[0], -1)).all(dim=1), t.detach()))
+            if len(self._pending) >= self.FLUSH_EVERY:
+                self.flush()
+        elif check_finite and not bool(torch.isfinite(out).all()):
+            _raise_nonfinite(torch.isfinite(out.reshape(out.shape[0], -1)).all(dim=1), t)
         return out
+
+    def flush(self) -> None:
+        """Look at the deferred NaN/Inf checks (one synchronisation); raise for the first bad call."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        all_ok = torch.stack([ok.all() for ok, _ in pending])
+        if bool(all_ok.all()):
+            return
+        first = int((~all_ok).nonzero()[0, 0])
+        _raise_nonfinite(*pending[first])
 
     @property
     def nfe(self) -> float:
@@ -92,6 +115,13 @@ class CountingScore:
     def compute(self) -> float:
         """Mean compute per sample: evaluations × cost (equals ``nfe`` for cost 1)."""
         return float(self.cost_per_sample.mean())
+
+
+def _raise_nonfinite(ok: Tensor, t: Tensor) -> None:
+    """The NonFiniteScoreError of one call: which times, how many rows."""
+    bad = ~ok
+    times = sorted({float(v) for v in t[bad].tolist()})[:5]
+    raise NonFiniteScoreError(f"score returned NaN or Inf at t = {times} ({int(bad.sum())} of {ok.shape[0]} rows)")
 
 
 # ---------------------------------------------------------------------------------------------
