@@ -23,7 +23,15 @@ from .noise import NoiseSource, Stream
 from .score import CountingScore, ScoreFn
 from .sde import SDE, broadcast_to_rows, per_row
 
-__all__ = ["Levels", "LevelScores", "check_p", "resolve_schedule", "expected_cost", "auto_schedule"]
+__all__ = [
+    "Levels",
+    "LevelScores",
+    "check_p",
+    "resolve_schedule",
+    "expected_cost",
+    "auto_schedule",
+    "forward_flops",
+]
 
 #: Seed of the probe and of the calibration pass: fixed, so that the schedule (and so sample i)
 #: does not depend on the batch or on the samples' seeds.
@@ -49,6 +57,12 @@ class Levels:
             sign of another time convention (t against 999·t or σ) or parameterisation; None skips
             that check (shapes and finiteness are still probed).
     """
+
+    #: set by :meth:`from_models`: the model names, loaded models, FLOPs per sample and how measured
+    names: list[str] | None = None
+    models: list[Any] | None = None
+    flops: list[float] | None = None
+    flops_method: list[str] | None = None
 
     def __init__(self, scores: Sequence[ScoreFn], costs: Sequence[float], *, agree_tol: float | None = 1.0) -> None:
         if isinstance(scores, (str, bytes)) or not isinstance(scores, Sequence) or callable(scores):
@@ -84,6 +98,41 @@ class Levels:
                 )
         #: the process the levels that carry one were built for (None: plain functions)
         self.sde: SDE | None = procs[0][1] if procs else None
+
+    @classmethod
+    def from_models(cls, names: Sequence[str], *, agree_tol: float | None = 1.0, **load: Any) -> Levels:
+        """Levels of shipped models (coarse to fine, e.g. ``["digits-small", "digits", "digits-large"]``)
+        with costs = each network's forward FLOPs per sample (measured now, :func:`forward_flops`)
+        relative to the cheapest; ``load`` goes to :func:`fastsde.load_model` (e.g. ``dtype``).
+        ``self.models`` holds the loaded models and ``self.flops`` the FLOPs. Unknown names, fewer
+        than two, or models of different processes are a ValueError before any sampling."""
+        from .models import list_models, load_model
+
+        if isinstance(names, str):
+            names = [s.strip() for s in names.split(",") if s.strip()]
+        names = list(names)
+        if len(names) < 2:
+            raise ValueError(f"Levels.from_models needs at least 2 models (coarse to fine), got {names!r}")
+        unknown = [n for n in names if n not in list_models()]
+        if unknown:
+            raise ValueError(f"unknown model(s) {unknown}; shipped models are {list_models()}")
+        models = [load_model(n, **load) for n in names]
+        for n, m in zip(names[1:], models[1:]):
+            if type(m.sde) is not type(models[0].sde) or m.sde.config() != models[0].sde.config():
+                raise ValueError(
+                    f"model {n!r} uses {m.sde!r} but {names[0]!r} uses {models[0].sde!r}: one process for all levels"
+                )
+            if tuple(m.shape) != tuple(models[0].shape):
+                raise ValueError(f"model {n!r} samples shape {m.shape} but {names[0]!r} {models[0].shape}")
+        measured = [forward_flops(m.network, m.shape) for m in models]
+        flops = [f for f, _ in measured]
+        cheapest = min(flops)
+        out = cls([m.score for m in models], [f / cheapest for f in flops], agree_tol=agree_tol)
+        out.models = models
+        out.names = names
+        out.flops = flops
+        out.flops_method = [how for _, how in measured]
+        return out
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -202,6 +251,36 @@ class LevelScores:
         out["realised_cost"] = self.compute
         out["nfe_per_level"] = [float(v) for v in self.nfe_per_level]
         return out
+
+
+def forward_flops(network: torch.nn.Module, shape: Sequence[int], label: float = 500.0) -> tuple[float, str]:
+    """Forward FLOPs of ``network(x, label)`` for one sample: torch's FlopCounterMode on one forward
+    at batch 1 (matmuls, convolutions and attention; elementwise ops and norms are not counted).
+    Returns (flops, "flop_counter"); if counting fails, (2 × parameter count, "parameters"), a
+    rough stand-in, and a warning says so."""
+    try:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        param = next(network.parameters(), None)
+        dtype = param.dtype if param is not None else torch.float32
+        device = param.device if param is not None else torch.device("cpu")
+        x = torch.zeros(1, *shape, dtype=dtype, device=device)
+        t = torch.full((1,), float(label), dtype=dtype, device=device)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            network(x, t)
+        flops = float(counter.get_total_flops())
+        if flops > 0:
+            return flops, "flop_counter"
+        reason = "the counter found no FLOPs"
+    except Exception as exc:  # any failure of the counter falls back to the parameter count
+        reason = f"{type(exc).__name__}: {exc}"
+    import warnings
+
+    params = sum(p.numel() for p in network.parameters())
+    if params == 0:
+        raise ValueError(f"cannot measure the FLOPs of {type(network).__name__} ({reason}) and it has no parameters")
+    warnings.warn(f"FLOP counting failed ({reason}); using 2 x parameter count as the cost", stacklevel=2)
+    return 2.0 * params, "parameters"
 
 
 # ---------------------------------------------------------------------------------------------
