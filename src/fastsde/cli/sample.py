@@ -43,8 +43,22 @@ def add_parser(subparsers) -> None:
         ),
         epilog=QUALITY_HELP,
     )
-    p.add_argument("--model", default="digits", help="a shipped model (fastsde.list_models()) or 'mixture'")
+    p.add_argument(
+        "--model", default=None, help="a shipped model (fastsde.list_models()) or 'mixture' (default digits)"
+    )
     p.add_argument("--solver", default=None, help="solver name (default: fastsde.sample's default solver)")
+    p.add_argument(
+        "--levels",
+        default=None,
+        metavar="A,B,...",
+        help="with --solver mlem: shipped models coarse to fine (e.g. digits-small,digits,digits-large), "
+        "costs = their measured FLOP ratio; prints the cost per level and the compute against EM with the last",
+    )
+    p.add_argument(
+        "--p",
+        default=None,
+        help="with --levels: 'auto' (default) or the probability of each correction, e.g. 0.2,0.05",
+    )
     p.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
     p.add_argument("--batch-size", type=int, default=None, help="samples per batch (default: all at once)")
     p.add_argument("--seed", type=int, default=0, help="an integer in [0, 2**64) (default 0)")
@@ -195,12 +209,16 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size is not None and args.batch_size < 1:
         raise CLIError(f"--batch-size must be a positive integer, got {args.batch_size}")
     fastsde.noise.check_seed(args.seed, "--seed")
-    solver = args.solver or default_solver()
+    solver = args.solver or ("mlem" if getattr(args, "levels", None) else default_solver())
     if solver not in fastsde.SOLVERS:
         raise CLIError(f"unknown solver {solver!r}; valid solvers: {', '.join(sorted(fastsde.SOLVERS))}")
     spec = fastsde.SOLVERS[solver]
     opts = solver_options(args)
     keywords = {k: opts.pop(k) for k in _SAMPLE_KEYWORDS if k in opts}
+    from .sample_levels import check_args
+
+    level_names = check_args(args, solver, opts)
+    args.model = args.model or ("+".join(level_names) if level_names else "digits")
     from .sample_dir import is_run_dir
 
     sharded = is_run_dir(args.out)
@@ -208,7 +226,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--shard-size must be a positive integer with --out DIR/, got {args.shard_size}")
     out = None if sharded else check_output(args.out)
     mixture = args.model == "mixture"
-    if not mixture and args.model not in fastsde.list_models():
+    if not level_names and not mixture and args.model not in fastsde.list_models():
         raise CLIError(f"unknown model {args.model!r}; available: {', '.join(fastsde.list_models() + ['mixture'])}")
     device = _device(args.device)
     if sharded:  # under torchrun a bare cuda is this rank's GPU (LOCAL_RANK), for the network too
@@ -218,7 +236,13 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    if mixture:
+    levels = None
+    if level_names:
+        from .sample_levels import load_levels
+
+        levels = load_levels(level_names, device)
+        sde, score, shape, dtype = levels.sde, levels, tuple(levels.models[0].shape), torch.float32
+    elif mixture:
         sde = fastsde.VPSDE()
         gm = fastsde.problems.mixture_2d(sde)
         score, shape, dtype = gm.score, tuple(gm.shape), torch.float64
@@ -256,7 +280,7 @@ def run(args: argparse.Namespace) -> int:
     batch = args.batch_size or n
     noise = fastsde.NoiseSource.from_seed(args.seed, n)
     chunks, nfe_rows, statuses = [], [], []
-    calls = 0
+    calls, level_rows, cost_sum, multilevel = 0, [], 0.0, {}
     start = time.perf_counter()
     for lo in range(0, n, batch):
         hi = min(n, lo + batch)
@@ -279,6 +303,10 @@ def run(args: argparse.Namespace) -> int:
         nfe_rows.append(res.nfe_per_sample)
         statuses += res.stats.get("status", ["done"] * (hi - lo))
         calls += res.calls
+        if res.nfe_per_level is not None:
+            level_rows.append(res.stats["nfe_per_level_per_sample"])
+            cost_sum += float(res.cost) * (hi - lo)
+            multilevel = res.multilevel or {}
     wall = time.perf_counter() - start
     samples = torch.cat(chunks)
     nfe_per_sample = torch.cat(nfe_rows)
@@ -314,6 +342,12 @@ def run(args: argparse.Namespace) -> int:
         "quality": quality,
         "output": out.name,
     }
+    if levels is not None:
+        per_level = [float(v) for v in torch.cat(level_rows).mean(0)]
+        record["levels"] = {"models": levels.names, "flops": levels.flops, "costs": levels.costs}
+        record["multilevel"] = {k: _jsonable(v) if not isinstance(v, dict) else v for k, v in multilevel.items()}
+        record["multilevel"]["nfe_per_level"] = per_level
+        record["multilevel"]["compute"] = cost_sum / n
     from ..files import write_atomic, write_json_atomic
 
     if out.suffix.lower() == ".npz":
@@ -346,6 +380,11 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"model {args.model}  solver {solver}  options {opts or '{}'}  n {n}")
     print(f"NFE {nfe:.1f} per sample  ({calls} batched calls)  wall {wall:.2f} s")
+    if levels is not None:
+        from .sample_levels import report
+
+        for line in report(levels, per_level, cost_sum / n, keywords.get("denoise", True), multilevel):
+            print(line)
     if quality:
         print(quality_line(quality, n))
     print(f"wrote {out} and {record_path(out).name}")
