@@ -1,0 +1,88 @@
+"""Levels.from_models (measured FLOP costs) and `fastsde sample --solver mlem --levels ...`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import fastsde
+from fastsde.cli import main
+from fastsde.levels import forward_flops
+
+LEVELS = "digits-small,digits,digits-large"
+
+
+@pytest.fixture(scope="module")
+def shipped() -> fastsde.Levels:
+    return fastsde.Levels.from_models(LEVELS.split(","))
+
+
+def test_flop_costs_increase_from_one(shipped):
+    assert shipped.costs[0] == 1.0
+    assert shipped.costs[0] < shipped.costs[1] < shipped.costs[2]
+    assert shipped.flops_method == ["flop_counter"] * 3
+    # the stored training record agrees with the measurement now
+    assert shipped.flops == [float(m.config["flops_per_sample"]) for m in shipped.models]
+    assert shipped.sde is not None and len(shipped) == 3
+
+
+def test_forward_flops_falls_back_to_parameters():
+    class Opaque(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(3))
+
+        def forward(self, x, t):
+            raise RuntimeError("cannot trace")
+
+    with pytest.warns(UserWarning, match="FLOP counting failed"):
+        assert forward_flops(Opaque(), (3,)) == (6.0, "parameters")
+
+
+def test_from_models_refuses_bad_names():
+    with pytest.raises(ValueError, match="at least 2"):
+        fastsde.Levels.from_models(["digits"])
+    with pytest.raises(ValueError, match="unknown model"):
+        fastsde.Levels.from_models(["digits", "nope"])
+    with pytest.raises(ValueError, match="one process"):
+        fastsde.Levels.from_models(["digits", "digits-ve"])
+
+
+def test_cli_prints_per_level_costs(tmp_path, capsys):
+    out = tmp_path / "s.png"
+    args = ["sample", "--solver", "mlem", "--levels", LEVELS, "--p", "0.2,0.05", "--steps", "20", "--n", "8"]
+    assert main([*args, "--out", str(out), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    for k, name in enumerate(LEVELS.split(","), start=1):
+        assert f"level {k} {name}: " in text
+    assert "level 1 digits-small: 19.00 evaluations per sample x cost 1.000" in text
+    assert "EM with digits-large at the same steps: (19 + 1 denoise)" in text and "ratio EM / ML-EM" in text
+    assert "quality: FD" in text
+    rec = json.loads((tmp_path / "s.png.json").read_text())
+    assert rec["levels"]["models"] == LEVELS.split(",") and rec["multilevel"]["rule"] == "constant"
+    assert rec["multilevel"]["nfe_per_level"][0] == 19.0
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--levels", "digits-small,nope"], "unknown model 'nope'"),
+        (["--levels", "digits"], "at least 2 models"),
+        (["--levels", "digits,digits-ve"], "one process"),
+        (["--levels", LEVELS, "--solver", "em"], "needs --solver mlem"),
+        (["--levels", LEVELS, "--p", "0"], "must lie in (0, 1]"),
+        (["--levels", LEVELS, "--p", "1.5"], "must lie in (0, 1]"),
+        (["--levels", LEVELS, "--p", "nan"], "must lie in (0, 1]"),
+        (["--levels", LEVELS, "--p", "0.2,0.1,0.1"], "2 corrections"),
+        (["--levels", LEVELS, "--p", "abc"], "'auto' or probabilities"),
+        (["--p", "0.2"], "--p applies to"),
+    ],
+)
+def test_cli_bad_levels_and_p_exit_2(tmp_path, capsys, extra, message):
+    rc = main(["sample", *extra, "--steps", "5", "--n", "2", "--out", str(tmp_path / "x.png"), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "x.png").exists()
