@@ -58,7 +58,7 @@ def test_cli_prints_per_level_costs(tmp_path, capsys):
     for k, name in enumerate(LEVELS.split(","), start=1):
         assert f"level {k} {name}: " in text
     assert "level 1 digits-small: 19.00 evaluations per sample x cost 1.000" in text
-    assert "EM with digits-large at the same steps: (19 + 1 denoise)" in text and "ratio EM / ML-EM" in text
+    assert "EM with digits-large at the same steps: (19 moves + 1 denoise)" in text and "ratio EM / ML-EM" in text
     assert "quality: FD" in text
     rec = json.loads((tmp_path / "s.png.json").read_text())
     assert rec["levels"]["models"] == LEVELS.split(",") and rec["multilevel"]["rule"] == "constant"

@@ -125,7 +125,7 @@ def report(
         f"compute {compute:.2f} per sample (cost unit: one {levels.names[0]} evaluation; {_si(compute * unit)}FLOPs)"
     )
     lines.append(
-        f"EM with {levels.names[-1]} at the same steps: ({moves:.0f}{' + 1 denoise' if denoised else ''}) x "
+        f"EM with {levels.names[-1]} at the same steps: ({moves:.0f} moves{' + 1 denoise' if denoised else ''}) x "
         f"{levels.costs[-1]:.3f} = {em:.2f} ({_si(em * unit)}FLOPs); ratio EM / ML-EM {ratio:.2f}x"
     )
     return lines
