@@ -18,7 +18,7 @@ from .score import (
     NoisePredictionScore,
     NonFiniteScoreError,
 )
-from .sde import EDM, SDE, VESDE, VPSDE, SubVPSDE
+from .sde import EDM, SDE, VESDE, VPSDE, DiscreteVPSDE, SubVPSDE
 from .sharding import ShardRun, load_samples, sample_to_dir
 from .sharding_likelihood import likelihood_to_dir, load_likelihood
 from .solvers import SOLVERS, get_solver
@@ -29,6 +29,7 @@ __version__ = "0.1.0"
 __all__ = [
     "SDE",
     "VPSDE",
+    "DiscreteVPSDE",
     "SubVPSDE",
     "VESDE",
     "EDM",

@@ -21,11 +21,12 @@ import torch
 from torch import Tensor, nn
 
 from .score import NoisePredictionScore
-from .sde import PROCESSES, SDE, VESDE
+from .sde import PROCESSES, SDE, TABULATED_PROCESSES, VESDE
 
 __all__ = ["EpsNetwork", "LoadedModel", "build_network", "sde_from_config", "load_model", "list_models"]
 
-_SDES = {cls.__name__: cls for cls in PROCESSES.values()}  # by the "type" of sde.config()
+#: by the "type" of sde.config()
+_SDES = {cls.__name__: cls for cls in [*PROCESSES.values(), *TABULATED_PROCESSES.values()]}
 
 
 def sde_from_config(cfg: dict[str, Any]) -> SDE:

@@ -240,7 +240,11 @@ def _as_time(t: Tensor | float, x: Tensor) -> Tensor:
 
 
 def default_time_input(sde: SDE) -> Callable[[Tensor], Tensor]:
-    """The conditioning label the Score-SDE checkpoints expect: 999·t for VP/sub-VP, σ(t) otherwise."""
+    """The conditioning label the Score-SDE checkpoints expect: 999·t for VP/sub-VP, σ(t) otherwise;
+    a discrete-time process's own fractional training timestep (DiscreteVPSDE.timestep)."""
+    timestep = getattr(sde, "timestep", None)
+    if callable(timestep):
+        return timestep
     if isinstance(sde, (VPSDE, SubVPSDE)):
         return lambda t: 999.0 * t
     return sde.marginal_std

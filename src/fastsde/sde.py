@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
-__all__ = ["SDE", "VPSDE", "SubVPSDE", "VESDE", "EDM", "broadcast_to_rows"]
+__all__ = ["SDE", "VPSDE", "SubVPSDE", "VESDE", "EDM", "DiscreteVPSDE", "broadcast_to_rows"]
 
 
 def broadcast_to_rows(v: Tensor, x: Tensor) -> Tensor:
@@ -199,6 +199,32 @@ class VPSDE(_BetaSchedule):
         """DDPM's β_i = linspace(β_min/N, β_max/N, N), used by reverse diffusion and ancestral."""
         return torch.linspace(self.beta_min / n, self.beta_max / n, n, dtype=dtype)
 
+    # -- discrete-time schedules (DDPM checkpoints) ------------------------------------------
+    @classmethod
+    def from_alphas_cumprod(cls, alphas_cumprod) -> DiscreteVPSDE:
+        """The VP process of a discrete schedule given by its table ᾱ_0 … ᾱ_{N−1} (see DiscreteVPSDE)."""
+        return DiscreteVPSDE(alphas_cumprod)
+
+    @classmethod
+    def from_betas(cls, betas) -> DiscreteVPSDE:
+        """The VP process of a discrete schedule given by its betas: ᾱ_i = ∏_{j≤i} (1 − β_j), in float64."""
+        b = _as_table("betas", betas)
+        if not bool(((b > 0) & (b < 1)).all()):
+            raise ValueError("betas must all lie in (0, 1)")
+        return DiscreteVPSDE(torch.cumprod(1.0 - b, dim=0))
+
+    @classmethod
+    def from_diffusers_scheduler(cls, scheduler) -> DiscreteVPSDE:
+        """The VP process of a diffusers scheduler (DDPM, DDIM, DPMSolver…): its own ``alphas_cumprod``
+        table when it has one (so the match is exact), else its ``betas``."""
+        table = getattr(scheduler, "alphas_cumprod", None)
+        if table is not None:
+            return DiscreteVPSDE(table)
+        betas = getattr(scheduler, "betas", None)
+        if betas is None:
+            raise ValueError(f"{type(scheduler).__name__} has neither alphas_cumprod nor betas")
+        return cls.from_betas(betas)
+
 
 class SubVPSDE(_BetaSchedule):
     """sub-VP SDE: dx = −½β x dt + √(β(1 − e^{−2∫β})) dw; std 1 − e^{−∫β} (not square-rooted)."""
@@ -311,22 +337,146 @@ class EDM(SDE):
         return self.sigma_max
 
 
+def _as_table(name: str, values) -> Tensor:
+    """A 1-D float64 CPU tensor of at least 2 finite values from a tensor, array or sequence."""
+    try:
+        v = torch.as_tensor(values.detach().cpu() if isinstance(values, Tensor) else values, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"{name} must be a 1-D sequence of numbers: {exc}") from None
+    if v.dim() != 1 or v.numel() < 2:
+        raise ValueError(f"{name} must be 1-D with at least 2 entries, got shape {tuple(v.shape)}")
+    if not bool(torch.isfinite(v).all()):
+        raise ValueError(f"{name} must be finite")
+    return v.clone()
+
+
+class DiscreteVPSDE(VPSDE):
+    """The VP process of a discrete-time schedule (DDPM checkpoints), exact at its training timesteps.
+
+    Timestep i (0 … N−1) sits at t_i = (i+1)/N, so t ∈ (0, 1] covers the table and timestep N−1 is T = 1.
+    Between timesteps the half log-SNR λ = −log σ̃ (σ̃² = (1−ᾱ)/ᾱ) is interpolated linearly in the
+    fractional timestep, i.e. log σ̃ is piecewise linear, as in k-diffusion's discrete schedules; below
+    t_0 it continues as σ̃² ∝ t (the continuous VP's behaviour near 0). So ᾱ(t_i) = ᾱ_i to float64
+    precision, λ(t) is strictly decreasing and t_from_lambda inverts it exactly, and the SDE
+    f = ½ d log ᾱ/dt · x, g² = −d log ᾱ/dt has these marginals.
+
+    A discrete network is conditioned on the fractional timestep ``timestep(t)`` = N·t − 1 (the inverse
+    of the log σ̃ interpolation), clamped at 0 below the first timestep. Sampling ends by default at t_0.
+    """
+
+    def __init__(self, alphas_cumprod) -> None:
+        ac = _as_table("alphas_cumprod", alphas_cumprod)
+        if not bool(((ac > 0) & (ac < 1)).all()):
+            raise ValueError(
+                "alphas_cumprod must lie in (0, 1) (a schedule with zero terminal SNR, ᾱ = 0, has no "
+                "Gaussian prior and is not supported)"
+            )
+        if not bool((ac[1:] < ac[:-1]).all()):
+            raise ValueError("alphas_cumprod must be strictly decreasing")
+        self.alphas_cumprod = ac
+        self.num_timesteps = int(ac.numel())
+        self._lam = 0.5 * (torch.log(ac) - torch.log1p(-ac))  # λ_i, decreasing
+        self._tables: dict[tuple, tuple[Tensor, Tensor]] = {}
+        self.default_t_end = 1.0 / self.num_timesteps
+        # the β(t) = −d log ᾱ/dt at both ends, for reference (VPSDE's names)
+        self.beta_min = float(self.beta(torch.tensor([self.default_t_end], dtype=torch.float64))[0])
+        self.beta_max = float(self.beta(torch.tensor([1.0], dtype=torch.float64))[0])
+
+    def _params(self) -> dict:
+        return {"alphas_cumprod": self.alphas_cumprod.tolist()}
+
+    def __repr__(self) -> str:
+        ac = self.alphas_cumprod
+        return f"DiscreteVPSDE(N={self.num_timesteps}, alphas_cumprod=[{ac[0]:.6g}, …, {ac[-1]:.6g}])"
+
+    def _table(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        """λ_i and the λ slope per unit t of each segment, in the dtype and on the device of ``like``."""
+        key = (like.dtype, like.device)
+        if key not in self._tables:
+            lam = self._lam.to(dtype=like.dtype, device=like.device)
+            self._tables[key] = (lam, (self._lam[1:] - self._lam[:-1]).to(like) * self.num_timesteps)
+        return self._tables[key]
+
+    def _lam_and_slope(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """λ(t) and dλ/dt: linear in τ = N·t − 1 between timesteps, λ_0 − ½ log(N·t) below t_0."""
+        lam, slope = self._table(t)
+        n = self.num_timesteps
+        tau = n * t - 1.0
+        i = tau.floor().clamp(0, n - 2).long()
+        w = tau - i.to(t.dtype)
+        lin = lam[i] + w * (lam[i + 1] - lam[i])
+        below = tau < 0
+        t_safe = torch.where(below, t, torch.ones_like(t))
+        low = lam[0] - 0.5 * torch.log(n * t_safe)
+        return torch.where(below, low, lin), torch.where(below, -0.5 / t_safe, slope[i])
+
+    def timestep(self, t: Tensor) -> Tensor:
+        """The fractional training timestep τ(t) = N·t − 1 a discrete network is conditioned on (≥ 0)."""
+        return (self.num_timesteps * t - 1.0).clamp_min(0.0)
+
+    def log_snr(self, t: Tensor) -> Tensor:
+        return self._lam_and_slope(t)[0]
+
+    def log_alpha(self, t: Tensor) -> Tensor:
+        """log m(t) = ½ log ᾱ(t) = −½ softplus(−2λ)."""
+        return -0.5 * torch.nn.functional.softplus(-2.0 * self.log_snr(t))
+
+    def marginal_std(self, t: Tensor) -> Tensor:
+        return torch.exp(-0.5 * torch.nn.functional.softplus(2.0 * self.log_snr(t)))
+
+    def beta(self, t: Tensor) -> Tensor:
+        """β(t) = −d log ᾱ/dt = −2 σ² dλ/dt (piecewise, positive)."""
+        lam, dlam = self._lam_and_slope(t)
+        return -2.0 * torch.sigmoid(-2.0 * lam) * dlam
+
+    def t_from_lambda(self, lam: Tensor) -> Tensor:
+        table = self._table(lam)[0]
+        n = self.num_timesteps
+        # segment i with λ_i ≥ λ > λ_{i+1} (λ beyond the table extrapolates the end segments)
+        i = (torch.searchsorted(-table, -lam.contiguous(), right=True) - 1).clamp(0, n - 2)
+        w = (table[i] - lam) / (table[i] - table[i + 1])
+        t_lin = (i.to(lam.dtype) + w + 1.0) / n
+        t_low = torch.exp(-2.0 * (lam - table[0])) / n
+        return torch.where(lam > table[0], t_low, t_lin)
+
+    def t_from_log_alpha(self, log_alpha: Tensor) -> Tensor:
+        # λ = log m − ½ log(1 − m²)
+        return self.t_from_lambda(log_alpha - 0.5 * torch.log(-torch.expm1(2.0 * log_alpha)))
+
+    def discrete_betas(self, n: int, dtype: torch.dtype = torch.float64) -> Tensor:
+        """β_k = 1 − ᾱ(k/n)/ᾱ((k−1)/n), k = 1 … n (ᾱ(0) = 1): the table's own betas when n = N."""
+        t = torch.arange(1, n + 1, dtype=torch.float64) / n
+        la = 2.0 * self.log_alpha(t)
+        prev = torch.cat([torch.zeros(1, dtype=torch.float64), la[:-1]])
+        return (-torch.expm1(la - prev)).to(dtype)
+
+
 #: The processes by the short names the CLI, the bench and the docs use (default parameters).
 PROCESSES: dict[str, type[SDE]] = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE, "edm": EDM}
 
 
+#: Processes that need their parameters (no defaults), by short name; kept out of PROCESSES, whose
+#: entries are built with default parameters.
+TABULATED_PROCESSES: dict[str, type[SDE]] = {"vp_discrete": DiscreteVPSDE}
+
+
 def process_name(sde: SDE) -> str:
-    """The short name of a process ('vp', 'subvp', 've', 'edm'), or its class name if it has none."""
-    for name, cls in PROCESSES.items():
+    """The short name of a process ('vp', 'subvp', 've', 'edm', 'vp_discrete'), or its class name."""
+    for name, cls in {**PROCESSES, **TABULATED_PROCESSES}.items():
         if type(sde) is cls:
             return name
     return type(sde).__name__
 
 
-def process_by_name(name: str, **params: float) -> SDE:
-    """A process from its short name; an unknown name is a ValueError listing the valid ones."""
+def process_by_name(name: str, **params) -> SDE:
+    """A process from its short name (``vp_discrete`` needs ``alphas_cumprod=``); an unknown name is a
+    ValueError listing the valid ones."""
+    if name in TABULATED_PROCESSES:
+        if not params:
+            raise ValueError(f"process {name!r} needs its schedule, e.g. alphas_cumprod=[...]")
+        return TABULATED_PROCESSES[name](**params)
     if name not in PROCESSES:
-        raise ValueError(f"unknown process {name!r}; valid processes: {list(PROCESSES)}")
+        raise ValueError(f"unknown process {name!r}; valid processes: {list(PROCESSES) + list(TABULATED_PROCESSES)}")
     return PROCESSES[name](**params)
 
 
