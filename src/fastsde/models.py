@@ -13,17 +13,28 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .score import NoisePredictionScore
-from .sde import PROCESSES, SDE, TABULATED_PROCESSES, VESDE
+from .score import DiffusersUNetScore, NoisePredictionScore
+from .sde import PROCESSES, SDE, TABULATED_PROCESSES, VESDE, VPSDE
 
-__all__ = ["EpsNetwork", "LoadedModel", "build_network", "sde_from_config", "load_model", "list_models"]
+__all__ = [
+    "EpsNetwork",
+    "LoadedModel",
+    "build_network",
+    "sde_from_config",
+    "load_model",
+    "load_diffusers_folder",
+    "list_models",
+]
 
 #: by the "type" of sde.config()
 _SDES = {cls.__name__: cls for cls in [*PROCESSES.values(), *TABULATED_PROCESSES.values()]}
@@ -104,20 +115,26 @@ def network_flops(net: nn.Module, shape: tuple[int, ...]) -> int:
 
 @dataclass
 class LoadedModel:
-    """A shipped model: ``score(x, t)`` (eval mode, no grad), its process, sample shape and config.
+    """A loaded model: ``score(x, t)`` (eval mode, no grad), its process, sample shape and config.
 
-    ``eval_cost`` is the cost of one evaluation relative to the smallest shipped model (FLOP ratio).
+    ``name`` is the shipped name or the folder's path. ``eval_cost`` is the cost of one evaluation
+    relative to the smallest shipped model (FLOP ratio; NaN where unknown). ``adapter`` is the score of a
+    network that is not an EpsNetwork (a diffusers folder's UNet); None builds it from ``network``.
     """
 
     name: str
-    network: EpsNetwork
+    network: nn.Module
     sde: SDE
     shape: tuple[int, ...]
     config: dict[str, Any]
     eval_cost: float
+    adapter: Callable[[Tensor, Tensor], Tensor] | None = None
 
     def __post_init__(self) -> None:
-        self._score = NoisePredictionScore(self.network, self.sde, time_input=self.network.time_input)
+        if self.adapter is not None:
+            self._score = self.adapter
+        else:
+            self._score = NoisePredictionScore(self.network, self.sde, time_input=self.network.time_input)
 
     def score(self, x: Tensor, t: Tensor) -> Tensor:
         with torch.no_grad():
@@ -174,34 +191,142 @@ def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return dtype
 
 
-def load_model(name: str = "digits", dtype: torch.dtype | str = torch.float32) -> LoadedModel:
-    """Load a shipped model by name (see list_models()). A model whose files are broken is a
-    ValueError naming the file; the other models are not affected."""
-    from safetensors.torch import load
-
+def load_model(name: str | os.PathLike = "digits", dtype: torch.dtype | str = torch.float32) -> LoadedModel:
+    """Load a shipped model by name (see list_models()), or a model folder by path: one written by
+    ``fastsde train --out DIR`` (config.json + model.safetensors), or a diffusers ``save_pretrained``
+    folder of a UNet2DModel with its scheduler config (see load_diffusers_folder). A model whose files
+    are broken is a ValueError naming the file; the other models are not affected. Never unpickles."""
     dtype = _as_dtype(dtype)
     available = list_models()
-    if not isinstance(name, str) or name not in available:
-        raise ValueError(f"unknown model {name!r}; shipped models are {available}")
-    cfg = _read_config(name)
+    if isinstance(name, str) and name in available:
+        cfg = _read_config(name)
+        folder = _models_dir()
+        return _assemble(name, cfg, f"{name}.json", folder.joinpath(f"{name}.safetensors"), dtype)
+    if isinstance(name, (str, os.PathLike)) and Path(name).is_dir():
+        return _load_folder(Path(name), dtype)
+    raise ValueError(
+        f"unknown model {name!r}; shipped models are {available} (or give the path of a folder written by "
+        "`fastsde train --out DIR`)"
+    )
+
+
+def _read_json(label: str, path: Path) -> dict[str, Any]:
+    """A JSON object from a model's file; a missing or broken file is a ValueError naming it."""
+    if not path.is_file():
+        raise ValueError(f"model {label!r}: {path} is missing")
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"model {label!r}: cannot read {path}: {exc}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"model {label!r}: {path} is not a JSON object")
+    return cfg
+
+
+def _load_folder(folder: Path, dtype: torch.dtype) -> LoadedModel:
+    """A model folder: fastsde's (config.json with unet/sde/shape + model.safetensors) or diffusers'."""
+    label = str(folder)
+    unet_dir = folder / "unet" if (folder / "unet" / "config.json").is_file() else folder  # a pipeline folder
+    if not (unet_dir / "config.json").is_file():
+        raise ValueError(
+            f"model {label!r}: the folder has no config.json (a folder written by `fastsde train --out DIR` holds "
+            "config.json and model.safetensors; a diffusers one config.json and diffusion_pytorch_model.safetensors)"
+        )
+    cfg = _read_json(label, unet_dir / "config.json")
+    if "_class_name" in cfg:
+        return load_diffusers_folder(folder, dtype)
+    missing = [k for k in ("unet", "sde", "shape") if k not in cfg]
+    if missing:
+        raise ValueError(f"model {label!r}: its config {folder / 'config.json'} lacks {missing}")
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise ValueError(f"model {label!r}: its weights {weights} are missing")
+    return _assemble(label, cfg, str(folder / "config.json"), weights, dtype)
+
+
+def _assemble(label: str, cfg: dict[str, Any], cfg_name: str, weights_path, dtype: torch.dtype) -> LoadedModel:
+    """Build the network a fastsde config describes and load its safetensors weights into it."""
+    from safetensors.torch import load
+
     try:
         net = build_network(cfg["unet"], cfg["sde"])
     except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"model {name!r}: its config {name}.json does not describe a network: {exc!r}") from None
-    path = _models_dir().joinpath(f"{name}.safetensors")
+        raise ValueError(f"model {label!r}: its config {cfg_name} does not describe a network: {exc!r}") from None
     try:
-        weights = load(path.read_bytes())
+        weights = load(weights_path.read_bytes())
     except Exception as exc:  # safetensors raises its own error type for truncated / corrupt files
-        raise ValueError(f"model {name!r}: cannot read its weights {path}: {exc}") from None
+        raise ValueError(f"model {label!r}: cannot read its weights {weights_path}: {exc}") from None
     try:
         net.load_state_dict({k: v.float() for k, v in weights.items()})
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
         detail = " ".join(line.strip() for line in first[1:3]) if len(first) > 1 else first[0] if first else ""
-        raise ValueError(f"model {name!r}: the weights in {path.name} do not fit its config: {detail[:300]}") from None
+        raise ValueError(
+            f"model {label!r}: the weights in {weights_path.name} do not fit its config: {detail[:300]}"
+        ) from None
     net = net.to(dtype).eval().requires_grad_(False)
-    flops = [_flops(n) for n in available]
-    finite = [f for f in flops if f == f]
-    smallest = min(finite) if finite else math.nan
-    cost = float(cfg.get("flops_per_sample", math.nan)) / smallest
-    return LoadedModel(name, net, net.sde, tuple(cfg["shape"]), cfg, cost)
+    cost = float(cfg.get("flops_per_sample", math.nan)) / _smallest_flops()
+    return LoadedModel(label, net, net.sde, tuple(cfg["shape"]), cfg, cost)
+
+
+def _smallest_flops() -> float:
+    """FLOPs per sample of the smallest shipped model (the unit of eval_cost); NaN if none is readable."""
+    finite = [f for f in (_flops(n) for n in list_models()) if f == f]
+    return min(finite) if finite else math.nan
+
+
+def _scheduler_config(label: str, folder: Path) -> dict[str, Any]:
+    """The scheduler config next to a diffusers UNet: scheduler_config.json in the folder or in scheduler/."""
+    for candidate in (folder / "scheduler_config.json", folder / "scheduler" / "scheduler_config.json"):
+        if candidate.is_file():
+            return _read_json(label, candidate)
+    raise ValueError(
+        f"model {label!r}: no scheduler config (scheduler_config.json in {folder} or in {folder / 'scheduler'}); "
+        "it sets the noise schedule the UNet was trained with"
+    )
+
+
+def load_diffusers_folder(folder: str | os.PathLike, dtype: torch.dtype | str = torch.float32) -> LoadedModel:
+    """A diffusers ``save_pretrained`` folder of a UNet2DModel (config.json +
+    diffusion_pytorch_model.safetensors, or a pipeline folder with unet/) plus its scheduler config.
+
+    The scheduler's ᾱ table becomes a DiscreteVPSDE (VPSDE.from_diffusers_scheduler); the score is
+    DiffusersUNetScore with the scheduler's prediction_type, the UNet conditioned on the fractional
+    timestep. Weights load from safetensors only. eval_cost is NaN (no FLOP count for foreign networks).
+    """
+    import diffusers
+
+    dtype = _as_dtype(dtype)
+    folder = Path(folder)
+    label = str(folder)
+    unet_dir = folder / "unet" if (folder / "unet" / "config.json").is_file() else folder
+    cfg = _read_json(label, unet_dir / "config.json")
+    if cfg.get("_class_name") != "UNet2DModel":
+        raise ValueError(
+            f"model {label!r}: {unet_dir / 'config.json'} is a {cfg.get('_class_name')!r}, not a UNet2DModel"
+        )
+    if not (unet_dir / "diffusion_pytorch_model.safetensors").is_file():
+        raise ValueError(f"model {label!r}: {unet_dir / 'diffusion_pytorch_model.safetensors'} is missing")
+    sched_cfg = _scheduler_config(label, folder)
+    sched_cls = getattr(diffusers, str(sched_cfg.get("_class_name")), None)
+    if not (isinstance(sched_cls, type) and issubclass(sched_cls, diffusers.SchedulerMixin)):
+        sched_cls = diffusers.DDPMScheduler
+    try:
+        scheduler = sched_cls.from_config(sched_cfg)
+        sde = VPSDE.from_diffusers_scheduler(scheduler)
+    except (TypeError, ValueError, KeyError, NotImplementedError) as exc:
+        raise ValueError(f"model {label!r}: its scheduler config does not give a VP schedule: {exc}") from None
+    try:
+        unet = diffusers.UNet2DModel.from_pretrained(
+            unet_dir, use_safetensors=True, torch_dtype=dtype, low_cpu_mem_usage=False
+        )
+    except Exception as exc:  # diffusers raises OSError, ValueError, safetensors errors ...
+        raise ValueError(f"model {label!r}: cannot load the UNet in {unet_dir}: {exc}") from None
+    unet = unet.eval().requires_grad_(False)
+    prediction = sched_cfg.get("prediction_type", "epsilon")
+    size = unet.config.sample_size
+    hw = tuple(size) if isinstance(size, (list, tuple)) else (int(size), int(size))
+    shape = (int(unet.config.in_channels), *hw)
+    config = {"format": "diffusers", "sde": sde.config(), "shape": list(shape), "prediction": prediction}
+    score = DiffusersUNetScore(unet, sde, prediction_type=prediction)
+    return LoadedModel(label, unet, sde, shape, config, math.nan, adapter=score)

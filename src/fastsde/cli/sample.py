@@ -44,7 +44,9 @@ def add_parser(subparsers) -> None:
         epilog=QUALITY_HELP,
     )
     p.add_argument(
-        "--model", default=None, help="a shipped model (fastsde.list_models()) or 'mixture' (default digits)"
+        "--model",
+        default=None,
+        help="a shipped model (fastsde.list_models()), 'mixture', or a model folder by path (default digits)",
     )
     p.add_argument("--solver", default=None, help="solver name (default: fastsde.sample's default solver)")
     p.add_argument(
@@ -226,8 +228,11 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--shard-size must be a positive integer with --out DIR/, got {args.shard_size}")
     out = None if sharded else check_output(args.out)
     mixture = args.model == "mixture"
-    if not level_names and not mixture and args.model not in fastsde.list_models():
-        raise CLIError(f"unknown model {args.model!r}; available: {', '.join(fastsde.list_models() + ['mixture'])}")
+    if not level_names and not mixture and args.model not in fastsde.list_models() and not is_model_dir(args.model):
+        raise CLIError(
+            f"unknown model {args.model!r}; available: {', '.join(fastsde.list_models() + ['mixture'])}, "
+            "or the path of a folder written by `fastsde train --out DIR`"
+        )
     device = _device(args.device)
     if sharded:  # under torchrun a bare cuda is this rank's GPU (LOCAL_RANK), for the network too
         from ..sharding import device_for_rank
@@ -427,3 +432,10 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     return repr(value)
+
+
+def is_model_dir(path: str) -> bool:
+    """Whether --model names an existing folder (one written by `fastsde train`, or a diffusers one)."""
+    from pathlib import Path
+
+    return Path(path).is_dir()
