@@ -101,3 +101,18 @@ def test_bad_grid_arguments():
     for rho in (0.0, -7.0):
         with pytest.raises(ValueError, match=rf"rho must be > 0, got {rho}"):
             fastsde.sample(lambda x, t: -x, sde, (2, 2), solver="heun", rho=rho)
+
+
+@pytest.mark.parametrize("rho", [2.0**-8, 1e-3])
+def test_a_degenerate_edm_grid_is_refused_naming_rho(rho):
+    """A tiny rho overflows σ_max^(1/rho) (found by the property tests: heun with rho = 2^-8 gave NaN
+    times): a ValueError naming rho, before any evaluation."""
+    calls = []
+
+    def score(x, t):
+        calls.append(1)
+        return -x
+
+    with pytest.raises(ValueError, match="rho"):
+        fastsde.sample(score, fastsde.EDM(), (3, 2), solver="heun", steps=6, rho=rho, seed=0)
+    assert calls == []

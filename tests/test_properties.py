@@ -21,7 +21,9 @@ from fastsde.cli import main
 from fastsde.problems import mixture_2d
 
 CASES = {"count": 0}
-SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+#: derandomize: the same cases on every run, so that CI is reproducible (a case hypothesis found once,
+#: heun with rho = 2^-8, is kept as an explicit test in tests/test_core_grids.py).
+SETTINGS = settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 PROCESSES = {"vp": fastsde.VPSDE(), "subvp": fastsde.SubVPSDE(), "ve": fastsde.VESDE(), "edm": fastsde.EDM()}
 #: solvers with a small fixed cost for the property runs: (name, options that keep a run cheap)

@@ -45,5 +45,15 @@ def time_grid(sde: SDE, kind: str, n: int, t_start: float, t_end: float, rho: fl
     else:
         s = sde.edm_sigma(ends) ** (1.0 / rho)
         grid = sde.t_from_edm_sigma((s[0] + u * (s[1] - s[0])) ** rho)
+    inner = grid[1:-1]
+    if not bool(torch.isfinite(inner).all()) or (n > 2 and not bool((grid[:-1] > grid[1:]).all())):
+        why = (
+            f" with rho = {rho!r} (σ^(1/rho) overflows or rounds to equal points): choose rho near 7"
+            if kind == "edm"
+            else ""
+        )
+        raise ValueError(
+            f"the {kind} grid of {n} points from t = {t_start:g} to {t_end:g} is not finite and decreasing{why}"
+        )
     grid[0], grid[-1] = t_start, t_end  # exact ends despite round trips through λ
     return grid
