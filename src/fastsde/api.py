@@ -140,6 +140,30 @@ def check_shape(shape: Any) -> tuple[int, ...]:
     return tuple(int(s) for s in shape)
 
 
+def check_run(
+    score: Any, sde: SDE, shape: Sequence[int], solver: str | SolverSpec, t_end: Any, denoise: Any
+) -> tuple[tuple[int, ...], SolverSpec, float, bool]:
+    """The checks of a sampling call before any compute (``sample``, ``sample_to_dir``): the score
+    (or each level of a ``Levels``) against the process, the shape, the solver, t_end and denoise.
+    Returns (shape, solver spec, t_end, denoise) as Python values."""
+    if isinstance(score, Levels):  # a hierarchy for solver="mlem": each level checked like a score
+        score.check(sde, get_solver(solver).name)
+    else:
+        check_score_and_process(score, sde)
+    shape = check_shape(shape)
+    spec = get_solver(solver)
+    t_end = sde.default_t_end if t_end is None else as_python_number(t_end)
+    if isinstance(t_end, bool) or not isinstance(t_end, (int, float)):
+        raise ValueError(f"t_end must be a number, got {t_end!r}")
+    sde.check_time("t_end", t_end)
+    if not t_end < sde.T:
+        raise ValueError(f"t_end must be < T = {sde.T:g}, got {t_end!r}")
+    denoise = as_python_number(denoise)
+    if not isinstance(denoise, bool):
+        raise ValueError(f"denoise must be True or False, got {denoise!r}")
+    return shape, spec, t_end, denoise
+
+
 def sample(
     score: ScoreFn,
     sde: SDE,
@@ -172,21 +196,7 @@ def sample(
         x_init: start from this state at T instead of a prior draw.
         **options: solver options; unknown names are a ValueError listing the valid ones.
     """
-    if isinstance(score, Levels):  # a hierarchy for solver="mlem": each level checked like a score
-        score.check(sde, get_solver(solver).name)
-    else:
-        check_score_and_process(score, sde)
-    shape = check_shape(shape)
-    spec = get_solver(solver)
-    t_end = sde.default_t_end if t_end is None else as_python_number(t_end)
-    if isinstance(t_end, bool) or not isinstance(t_end, (int, float)):
-        raise ValueError(f"t_end must be a number, got {t_end!r}")
-    sde.check_time("t_end", t_end)
-    if not t_end < sde.T:
-        raise ValueError(f"t_end must be < T = {sde.T:g}, got {t_end!r}")
-    denoise = as_python_number(denoise)
-    if not isinstance(denoise, bool):
-        raise ValueError(f"denoise must be True or False, got {denoise!r}")
+    shape, spec, t_end, denoise = check_run(score, sde, shape, solver, t_end, denoise)
     opts = spec.resolve(sde, options, t_end)
     dtype = check_dtype(dtype)
     n = shape[0]

@@ -204,6 +204,74 @@ def _positive_int(name: str, v: Any) -> None:
         raise ValueError(f"{name} must be an int >= 1, got {v!r}")
 
 
+@dataclass
+class PassResult:
+    """What ``evaluate_passes`` returns: log p per row averaged over passes, NFE (passes, n), calls,
+    the mean bits/dim of each pass."""
+
+    logp: Tensor
+    nfe: Tensor
+    calls: int
+    pass_bpd: list[float]
+
+
+def evaluate_passes(
+    score: ScoreFn,
+    sde: SDE,
+    arr: np.ndarray,
+    lv: int | None,
+    noise: NoiseSource,
+    d: int,
+    offset: float,
+    *,
+    passes: int,
+    batch_size: int,
+    trace: str,
+    probes: int,
+    probe: str,
+    rtol: float,
+    atol: float,
+    method: str,
+    max_steps: int,
+    dtype: torch.dtype,
+    bar: Any = None,
+) -> PassResult:
+    """``log_likelihood`` of prepared rows (``_as_levels``) in batches, for each pass with fresh
+    dequantisation noise and probes of the rows' own seeds (``noise``, one per row): the loop of
+    ``dataset_likelihood`` and of each shard of ``likelihood_to_dir``. ``bar``: a tqdm bar to advance."""
+    n = arr.shape[0]
+    logps, nfes, calls, pass_bpd = [], [], 0, []
+    for p in range(passes):
+        x = _model_space(arr, lv, noise, dtype, p)
+        pass_logps, pass_nfes = [], []
+        for lo in range(0, n, batch_size):
+            rows = list(range(lo, min(n, lo + batch_size)))
+            out = log_likelihood(
+                score,
+                sde,
+                x[rows[0] : rows[-1] + 1],
+                trace=trace,
+                seed=noise.subset(rows),
+                rtol=rtol,
+                atol=atol,
+                probes=probes,
+                probe=probe,
+                method=method,
+                max_steps=max_steps,
+                pass_index=p,
+            )
+            pass_logps.append(out.logp.detach().cpu().to(torch.float64))
+            pass_nfes.append(out.nfe_per_sample.to(torch.float64))
+            calls += out.calls
+            if bar is not None:
+                bar.update(len(rows))
+                bar.set_postfix(bpd=f"{float(bits_per_dim(torch.cat(pass_logps), d, offset).mean()):.4f}")
+        logps.append(torch.cat(pass_logps))
+        nfes.append(torch.cat(pass_nfes))
+        pass_bpd.append(float(bits_per_dim(logps[-1], d, offset).mean()))
+    return PassResult(torch.stack(logps).mean(dim=0), torch.stack(nfes), calls, pass_bpd)
+
+
 def dataset_likelihood(
     score: ScoreFn,
     sde: SDE,
@@ -252,48 +320,39 @@ def dataset_likelihood(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=n * passes, desc="likelihood", unit="sample")
-    logps, nfes, calls, pass_bpd = [], [], 0, []
     start = time.perf_counter()
     try:
-        for p in range(passes):
-            x = _model_space(arr, lv, noise, dtype, p)
-            pass_logps, pass_nfes = [], []
-            for lo in range(0, n, batch_size):
-                rows = list(range(lo, min(n, lo + batch_size)))
-                out = log_likelihood(
-                    score,
-                    sde,
-                    x[rows[0] : rows[-1] + 1],
-                    trace=trace,
-                    seed=noise.subset(rows),
-                    rtol=rtol,
-                    atol=atol,
-                    probes=probes,
-                    probe=probe,
-                    method=method,
-                    max_steps=max_steps,
-                    pass_index=p,
-                )
-                pass_logps.append(out.logp.detach().cpu().to(torch.float64))
-                pass_nfes.append(out.nfe_per_sample)
-                calls += out.calls
-                if bar is not None:
-                    bar.update(len(rows))
-                    bar.set_postfix(bpd=f"{float(bits_per_dim(torch.cat(pass_logps), d, offset).mean()):.4f}")
-            logps.append(torch.cat(pass_logps))
-            nfes.append(torch.cat(pass_nfes))
-            pass_bpd.append(float(bits_per_dim(logps[-1], d, offset).mean()))
+        passes_out = evaluate_passes(
+            score,
+            sde,
+            arr,
+            lv,
+            noise,
+            d,
+            offset,
+            passes=passes,
+            batch_size=batch_size,
+            trace=trace,
+            probes=probes,
+            probe=probe,
+            rtol=rtol,
+            atol=atol,
+            method=method,
+            max_steps=max_steps,
+            dtype=dtype,
+            bar=bar,
+        )
     finally:
         if bar is not None:
             bar.close()
     wall = time.perf_counter() - start
-    logp = torch.stack(logps).mean(dim=0)  # per sample, averaged over passes
+    logp = passes_out.logp
     return DatasetLikelihood(
         logp=logp,
         bpd=bits_per_dim(logp, d, offset),
-        pass_bpd=pass_bpd,
-        nfe_per_sample=torch.stack(nfes),
-        calls=calls,
+        pass_bpd=passes_out.pass_bpd,
+        nfe_per_sample=passes_out.nfe,
+        calls=passes_out.calls,
         wall_time=wall,
         offset=offset,
         note=note,

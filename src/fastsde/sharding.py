@@ -33,12 +33,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .api import DEFAULT_SOLVER, check_dtype, check_score_and_process, check_shape, sample
+from .api import DEFAULT_SOLVER, check_dtype, check_run, sample
 from .files import write_atomic, write_json_atomic
-from .levels import Levels
 from .noise import NoiseSource, check_seed
 from .sde import SDE
-from .solvers import SolverSpec, get_solver
+from .solvers import SolverSpec
 from .solvers.base import as_python_number
 
 __all__ = [
@@ -445,27 +444,13 @@ def sample_to_dir(
         progress: a progress bar per shard.
         on_shard: called with a :class:`ShardInfo` after each shard this rank writes.
     """
-    if isinstance(score, Levels):
-        score.check(sde, get_solver(solver).name)
-    else:
-        check_score_and_process(score, sde)
-    shape = check_shape(shape)
-    spec = get_solver(solver)
+    shape, spec, t_end, denoise = check_run(score, sde, shape, solver, t_end, denoise)
     seed = check_seed(seed, "seed")
     shard_size = as_python_number(shard_size)
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise ValueError(f"shard_size must be a positive int, got {shard_size!r}")
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
-    t_end = sde.default_t_end if t_end is None else as_python_number(t_end)
-    if isinstance(t_end, bool) or not isinstance(t_end, (int, float)):
-        raise ValueError(f"t_end must be a number, got {t_end!r}")
-    sde.check_time("t_end", t_end)
-    if not t_end < sde.T:
-        raise ValueError(f"t_end must be < T = {sde.T:g}, got {t_end!r}")
-    denoise = as_python_number(denoise)
-    if not isinstance(denoise, bool):
-        raise ValueError(f"denoise must be True or False, got {denoise!r}")
     dtype = check_dtype(dtype)
     settings = _settings(score, sde, shape, spec, options, t_end, denoise, seed, dtype, shard_size, model)
     fp = _fingerprint(settings)

@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 
 from .api import check_score_and_process
-from .likelihood import bits_per_dim, bpd_offset, log_likelihood
-from .likelihood_data import DatasetLikelihood, _as_levels, _model_space, _positive_int
+from .likelihood import bits_per_dim, bpd_offset
+from .likelihood_data import DatasetLikelihood, _as_levels, _positive_int, evaluate_passes
 from .noise import NoiseSource, check_seed
 from .sde import SDE
 from .sharding import (
@@ -105,38 +105,31 @@ def likelihood_to_dir(
 
     def compute(k: int, a: int, b: int) -> tuple[dict[str, np.ndarray], Tensor, list[str]]:
         noise = NoiseSource.from_seed(seed, b - a, start=a)
-        logps, nfes, pass_bpd = [], [], []
-        for p in range(passes):
-            x = _model_space(arr[a:b], lv, noise, dtype, p)
-            part_logp, part_nfe = [], []
-            for lo in range(0, b - a, batch_size):
-                hi = min(b - a, lo + batch_size)
-                res = log_likelihood(
-                    score,
-                    sde,
-                    x[lo:hi],
-                    trace=trace,
-                    seed=noise.subset(list(range(lo, hi))),
-                    rtol=rtol,
-                    atol=atol,
-                    probes=probes,
-                    probe=probe,
-                    method=method,
-                    max_steps=max_steps,
-                    pass_index=p,
-                )
-                part_logp.append(res.logp.detach().cpu().to(torch.float64))
-                part_nfe.append(res.nfe_per_sample.to(torch.float64))
-            logps.append(torch.cat(part_logp))
-            nfes.append(torch.cat(part_nfe))
-            pass_bpd.append(float(bits_per_dim(logps[-1], d, offset).mean()))
-        logp = torch.stack(logps).mean(dim=0)
-        nfe = torch.stack(nfes)
+        res = evaluate_passes(
+            score,
+            sde,
+            arr[a:b],
+            lv,
+            noise,
+            d,
+            offset,
+            passes=passes,
+            batch_size=batch_size,
+            trace=trace,
+            probes=probes,
+            probe=probe,
+            rtol=rtol,
+            atol=atol,
+            method=method,
+            max_steps=max_steps,
+            dtype=dtype,
+        )
+        logp, nfe = res.logp, res.nfe
         arrays = {
             "logp": logp.numpy(),
             "bpd": bits_per_dim(logp, d, offset).numpy(),
             "nfe_passes": nfe.numpy(),
-            "pass_bpd": np.array(pass_bpd, dtype=np.float64),
+            "pass_bpd": np.array(res.pass_bpd, dtype=np.float64),
         }
         return arrays, nfe.mean(dim=0), ["done"] * (b - a)
 

@@ -102,6 +102,17 @@ def _read_data(path: Path, key: str | None):
     return read_array(path, key, prefer=_NPZ_KEYS, key_hint="--key")
 
 
+#: Flags passed on as they are to ``dataset_likelihood`` and ``likelihood_to_dir``.
+LIKELIHOOD_FLAGS = (
+    "levels", "offset", "seed", "passes", "batch_size", "trace", "probes", "probe", "rtol", "atol", "method", "max_steps"
+)  # fmt: skip
+
+
+def likelihood_options(args: argparse.Namespace, dtype: Any) -> dict[str, Any]:
+    """The keywords that ``dataset_likelihood`` and ``likelihood_to_dir`` both take, from the flags."""
+    return {**{name: getattr(args, name) for name in LIKELIHOOD_FLAGS}, "dtype": dtype, "levels_option": "--levels"}
+
+
 def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
@@ -150,25 +161,7 @@ def run(args: argparse.Namespace) -> int:
                 return 0
         else:
             res = dataset_likelihood(
-                score,
-                sde,
-                arr,
-                shape,
-                levels=args.levels,
-                offset=args.offset,
-                seed=args.seed,
-                passes=args.passes,
-                batch_size=args.batch_size,
-                trace=args.trace,
-                probes=args.probes,
-                probe=args.probe,
-                rtol=args.rtol,
-                atol=args.atol,
-                method=args.method,
-                max_steps=args.max_steps,
-                dtype=dtype,
-                progress=not args.no_progress,
-                levels_option="--levels",
+                score, sde, arr, shape, progress=not args.no_progress, **likelihood_options(args, dtype)
             )
     except (IntegrationError, NonFiniteScoreError) as exc:
         hint = str(exc).replace(

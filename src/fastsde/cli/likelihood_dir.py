@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from . import CLIError
+from .likelihood import likelihood_options
 
 #: rows per shard file when --shard-size is not given
 DEFAULT_SHARD_SIZE = 1000
@@ -37,21 +38,8 @@ def run_sharded(args: argparse.Namespace, score: Any, sde: Any, arr: Any, shape:
         out,
         shard_size=args.shard_size or DEFAULT_SHARD_SIZE,
         model=args.model,
-        levels=args.levels,
-        offset=args.offset,
-        seed=args.seed,
-        passes=args.passes,
-        batch_size=args.batch_size,
-        trace=args.trace,
-        probes=args.probes,
-        probe=args.probe,
-        rtol=args.rtol,
-        atol=args.atol,
-        method=args.method,
-        max_steps=args.max_steps,
-        dtype=dtype,
         on_shard=report,
-        levels_option="--levels",
+        **likelihood_options(args, dtype),
     )
     if run.rank != 0:
         return None
