@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Train the ML-EM network hierarchy (issue 15) with equal step counts, resumably: rerun this script
+# and each model continues from its last checkpoint (saved every 250 steps) until it reaches STEPS.
+# Usage: benchmarks/train_hierarchy.sh [STEPS] (default 8000); FASTSDE=.venv/bin/fastsde by default.
+set -euo pipefail
+STEPS=${1:-8000}
+FASTSDE=${FASTSDE:-.venv/bin/fastsde}
+for preset in small medium large; do
+  out=runs/h-$preset
+  resume=()
+  [[ -f $out/train_state.json ]] && resume=(--resume)
+  "$FASTSDE" train --quiet --out "$out" --preset "$preset" --steps "$STEPS" --save-every 250 --threads 1 "${resume[@]}"
+done
