@@ -4,6 +4,7 @@ evaluations."""
 from . import problems
 from .api import SampleResult, sample
 from .grids import time_grid
+from .guidance import CFGScore, ClassifierGuidance
 from .iia import IIATable, fit_iia, load_iia
 from .levels import Levels
 from .likelihood import LikelihoodResult, bits_per_dim, log_likelihood
@@ -38,6 +39,8 @@ __all__ = [
     "DenoiserScore",
     "DiffusersUNetScore",
     "CountingScore",
+    "CFGScore",
+    "ClassifierGuidance",
     "NonFiniteScoreError",
     "NonFiniteSolveError",
     "BudgetError",

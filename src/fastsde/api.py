@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .levels import Levels, LevelScores
 from .noise import NoiseSource, Stream, as_noise_source
-from .score import CountingScore, ScoreFn
+from .score import CountingScore, ScoreFn, check_cond
 from .sde import EDM, SDE
 from .solvers import SolverSpec, get_solver
 from .solvers.base import SolverContext, StepInfo, as_python_number
@@ -26,6 +26,7 @@ __all__ = [
     "check_shape",
     "check_score_and_process",
     "check_dtype",
+    "check_t_start",
     "score_process",
 ]
 
@@ -63,13 +64,32 @@ class SampleResult:
     #: (schedule used, expected and realised cost, calibration) that config() reports as "multilevel"
     nfe_per_level: Tensor | None = None
     multilevel: dict[str, Any] | None = None
+    #: mean network evaluations per sample: ``nfe`` times the network evaluations one score
+    #: evaluation costs (2 under classifier-free guidance, which evaluates a conditional and an
+    #: unconditional row in one call); equals ``nfe`` for a plain score
+    network_evals: float | None = None
 
     def config(self) -> dict[str, Any]:
         """Every knob that produced these samples (for benchmark records): the solver, its resolved
         options, t_end, denoise, the process, n, the seed, the dtype and the device (and, for
-        Levels, the multilevel accounting)."""
-        out = {"solver": self.solver, **self.options, "seed": self.seed, "dtype": self.dtype, "device": self.device}
+        Levels, the multilevel accounting; under guidance, the network evaluations per sample)."""
+        opts = {k: _recordable(v) for k, v in self.options.items()}
+        out = {"solver": self.solver, **opts, "seed": self.seed, "dtype": self.dtype, "device": self.device}
+        if self.network_evals is not None and self.network_evals != self.nfe:
+            out["network_evals"] = self.network_evals
         return out if self.multilevel is None else {**out, "multilevel": self.multilevel}
+
+
+def _recordable(value: Any) -> Any:
+    """An option value as res.config() records it: objects with a ``config()`` (a learned ML-EM
+    schedule, ...) by that description, other callables (a p(t), ...) by their name, tensors as lists."""
+    if hasattr(value, "config") and callable(value.config):
+        return value.config()
+    if isinstance(value, Tensor):
+        return value.tolist()
+    if callable(value):
+        return f"<callable {getattr(value, '__qualname__', type(value).__name__)}>"
+    return value
 
 
 #: The solver ``sample`` and ``fastsde sample`` use when none is named: the fastest sampler measured
@@ -164,6 +184,28 @@ def check_run(
     return shape, spec, t_end, denoise
 
 
+def check_t_start(sde: SDE, t_start: Any, t_end: float, x_init: Any, solver: str) -> float:
+    """t_start as a float with T ≥ t_start > t_end; a t_start below T needs the image it starts from
+    (x_init), and an IIA table (fitted on the grid from T) cannot start elsewhere."""
+    if t_start is None:
+        return float(sde.T)
+    t_start = as_python_number(t_start)
+    if isinstance(t_start, bool) or not isinstance(t_start, (int, float)):
+        raise ValueError(f"t_start must be a number with T = {sde.T:g} >= t_start > t_end = {t_end:g}, got {t_start!r}")
+    sde.check_time("t_start", t_start)
+    if not t_end < t_start <= sde.T:
+        raise ValueError(f"t_start must satisfy T = {sde.T:g} >= t_start > t_end = {t_end:g}, got {t_start!r}")
+    if x_init is None:
+        raise ValueError(
+            "t_start needs x_init: the clean image to noise to t_start (or the noised state with x_init_noised=True)"
+        )
+    if solver.startswith("iia_") and t_start != sde.T:
+        raise ValueError(
+            f"{solver} uses a table fitted on the grid from T = {sde.T:g}: it cannot start at t_start = {t_start:g}"
+        )
+    return float(t_start)
+
+
 def sample(
     score: ScoreFn,
     sde: SDE,
@@ -178,6 +220,9 @@ def sample(
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
     x_init: Tensor | None = None,
+    cond: Tensor | dict[str, Tensor] | None = None,
+    t_start: float | None = None,
+    x_init_noised: bool = False,
     **options: Any,
 ) -> SampleResult:
     """Draw samples from the model given by ``score`` under the process ``sde``.
@@ -193,7 +238,14 @@ def sample(
         callback: called with a StepInfo after each step; return False to stop early.
         progress: show a tqdm progress bar.
         dtype, device: where the solve runs (default float32 on CPU; float64 works).
-        x_init: start from this state at T instead of a prior draw.
+        x_init: without t_start, start from this state at T instead of a prior draw; with t_start, the
+            clean image to start from (SDEdit / img2img), noised to m(t_start)·x_init + σ(t_start)·z with
+            z the keyed prior noise of each sample (the same z for any batch size).
+        cond: per-sample conditioning, one row per sample: a tensor, passed to the score as the keyword
+            ``cond``, or a dict of tensors, passed as keywords: ``score(x, t, **cond_rows)`` with the rows
+            of exactly the samples the score evaluates (compaction and finished samples included).
+        t_start: start the solve at this time (T ≥ t_start > t_end; default T); needs x_init.
+        x_init_noised: x_init is already the state at t_start (not noised again).
         **options: solver options; unknown names are a ValueError listing the valid ones.
     """
     shape, spec, t_end, denoise = check_run(score, sde, shape, solver, t_end, denoise)
@@ -202,23 +254,32 @@ def sample(
     n = shape[0]
     noise = as_noise_source(seed, n)
     seed_record = _seed_record(seed)
-    if x_init is not None and tuple(x_init.shape) != shape:
-        raise ValueError(f"x_init must have shape {shape}, got {tuple(x_init.shape)}")
+    if x_init is not None and (not isinstance(x_init, Tensor) or tuple(x_init.shape) != shape):
+        got = tuple(x_init.shape) if isinstance(x_init, Tensor) else type(x_init).__name__
+        raise ValueError(f"x_init must be a tensor of shape {shape}, got {got}")
+    if not isinstance(x_init_noised, bool):
+        raise ValueError(f"x_init_noised must be True or False, got {x_init_noised!r}")
+    t0 = check_t_start(sde, t_start, float(t_end), x_init, spec.name)
+    cond_kw = check_cond(cond, n, device)
+    if cond_kw is not None and isinstance(score, Levels) and opts.get("p") == "auto":
+        raise ValueError("p='auto' calibrates on pilot samples that have no conditioning: give p explicitly with cond=")
 
     counted = (
-        score.counting(n)
+        score.counting(n, cond_kw)
         if isinstance(score, Levels)
-        else CountingScore(score, n, defer_finite=defer_finite_checks(device))
+        else CountingScore(score, n, defer_finite=defer_finite_checks(device), cond=cond_kw)
     )
     ctx = SolverContext(
-        sde=sde, score=counted, noise=noise, t_start=sde.T, t_end=float(t_end), callback=callback, progress=progress
+        sde=sde, score=counted, noise=noise, t_start=t0, t_end=float(t_end), callback=callback, progress=progress
     )
     start = time.perf_counter()
     with torch.no_grad():
         if x_init is None:
             x = sde.prior_sample(noise.normal(shape[1:], Stream.PRIOR, 0, dtype=dtype, device=device))
-        else:
+        elif t_start is None or x_init_noised:
             x = x_init.to(device, dtype)
+        else:  # SDEdit: the clean image diffused to t_start with the sample's keyed noise
+            x = noise_image(sde, x_init.to(device, dtype), t0, noise)
         x = spec.run(ctx, x, **opts)
         if denoise and not ctx.stopped:
             t = ctx.times(ctx.t_end, x)
@@ -226,6 +287,7 @@ def sample(
         if isinstance(counted, CountingScore):
             counted.flush()  # deferred NaN/Inf checks (accelerators)
     wall = time.perf_counter() - start
+    start_record = {} if t_start is None else {"t_start": t0, "x_init_noised": x_init_noised}
     multilevel = None
     if isinstance(counted, LevelScores):
         multilevel = counted.accounting(denoised=denoise and not ctx.stopped)
@@ -236,7 +298,7 @@ def sample(
         nfe_per_sample=counted.nfe_per_sample.clone(),
         calls=counted.calls,
         solver=spec.name,
-        options={**opts, "t_end": float(t_end), "denoise": denoise, "sde": sde.config(), "n": n},
+        options={**opts, "t_end": float(t_end), "denoise": denoise, "sde": sde.config(), "n": n, **start_record},
         wall_time=wall,
         stats=dict(ctx.stats, rows_evaluated=counted.rows_evaluated),
         stopped_early=ctx.stopped,
@@ -246,7 +308,17 @@ def sample(
         device=str(x.device),
         nfe_per_level=None if multilevel is None else counted.nfe_per_level,
         multilevel=multilevel,
+        network_evals=counted.network_evals,
     )
+
+
+def noise_image(sde: SDE, x0: Tensor, t: float, noise: NoiseSource) -> Tensor:
+    """x0 diffused to time t: m(t)·x0 + σ(t)·z, z the keyed prior noise (sample i's own for any batch)."""
+    z = noise.normal(x0.shape[1:], Stream.PRIOR, 0, dtype=x0.dtype, device=x0.device)
+    tt = torch.full((x0.shape[0],), float(t), dtype=torch.float64)
+    m = sde.mean_coeff(tt).to(x0.device, x0.dtype).reshape(-1, *([1] * (x0.dim() - 1)))
+    sig = sde.marginal_std(tt).to(x0.device, x0.dtype).reshape(-1, *([1] * (x0.dim() - 1)))
+    return m * x0 + sig * z
 
 
 def defer_finite_checks(device: torch.device | str | None) -> bool:

@@ -154,11 +154,11 @@ class Levels:
             except ValueError as err:
                 raise ValueError(f"levels[{i}]: {err}") from None
 
-    def counting(self, n: int) -> LevelScores:
-        """One counter per level for a batch of n samples."""
-        return LevelScores(self, n)
+    def counting(self, n: int, cond: dict[str, Tensor] | None = None) -> LevelScores:
+        """One counter per level for a batch of n samples (with their per-sample conditioning)."""
+        return LevelScores(self, n, cond)
 
-    def probe(self, sde: SDE, like: Tensor, t_end: float) -> int:
+    def probe(self, sde: SDE, like: Tensor, t_end: float, cond: dict[str, Tensor] | None = None) -> int:
         """Evaluate every level on two rows shaped like ``like`` (at T and halfway to t_end) and refuse,
         before any compute on the samples, a level that returns the wrong shape, NaN/Inf, or (with
         ``agree_tol``) a score far from the finest one. Returns the rows evaluated per level."""
@@ -166,9 +166,10 @@ class Levels:
         times[0], times[1] = sde.T, 0.5 * (sde.T + t_end)
         src = NoiseSource.from_seed(CALIBRATION_SEED, 2)
         x = sde.prior_sample(src.normal(like.shape[1:], Stream.PROBE, 0, dtype=like.dtype, device=like.device))
+        kw = {} if not cond else {k: v[:1].expand(2, *v.shape[1:]) for k, v in cond.items()}  # sample 0's rows
         outs = []
         for i, f in enumerate(self.scores):
-            out = f(x, times)
+            out = f(x, times, **kw)
             if not isinstance(out, Tensor) or out.shape != x.shape:
                 got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
                 raise ValueError(f"levels[{i}](x, t) must return a tensor shaped like x {tuple(x.shape)}, got {got}")
@@ -195,15 +196,22 @@ class LevelScores:
     caller that wants one score); the totals (``nfe_per_sample``, ``cost_per_sample``, ``calls``)
     sum over levels, so the driver and the front door read them as they read one counter."""
 
-    def __init__(self, levels: Levels, n: int) -> None:
+    def __init__(self, levels: Levels, n: int, cond: dict[str, Tensor] | None = None) -> None:
         self.spec = levels
         self.n = n
-        self.levels = [CountingScore(f, n, cost=c) for f, c in zip(levels.scores, levels.costs)]
+        self.levels = [CountingScore(f, n, cost=c, cond=cond) for f, c in zip(levels.scores, levels.costs)]
         #: what the mlem stepper records for res.config(): schedule, expected cost, calibration
         self.record: dict[str, Any] = {}
 
-    def __call__(self, x: Tensor, t: Tensor, rows: Tensor | None = None, *, check_finite: bool = True) -> Tensor:
-        return self.levels[-1](x, t, rows, check_finite=check_finite)
+    def __call__(
+        self, x: Tensor, t: Tensor, rows: Tensor | None = None, *, check_finite: bool = True, ids: Tensor | None = None
+    ) -> Tensor:
+        return self.levels[-1](x, t, rows, check_finite=check_finite, ids=ids)
+
+    @property
+    def network_evals(self) -> float:
+        """Mean network evaluations per sample, all levels together."""
+        return sum(c.network_evals for c in self.levels)
 
     @property
     def nfe_per_sample(self) -> Tensor:

@@ -59,18 +59,25 @@ class EpsNetwork(nn.Module):
         self.unet = unet
         self.sde = sde
         self.input_scaling = isinstance(sde, VESDE)
+        classes = getattr(getattr(unet, "config", None), "num_class_embeds", None)
+        #: a class-conditional network's null label (the last class embedding; trained with label
+        #: dropout as the unconditional model), used when no class_labels are given; None otherwise
+        self.null_label: int | None = int(classes) - 1 if classes else None
 
     def time_input(self, t: Tensor) -> Tensor:
         """t -> the network's conditioning label."""
         return 999.0 * t
 
-    def forward(self, x: Tensor, label: Tensor) -> Tensor:
+    def forward(self, x: Tensor, label: Tensor, class_labels: Tensor | None = None) -> Tensor:
         dtype = next(self.unet.parameters()).dtype
         label = label.reshape(-1).expand(x.shape[0]) if label.numel() == 1 else label
         if self.input_scaling:
             sigma = self.sde.marginal_std(label.to(torch.float64) / 999.0).to(x.dtype)
             x = x / torch.sqrt(1.0 + sigma**2).reshape(-1, *([1] * (x.dim() - 1)))
-        return self.unet(x.to(dtype), label.to(dtype)).sample.to(x.dtype)
+        if class_labels is None and self.null_label is not None:
+            class_labels = torch.full((x.shape[0],), self.null_label, dtype=torch.long)
+        extra = {} if class_labels is None else {"class_labels": class_labels.to(x.device, torch.long)}
+        return self.unet(x.to(dtype), label.to(dtype), **extra).sample.to(x.dtype)
 
 
 def build_unet(cfg: dict[str, Any]) -> nn.Module:
@@ -95,6 +102,7 @@ def build_unet(cfg: dict[str, Any]) -> nn.Module:
         down_block_types=tuple(down),
         up_block_types=tuple(up),
         norm_num_groups=int(cfg.get("norm_groups", 8)),
+        num_class_embeds=int(cfg["num_class_embeds"]) if cfg.get("num_class_embeds") else None,
     )
 
 
@@ -136,9 +144,31 @@ class LoadedModel:
         else:
             self._score = NoisePredictionScore(self.network, self.sde, time_input=self.network.time_input)
 
-    def score(self, x: Tensor, t: Tensor) -> Tensor:
+    def score(self, x: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
+        """The score; a class-conditional model takes ``class_labels`` (n,) (default: its null label,
+        the unconditional model)."""
         with torch.no_grad():
-            return self._score(x, t)
+            return self._score(x, t, **cond)
+
+    @property
+    def num_classes(self) -> int:
+        """Classes of a class-conditional model (0 for an unconditional one)."""
+        return int(self.config.get("conditioning", {}).get("class_labels", {}).get("num_classes", 0))
+
+    @property
+    def null_cond(self) -> dict[str, int] | None:
+        """The conditioning of the unconditional model (``{"class_labels": null label}``) for
+        classifier-free guidance; None for an unconditional model."""
+        labels = self.config.get("conditioning", {}).get("class_labels")
+        return None if not labels else {"class_labels": int(labels["null_label"])}
+
+    def guided(self, scale: float):
+        """This model's score under classifier-free guidance of ``scale`` (w = 1: the conditional model)."""
+        from .guidance import CFGScore
+
+        if self.null_cond is None:
+            raise ValueError(f"model {self.name!r} is not class-conditional: it has no null label to guide against")
+        return CFGScore(self.score, scale, null_cond=self.null_cond, sde=self.sde)
 
     def __repr__(self) -> str:
         return f"LoadedModel({self.name!r}, sde={self.sde!r}, shape={self.shape}, eval_cost={self.eval_cost:.2f})"

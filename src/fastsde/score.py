@@ -2,13 +2,17 @@
 the one wrapper that counts network evaluations.
 
 A score function is any callable ``score(x, t) -> tensor shaped like x`` where ``t`` is a 1-D
-tensor holding one time per row of ``x``.
+tensor holding one time per row of ``x``. The rows may be a subset of the batch (finished samples
+are dropped); with per-sample conditioning (``cond=`` of ``fastsde.sample``) the score is called as
+``score(x, t, **cond_rows)`` with the conditioning rows of exactly the samples in ``x`` (a bare
+tensor is passed as the keyword ``cond``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -17,7 +21,10 @@ from .sde import EDM, SDE, VPSDE, SubVPSDE, broadcast_to_rows, per_row
 
 __all__ = [
     "ScoreFn",
+    "Cond",
     "CountingScore",
+    "check_cond",
+    "network_evals_per_call",
     "NonFiniteScoreError",
     "GaussianMixture",
     "NoisePredictionScore",
@@ -27,6 +34,41 @@ __all__ = [
 ]
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
+#: per-sample conditioning: a tensor (passed to the score as ``cond=``) or a dict of tensors (splatted)
+Cond = Tensor | Mapping[str, Tensor]
+
+
+def check_cond(cond: Any, n: int, device: torch.device | str | None = None) -> dict[str, Tensor] | None:
+    """Per-sample conditioning as the keywords the score receives: a tensor becomes ``{"cond": tensor}``,
+    a dict of tensors stays as it is; every tensor must hold one row per sample (shape[0] == n).
+    Moved to ``device`` (dtype kept: labels stay integers). A ValueError names what is wrong."""
+    if cond is None:
+        return None
+    if isinstance(cond, Tensor):
+        cond = {"cond": cond}
+    if not isinstance(cond, Mapping) or not cond:
+        raise ValueError(
+            f"cond must be a tensor or a non-empty dict of tensors with one row per sample, got {type(cond).__name__}"
+        )
+    out: dict[str, Tensor] = {}
+    for key, value in cond.items():
+        if not isinstance(key, str) or not key.isidentifier():
+            raise ValueError(f"cond keys must be keyword names (the score receives them as keywords), got {key!r}")
+        if not isinstance(value, Tensor):
+            raise ValueError(f"cond[{key!r}] must be a tensor with one row per sample, got {type(value).__name__}")
+        if value.dim() == 0 or value.shape[0] != n:
+            raise ValueError(
+                f"cond[{key!r}] must have one row per sample (shape[0] == n = {n}), got shape {tuple(value.shape)}"
+            )
+        out[key] = value if device is None else value.to(device)
+    return out
+
+
+def network_evals_per_call(score: Any) -> float:
+    """Network evaluations one score evaluation of one row costs: a guidance wrapper declares it as
+    ``network_evals`` (2 for classifier-free guidance: a conditional and an unconditional row); 1 otherwise."""
+    value = getattr(score, "network_evals", 1)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 1.0
 
 
 class NonFiniteScoreError(FloatingPointError):
@@ -47,13 +89,28 @@ class CountingScore:
     evaluation), keep the per-row check on the device and look at it every ``FLUSH_EVERY``
     evaluations and in :meth:`flush` (the front door calls it after the solve); the error is the same,
     raised later. The front door defers on accelerators, where a synchronisation stalls the queue.
+
+    ``cond``: per-sample conditioning (see :func:`check_cond`), handed to the score as keywords with the
+    rows of exactly the samples in ``x``: ``ids`` when given (which samples the rows of ``x`` are),
+    else ``rows`` when it has one entry per row of ``x``, else the whole batch (``x`` holds all n rows).
+    This is the one place conditioning follows the rows, so every solver and compaction get it.
+
+    A score with ``needs_grad = True`` (it uses autograd itself, e.g. an energy model's −∇E) is called
+    under ``torch.enable_grad()`` (the front door samples under no_grad) and its output is detached.
     """
 
     #: Deferred checks kept before they are looked at (one synchronisation per this many evaluations).
     FLUSH_EVERY = 64
 
     def __init__(
-        self, score: ScoreFn, n: int, *, cost: float = 1.0, pass_rows: bool = False, defer_finite: bool = False
+        self,
+        score: ScoreFn,
+        n: int,
+        *,
+        cost: float = 1.0,
+        pass_rows: bool = False,
+        defer_finite: bool = False,
+        cond: Mapping[str, Tensor] | None = None,
     ) -> None:
         if isinstance(cost, bool) or not isinstance(cost, (int, float)) or not math.isfinite(cost) or cost <= 0:
             raise ValueError(f"cost must be a positive finite number, got {cost!r}")
@@ -67,13 +124,48 @@ class CountingScore:
         self.rows_evaluated = 0
         self.defer_finite = defer_finite
         self._pending: list[tuple[Tensor, Tensor]] = []
+        self.cond = None if cond is None else dict(cond)
+        self.needs_grad = bool(getattr(score, "needs_grad", False))
+        #: network evaluations per row per call (2 under classifier-free guidance)
+        self.network_evals_per_call = network_evals_per_call(score)
 
-    def __call__(self, x: Tensor, t: Tensor, rows: Tensor | None = None, *, check_finite: bool = True) -> Tensor:
+    def cond_rows(self, x: Tensor, rows: Tensor | None, ids: Tensor | None) -> dict[str, Tensor]:
+        """The conditioning rows of the samples in x (see the class docstring)."""
+        if self.cond is None:
+            return {}
+        sel = ids if ids is not None else rows if rows is not None and rows.shape[0] == x.shape[0] else None
+        if sel is None:
+            if x.shape[0] != self.n:
+                raise ValueError(
+                    f"the score was called with {x.shape[0]} rows of a batch of {self.n} without saying which "
+                    "samples they are: pass ids= (the samples of x's rows) so the conditioning rows can follow"
+                )
+            return self.cond
+        if sel.shape[0] != x.shape[0]:
+            raise ValueError(f"ids names {sel.shape[0]} samples for {x.shape[0]} rows of x")
+        return {k: v[sel.to(v.device, torch.long)] for k, v in self.cond.items()}
+
+    def __call__(
+        self,
+        x: Tensor,
+        t: Tensor,
+        rows: Tensor | None = None,
+        *,
+        check_finite: bool = True,
+        ids: Tensor | None = None,
+    ) -> Tensor:
         if t.dim() != 1 or t.shape[0] != x.shape[0]:
             raise ValueError(
                 f"t must be a 1-D tensor with one time per row of x ({x.shape[0]}), got shape {tuple(t.shape)}"
             )
-        out = self.score(x, t, rows) if self.pass_rows else self.score(x, t)
+        kw = self.cond_rows(x, rows, ids)
+        args = (x, t, rows) if self.pass_rows else (x, t)
+        if self.needs_grad:
+            with torch.enable_grad():
+                out = self.score(*args, **kw)
+            out = out.detach() if isinstance(out, Tensor) else out
+        else:
+            out = self.score(*args, **kw)
         if not isinstance(out, Tensor) or out.shape != x.shape:
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ValueError(f"score(x, t) must return a tensor shaped like x {tuple(x.shape)}, got {got}")
@@ -115,6 +207,11 @@ class CountingScore:
     def compute(self) -> float:
         """Mean compute per sample: evaluations × cost (equals ``nfe`` for cost 1)."""
         return float(self.cost_per_sample.mean())
+
+    @property
+    def network_evals(self) -> float:
+        """Mean network evaluations per sample: NFE × the score's network evaluations per call."""
+        return self.nfe * self.network_evals_per_call
 
 
 def _raise_nonfinite(ok: Tensor, t: Tensor) -> None:
@@ -260,8 +357,8 @@ class NoisePredictionScore:
         self.sde = sde
         self.time_input = time_input or default_time_input(sde)
 
-    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
-        eps = self.model(x, self.time_input(t))
+    def __call__(self, x: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
+        eps = self.model(x, self.time_input(t), **cond)  # conditioning rows go to the network as keywords
         return -eps / broadcast_to_rows(self.sde.marginal_std(t), x)
 
 
@@ -278,10 +375,10 @@ class DenoiserScore:
         self.process_defaulted = sde is None
         self.sde = sde if sde is not None else EDM()
 
-    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+    def __call__(self, x: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
         m = self.sde.mean_coeff(t)
         sigma = self.sde.marginal_std(t)
-        x0 = self.denoiser(x / broadcast_to_rows(m, x), sigma / m)
+        x0 = self.denoiser(x / broadcast_to_rows(m, x), sigma / m, **cond)
         return (broadcast_to_rows(m, x) * x0 - x) / broadcast_to_rows(sigma**2, x)
 
 
@@ -293,6 +390,10 @@ class DiffusersUNetScore:
         sde: the process it was trained with.
         prediction_type: "epsilon" (noise), "sample" (x0) or "v_prediction" (VP only).
         time_input: maps t to the network's conditioning label (default: 999·t for VP/sub-VP, σ(t) otherwise).
+
+    Conditioning rows (``cond={"class_labels": labels}`` of ``fastsde.sample``) are passed on to the UNet
+    as its keywords: ``class_labels`` (a class-conditional UNet, ``num_class_embeds``) and, for a
+    ``UNet2DConditionModel``, ``encoder_hidden_states``; any other key is passed through unchanged.
     """
 
     def __init__(
@@ -312,13 +413,14 @@ class DiffusersUNetScore:
         self.prediction_type = prediction_type
         self.time_input = time_input or default_time_input(sde)
 
-    def network_output(self, x: Tensor, t: Tensor) -> Tensor:
+    def network_output(self, x: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
         dtype = next(self.unet.parameters()).dtype
-        out = self.unet(x.to(dtype), self.time_input(t).to(dtype)).sample
+        kw = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in cond.items()}
+        out = self.unet(x.to(dtype), self.time_input(t).to(dtype), **kw).sample
         return out.to(x.dtype)
 
-    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
-        out = self.network_output(x, t)
+    def __call__(self, x: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
+        out = self.network_output(x, t, **cond)
         m = broadcast_to_rows(self.sde.mean_coeff(t), x)
         sigma = broadcast_to_rows(self.sde.marginal_std(t), x)
         if self.prediction_type == "epsilon":

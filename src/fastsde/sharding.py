@@ -36,6 +36,7 @@ from torch import Tensor
 from .api import DEFAULT_SOLVER, check_dtype, check_run, sample
 from .files import write_atomic, write_json_atomic
 from .noise import NoiseSource, check_seed
+from .score import check_cond
 from .sde import SDE
 from .solvers import SolverSpec
 from .solvers.base import as_python_number
@@ -144,6 +145,16 @@ def _jsonable(value: Any) -> Any:
         return {str(k): _jsonable(v) for k, v in value.items()}
     text = repr(value)
     return f"{type(value).__module__}.{type(value).__qualname__}" if " at 0x" in text else text
+
+
+def cond_digest(cond: dict[str, Tensor]) -> dict[str, str]:
+    """Per key, the dtype, shape and a sha256 of the conditioning's bytes (a run's identity)."""
+    out = {}
+    for key, value in sorted(cond.items()):
+        arr = value.detach().to("cpu").contiguous()
+        raw = arr.view(torch.uint8).numpy().tobytes() if arr.numel() else b""
+        out[key] = f"{str(arr.dtype).removeprefix('torch.')}{list(arr.shape)}:{hashlib.sha256(raw).hexdigest()[:16]}"
+    return out
 
 
 def _fingerprint(settings: dict[str, Any]) -> str:
@@ -427,6 +438,7 @@ def sample_to_dir(
     batch_size: int | None = None,
     progress: bool = False,
     on_shard: Callable[[ShardInfo], Any] | None = None,
+    cond: Tensor | dict[str, Tensor] | None = None,
     **options: Any,
 ) -> ShardRun:
     """Draw ``fastsde.sample(score, sde, shape, solver, seed, ...)`` into ``out_dir`` as shards of
@@ -443,8 +455,11 @@ def sample_to_dir(
         batch_size: samples per ``fastsde.sample`` call inside a shard (default: the whole shard).
         progress: a progress bar per shard.
         on_shard: called with a :class:`ShardInfo` after each shard this rank writes.
+        cond: per-sample conditioning as for ``fastsde.sample`` (one row per sample of the whole run);
+            each shard gets its rows, and a digest of it is part of the run's identity.
     """
     shape, spec, t_end, denoise = check_run(score, sde, shape, solver, t_end, denoise)
+    cond_kw = check_cond(cond, shape[0])
     seed = check_seed(seed, "seed")
     shard_size = as_python_number(shard_size)
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
@@ -453,6 +468,8 @@ def sample_to_dir(
         raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
     dtype = check_dtype(dtype)
     settings = _settings(score, sde, shape, spec, options, t_end, denoise, seed, dtype, shard_size, model)
+    if cond_kw is not None:
+        settings["cond"] = cond_digest(cond_kw)
     fp = _fingerprint(settings)
     out = Path(out_dir)
     n, dims = shape[0], shape[1:]
@@ -461,7 +478,7 @@ def sample_to_dir(
 
     def compute(k: int, a: int, b: int) -> tuple[dict[str, np.ndarray], Tensor, list[str]]:
         samples, nfe, status = _sample_shard(
-            score, sde, dims, spec, seed, a, b, batch_size, t_end, denoise, dtype, dev, progress, options
+            score, sde, dims, spec, seed, a, b, batch_size, t_end, denoise, dtype, dev, progress, options, cond_kw
         )
         arr = samples if samples.dtype != torch.bfloat16 else samples.float()
         return {"samples": arr.numpy()}, nfe, status
@@ -585,8 +602,9 @@ def _sample_shard(
     device: torch.device,
     progress: bool,
     options: dict[str, Any],
+    cond: dict[str, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, list[str]]:
-    """Rows [a, b) of the run, with the noise of those global indices."""
+    """Rows [a, b) of the run, with the noise (and the conditioning rows) of those global indices."""
     chunks, nfes, status = [], [], []
     step = batch_size or (b - a)
     for lo in range(a, b, step):
@@ -602,6 +620,7 @@ def _sample_shard(
             dtype=dtype,
             device=device,
             progress=progress,
+            cond=None if cond is None else {k: v[lo:hi] for k, v in cond.items()},
             **options,
         )
         chunks.append(res.samples.detach().to("cpu"))

@@ -47,9 +47,14 @@ class TrainConfig:
     t_eps: float = 1e-5
     seed: int = 0
     data: str = "digits"
+    #: class-conditional training: labels 0..num_classes-1 plus the null label num_classes (for
+    #: classifier-free guidance); 0 trains an unconditional model
+    num_classes: int = 0
+    #: probability that a training label is replaced by the null label (conditional training only)
+    label_dropout: float = 0.15
 
     def unet_config(self) -> dict[str, Any]:
-        return {
+        cfg = {
             "channels": list(self.channels),
             "layers_per_block": self.layers_per_block,
             "attention": self.attention,
@@ -57,27 +62,45 @@ class TrainConfig:
             "in_channels": self.shape[0],
             "sample_size": self.shape[1],
         }
+        if self.num_classes:
+            cfg["num_class_embeds"] = self.num_classes + 1  # the last embedding is the null label
+        return cfg
 
 
-def dsm_loss(net: EpsNetwork, sde: SDE, x0: Tensor, t: Tensor, z: Tensor) -> Tensor:
-    """σ²-weighted denoising score matching, i.e. the noise-prediction MSE per pixel."""
+def dsm_loss(net: EpsNetwork, sde: SDE, x0: Tensor, t: Tensor, z: Tensor, class_labels: Tensor | None = None) -> Tensor:
+    """σ²-weighted denoising score matching, i.e. the noise-prediction MSE per pixel (with the class
+    labels of x0 for a conditional network)."""
     m = sde.mean_coeff(t).reshape(-1, *([1] * (x0.dim() - 1)))
     s = sde.marginal_std(t).reshape(-1, *([1] * (x0.dim() - 1)))
     xt = m * x0 + s * z
-    eps = net(xt, net.time_input(t))
+    eps = net(xt, net.time_input(t), class_labels=class_labels)
     return (eps - z).pow(2).mean()
 
 
 class Trainer:
-    """Trains an EpsNetwork on ``data`` (n, C, H, W) in [−1, 1]; save/load make it resumable."""
+    """Trains an EpsNetwork on ``data`` (n, C, H, W) in [−1, 1]; save/load make it resumable.
 
-    def __init__(self, config: TrainConfig, data: Tensor) -> None:
+    With ``config.num_classes`` > 0 the network is class-conditional: ``labels`` (n,) holds the class
+    of each image (0..num_classes-1), and each training label is replaced by the null label
+    ``num_classes`` with probability ``config.label_dropout``, so that one network is both the
+    conditional and the unconditional model (classifier-free guidance)."""
+
+    def __init__(self, config: TrainConfig, data: Tensor, labels: Tensor | None = None) -> None:
         if tuple(data.shape[1:]) != tuple(config.shape):
             raise ValueError(f"data images have shape {tuple(data.shape[1:])}, config expects {tuple(config.shape)}")
         if data.shape[0] < 2:
             raise ValueError(f"need at least 2 training images, got {data.shape[0]}")
+        if config.num_classes:
+            if labels is None or labels.shape != (data.shape[0],):
+                got = None if labels is None else tuple(labels.shape)
+                raise ValueError(f"conditional training needs one label per image ({data.shape[0]},), got {got}")
+            if bool((labels < 0).any()) or bool((labels >= config.num_classes).any()):
+                raise ValueError(f"labels must lie in 0..{config.num_classes - 1}")
+            if not 0.0 <= config.label_dropout < 1.0:
+                raise ValueError(f"label_dropout must lie in [0, 1), got {config.label_dropout}")
         self.config = config
         self.data = data.float()
+        self.labels = None if not config.num_classes else labels.to(torch.long)
         self.sde = sde_from_config(config.sde)
         torch.manual_seed(config.seed)
         self.net = build_network(config.unet_config(), config.sde)
@@ -90,21 +113,25 @@ class Trainer:
         self.wall_time = 0.0
 
     # -- one step ---------------------------------------------------------------------------
-    def _batch(self) -> tuple[Tensor, Tensor, Tensor]:
+    def _batch(self) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.step)
         idx = torch.randint(0, self.data.shape[0], (self.config.batch_size,), generator=g)
         t = self.config.t_eps + (1.0 - self.config.t_eps) * torch.rand(self.config.batch_size, generator=g)
         z = torch.randn((self.config.batch_size, *self.config.shape), generator=g)
-        return self.data[idx], t, z
+        labels = None
+        if self.labels is not None:  # drawn after the rest: an unconditional run's batches are unchanged
+            drop = torch.rand(self.config.batch_size, generator=g) < self.config.label_dropout
+            labels = torch.where(drop, torch.full_like(idx, self.config.num_classes), self.labels[idx])
+        return self.data[idx], t, z, labels
 
     def train_step(self) -> float:
         cfg = self.config
         self.net.train()
-        x0, t, z = self._batch()
+        x0, t, z, labels = self._batch()
         lr = cfg.lr * min(1.0, (self.step + 1) / max(cfg.warmup, 1))
         for group in self.opt.param_groups:
             group["lr"] = lr
-        loss = dsm_loss(self.net, self.sde, x0, t, z)
+        loss = dsm_loss(self.net, self.sde, x0, t, z, labels)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -146,8 +173,12 @@ class Trainer:
     # -- checkpoints ------------------------------------------------------------------------
     def model_config(self, command: str | None = None) -> dict[str, Any]:
         cfg = self.config
+        cond = {}
+        if cfg.num_classes:
+            cond = {"conditioning": {"class_labels": {"num_classes": cfg.num_classes, "null_label": cfg.num_classes}}}
         return {
             "format": "fastsde-unet-eps/1",
+            **cond,
             "sde": cfg.sde,
             "unet": cfg.unet_config(),
             "shape": list(cfg.shape),
@@ -189,7 +220,7 @@ class Trainer:
         write_json_atomic(folder / "train_state.json", meta, indent=None)
 
     @classmethod
-    def load(cls, folder: str | Path, data: Tensor) -> Trainer:
+    def load(cls, folder: str | Path, data: Tensor, labels: Tensor | None = None) -> Trainer:
         """Resume from a checkpoint folder written by save()."""
         folder = Path(folder)
         meta_path = folder / "train_state.json"
@@ -199,7 +230,7 @@ class Trainer:
         raw = meta["config"]
         raw["channels"] = tuple(raw["channels"])
         raw["shape"] = tuple(raw["shape"])
-        trainer = cls(TrainConfig(**raw), data)
+        trainer = cls(TrainConfig(**raw), data, labels)
         state = load_file(str(folder / "train_state.safetensors"))
         trainer.net.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("net.")})
         trainer.ema.load_state_dict(load_file(str(folder / "model.safetensors")))

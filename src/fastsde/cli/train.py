@@ -41,6 +41,14 @@ def add_parser(subparsers) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--conditional",
+        action="store_true",
+        help="class-conditional (labels of 'digits', or the 'labels' array of an .npz), plus a null label for CFG",
+    )
+    p.add_argument(
+        "--label-dropout", type=float, default=0.15, help="share of labels replaced by the null label (default 0.15)"
+    )
     p.set_defaults(func=run)
 
 
@@ -69,9 +77,12 @@ def run(args: argparse.Namespace) -> int:
     from ..noise import check_seed
 
     check_seed(args.seed, "--seed")
+    if not 0.0 <= args.label_dropout < 1.0:
+        raise CLIError(f"--label-dropout must lie in [0, 1), got {args.label_dropout}")
     torch.set_num_threads(max(1, args.threads))
     out = Path(args.out)
     data = load_dataset(args.data)
+    labels = training_labels(args.data, data.shape[0]) if args.conditional or args.resume else None
     if not args.resume:  # the checkpoint folder must be writable before any training
         from ..files import check_writable
 
@@ -84,8 +95,12 @@ def run(args: argparse.Namespace) -> int:
             raise CLIError(f"cannot write the checkpoint folder {str(out)!r}: {exc}") from None
     command = "fastsde " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:]))
 
+    if args.conditional and labels is None:
+        raise CLIError(
+            f"--conditional needs class labels: --data digits, or an .npz with a 'labels' array (got {args.data!r})"
+        )
     if args.resume:
-        trainer = Trainer.load(out, data)
+        trainer = Trainer.load(out, data, labels)
         print(f"resuming {out} at step {trainer.step}")
     else:
         channels, sde_kind = PRESETS[args.preset] if args.preset else ((32, 64), "vp")
@@ -110,8 +125,10 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             data=args.data,
             norm_groups=min(8, min(channels)),
+            num_classes=int(labels.max()) + 1 if labels is not None else 0,
+            label_dropout=args.label_dropout,
         )
-        trainer = Trainer(cfg, data)
+        trainer = Trainer(cfg, data, labels)
     n_params = sum(p.numel() for p in trainer.net.parameters())
     print(f"data {tuple(data.shape)}  params {n_params}  sde {trainer.sde!r}", flush=True)
 
@@ -130,3 +147,23 @@ def run(args: argparse.Namespace) -> int:
     trainer.save(out, command)
     print(f"done: {trainer.step} steps, final loss {trainer.recent_loss():.4f}, wall {trainer.wall_time:.0f}s")
     return 0
+
+
+def training_labels(spec: str, n: int):
+    """The class labels of a training set: the digits' own, or the ``labels`` array of an .npz (None when
+    there are none; --conditional then fails with the reason)."""
+    import numpy as np
+    import torch
+
+    from ..data import digits_labels
+
+    if spec == "digits":
+        return digits_labels("train")
+    if Path(spec).suffix == ".npz":
+        with np.load(spec) as z:
+            if "labels" in z.files:
+                labels = torch.from_numpy(np.asarray(z["labels"]).astype(np.int64).reshape(-1))
+                if labels.shape[0] != n or bool((labels < 0).any()):
+                    raise CLIError(f"the 'labels' array of {spec} must hold {n} non-negative integers")
+                return labels
+    return None

@@ -214,19 +214,22 @@ def integrate(
             counter = attempts[rows]
             index = accepted[rows]
             score_rows = None if (full and everyone) else charge
+            ids = None if full else rows  # the samples of xs's rows: their conditioning follows them
             ts_d = ts.to(dt)
 
-            def score(xx: Tensor, tt: Tensor, _r=score_rows) -> Tensor:
-                return ctx.score(xx, tt, rows=_r, check_finite=check_finite)
+            def score(xx: Tensor, tt: Tensor, _r=score_rows, _ids=ids) -> Tensor:
+                return ctx.score(xx, tt, rows=_r, check_finite=check_finite, ids=_ids)
 
-            def score0(_rows=rows_d, _act=act_d, _r=score_rows, _xs=xs, _ts=ts_d) -> Tensor:
+            def score0(_rows=rows_d, _act=act_d, _r=score_rows, _xs=xs, _ts=ts_d, _ids=ids) -> Tensor:
                 if s_cache is None:
-                    return ctx.score(_xs, _ts, rows=_r, check_finite=check_finite)
+                    return ctx.score(_xs, _ts, rows=_r, check_finite=check_finite, ids=_ids)
                 valid = s_valid[_rows] & _act
                 need = ~valid
                 out = s_cache[_rows].clone()
                 if bool(need.any()):
-                    out[need] = ctx.score(_xs[need], _ts[need], rows=_rows[_act & need].cpu(), check_finite=False)
+                    out[need] = ctx.score(
+                        _xs[need], _ts[need], rows=_rows[_act & need].cpu(), check_finite=False, ids=_rows[need].cpu()
+                    )
                 reused[_rows[valid].cpu()] += 1
                 s_cache[_rows] = out
                 s_valid[_rows] = _act & torch.isfinite(out.reshape(out.shape[0], -1)).all(dim=1)

@@ -77,7 +77,7 @@ class MultilevelEM(Stepper):
         if self.counted is None:
             return {}, None
         opts, levels = self.options, self.counted.spec
-        probed = levels.probe(self.sde, x, self.ctx.t_end)
+        probed = levels.probe(self.sde, x, self.ctx.t_end, self.counted.levels[-1].cond)
         record: dict[str, Any] = {"base": opts["base"], "probe_rows_per_level": probed}
         if self.schedule is None:
             self.schedule, calib = auto_schedule(
