@@ -12,7 +12,9 @@ from .ddim import DDIM
 from .dpmpp_2m import DPMPP_2M
 from .dpmpp_2m_sde import DPMPP_2M_SDE
 from .dpmpp_3m import ADAPTIVE_DPMPP_3M, DPMPP_3M
+from .dpmpp_3m_sde import DPMPP_3M_SDE
 from .em import EM
+from .er_sde import ER_SDE
 from .euler import EULER
 from .heun import HEUN
 from .iia import IIA_DDIM, IIA_DPMPP_2M, IIA_HEUN
@@ -21,6 +23,7 @@ from .ode import ODE
 from .ode_corrector import ODE_CORRECTOR
 from .pc import PC
 from .reverse_diffusion import REVERSE_DIFFUSION
+from .sa_solver import SA_SOLVER
 
 SOLVERS: dict[str, SolverSpec] = {
     spec.name: spec
@@ -39,6 +42,9 @@ SOLVERS: dict[str, SolverSpec] = {
         DPMPP_2M_SDE,
         DPMPP_3M,
         ADAPTIVE_DPMPP_3M,
+        DPMPP_3M_SDE,
+        ER_SDE,
+        SA_SOLVER,
         ODE,
         ODE_CORRECTOR,
         IIA_HEUN,
