@@ -21,6 +21,8 @@ Mappings (stated so the comparison can be checked):
   fixed stride matches its timesteps and the first evaluation is at T). The network output is the
   noise prediction ε = −σ(t)·s(x, t); for EulerDiscrete t is recovered from the scheduler's own σ.
   Each scheduler ends with its own jump to x0 (DDIM: ᾱ_prev = 1; others: final σ = 0).
+  SA-Solver (``diffusers_sasolver``, its defaults: p = c = 2, τ = 1 on timesteps 200..800) ends
+  at timestep 0 (t = 1/1000), not at σ = 0: fastsde applies the counted denoise there (budget − 1 steps).
 - torchsde integrates the reverse SDE in s = T − t: dx = −b(x, T − s) ds + g(T − s) dW with
   b = f − g² s (diagonal Itô noise), adaptive steps with rtol = atol = budget.
 - scipy RK45 and torchdiffeq dopri5 integrate the PF-ODE dx/dt = f − ½ g² s from T to t_end on the
@@ -162,7 +164,7 @@ def _kdiff_fixed(fn_name: str, nfe_per_step: Callable[[int], int], **kwargs: Any
         n = _steps_for(budget, nfe_per_step)
         sigmas = karras_sigmas(sde, n, t_end)
         extra = dict(kwargs)
-        if fn_name == "sample_dpmpp_2m_sde":
+        if fn_name in ("sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde"):
             extra["noise_sampler"] = sampling.BrownianTreeNoiseSampler(
                 x_T, float(sigmas[-2]), float(sigmas[0]), seed=int(seed)
             )
@@ -314,6 +316,29 @@ def _torchdiffeq_dopri5(counted, sde, x_T, budget, t_end, seed):
     return _denoise(counted, sde, x, t_end), {"rtol": budget, "atol": budget}
 
 
+def _diffusers_sasolver(counted, sde, x_T, budget, t_end, seed):
+    """diffusers' SASolverScheduler with its defaults on the trailing timesteps (VP); its last step ends
+    at timestep 0 (t = 1/1000) with noise σ(1/1000) left, so the counted Tweedie denoise follows."""
+    import diffusers
+
+    n_train = 1000
+    sched = diffusers.SASolverScheduler(
+        num_train_timesteps=n_train,
+        trained_betas=vp_trained_betas(sde, n_train).numpy(),
+        timestep_spacing="trailing",
+        prediction_type="epsilon",
+    )
+    n = max(int(budget) - 1, 1)
+    sched.set_timesteps(n)
+    gen = torch.Generator().manual_seed(int(seed))
+    x = x_T
+    for tau in sched.timesteps:
+        t = _times((float(tau) + 1.0) / n_train, x)
+        eps = -broadcast_to_rows(sde.marginal_std(t), x) * counted(x, t)
+        x = sched.step(eps, tau, x, generator=gen).prev_sample
+    return _denoise(counted, sde, x, 1.0 / n_train), {"steps": n, "spacing": "trailing", "orders": "p = c = 2"}
+
+
 def _one(n: int) -> int:
     return n
 
@@ -329,6 +354,7 @@ PEERS: dict[str, Peer] = {
         Peer("kdiff_heun", "k_diffusion", False, "nfe", _kdiff_fixed("sample_heun", _heun_nfe)),
         Peer("kdiff_dpmpp_2m", "k_diffusion", False, "nfe", _kdiff_fixed("sample_dpmpp_2m", _one)),
         Peer("kdiff_dpmpp_2m_sde", "k_diffusion", True, "nfe", _kdiff_fixed("sample_dpmpp_2m_sde", _one)),
+        Peer("kdiff_dpmpp_3m_sde", "k_diffusion", True, "nfe", _kdiff_fixed("sample_dpmpp_3m_sde", _one)),
         Peer("kdiff_dpm_adaptive_eta0", "k_diffusion", False, "tol", _kdiff_adaptive(0.0)),
         Peer("kdiff_dpm_adaptive_eta1", "k_diffusion", True, "tol", _kdiff_adaptive(1.0)),
         Peer(
@@ -349,6 +375,7 @@ PEERS: dict[str, Peer] = {
         ),
         Peer("diffusers_unipc", "diffusers", False, "nfe", _diffusers("UniPCMultistepScheduler"), vp_only=True),
         Peer("diffusers_euler", "diffusers", False, "nfe", _diffusers("EulerDiscreteScheduler"), vp_only=True),
+        Peer("diffusers_sasolver", "diffusers", True, "nfe", _diffusers_sasolver, vp_only=True),
         Peer("torchsde_srk", "torchsde", True, "tol", _torchsde("srk")),
         Peer("torchsde_milstein", "torchsde", True, "tol", _torchsde("milstein")),
         Peer("scipy_rk45", "scipy.integrate", False, "tol", _scipy_rk45),

@@ -90,6 +90,19 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--table", default=None, help="IIA table for an iia_ solver (default: the shipped one)")
     p.add_argument("--no-metric", action="store_true", help="skip the quality metric")
+    p.add_argument(
+        "--label",
+        default=None,
+        help="class labels of a class-conditional model (digits-cond): one label for all samples ('3'), "
+        "a range cycled over the samples ('0-9') or a list cycled ('1,7')",
+    )
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="classifier-free guidance weight w (needs --label; 1 = the conditional model, 0 = unconditional; "
+        "costs 2 network evaluations per NFE)",
+    )
     bar = p.add_mutually_exclusive_group()
     bar.add_argument("--progress", dest="progress", action="store_true", default=None, help="show a progress bar")
     bar.add_argument(
@@ -200,6 +213,25 @@ def _cli_hint(message: str) -> str:
     )
 
 
+def parse_labels(text: str, n: int, num_classes: int):
+    """--label as n per-sample labels: 'k', 'a-b' (a..b cycled) or 'a,b,c' (cycled); each in 0..num_classes-1."""
+    import torch
+
+    try:
+        if "-" in text.strip("-") and "," not in text:
+            lo, hi = (int(v) for v in text.split("-"))
+            values = list(range(lo, hi + 1))
+        else:
+            values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or any(v < 0 or v >= num_classes for v in values):
+        raise CLIError(
+            f"--label must be a label, a range a-b or a list a,b,c of labels in 0..{num_classes - 1}, got {text!r}"
+        )
+    return torch.tensor([values[i % len(values)] for i in range(n)], dtype=torch.long)
+
+
 def run(args: argparse.Namespace) -> int:
     import fastsde
 
@@ -255,6 +287,18 @@ def run(args: argparse.Namespace) -> int:
         model = fastsde.load_model(args.model)
         model.network.to(device)
         sde, score, shape, dtype = model.sde, model.score, tuple(model.shape), torch.float32
+    labels = None
+    if args.label is not None or args.guidance is not None:
+        classes = 0 if levels is not None or mixture else model.num_classes
+        if not classes:
+            raise CLIError(f"--label and --guidance need a class-conditional model (digits-cond), not {args.model!r}")
+        if args.label is None:
+            raise CLIError("--guidance needs --label (the classes to guide towards)")
+        labels = parse_labels(args.label, args.n, classes)
+        if args.guidance is not None:
+            if not math.isfinite(args.guidance):
+                raise CLIError(f"--guidance must be a finite number, got {args.guidance}")
+            score = model.guided(args.guidance)
     if args.dtype is not None:
         dtype = getattr(torch, args.dtype)
     if solver.startswith("iia_"):
@@ -277,6 +321,9 @@ def run(args: argparse.Namespace) -> int:
     if sharded:
         from .sample_dir import run_sharded
 
+        if labels is not None:
+            keywords["cond"] = {"class_labels": labels}
+
         return run_sharded(
             args, score, sde, shape, dtype, device, solver, opts, keywords, progress, gm if mixture else None
         )
@@ -285,7 +332,7 @@ def run(args: argparse.Namespace) -> int:
     batch = args.batch_size or n
     noise = fastsde.NoiseSource.from_seed(args.seed, n)
     chunks, nfe_rows, statuses = [], [], []
-    calls, level_rows, cost_sum, multilevel = 0, [], 0.0, {}
+    calls, level_rows, cost_sum, multilevel, net_evals = 0, [], 0.0, {}, 0.0
     start = time.perf_counter()
     for lo in range(0, n, batch):
         hi = min(n, lo + batch)
@@ -299,6 +346,7 @@ def run(args: argparse.Namespace) -> int:
                 dtype=dtype,
                 device=device,
                 progress=progress,
+                cond=None if labels is None else {"class_labels": labels[lo:hi]},
                 **keywords,
                 **opts,
             )
@@ -308,6 +356,7 @@ def run(args: argparse.Namespace) -> int:
         nfe_rows.append(res.nfe_per_sample)
         statuses += res.stats.get("status", ["done"] * (hi - lo))
         calls += res.calls
+        net_evals += float(res.network_evals) * (hi - lo)
         if res.nfe_per_level is not None:
             level_rows.append(res.stats["nfe_per_level_per_sample"])
             cost_sum += float(res.cost) * (hi - lo)
@@ -324,7 +373,8 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
 
-    quality = {} if args.no_metric else compute_quality(samples, gm if mixture else None)
+    quality = {} if args.no_metric else compute_quality(samples, gm if mixture else None, labels)
+    network_evals = net_evals / n
 
     record = {
         "fastsde": fastsde.__version__,
@@ -347,6 +397,10 @@ def run(args: argparse.Namespace) -> int:
         "quality": quality,
         "output": out.name,
     }
+    if labels is not None:
+        record["labels"] = labels.tolist()
+        record["guidance"] = args.guidance
+        record["network_evals"] = network_evals
     if levels is not None:
         per_level = [float(v) for v in torch.cat(level_rows).mean(0)]
         record["levels"] = {"models": levels.names, "flops": levels.flops, "costs": levels.costs}
@@ -385,6 +439,9 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"model {args.model}  solver {solver}  options {opts or '{}'}  n {n}")
     print(f"NFE {nfe:.1f} per sample  ({calls} batched calls)  wall {wall:.2f} s")
+    if labels is not None:
+        guided = f"guidance w = {args.guidance:g}" if args.guidance is not None else "no guidance"
+        print(f"labels {args.label}  {guided}  network evaluations {network_evals:.1f} per sample")
     if levels is not None:
         from .sample_levels import report
 
@@ -396,13 +453,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def compute_quality(samples, gm=None) -> dict[str, float]:
+def compute_quality(samples, gm=None, labels=None) -> dict[str, float]:
     """The quality metric of the samples: FD to the exact mixture ``gm``, or for 1x8x8 samples the
-    digits FD with its real-data floor and the classifier's confidence; {} otherwise."""
+    digits FD with its real-data floor and the classifier's confidence (with ``labels``, also the
+    accuracy of the requested labels and the per-class FD); {} otherwise."""
     if gm is not None:
         from ..metrics.mixture import mixture_frechet
 
         return {"fd": float(mixture_frechet(samples, gm).value)}
+    if labels is not None and tuple(samples.shape[1:]) == (1, 8, 8) and samples.shape[0] >= 2:
+        from ..metrics.digits import class_conditional_quality
+
+        return class_conditional_quality(samples, labels)
     if tuple(samples.shape[1:]) == (1, 8, 8) and samples.shape[0] >= 2:
         from ..metrics.digits import digits_quality
 
@@ -419,6 +481,11 @@ def quality_line(quality: dict[str, float], n: int) -> str:
             f"quality: FD {fd:.3f} (real-data floor at n={n}: {floor:.3f} ± {quality['floor_sd']:.3f}, "
             f"ratio {ratio:.2f})  confidence {quality['confidence']:.3f}  (lower FD is better; "
             "see fastsde sample --help)"
+        ) + (
+            f"\nclass-conditional: accuracy {quality['accuracy']:.3f} of the requested labels  "
+            f"per-class FD {quality['class_fd']:.2f} (against the held-out images of each class)"
+            if "accuracy" in quality
+            else ""
         )
     return f"quality: mixture FD {quality['fd']:.4f} (Fréchet distance to the exact mixture, lower is better)"
 

@@ -39,6 +39,7 @@ __all__ = [
     "compute_floor",
     "digits_features",
     "digits_quality",
+    "class_conditional_quality",
     "floor_for",
     "floor_sd_for",
     "frechet_distance",
@@ -224,6 +225,61 @@ def digits_quality(samples: Tensor) -> dict[str, float]:
     mu, cov = _stats(feats)
     fd = frechet_distance(mu, cov, stats["heldout_mean"], stats["heldout_cov"])
     return {"fd": fd, "confidence": float(probs.max(1).mean()), "floor": floor, "floor_sd": floor_sd, "n": n}
+
+
+@lru_cache(maxsize=1)
+def _heldout_class_stats() -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per class of the held-out split: (feature mean, covariance, covariance^½) (21–35 images each)."""
+    from ..data import digits_labels, load_digits
+
+    feats, _ = digits_features(load_digits("heldout"))
+    labels = digits_labels("heldout").numpy()
+    out = {}
+    for y in range(10):
+        mu, cov = _stats(feats[labels == y])
+        out[y] = (mu, cov, _sqrt_psd(cov))
+    return out
+
+
+def class_conditional_quality(samples: Tensor, labels: Tensor) -> dict[str, Any]:
+    """Quality of class-conditional samples (n, 1, 8, 8) drawn for ``labels`` (n,) in 0..9:
+
+    - ``accuracy``: the share of samples the shipped classifier assigns to their requested label;
+    - ``class_fd``: the mean over the requested classes of the FD between that class's samples and the
+      held-out images of that class (21–35 per class, so the FD carries a floor of its own: compare
+      samplers at the same n per class; ``class_fd_per_class`` lists each class);
+    - ``fd``, ``floor``, ...: the unconditional digits_quality of all samples (for a balanced label mix).
+    Non-finite samples give accuracy 0 for them and an infinite FD."""
+    x = _prepare(samples)
+    labels = torch.as_tensor(labels).reshape(-1).to("cpu", torch.long)
+    if labels.shape[0] != x.shape[0]:
+        raise ValueError(f"labels must hold one label per sample ({x.shape[0]}), got {labels.shape[0]}")
+    if bool((labels < 0).any()) or bool((labels > 9).any()):
+        raise ValueError("labels must lie in 0..9 (digits classes)")
+    base = digits_quality(x)
+    finite = torch.isfinite(x.reshape(x.shape[0], -1)).all(1)
+    feats, probs = digits_features(torch.where(finite[:, None, None, None], x, torch.zeros_like(x)))
+    y = labels.numpy()
+    correct = (probs.argmax(1) == y) & finite.numpy()
+    stats = _heldout_class_stats()
+    per_class = {}
+    for c in sorted(set(y.tolist())):
+        rows = y == c
+        if rows.sum() < 2:
+            continue
+        if not bool(finite.numpy()[rows].all()):
+            per_class[c] = math.inf
+            continue
+        mu, cov = _stats(feats[rows])
+        hmu, hcov, hroot = stats[c]
+        per_class[c] = frechet_distance(mu, cov, hmu, hcov, root2=hroot)
+    class_fd = float(np.mean(list(per_class.values()))) if per_class else math.nan
+    return {
+        **base,
+        "accuracy": float(correct.mean()),
+        "class_fd": class_fd,
+        "class_fd_per_class": {str(k): v for k, v in per_class.items()},
+    }
 
 
 # ---------------------------------------------------------------------------------------------
