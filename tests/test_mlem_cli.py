@@ -86,3 +86,40 @@ def test_cli_bad_levels_and_p_exit_2(tmp_path, capsys, extra, message):
     assert rc == 2
     assert len(err.splitlines()) == 1 and message in err, err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_fit_mlem_cli_writes_a_schedule_that_sample_uses(tmp_path, capsys):
+    """fastsde fit-mlem on two shipped levels (tiny run), then fastsde sample --p FILE uses it; a
+    run with other steps is refused in one line, exit 2."""
+    sched = tmp_path / "m.safetensors"
+    args = ["fit-mlem", "--levels", "digits-small,digits", "--steps", "4", "--n", "4", "--iters", "1"]
+    assert main([*args, "--quiet", "--out", str(sched)]) == 0
+    assert "wrote" in capsys.readouterr().out and sched.is_file()
+    png = tmp_path / "s.png"
+    run = ["sample", "--solver", "mlem", "--levels", "digits-small,digits", "--n", "4", "--p", str(sched)]
+    assert main([*run, "--steps", "4", "--out", str(png)]) == 0
+    assert "p learned" in capsys.readouterr().out
+    assert json.loads(png.with_name("s.png.json").read_text())["multilevel"]["rule"] == "learned"
+    assert main([*run, "--steps", "5", "--out", str(png)]) == 2
+    assert "steps is 4 in the schedule, 5 in the run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--levels", "digits"], "--levels needs at least 2 models"),
+        (["--levels", "digits-small,digits", "--n", "1"], "--n must be an integer >= 2"),
+        (["--levels", "digits-small,digits", "--lam", "-1"], "--lam must be a non-negative number"),
+    ],
+)
+def test_fit_mlem_cli_bad_input_exit_2(tmp_path, capsys, extra, message):
+    assert main(["fit-mlem", *extra, "--out", str(tmp_path / "m.safetensors")]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_sample_p_file_that_is_not_a_schedule(tmp_path, capsys):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"nope")
+    args = ["sample", "--solver", "mlem", "--levels", "digits-small,digits", "--steps", "4", "--n", "2"]
+    assert main([*args, "--p", str(bad), "--out", str(tmp_path / "x.png")]) == 2
+    assert "not an ML-EM schedule file" in capsys.readouterr().err

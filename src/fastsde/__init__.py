@@ -7,6 +7,7 @@ from .grids import time_grid
 from .guidance import CFGScore, ClassifierGuidance
 from .iia import IIATable, fit_iia, load_iia
 from .levels import Levels
+from .mlem_fit import MLEMSchedule, fit_mlem, load_mlem
 from .likelihood import LikelihoodResult, bits_per_dim, log_likelihood
 from .likelihood_data import DatasetLikelihood, dataset_likelihood, differentiable_score
 from .models import list_models, load_model
@@ -64,6 +65,9 @@ __all__ = [
     "load_iia",
     "IIATable",
     "Levels",
+    "MLEMSchedule",
+    "fit_mlem",
+    "load_mlem",
     "sample_to_dir",
     "load_samples",
     "ShardRun",

@@ -501,8 +501,19 @@ def auto_schedule(
         "nfe_per_level": [float(cc.nfe_per_sample.sum()) for cc in counters],
         "cost": float(sum(float(cc.cost_per_sample.sum()) for cc in counters)),
         "predicted_mse": float(((weight**2) * (1.0 / schedule - 1.0)).sum()),
+        "shadow_price": shadow_price(weight, marginal, schedule, p_min),
     }
     return schedule, record
+
+
+def shadow_price(weight: Tensor, marginal: Tensor, schedule: Tensor, p_min: float) -> float:
+    """The rule's marginal MSE per unit of expected cost, w²/(p²·c̄) on the entries strictly between
+    p_min and 1 (where the water-filling sets it equal); 0 when no entry is free."""
+    c = marginal.expand_as(weight)
+    free = (weight > 0) & (schedule < 1.0) & (schedule > p_min)
+    if not bool(free.any()):
+        return 0.0
+    return float((weight[free] ** 2 / (schedule[free] ** 2 * c[free])).median())
 
 
 def summarise(schedule: Tensor) -> dict[str, list[float]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 from typing import Any
 
 from . import CLIError
@@ -31,11 +32,19 @@ def parse_levels(text: str) -> list[str]:
 
 
 def parse_p(text: str, corrections: int) -> Any:
-    """--p: 'auto', one probability in (0, 1] for every correction, or one per correction."""
+    """--p: 'auto', one probability in (0, 1] for every correction, one per correction, or the file
+    of a learned schedule (``fastsde fit-mlem``)."""
     from ..levels import check_p
 
     if text.strip() == "auto":
         return "auto"
+    if text.endswith(".safetensors") or Path(text).is_file():  # a learned schedule (fastsde fit-mlem)
+        from ..mlem_fit import load_mlem
+
+        try:
+            return load_mlem(text)
+        except (OSError, ValueError) as exc:
+            raise CLIError(f"--p {text!r}: {exc}") from None
     try:
         vals = [float(s) for s in text.split(",")]
     except ValueError:

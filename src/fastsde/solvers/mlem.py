@@ -69,7 +69,15 @@ class MultilevelEM(Stepper):
                     "fastsde.Levels([...], costs=[...]) as the score, or leave p out"
                 )
         # constants and callables are checked in full now, before any compute
-        self.schedule = None if isinstance(p, str) else resolve_schedule(p, self.k - 1, self.grid[:-1])
+        self.learned = p if _is_learned(p) else None
+        if self.learned is not None:
+            if self.counted is None or self.learned.corrections != self.k - 1:
+                raise ValueError(
+                    f"p is a learned schedule for {self.learned.corrections + 1} levels, the run has {self.k}"
+                )
+            self.schedule = self.learned.probabilities(self.grid[:-1])
+        else:
+            self.schedule = None if isinstance(p, str) else resolve_schedule(p, self.k - 1, self.grid[:-1])
 
     def init(self, x: Tensor) -> tuple[State, Tensor | None]:
         """Before the first move: the probe of the levels, the calibration pass for p="auto", the
@@ -77,6 +85,8 @@ class MultilevelEM(Stepper):
         if self.counted is None:
             return {}, None
         opts, levels = self.options, self.counted.spec
+        if self.learned is not None:  # the key first: a schedule fitted for another run is refused
+            self.learned.check_run(levels, self.sde, opts, self.ctx.t_end, tuple(x.shape[1:]), x.dtype, x.device)
         probed = levels.probe(self.sde, x, self.ctx.t_end, self.counted.levels[-1].cond)
         record: dict[str, Any] = {"base": opts["base"], "probe_rows_per_level": probed}
         if self.schedule is None:
@@ -95,6 +105,9 @@ class MultilevelEM(Stepper):
             record["rule"] = "auto"
             record["budget"] = float(opts["budget"])
             record["calibration"] = calib
+        elif self.learned is not None:
+            record["rule"] = "learned"
+            record["learned"] = self.learned.config()
         else:
             record["rule"] = "callable" if callable(opts["p"]) else "constant"
         self.schedule = self.schedule.to(x.device)
@@ -132,6 +145,12 @@ class MultilevelEM(Stepper):
         return self.base.step(x, inner)
 
 
+def _is_learned(p: Any) -> bool:
+    from ..mlem_fit import MLEMSchedule
+
+    return isinstance(p, MLEMSchedule)
+
+
 def _build(ctx: SolverContext, opts: dict[str, Any]) -> dict[str, Any]:
     grid = solver_grid(ctx, opts)
     return dict(stepper=MultilevelEM(ctx, opts, grid), controller=FixedGrid(grid))
@@ -148,7 +167,9 @@ MLEM = SolverSpec(
     stepper=MultilevelEM,
     options={
         **grid_options(1000, "sde"),
-        "p": Option("auto", check_p, "probability of each correction: list, number, callable p(t) or 'auto'"),
+        "p": Option(
+            "auto", check_p, "probability per correction: list, number, callable p(t), 'auto' or a fit_mlem schedule"
+        ),
         "base": Option("em", one_of("em", "ddim"), "the step the multilevel score feeds: EM or DDIM"),
         "eta": Option(0.0, _eta, "DDIM's η with base='ddim' (0: PF-ODE)"),
         "budget": Option(1e-3, positive_float, "p='auto': added MSE per dimension the randomisation may cost"),
