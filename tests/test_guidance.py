@@ -187,3 +187,16 @@ def test_cli_samples_with_label_and_guidance(cond_model, tmp_path, capsys):
     assert record["labels"] == [0, 1, 2, 3] and record["guidance"] == 2.0 and record["network_evals"] == 6.0
     assert main([*args, "--label", "7", "--no-metric"]) == 2  # a label the model does not know
     assert "--label" in capsys.readouterr().err
+
+
+def test_iia_with_a_model_folder(cond_model, tmp_path, capsys):
+    """fit-iia and sample --solver iia_* take --model PATH (the table is named after the folder)."""
+    fit = ["fit-iia", "--model", str(cond_model), "--solver", "dpmpp_2m", "--steps", "3", "--n", "8"]
+    assert main([*fit, "--fine-steps", "12", "--out", str(tmp_path), "--quiet"]) == 0
+    table = tmp_path / "ck-dpmpp_2m-3.safetensors"
+    assert table.is_file()
+    out = tmp_path / "s.npz"
+    args = ["sample", "--model", str(cond_model), "--solver", "iia_dpmpp_2m", "--steps", "3", "--n", "4"]
+    assert main([*args, "--table", str(table), "--out", str(out), "--no-metric"]) == 0
+    assert main([*args, "--out", str(out), "--no-metric"]) == 2  # no table: the hint names the command
+    assert "fastsde fit-iia --model" in capsys.readouterr().err

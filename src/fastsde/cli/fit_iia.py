@@ -21,7 +21,11 @@ def add_parser(subparsers) -> None:
         help="fit IIA coefficient tables (iia_heun / iia_ddim / iia_dpmpp_2m) for a shipped model",
         description="Fit per-step IIA coefficients against the base solver on fine sub-steps; one table per step count.",
     )
-    p.add_argument("--model", default="digits", help="a shipped model (fastsde.list_models()) or 'mixture'")
+    p.add_argument(
+        "--model",
+        default="digits",
+        help="a shipped model (fastsde.list_models()), a model folder (fastsde train --out DIR) or 'mixture'",
+    )
     p.add_argument("--solver", default="dpmpp_2m", help="base solver: dpmpp_2m, heun or ddim (default dpmpp_2m)")
     p.add_argument("--steps", default="4,5,6,8,10", help="comma-separated grid point counts (default 4,5,6,8,10)")
     p.add_argument("--n", type=int, default=256, help="prior draws to fit on (default 256)")
@@ -63,11 +67,17 @@ def run(args: argparse.Namespace) -> int:
     if args.model == "mixture":
         sde = fastsde.VPSDE()
         score = fastsde.problems.mixture_2d(sde).score
-    elif args.model in fastsde.list_models():
-        model = fastsde.load_model(args.model)
+    elif args.model in fastsde.list_models() or Path(args.model).is_dir():
+        try:
+            model = fastsde.load_model(args.model)
+        except ValueError as exc:
+            raise CLIError(str(exc)) from None
         sde, score = model.sde, model.score
     else:
-        raise CLIError(f"unknown model {args.model!r}; available: {', '.join(fastsde.list_models() + ['mixture'])}")
+        raise CLIError(
+            f"unknown model {args.model!r}; available: {', '.join(fastsde.list_models() + ['mixture'])}, "
+            "or the path of a model folder"
+        )
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {args.out!r} is not a folder")
@@ -85,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.quiet,
             **options,
         )
-        path = table.save(out / table_name(args.model, iia, n_steps, args.variant))
+        path = table.save(out / table_name(model_tag(args.model), iia, n_steps, args.variant))
         fit = table.fit
         gain = sum(fit["mse_base"]) / max(sum(fit["mse_iia"]), 1e-300)
         tqdm.write(
@@ -93,6 +103,11 @@ def run(args: argparse.Namespace) -> int:
             f"({fit['calls']} calls, {fit['seconds']:.1f} s)  training step MSE base/IIA {gain:.2f}x"
         )
     return 0
+
+
+def model_tag(model: str) -> str:
+    """The model's part of a table's file name: its name, or a model folder's last component."""
+    return Path(model).name if Path(model).is_dir() else model
 
 
 def table_for_sample(model: str, solver: str, options: dict, path: str | None):
@@ -105,11 +120,12 @@ def table_for_sample(model: str, solver: str, options: dict, path: str | None):
         return fastsde.load_iia(path)
     steps = options.get("steps", fastsde.SOLVERS[solver].options["steps"].default)
     variant = options.get("variant")
-    table = shipped_table(model, solver, steps, variant) if model != "mixture" else None
+    shipped = model != "mixture" and model in fastsde.list_models()  # a folder has no shipped table
+    table = shipped_table(model, solver, steps, variant) if shipped else None
     if table is None:
         base = solver[len("iia_") :]
         extra = f" --variant {variant}" if variant and variant != "iia" else ""
-        name = table_name(model, solver, steps, variant)
+        name = table_name(model_tag(model), solver, steps, variant)
         raise CLIError(
             f"no IIA table for model {model}, solver {solver}, steps {steps}; make one with "
             f"`fastsde fit-iia --model {model} --solver {base} --steps {steps}{extra}` "
