@@ -23,6 +23,9 @@ Mappings (stated so the comparison can be checked):
   Each scheduler ends with its own jump to x0 (DDIM: ᾱ_prev = 1; others: final σ = 0).
   SA-Solver (``diffusers_sasolver``, its defaults: p = c = 2, τ = 1 on timesteps 200..800) ends
   at timestep 0 (t = 1/1000), not at σ = 0: fastsde applies the counted denoise there (budget − 1 steps).
+- diffusers with Karras σ (``*_karras``, every process): the scheduler runs on fastsde's float64
+  Karras ρ = 7 grid of σ̃ with a final σ = 0 (as ``use_karras_sigmas`` with ``final_sigmas_type="zero"``),
+  in EDM coordinates: its sample is x̃/√(1 + σ̃²) and the model output the data prediction D(x̃, σ̃).
 - torchsde integrates the reverse SDE in s = T − t: dx = −b(x, T − s) ds + g(T − s) dW with
   b = f − g² s (diagonal Itô noise), adaptive steps with rtol = atol = budget.
 - scipy RK45 and torchdiffeq dopri5 integrate the PF-ODE dx/dt = f − ½ g² s from T to t_end on the
@@ -251,6 +254,34 @@ def _diffusers(cls_name: str, **kwargs: Any):
     return solve
 
 
+def _diffusers_karras(cls_name: str, **kwargs: Any):
+    """A diffusers multistep scheduler on the Karras ρ = 7 σ̃ grid from σ̃(T) to σ̃(t_end) with a final
+    σ = 0 (``use_karras_sigmas`` with the grid replaced by fastsde's float64 one, so that it runs on
+    every process, EDM included). The scheduler's sample is x̃/√(1 + σ̃²) (its VP scaling) and the
+    model output is the data prediction (``prediction_type="sample"``): x̂0 = D(x̃, σ̃)."""
+
+    def solve(counted, sde, x_T, budget, t_end, seed):
+        import diffusers
+
+        sched = getattr(diffusers, cls_name)(
+            num_train_timesteps=1000, use_karras_sigmas=True, prediction_type="sample", **kwargs
+        )
+        n = max(int(budget), 1)
+        sched.set_timesteps(n)
+        sigmas = karras_sigmas(sde, n, t_end)
+        sched.sigmas = sigmas.clone()
+        sched.timesteps = torch.arange(n - 1, -1, -1, dtype=torch.int64) * (1000 // max(n, 1))
+        den = EDMDenoiser(counted, sde)
+        x = _edm_start(sde, x_T) / float(torch.sqrt(1.0 + sigmas[0] ** 2))
+        for i, tau in enumerate(sched.timesteps):
+            sig = float(sigmas[i])
+            x0 = den(x * (1.0 + sig**2) ** 0.5, _times(sig, x))
+            x = sched.step(x0, tau, x).prev_sample
+        return x, {"steps": n, "sigmas": "karras rho 7"}
+
+    return solve
+
+
 # ---------------------------------------------------------------------------------------------
 # torchsde (reverse SDE), scipy and torchdiffeq (PF-ODE)
 # ---------------------------------------------------------------------------------------------
@@ -353,6 +384,7 @@ PEERS: dict[str, Peer] = {
         Peer("kdiff_euler", "k_diffusion", False, "nfe", _kdiff_fixed("sample_euler", _one)),
         Peer("kdiff_heun", "k_diffusion", False, "nfe", _kdiff_fixed("sample_heun", _heun_nfe)),
         Peer("kdiff_dpmpp_2m", "k_diffusion", False, "nfe", _kdiff_fixed("sample_dpmpp_2m", _one)),
+        Peer("kdiff_lms", "k_diffusion", False, "nfe", _kdiff_fixed("sample_lms", _one)),
         Peer("kdiff_dpmpp_2m_sde", "k_diffusion", True, "nfe", _kdiff_fixed("sample_dpmpp_2m_sde", _one)),
         Peer("kdiff_dpmpp_3m_sde", "k_diffusion", True, "nfe", _kdiff_fixed("sample_dpmpp_3m_sde", _one)),
         Peer("kdiff_dpm_adaptive_eta0", "k_diffusion", False, "tol", _kdiff_adaptive(0.0)),
@@ -375,6 +407,22 @@ PEERS: dict[str, Peer] = {
         ),
         Peer("diffusers_unipc", "diffusers", False, "nfe", _diffusers("UniPCMultistepScheduler"), vp_only=True),
         Peer("diffusers_euler", "diffusers", False, "nfe", _diffusers("EulerDiscreteScheduler"), vp_only=True),
+        Peer(
+            "diffusers_unipc_karras",
+            "diffusers",
+            False,
+            "nfe",
+            _diffusers_karras("UniPCMultistepScheduler", solver_order=3, solver_type="bh2"),
+            summary="UniPC-3 (bh2) with the corrector, Karras σ, final σ = 0",
+        ),
+        Peer(
+            "diffusers_dpmsolver_2m_karras",
+            "diffusers",
+            False,
+            "nfe",
+            _diffusers_karras("DPMSolverMultistepScheduler", algorithm_type="dpmsolver++", solver_order=2),
+            summary="DPM-Solver++(2M), Karras σ, final σ = 0",
+        ),
         Peer("diffusers_sasolver", "diffusers", True, "nfe", _diffusers_sasolver, vp_only=True),
         Peer("torchsde_srk", "torchsde", True, "tol", _torchsde("srk")),
         Peer("torchsde_milstein", "torchsde", True, "tol", _torchsde("milstein")),

@@ -9,6 +9,7 @@ from .adaptive_sde_dpm_2m import ADAPTIVE_SDE_DPM_2M
 from .ancestral import ANCESTRAL
 from .base import SolverSpec
 from .ddim import DDIM
+from .deis import DEIS
 from .dpmpp_2m import DPMPP_2M
 from .dpmpp_2m_sde import DPMPP_2M_SDE
 from .dpmpp_3m import ADAPTIVE_DPMPP_3M, DPMPP_3M
@@ -18,11 +19,14 @@ from .er_sde import ER_SDE
 from .euler import EULER
 from .heun import HEUN
 from .iia import IIA_DDIM, IIA_DPMPP_2M, IIA_HEUN
+from .ipndm import IPNDM
+from .lms import LMS
 from .mlem import MLEM
 from .ode import ODE
 from .ode_corrector import ODE_CORRECTOR
 from .pc import PC
 from .reverse_diffusion import REVERSE_DIFFUSION
+from .unipc import UNIPC
 from .sa_solver import SA_SOLVER
 
 SOLVERS: dict[str, SolverSpec] = {
@@ -42,6 +46,10 @@ SOLVERS: dict[str, SolverSpec] = {
         DPMPP_2M_SDE,
         DPMPP_3M,
         ADAPTIVE_DPMPP_3M,
+        LMS,
+        IPNDM,
+        UNIPC,
+        DEIS,
         DPMPP_3M_SDE,
         ER_SDE,
         SA_SOLVER,

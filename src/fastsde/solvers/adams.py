@@ -1,0 +1,128 @@
+"""Adams–Bashforth steps of the probability-flow ODE in EDM coordinates, shared by ``lms``, ``ipndm``
+and ``deis``.
+
+Any process x_t = m·x0 + σ·z becomes, in x̃ = x/m with noise level σ̃ = σ/m, the EDM process whose
+PF-ODE is dx̃/dσ̃ = d, d = (x̃ − x̂0)/σ̃ = ε̂ (x̂0 the Tweedie denoiser). An explicit multistep move
+from grid point i to i + 1 is
+
+    x̃_{i+1} = x̃_i + Σ_{j<k} c_j·d_{i−j},
+
+with k = min(points known, order) and weights c_j that each method computes per row (per-sample
+times are allowed; nothing assumes one grid for the batch). The history (the last order − 1 values
+of d and the coordinate of their points) lives in the stepper state and is forgotten where a
+corrector moves a sample (the method restarts at first order there).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import cache
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..sde import broadcast_to_rows
+from .stepper import State, Step, Stepper, StepResult
+
+__all__ = ["EDMAdams", "gauss_legendre", "lagrange_integrals"]
+
+
+@cache
+def _leggauss(points: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    u, w = np.polynomial.legendre.leggauss(points)
+    return tuple(float(v) for v in u), tuple(float(v) for v in w)
+
+
+def gauss_legendre(points: int, like: Tensor) -> tuple[Tensor, Tensor]:
+    """Gauss–Legendre nodes and weights on [−1, 1] (float64, on like's device)."""
+    u, w = _leggauss(points)
+    return (
+        torch.tensor(u, dtype=torch.float64, device=like.device),
+        torch.tensor(w, dtype=torch.float64, device=like.device),
+    )
+
+
+def lagrange_integrals(
+    nodes: Tensor, lo: Tensor, hi: Tensor, points: int, to_node: Callable[[Tensor], Tensor] | None = None
+) -> Tensor:
+    """∫_lo^hi ℓ_j(to_node(u)) du for the Lagrange basis ℓ_j of ``nodes`` (n, k), per row, by
+    ``points``-point Gauss–Legendre in u (exact when to_node is the identity and 2·points > k − 1).
+
+    ``nodes`` must be distinct per row (float64); returns (n, k) float64."""
+    n, k = nodes.shape
+    u, w = gauss_legendre(points, nodes)
+    mid, half = 0.5 * (lo + hi), 0.5 * (hi - lo)
+    us = mid[:, None] + half[:, None] * u[None, :]  # (n, G)
+    s = us if to_node is None else to_node(us.reshape(-1)).reshape(n, points)
+    out = []
+    for j in range(k):
+        basis = torch.ones_like(s)
+        for m in range(k):
+            if m != j:
+                basis = basis * (s - nodes[:, m : m + 1]) / (nodes[:, j : j + 1] - nodes[:, m : m + 1])
+        out.append(half * (basis * w[None, :]).sum(dim=1))
+    return torch.stack(out, dim=1)
+
+
+class EDMAdams(Stepper):
+    """Base of the explicit multistep methods on dx̃/dσ̃ = d. Subclasses set :meth:`max_order`,
+    :meth:`node` (the per-row coordinate of a point that their weights use) and :meth:`weights`."""
+
+    order = 1.0
+
+    def max_order(self) -> int:
+        raise NotImplementedError
+
+    def node(self, t64: Tensor) -> Tensor:
+        """The coordinate of the points at times t64 that :meth:`weights` reads (float64)."""
+        return self.sde.edm_sigma(t64)
+
+    def weights(self, k: int, nodes: Tensor, s: Step, sig: Tensor, sig_next: Tensor) -> Tensor:
+        """(n, k) float64 weights c_j of d_{i−j} (j = 0 now) for a k-point move σ̃ = sig → sig_next;
+        ``nodes[:, j]`` is the coordinate of point i − j."""
+        raise NotImplementedError
+
+    def orders(self, s: Step, known: Tensor) -> Tensor:
+        """Per-row number of points the move uses (1 + the past points known, at most max_order)."""
+        return torch.clamp(known + 1, max=self.max_order())
+
+    def init(self, x: Tensor) -> tuple[State, Tensor | None]:
+        n, dev = x.shape[0], x.device
+        state: State = {"known": torch.zeros(n, dtype=torch.int64, device=dev)}
+        for j in range(1, self.max_order()):
+            state[f"d{j}"] = torch.zeros_like(x)
+            state[f"n{j}"] = torch.zeros(n, dtype=torch.float64, device=dev)
+        return state, None
+
+    def reset(self, state: State, rows: Tensor) -> None:
+        state["known"][rows.to(state["known"].device)] = 0
+
+    def step(self, x: Tensor, s: Step) -> StepResult:
+        sde, dt = self.sde, x.dtype
+        k_max = self.max_order()
+        m, m_next = sde.mean_coeff(s.t64), sde.mean_coeff(s.t_next64)
+        sig, sig_next = sde.edm_sigma(s.t64), sde.edm_sigma(s.t_next64)
+        x0 = sde.denoise(x, s.t, s.score0())
+        xt = x / broadcast_to_rows(m.to(dt), x)
+        d = (xt - x0) / broadcast_to_rows(sig.to(dt), x)
+        known = s.get("known")
+        here = self.node(s.t64)
+        ds = [d] + [s.get(f"d{j}") for j in range(1, k_max)]
+        past = [s.get(f"n{j}") for j in range(1, k_max)]
+        # unknown points get distinct placeholder coordinates (their weights are computed, never used)
+        nodes = [here] + [
+            torch.where(known >= j, past[j - 1], here + j * (sig - sig_next).abs().clamp_min(1.0))
+            for j in range(1, k_max)
+        ]
+        order = self.orders(s, known)
+        out = xt
+        for k in range(1, k_max + 1):
+            c = self.weights(k, torch.stack(nodes[:k], dim=1), s, sig, sig_next)
+            move = sum(broadcast_to_rows(c[:, j].to(dt), x) * ds[j] for j in range(k))
+            out = torch.where(broadcast_to_rows(order == k, x), xt + move, out)
+        state: State = {"known": torch.clamp(known + 1, max=k_max - 1)}
+        for j in range(1, k_max):
+            state[f"d{j}"] = ds[j - 1]
+            state[f"n{j}"] = here if j == 1 else past[j - 2]
+        return StepResult(x=broadcast_to_rows(m_next.to(dt), x) * out, state=state, x0_hat=x0)
