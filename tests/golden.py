@@ -43,7 +43,12 @@ SETTINGS: dict[str, list[dict[str, Any]]] = {
     "ddim": [dict(steps=10), dict(steps=8, eta=1.0), dict(steps=8, eta=0.5, denoise=False)],
     "dpmpp_2m": [dict(steps=10), dict(steps=16, lower_order_final=False, grid="edm")],
     "dpmpp_2m_sde": [dict(steps=10), dict(steps=12, solver_type="heun", corrector=True, eta=0.5)],
-    "ode": [dict(rtol=1e-3, atol=1e-3), dict(rtol=1e-2, atol=1e-2, h_init=0.05), dict(method="scipy", rtol=1e-3)],
+    # coordinate="time": the method the record was made with (the default became "logsnr", issue 19)
+    "ode": [
+        dict(rtol=1e-3, atol=1e-3, coordinate="time"),
+        dict(rtol=1e-2, atol=1e-2, h_init=0.05, coordinate="time"),
+        dict(method="scipy", rtol=1e-3, coordinate="time"),
+    ],
     "adaptive": [
         dict(eps_rel=0.05),
         dict(eps_rel=0.05, brownian="tree", reuse_rejected=True, pi_beta=0.3, corrector_steps=1),

@@ -184,11 +184,16 @@ def _mode_stats(gm: fastsde.GaussianMixture, x: torch.Tensor, t: float):
     return comp
 
 
-def test_ode_samples_match_exact_marginal(process):
+#: NFE before the first step: the FSAL evaluation, + scipy's step selection in t (none in λ)
+START = {"logsnr": 1, "time": 2}
+
+
+@pytest.mark.parametrize("coordinate", ["logsnr", "time"])
+def test_ode_samples_match_exact_marginal(process, coordinate):
     """PF-ODE samples (no denoise) follow the mixture's marginal at t_end: weights, per-mode means and stds."""
     gm = make_mixture(process)
     n = 3000
-    res = fastsde.sample(gm, process, (n, 2), solver="ode", seed=1, dtype=F64, denoise=False)
+    res = fastsde.sample(gm, process, (n, 2), solver="ode", seed=1, dtype=F64, denoise=False, coordinate=coordinate)
     x = res.samples
     assert torch.isfinite(x).all()
     t_end = process.default_t_end
@@ -200,16 +205,19 @@ def test_ode_samples_match_exact_marginal(process):
         assert abs(nk / n - float(w[k])) < 4 * math.sqrt(float(w[k]) * (1 - float(w[k])) / n)
         assert torch.all((xk.mean(0) - mu[k]).abs() < 4 * sd[k] / math.sqrt(nk) + 2e-3)
         assert torch.all((xk.std(0) / sd[k] - 1).abs() < 4 / math.sqrt(2 * nk) + 0.02)
-    # accounting: 2 NFE to start + 6 per attempted step, no denoise
+    # accounting: 1 or 2 NFE to start + 6 per attempted step, no denoise
     steps = (res.stats["accepted"] + res.stats["rejected"]).to(F64)
-    torch.testing.assert_close(res.nfe_per_sample, 2 + 6 * steps)
+    start = START[coordinate]
+    assert start == fastsde.SOLVERS["ode"].stepper.first_nfe + (coordinate == "time")
+    torch.testing.assert_close(res.nfe_per_sample, start + 6 * steps)
     assert res.stats["accepted"].sum() + res.stats["rejected"].sum() == steps.sum()
-    assert res.calls == 2 + 6 * int(steps.max())
+    assert res.calls == start + 6 * int(steps.max())
 
 
-def test_ode_agrees_with_scipy_on_same_noise(process):
+@pytest.mark.parametrize("coordinate", ["logsnr", "time"])
+def test_ode_agrees_with_scipy_on_same_noise(process, coordinate):
     gm = make_mixture(process)
-    kw = dict(solver="ode", seed=3, dtype=F64, rtol=1e-9, atol=1e-9)
+    kw = dict(solver="ode", seed=3, dtype=F64, rtol=1e-9, atol=1e-9, coordinate=coordinate)
     ours = fastsde.sample(gm, process, (40, 2), **kw)
     ref = fastsde.sample(gm, process, (40, 2), method="scipy", **kw)
     torch.testing.assert_close(ours.samples, ref.samples, rtol=0, atol=5e-6)
@@ -239,7 +247,7 @@ def test_ode_rejection_path_runs():
     """A first step over the whole interval is rejected and shrunk; the answer is unchanged."""
     sde = fastsde.VPSDE()
     gm = make_mixture(sde)
-    kw = dict(solver="ode", seed=2, dtype=F64, rtol=1e-8, atol=1e-8)
+    kw = dict(solver="ode", seed=2, dtype=F64, rtol=1e-8, atol=1e-8, coordinate="time")
     big = fastsde.sample(gm, sde, (16, 2), h_init=1.0, **kw)
     auto = fastsde.sample(gm, sde, (16, 2), **kw)
     assert torch.all(big.stats["rejected"] >= 1)
@@ -262,7 +270,7 @@ def test_ode_nan_score_region_rejected_not_returned():
         nan_rows.append(int(bad.sum()))
         return torch.where(bad[:, None], torch.full_like(s, float("nan")), s)
 
-    kw = dict(solver="ode", seed=4, dtype=F64, rtol=1e-7, atol=1e-7, h_init=0.9)
+    kw = dict(solver="ode", seed=4, dtype=F64, rtol=1e-7, atol=1e-7, h_init=0.9, coordinate="time")
     res = fastsde.sample(flaky, sde, (8, 2), **kw)
     ref = fastsde.sample(gm, sde, (8, 2), **kw)
     assert torch.isfinite(res.samples).all()
@@ -273,12 +281,13 @@ def test_ode_nan_score_region_rejected_not_returned():
 
 def test_ode_budget_error_and_partial():
     """One budget (max_nfe) and one policy (on_budget) as for the adaptive SDE solvers; 3 attempts
-    are 2 + 6·3 = 20 evaluations."""
+    are 2 + 6·3 = 20 evaluations (in t)."""
     sde = fastsde.VESDE()
     gm = make_mixture(sde)
+    kw = dict(solver="ode", dtype=F64, max_nfe=20, coordinate="time")
     with pytest.raises(IntegrationError, match="5 of 5 samples did not reach t_end = 1e-05 within max_nfe = 20"):
-        fastsde.sample(gm, sde, (5, 2), solver="ode", dtype=F64, max_nfe=20)
-    res = fastsde.sample(gm, sde, (5, 2), solver="ode", dtype=F64, max_nfe=20, on_budget="partial", denoise=False)
+        fastsde.sample(gm, sde, (5, 2), **kw)
+    res = fastsde.sample(gm, sde, (5, 2), **kw, on_budget="partial", denoise=False)
     assert res.stats["status"] == ["budget"] * 5
     assert torch.all(res.stats["t_final"] > sde.default_t_end)
     assert torch.all(res.stats["accepted"] + res.stats["rejected"] == 3)
@@ -358,3 +367,46 @@ def test_scipy_method_rejects_a_transient_nan_and_finishes():
     clean = fastsde.sample(gm.score, sde, (16, 2), **kw)
     assert bool(torch.isfinite(res.samples).all()) and res.nfe > clean.nfe
     assert float((res.samples - clean.samples).abs().max()) < 1e-3
+
+
+def test_ode_logsnr_tightening_converges_monotonically_on_edm():
+    """coordinate="logsnr" (default): on an exact 8-D EDM mixture (σ 80 -> 0.002) the error against
+    a tight solve from the same noise falls as rtol is tightened, and is on the data scale (it does
+    not depend on the process's σ range once converged); time-coordinate tolerances of the same size
+    are far less accurate at the loosest setting."""
+    sde = fastsde.EDM()
+    gm = fastsde.problems.mixture_nd(sde, dim=8, modes=3, seed=1)
+    kw = dict(solver="ode", seed=0, dtype=F64, denoise=False)
+    ref = fastsde.sample(gm, sde, (32, 8), rtol=1e-9, atol=1e-9, **kw).samples
+    errs, nfes = [], []
+    for rtol in (1e-2, 1e-4, 1e-6):
+        res = fastsde.sample(gm, sde, (32, 8), rtol=rtol, atol=rtol, **kw)
+        errs.append(float((res.samples - ref).pow(2).mean().sqrt()))
+        nfes.append(res.nfe)
+    assert all(a > b for a, b in zip(errs, errs[1:])), errs
+    assert all(a <= b for a, b in zip(nfes, nfes[1:])), nfes
+    assert errs[-1] < 1e-5
+    old = fastsde.sample(gm, sde, (32, 8), rtol=1e-2, atol=1e-2, coordinate="time", **kw)
+    assert float((old.samples - ref).pow(2).mean().sqrt()) > 3 * errs[0]
+
+
+def test_ode_logsnr_is_the_time_solution_and_batch_independent():
+    """The two coordinates solve the same ODE (tight tolerances agree), on VP where x/m ≠ x; sample i
+    is the same alone as in the batch."""
+    sde = fastsde.VPSDE()
+    gm = make_mixture(sde)
+    kw = dict(solver="ode", seed=2, dtype=F64, rtol=1e-8, atol=1e-8)
+    lam = fastsde.sample(gm, sde, (16, 2), **kw)
+    t = fastsde.sample(gm, sde, (16, 2), coordinate="time", **kw)
+    torch.testing.assert_close(lam.samples, t.samples, rtol=0, atol=1e-5)
+    alone = fastsde.sample(
+        gm,
+        sde,
+        (1, 2),
+        solver="ode",
+        seed=fastsde.NoiseSource.from_seed(2, 16).subset([5]),
+        dtype=F64,
+        rtol=1e-8,
+        atol=1e-8,
+    )
+    torch.testing.assert_close(alone.samples[0], lam.samples[5], rtol=0, atol=1e-12)

@@ -102,6 +102,7 @@ class Adaptive:
     ``grow_after_reject`` is False, ``nonfinite_factor`` after a non-finite error, and, with
     ``measured_exponent``, scipy's start-up shrink replaced by the exponent measured from two
     rejections in a row before the first accepted step. ``h_init`` None asks the stepper.
+    ``stretch`` > 0 lets a step that would leave less than stretch·h to go take the rest at once.
     """
 
     rtol: float
@@ -123,6 +124,9 @@ class Adaptive:
     stop_tol: float | None = 1e-6
     min_step: bool = False
     extrapolate: bool = True
+    #: a step within a factor (1 + stretch) of the rest of the way takes the rest (no sliver of a
+    #: last step; not right after a rejection, nor beyond h_max; 0: never)
+    stretch: float = 0.0
 
     adaptive = True
 

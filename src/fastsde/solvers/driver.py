@@ -202,6 +202,9 @@ def integrate(
             rem = c_end - cs
             if adaptive:
                 hs = torch.where(act_d, torch.minimum(hs0.clamp_max(controller.h_max), rem), torch.zeros_like(cs))
+                if controller.stretch > 0:  # no sliver of a last step (not right after a rejection)
+                    near = (hs * (1.0 + controller.stretch) >= rem) & (rem <= controller.h_max)
+                    hs = torch.where(act_d & near & ~after_reject[rows_d], rem, hs)
                 last = act_d & (hs >= rem)
                 cn = torch.where(last, torch.full_like(cs, c_end), cs + hs)
                 tn = torch.where(last, torch.full_like(ts, t_end), coord.to_t(cn))

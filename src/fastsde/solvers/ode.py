@@ -1,25 +1,39 @@
 """Adaptive RK45 on the probability-flow ODE (Song et al. 2021, §4.3).
 
-dx/dt = f(x, t) − ½ g(t)² s(x, t), integrated from T down to t_end by Dormand–Prince 5(4).
+Two coordinates (option ``coordinate``):
+
+- "logsnr" (default): the PF-ODE in the half log-SNR λ = log(m/σ) on the data-scale state u = x/m,
+
+      du/dλ = D(x, t) − u = (σ²/m)·s(x, t),      x = m·u, t = t(λ),
+
+  with the error measured on u (scipy's rule atol + rtol·max(|u|, |u_new|), data units). Each step
+  is written around its DDIM step, u = e^{−s}(u_i − D_i) + D_i + r(s), and Dormand–Prince
+  integrates the remainder r (:class:`DormandPrinceLogSNR`): the exponential part, which limits a
+  plain Runge–Kutta step in λ at high noise, is exact, and r moves only as D changes. First step
+  and largest step 1.5 in λ (``h_init``, ``h_max``; see MAX_STEP for why a cap), no evaluation
+  for the first step. One step in t near t_end spans orders of magnitude of σ; one step in λ a
+  factor e^h. On EDM and VE (m = 1) u = x and λ = −log σ.
+- "time": dx/dt = f(x, t) − ½ g(t)² s(x, t) in t on x (the method before issue 19, kept bit for bit).
 
 - method "rk45": fastsde's torch integrator with one time and step size per sample; finished
-  samples leave the batch, so each sample pays only for its own steps
-  (NFE = 2 + 6 × attempted steps, + 1 for the final denoise). Step control: scipy's rules per
-  sample plus ``fastsde.integrate``'s start-up rule for repeated rejections of the first step,
-  which matters little when sampling (the solve starts at T, where the field is smooth).
+  samples leave the batch, so each sample pays only for its own steps (NFE = 1 + 6 × attempted
+  steps, + 1 for scipy's first-step selection in t, + 1 for the final denoise). Step control:
+  scipy's rules per sample plus ``fastsde.integrate``'s start-up rule for repeated rejections of
+  the first step; in λ, a step within 25 % of the rest of the way takes the rest.
 - method "scipy": scipy's ``solve_ivp`` RK45 on the whole batch flattened into one float64 vector,
-  the reference code's procedure (the batch shares its steps; NFE = nfev, + 1 for the denoise).
+  the reference code's procedure (the batch shares its steps; NFE = nfev, + 1 for the denoise); in
+  λ it integrates du/dλ as it stands.
 
-The rk45 method is the :class:`DormandPrince` stepper (the tableau, FSAL, scipy's initial step)
-under the driver's adaptive controller with scipy's law. Accepted/rejected step counts per sample go
-into ``ctx.stats``. A sample that spends ``max_nfe`` evaluations without reaching t_end is a
-BudgetError naming how many did not finish, unless ``on_budget="partial"`` (then they are returned
-where they stopped and ``ctx.stats["status"]`` says so). ``max_steps`` (attempts per sample) and
-``partial`` are the older spellings of the same budget and policy.
+Accepted/rejected step counts per sample go into ``ctx.stats``. A sample that spends ``max_nfe``
+evaluations without reaching t_end is a BudgetError naming how many did not finish, unless
+``on_budget="partial"`` (then they are returned where they stopped and ``ctx.stats["status"]`` says
+so). ``max_steps`` (attempts per sample) and ``partial`` are the older spellings of the same budget
+and policy.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -38,12 +52,13 @@ from .base import (
     optional,
     positive_float,
     positive_int,
+    positive_or_inf,
 )
 from .controllers import Adaptive, Coordinate
 from .driver import integrate
 from .stepper import State, Step, Stepper, StepResult
 
-__all__ = ["ODE", "DormandPrince", "select_initial_step", "scipy_law", "DOPRI_NFE_START"]
+__all__ = ["ODE", "DormandPrince", "DormandPrinceLogSNR", "select_initial_step", "scipy_law", "DOPRI_NFE_START"]
 
 #: F(y, t, rows) -> dy/dt for the rows of y; t holds one float64 time per row, rows the sample indices.
 Field = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -61,6 +76,15 @@ _A = (
 _B = (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84)
 # Error weights: 5th-order minus embedded 4th-order solution, over the 7 stages (FSAL stage last).
 _E = (-71 / 57600, 0.0, 71 / 16695, -71 / 1920, 17253 / 339200, -22 / 525, 1 / 40)
+
+#: coordinate="logsnr": a step that would leave less than this share of itself to go takes the rest
+LAST_STEP_STRETCH = 0.25
+#: coordinate="logsnr": the largest step in λ (a factor e^1.5 in σ/m). On the 64-D EDM mixture a
+#: step of 2 across the mode-choice region (σ 1.5 -> 0.2) has a true error 5x (up to 40x) its
+#: embedded estimate, so the controller alone would accept it at loose tolerances
+MAX_STEP = 1.5
+#: coordinate="logsnr": the first step in λ when h_init is None
+FIRST_STEP = 1.5
 
 #: Evaluations before the first step: the FSAL evaluation at the start and scipy's step selection.
 DOPRI_NFE_START = 2
@@ -134,26 +158,123 @@ class DormandPrince(Stepper):
         rows = self._rows(s.rows, x.shape[0], x.device)
         ti = s.t64
         hs = s.h * self.direction  # signed step in t, float64
-        hy = _bcast(hs, x)
+        y_new, err, f_new, valid, fresh = self._dopri(
+            x, ti, hs, s.t_next64, s, lambda y, t, r: self.field(y, t, r), rows
+        )
+        return StepResult(x=y_new, error=err, x_ref=y_new, valid=valid, state={"f": f_new, "stale": fresh})
+
+    def _dopri(
+        self, y: Tensor, ci: Tensor, hs: Tensor, c_next: Tensor, s: Step, fun: Field, rows: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """One Dormand–Prince attempt of dy/dc = fun(y, c, rows) from c_i by hs (float64, per row):
+        (y_new, error, fun at the end (FSAL), valid rows, fresh stale flags)."""
+        hy = _bcast(hs, y)
         f0, stale = s.get("f"), s.get("stale")
         if bool(stale.any()):  # moved by a corrector since f was evaluated (1 more NFE for those rows)
             idx = stale.nonzero().squeeze(1)
             f0 = f0.clone()
-            f0[idx] = self.field(x[idx], ti[idx], rows[idx])
+            f0[idx] = fun(y[idx], ci[idx], rows[idx])
         ks = [f0]
         for j in range(1, 6):
             acc = sum(a * k for a, k in zip(_A[j], ks))
-            ks.append(self.field(x + hy * acc, ti + _C[j] * hs, rows))
-        y_new = x + hy * sum(b * k for b, k in zip(_B, ks) if b != 0.0)
-        f_new = self.field(y_new, s.t_next64, rows)
+            ks.append(fun(y + hy * acc, ci + _C[j] * hs, rows))
+        y_new = y + hy * sum(b * k for b, k in zip(_B, ks) if b != 0.0)
+        f_new = fun(y_new, c_next, rows)
         ks.append(f_new)
         err = hy * sum(e * k for e, k in zip(_E, ks) if e != 0.0)
-        valid = torch.isfinite(f_new.reshape(x.shape[0], -1)).all(dim=1)
-        fresh = torch.zeros_like(stale)
-        return StepResult(x=y_new, error=err, x_ref=y_new, valid=valid, state={"f": f_new, "stale": fresh})
+        valid = torch.isfinite(f_new.reshape(y.shape[0], -1)).all(dim=1)
+        return y_new, err, f_new, valid, torch.zeros_like(stale)
 
 
-def scipy_law(rtol: float, atol: float, h_init: float | None, measured_exponent: bool = True) -> Adaptive:
+class DormandPrinceLogSNR(DormandPrince):
+    """Dormand–Prince 5(4) on the PF-ODE in λ = log(m/σ) for the data-scale state u = x/m,
+    du/dλ = D − u (see the module docstring), written around the DDIM step of each move.
+
+    From (u_i, λ_i) with data prediction D_i, u(λ_i + s) = e^{−s}(u_i − D_i) + D_i + r(s), where the
+    remainder obeys r' = D(u, λ) − D_i − r, r(0) = 0: an exact change of variables, so the step is
+    Dormand–Prince's (order 5, embedded error of order 5) on r. The exponential part, which limits a
+    plain Runge–Kutta step in λ at high noise, is exact, and r is driven only by how much D
+    changes over the step; D barely changes at both ends of the solve. 6 evaluations per attempt;
+    the last one is D at the new point, the next step's D_i (FSAL, state ``f``).
+
+    The driver's state stays x (so correctors, callbacks and budgets see x); the stepper maps x ↔ u
+    and returns its error rescaled so that the controller's rule on x is scipy's rule on u exactly:
+    err_u / (atol + rtol·max(|u|, |u_new|)), tolerances on the data scale."""
+
+    coordinate = "logsnr"
+    initial_step_nfe = 0
+
+    def __init__(self, ctx: SolverContext, options: dict[str, Any]) -> None:
+        super().__init__(ctx, options, field=self.data_field, direction=1.0)
+        self.rtol, self.atol = float(options["rtol"]), float(options["atol"])
+
+    def data_field(self, u: Tensor, lam: Tensor, rows: Tensor | None, t: Tensor | None = None) -> Tensor:
+        """du/dλ = (σ²/m)·s(m·u, t) at (u, λ); t (float64) overrides t(λ) where it is known exactly."""
+        sde = self.sde
+        t64 = sde.t_from_lambda(lam) if t is None else t
+        m, sig = sde.mean_coeff(t64), sde.marginal_std(t64)
+        x = _bcast(m, u) * u
+        return _bcast(sig * sig / m, u) * self.ctx.score(x, t64.to(u.dtype), rows, check_finite=False)
+
+    def _denoised(self, u: Tensor, lam: Tensor, rows: Tensor | None, t: Tensor | None = None) -> Tensor:
+        """D = u + du/dλ, the data prediction at (u, λ)."""
+        return u + self.data_field(u, lam, rows, t)
+
+    def _m(self, t64: Tensor, like: Tensor) -> Tensor:
+        return _bcast(self.sde.mean_coeff(t64), like)
+
+    def init(self, x: Tensor) -> tuple[State, Tensor | None]:
+        n = x.shape[0]
+        t0 = self._t0(n, x.device)
+        d0 = self._denoised(x / self._m(t0, x), self.sde.log_snr(t0), torch.arange(n, device=x.device), t0)
+        bad = ~torch.isfinite(d0.reshape(n, -1)).all(dim=1)
+        return {"f": d0, "stale": torch.zeros(n, dtype=torch.bool, device=x.device)}, bad
+
+    def initial_step(self, x: Tensor, state: State, rows: Tensor, span: Tensor, rtol: float, atol: float) -> Tensor:
+        """No evaluation: FIRST_STEP in λ (the exponential part is exact, so the first step is limited
+        only by how fast D changes near T, which is slowly), at most the whole way."""
+        return torch.minimum(torch.full_like(span, FIRST_STEP), span)
+
+    def step(self, x: Tensor, s: Step) -> StepResult:
+        rows = self._rows(s.rows, x.shape[0], x.device)
+        t_i, t_n, lam_i, h = s.t64, s.t_next64, s.c, s.h  # the controller's coordinate is λ
+        m_i, m_n = self._m(t_i, x), self._m(t_n, x)
+        u = x / m_i
+        d_i, stale = s.get("f"), s.get("stale")
+        if bool(stale.any()):  # moved by a corrector since D was evaluated (1 more NFE for those rows)
+            idx = stale.nonzero().squeeze(1)
+            d_i = d_i.clone()
+            d_i[idx] = self._denoised(u[idx], lam_i[idx], rows[idx], t_i[idx])
+        a = u - d_i
+        hy = _bcast(h, x)
+        ks = [torch.zeros_like(u)]  # r' = 0 at the start
+        for j in range(1, 6):
+            r_j = hy * sum(c * k for c, k in zip(_A[j], ks))
+            sj = _C[j] * h
+            u_j = _bcast(torch.exp(-sj), x) * a + d_i + r_j
+            ks.append(self._denoised(u_j, lam_i + sj, rows) - d_i - r_j)
+        r_new = hy * sum(b * k for b, k in zip(_B, ks) if b != 0.0)
+        u_new = _bcast(torch.exp(-h), x) * a + d_i + r_new
+        d_new = self._denoised(u_new, s.c_next, rows, t_n)  # t_end exactly on a final step
+        ks.append(d_new - d_i - r_new)
+        err_u = hy * sum(e * k for e, k in zip(_E, ks) if e != 0.0)
+        valid = torch.isfinite(d_new.reshape(x.shape[0], -1)).all(dim=1)
+        x_new = m_n * u_new
+        # the controller divides by atol + rtol·max(|x|, |x_new|); make that the rule on u
+        on_x = self.atol + self.rtol * torch.maximum(x.abs(), x_new.abs())
+        on_u = self.atol + self.rtol * torch.maximum(u.abs(), u_new.abs())
+        state = {"f": d_new, "stale": torch.zeros_like(stale)}
+        return StepResult(x=x_new, error=err_u * (on_x / on_u), x_ref=x_new, valid=valid, state=state, x0_hat=d_i)
+
+
+def scipy_law(
+    rtol: float,
+    atol: float,
+    h_init: float | None,
+    measured_exponent: bool = True,
+    stretch: float = 0.0,
+    h_max: float = math.inf,
+) -> Adaptive:
     """scipy's RK45 step control per sample (RMS norm of err / (atol + rtol·max(|y|, |y_new|)),
     accept below 1, safety 0.9, factors 0.2..10, exponent 1/5, no growth after a rejection), plus
     the measured-exponent start-up rule of ``fastsde.integrate`` when ``measured_exponent``."""
@@ -173,6 +294,8 @@ def scipy_law(rtol: float, atol: float, h_init: float | None, measured_exponent:
         accept_equal=False,
         stop_tol=None,
         min_step=True,
+        stretch=stretch,
+        h_max=h_max,
     )
 
 
@@ -202,12 +325,20 @@ def budget_from_steps(max_nfe: int, max_steps: int | None, on_budget: str, parti
 
 
 def _build(ctx: SolverContext, opts: dict[str, Any]) -> dict[str, Any]:
-    field = pf_ode_field(ctx)
     max_nfe, on_budget = budget_from_steps(opts["max_nfe"], opts["max_steps"], opts["on_budget"], opts["partial"])
-    coord = Coordinate.time(ctx.t_start, ctx.t_end)
+    if opts.get("coordinate", "logsnr") == "logsnr":
+        stepper: DormandPrince = DormandPrinceLogSNR(ctx, opts)
+        coord = Coordinate.log_snr(ctx.sde, ctx.t_start, ctx.t_end)
+        stretch, h_max = LAST_STEP_STRETCH, MAX_STEP if opts.get("h_max") is None else opts["h_max"]
+    else:
+        stepper = DormandPrince(ctx, opts, pf_ode_field(ctx), direction=-1.0)
+        coord = Coordinate.time(ctx.t_start, ctx.t_end)
+        stretch, h_max = 0.0, math.inf if opts.get("h_max") is None else opts["h_max"]
     return dict(
-        stepper=DormandPrince(ctx, opts, field, direction=-1.0),
-        controller=scipy_law(opts["rtol"], opts["atol"], opts["h_init"], measured_exponent=True),
+        stepper=stepper,
+        controller=scipy_law(
+            opts["rtol"], opts["atol"], opts["h_init"], measured_exponent=True, stretch=stretch, h_max=h_max
+        ),
         coordinate=coord,
         max_nfe=max_nfe,
         on_budget=on_budget,
@@ -215,12 +346,22 @@ def _build(ctx: SolverContext, opts: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-def _run_scipy(ctx: SolverContext, x: Tensor, rtol: float, atol: float) -> Tensor:
-    """scipy's solve_ivp on the flattened batch (the reference procedure; shared steps)."""
+def _run_scipy(ctx: SolverContext, x: Tensor, rtol: float, atol: float, coordinate: str = "time") -> Tensor:
+    """scipy's solve_ivp on the flattened batch (the reference procedure; shared steps), in t on x
+    or in λ on u = x/m."""
     from ..integrate import scipy_rk45
 
     dtype, n = x.dtype, x.shape[0]
-    y, nfev, steps = scipy_rk45(pf_ode_field(ctx), x, ctx.t_start, ctx.t_end, rtol=rtol, atol=atol)
+    if coordinate == "logsnr":
+        sde = ctx.sde
+        ends = torch.tensor([ctx.t_start, ctx.t_end], dtype=torch.float64)
+        lam0, lam1 = sde.log_snr(ends).tolist()
+        m0, m1 = sde.mean_coeff(ends).tolist()
+        field = DormandPrinceLogSNR(ctx, {"rtol": rtol, "atol": atol}).data_field
+        u, nfev, steps = scipy_rk45(field, x / m0, lam0, lam1, rtol=rtol, atol=atol)
+        y = u * m1
+    else:
+        y, nfev, steps = scipy_rk45(pf_ode_field(ctx), x, ctx.t_start, ctx.t_end, rtol=rtol, atol=atol)
     ctx.stats.update(method="scipy", nfev=nfev, accepted=steps)
     ctx.report(
         StepInfo(step=steps, t=torch.full((n,), ctx.t_end, dtype=dtype), h=torch.zeros(n), x=y, nfe=ctx.score.nfe)
@@ -233,7 +374,7 @@ class _ODESpec(SolverSpec):
 
     def run(self, ctx: SolverContext, x: Tensor, **options: Any) -> Tensor:
         if options["method"] == "scipy":
-            return _run_scipy(ctx, x, options["rtol"], options["atol"])
+            return _run_scipy(ctx, x, options["rtol"], options["atol"], options["coordinate"])
         plan = self.build(ctx, dict(options))
         ctx.stats["method"] = "rk45"
         return integrate(ctx, x, desc=self.name, **plan)
@@ -242,20 +383,30 @@ class _ODESpec(SolverSpec):
 ODE = _ODESpec(
     name="ode",
     build=_build,
-    stepper=DormandPrince,
+    stepper=DormandPrinceLogSNR,
     options={
         "rtol": Option(1e-5, positive_float, "relative tolerance"),
         "atol": Option(1e-5, positive_float, "absolute tolerance"),
         "method": Option("rk45", one_of("rk45", "scipy"), "rk45: per-sample torch; scipy: solve_ivp on the batch"),
+        "coordinate": Option(
+            "logsnr",
+            one_of("logsnr", "time"),
+            "logsnr: steps in λ = log(m/σ) on x/m, error on the data scale; time: steps in t on x (before issue 19)",
+        ),
         "max_nfe": Option(
             DOPRI_NFE_START + 6 * 10_000, positive_int(8), "per-sample budget of solver NFE (rk45; 10 000 attempts)"
         ),
         "on_budget": Option("raise", one_of("raise", "partial"), "what happens when max_nfe is reached"),
         "max_steps": Option(None, optional(positive_int(1)), "deprecated: step attempts per sample (sets max_nfe)"),
-        "h_init": Option(None, optional(positive_float), "first step size (default: scipy's selection, 1 NFE)"),
+        "h_init": Option(
+            None,
+            optional(positive_float),
+            "first step (default: 1.5 in λ for logsnr, no NFE; scipy's selection, 1 NFE, for time)",
+        ),
+        "h_max": Option(None, optional(positive_or_inf), "largest step (default: 1.5 in λ for logsnr, none for time)"),
         "partial": Option(None, optional(boolean), "deprecated: True is on_budget='partial'"),
     },
-    summary="adaptive Dormand–Prince RK45 on the probability-flow ODE, per-sample steps",
+    summary="adaptive Dormand–Prince RK45 on the probability-flow ODE in log-SNR (data scale), per-sample steps",
     adaptive=True,
     tolerance="rtol",
 )
