@@ -200,3 +200,15 @@ def test_iia_with_a_model_folder(cond_model, tmp_path, capsys):
     assert main([*args, "--table", str(table), "--out", str(out), "--no-metric"]) == 0
     assert main([*args, "--out", str(out), "--no-metric"]) == 2  # no table: the hint names the command
     assert "fastsde fit-iia --model" in capsys.readouterr().err
+
+
+def test_shipped_conditional_model(tmp_path, capsys):
+    """digits-cond ships with its null label; `fastsde sample --model digits-cond --label 3 --guidance 2` runs."""
+    model = fastsde.load_model("digits-cond")
+    assert model.num_classes == 10 and model.null_cond == {"class_labels": 10}
+    assert model.config["unet"]["num_class_embeds"] == 11
+    out = tmp_path / "s.png"
+    args = ["sample", "--model", "digits-cond", "--label", "3", "--guidance", "2", "--solver", "ddim", "--steps", "3"]
+    assert main([*args, "--n", "4", "--out", str(out), "--no-metric"]) == 0
+    text = capsys.readouterr().out
+    assert "NFE 3.0" in text and "network evaluations 6.0" in text and out.is_file()
