@@ -28,7 +28,10 @@ STEPS = {1.0: [64, 128, 256], 2.0: [32, 64, 128], 3.0: [48, 96, 192]}
 #: cancellations can make a method look better than its order, never much worse.
 TOLERANCE_ABOVE = 0.6
 
-#: (solver, options) of every deterministic fixed-grid configuration, from the declarations.
+#: (solver, options) of every deterministic fixed-grid configuration, from the declarations. Fourth-order
+#: methods (lms, unipc) are left to tests/test_frontier_deterministic.py, which checks them against the
+#: exact PF-ODE of a Gaussian: on this mixture their order shows only beyond 256 steps (3.2-3.8 measured
+#: at 64-256), where the reference's 1e-8 accuracy ends.
 CASES = [
     (name, opts)
     for name, spec in fastsde.SOLVERS.items()
@@ -36,7 +39,7 @@ CASES = [
     for opts in (
         [{}, {"form": "exact"}] if "form" in spec.options else [{"eta": 0.0}] if "eta" in spec.options else [{}]
     )
-    if not spec.is_stochastic(opts)
+    if not spec.is_stochastic(opts) and spec.order_for(opts) <= 3.0
 ]
 
 
@@ -73,7 +76,7 @@ def references():
 
 def test_every_deterministic_stepper_is_checked():
     names = {name for name, _ in CASES}
-    assert {"euler", "heun", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m"} <= names
+    assert {"euler", "heun", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m", "ipndm", "deis"} <= names
     assert all(fastsde.SOLVERS[n].order_for(o) in STEPS for n, o in CASES)
 
 
