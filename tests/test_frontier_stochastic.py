@@ -11,8 +11,6 @@ import math
 import pytest
 import torch
 from test_convergence import fitted_order
-from test_weak_order import STEPS as WEAK_STEPS
-from test_weak_order import _order as weak_fit
 from test_weak_order import variance_error
 
 import fastsde
@@ -191,15 +189,21 @@ def ode_reference():
 @pytest.mark.parametrize(
     "solver,opts,steps",
     [
-        ("er_sde", {"phi": "ode", "order": 3}, [40, 80, 160]),
-        ("er_sde", {"phi": "ode", "order": 2}, [40, 80, 160]),
-        ("sa_solver", {"tau": 0.0, "corrector_order": 0, "lower_order_final": False}, [40, 80, 160]),
-        ("sa_solver", {"tau": 0.0, "lower_order_final": False}, [40, 80, 160]),
-        ("sa_solver", {"tau": 0.0, "predictor_order": 2, "corrector_order": 2}, [40, 80, 160]),
+        ("er_sde", {"phi": "ode", "order": 3}, [32, 64, 128]),
+        ("er_sde", {"phi": "ode", "order": 2}, [32, 64, 128]),
+        ("sa_solver", {"tau": 0.0, "corrector_order": 0, "lower_order_final": False}, [32, 64, 128]),
+        ("sa_solver", {"tau": 0.0, "lower_order_final": False}, [32, 64, 128]),
+        (
+            "sa_solver",
+            {"tau": 0.0, "predictor_order": 2, "corrector_order": 3, "lower_order_final": False},
+            [32, 64, 128],
+        ),
     ],
 )
 def test_pf_ode_members_reach_their_declared_order(ode_reference, solver, opts, steps):
-    """τ = 0 / φ = σ on the 2-D mixture (EDM), median error against an rtol-1e-10 solve."""
+    """τ = 0 / φ = σ on the 2-D mixture (EDM), median error against an rtol-1e-10 solve. Measured:
+    ER-SDE-3 / -2 2.20 / 2.06 (declared 2: backward differences), SA p = 3 without corrector 3.44,
+    p = 3 with c = 4 4.09, p = 2 with c = 3 3.23."""
     sde, gm, x_T, ref = ode_reference
     spec = fastsde.SOLVERS[solver]
     assert not spec.is_stochastic(opts)
@@ -220,8 +224,9 @@ def test_weak_order_in_closed_form(name, solver):
     sde = fastsde.sde.process_by_name(name)
     opts = REVERSE_SDE[solver]
     spec = fastsde.SOLVERS[solver]
-    errors = [variance_error(solver, sde, n, **opts) for n in WEAK_STEPS]
-    assert spec.order_for(opts) - 0.2 <= weak_fit(errors), errors
+    steps = [16, 32, 64]  # measured 2.5–3.7 (VP, EDM)
+    errors = [variance_error(solver, sde, n, **opts) for n in steps]
+    assert spec.order_for(opts) - 0.2 <= fitted_order(steps, errors), errors
     assert errors[-1] < 0.05
 
 
@@ -383,3 +388,38 @@ def test_diffusers_sasolver_with_injected_noise(monkeypatch, orders):
         predictor_order=p, corrector_order=c, tau=1.0, tau_sigma=(lo, hi), tau_at="source",
     ).samples  # fmt: skip
     torch.testing.assert_close(ours, x, rtol=0, atol=1e-5)
+
+
+@pytest.mark.skipif(not HAS_KDIFF, reason="k-diffusion not installed (pip install fastsde[peers])")
+def test_bench_kdiffusion_3m_sde_adapter_is_the_peer_on_the_karras_sigmas():
+    """The bench row: k-diffusion's sampler from the bench's x_T on the Karras σ with a trailing zero,
+    its own Brownian-tree noise (seed), N NFE."""
+    from k_diffusion import sampling
+
+    from fastsde.bench.peers import PEERS, EDMDenoiser, karras_sigmas
+
+    sde = fastsde.EDM()
+    gm = mixture_2d(sde)
+    x_T = _x_T(sde, 16)
+    run = PEERS["kdiff_dpmpp_3m_sde"].run(gm.score, sde, x_T, 12, sde.default_t_end, seed=3)
+    sigmas = karras_sigmas(sde, 12, sde.default_t_end)
+    bt = sampling.BrownianTreeNoiseSampler(x_T, float(sigmas[-2]), float(sigmas[0]), seed=3)
+    theirs = sampling.sample_dpmpp_3m_sde(EDMDenoiser(gm.score, sde), x_T, sigmas, noise_sampler=bt, disable=True)
+    assert run.nfe == 12
+    torch.testing.assert_close(run.samples, theirs, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif(not HAS_DIFFUSERS, reason="diffusers not installed")
+def test_bench_diffusers_sasolver_adapter():
+    """The bench row: budget B is B − 1 scheduler steps and the counted denoise at timestep 0; its
+    samples follow the mixture's law (mean and std per coordinate within 0.05 at 20 NFE)."""
+    from fastsde.bench.peers import PEERS
+
+    sde = fastsde.VPSDE()
+    gm = mixture_2d(sde)
+    run = PEERS["diffusers_sasolver"].run(gm.score, sde, _x_T(sde, 1000), 20, sde.default_t_end, seed=1)
+    assert run.nfe == 20 and run.setting["steps"] == 19
+    ref = gm.sample(20000, generator=torch.Generator().manual_seed(2))
+    assert float((run.samples.mean(0) - ref.mean(0)).abs().max()) < 0.05
+    assert float((run.samples.std(0) - ref.std(0)).abs().max()) < 0.05
+    assert not PEERS["diffusers_sasolver"].supports(fastsde.EDM())

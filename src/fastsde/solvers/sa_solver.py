@@ -55,26 +55,24 @@ _HISTORY = 3  # past values kept: orders up to 4
 _SERIES_TERMS = 30
 
 
+#: Series coefficients of ψ_i below H = 1: ψ_i(H) = Σ_j (−1)^j·i!/(i + j + 1)!·H^{j+1}.
+_SERIES = torch.tensor(
+    [[(-1) ** j * math.factorial(i) / math.factorial(i + j + 1) for j in range(_SERIES_TERMS)] for i in range(4)],
+    dtype=torch.float64,
+)
+
+
 def _psi(big_h: Tensor, k: int) -> Tensor:
-    """ψ_0 … ψ_{k−1} at H (shape (n, k), float64): ψ_i(H) = H∫_0^1 e^{−H(1−v)} v^i dv."""
+    """ψ_0 … ψ_{k−1} at H (shape (n, k), float64): ψ_i(H) = H∫_0^1 e^{−H(1−v)} v^i dv, by the
+    recurrence ψ_i = 1 − i·ψ_{i−1}/H for H ≥ 1 and by its power series below (no cancellation)."""
     rec = [-torch.expm1(-big_h)]
-    safe = torch.where(big_h >= 1.0, big_h, torch.ones_like(big_h))
+    safe = big_h.clamp_min(1.0)
     for i in range(1, k):
         rec.append(1.0 - i * rec[-1] / safe)
-    out = torch.stack(rec, dim=1)
-    small = big_h < 1.0
-    if bool(small.any()):
-        hs = big_h[small]
-        series = []
-        for i in range(k):
-            term = hs / math.factorial(i + 1) * math.factorial(i)  # j = 0: H·i!/(i+1)!
-            acc = term.clone()
-            for j in range(1, _SERIES_TERMS):
-                term = -term * hs / (i + j + 1)
-                acc = acc + term
-            series.append(acc)
-        out[small] = torch.stack(series, dim=1)
-    return out
+    small = big_h.clamp_max(1.0)
+    powers = small[:, None] ** torch.arange(1, _SERIES_TERMS + 1, dtype=big_h.dtype, device=big_h.device)
+    series = powers @ _SERIES[:k].to(big_h.device).T
+    return torch.where((big_h < 1.0)[:, None], series, torch.stack(rec, dim=1))
 
 
 def exp_lagrange_weights(v: Tensor, big_h: Tensor, rescale: bool = False) -> Tensor:
