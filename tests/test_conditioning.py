@@ -218,7 +218,7 @@ def test_t_start_noise_is_keyed_and_follows_the_grid(problem):
         ({"t_start": "half"}, r"t_start must be a number"),
         ({"t_start": 0.5, "x_init": None}, r"t_start needs x_init"),
         ({"t_start": 0.5, "x_init_noised": 1}, r"x_init_noised must be True or False"),
-        ({"t_start": 0.5, "x_init": torch.zeros(3, 2)}, r"x_init must be a tensor of shape \(4, 2\)"),
+        ({"t_start": 0.5, "x_init": torch.zeros(3, 2)}, r"x_init must have shape \(4, 2\)"),
     ],
 )
 def test_bad_t_start_refused_before_compute(problem, kwargs, match):
