@@ -256,10 +256,9 @@ def sample(
     seed_record = _seed_record(seed)
     if x_init is not None and (not isinstance(x_init, Tensor) or tuple(x_init.shape) != shape):
         got = tuple(x_init.shape) if isinstance(x_init, Tensor) else type(x_init).__name__
-        raise ValueError(f"x_init must be a tensor of shape {shape}, got {got}")        raise ValueError(f"x_init must have shape {shape}, got {got}")
+        raise ValueError(f"x_init must have shape {shape}, got {got}")
     if not isinstance(x_init_noised, bool):
         raise ValueError(f"x_init_noised must be True or False, got {x_init_noised!r}")
-    t0 = check_t_start(sde, t_start, float(t_end), x_init, spec.name)
     t0 = check_t_start(sde, t_start, float(t_end), x_init, spec.name)
     if t0 != sde.T and "grid" in opts and not isinstance(opts["grid"], str):
         raise ValueError(
