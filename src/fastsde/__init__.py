@@ -3,6 +3,7 @@ evaluations."""
 
 from . import problems
 from .api import SampleResult, sample
+from .grid_fit import FittedGrid, fit_grid, load_grid
 from .grids import time_grid
 from .guidance import CFGScore, ClassifierGuidance
 from .iia import IIATable, fit_iia, load_iia
@@ -62,6 +63,9 @@ __all__ = [
     "load_model",
     "list_models",
     "fit_iia",
+    "fit_grid",
+    "load_grid",
+    "FittedGrid",
     "load_iia",
     "IIATable",
     "Levels",

@@ -268,6 +268,9 @@ def sample(
     if cond_kw is not None and isinstance(score, Levels) and opts.get("p") == "auto":
         raise ValueError("p='auto' calibrates on pilot samples that have no conditioning: give p explicitly with cond=")
 
+    grid = opts.get("grid")
+    if hasattr(grid, "check_model") and not isinstance(score, Levels) and cond_kw is None:
+        grid.check_model(score, shape[1:], dtype, device)  # a fitted grid: the model it was fitted for
     counted = (
         score.counting(n, cond_kw)
         if isinstance(score, Levels)

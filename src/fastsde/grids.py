@@ -4,16 +4,22 @@
 - ``edm``: Karras et al.'s ρ-schedule, uniform in σ̃^{1/ρ} where σ̃ = σ/m is the EDM noise level.
 - ``logsnr``: uniform in the half log-SNR λ = log(m/σ) (DPM-Solver).
 - ``quadratic``: uniform in √t (DDIM's quadratic skip, for continuous time).
+- an explicit grid: a decreasing 1-D tensor (or sequence) of times from t_start to t_end, or an
+  object with ``.times`` (a :class:`~fastsde.grid_fit.FittedGrid`); checked, never rebuilt.
 """
 
 from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from .sde import EDM, SDE
 
-__all__ = ["GRIDS", "time_grid", "default_grid"]
+__all__ = ["GRIDS", "time_grid", "default_grid", "explicit_times", "check_grid_choice", "check_explicit_grid"]
 
 GRIDS = ("uniform", "edm", "logsnr", "quadratic")
 
@@ -26,8 +32,65 @@ def default_grid(sde: SDE, family: str = "sde") -> str:
     return {"sde": "uniform", "ode": "edm", "exp": "logsnr"}[family]
 
 
-def time_grid(sde: SDE, kind: str, n: int, t_start: float, t_end: float, rho: float = 7.0) -> Tensor:
-    """n grid points (float64), decreasing from t_start to t_end, both included."""
+def explicit_times(grid: Any) -> Tensor | None:
+    """The times of an explicit grid as a float64 CPU tensor (a tensor, a sequence of numbers, or an
+    object with ``.times``); None for a grid name."""
+    if isinstance(grid, str):
+        return None
+    values = getattr(grid, "times", grid)
+    if isinstance(values, Tensor):
+        return values.detach().to("cpu", torch.float64)
+    if isinstance(values, (list, tuple)) and all(
+        isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values
+    ):
+        return torch.tensor([float(v) for v in values], dtype=torch.float64)
+    return None
+
+
+def check_grid_choice(name: str, v: Any) -> None:
+    """A grid option: one of GRIDS, or an explicit grid of at least 2 finite, strictly decreasing times."""
+    if isinstance(v, str):
+        if v not in GRIDS:
+            raise ValueError(f"{name} must be one of {list(GRIDS)} or a decreasing 1-D tensor of times, got {v!r}")
+        return
+    times = explicit_times(v)
+    if times is None:
+        raise ValueError(
+            f"{name} must be one of {list(GRIDS)}, a decreasing 1-D tensor of times or a fitted grid, got {v!r}"
+        )
+    if times.dim() != 1 or times.numel() < 2:
+        raise ValueError(f"{name}: an explicit grid must be a 1-D tensor of >= 2 times, got shape {tuple(times.shape)}")
+    if not bool(torch.isfinite(times).all()):
+        raise ValueError(f"{name}: an explicit grid must be finite, got {times.tolist()}")
+    if not bool((times[:-1] > times[1:]).all()):
+        raise ValueError(
+            f"{name}: an explicit grid must be strictly decreasing (from T to t_end), got {times.tolist()}"
+        )
+
+
+def check_explicit_grid(times: Tensor, n: int, t_start: float, t_end: float) -> Tensor:
+    """An explicit grid against the run: n points, from t_start to t_end (to 1e-9 relative; the ends
+    are then exactly t_start and t_end). Returns a float64 copy."""
+    if times.numel() != n:
+        raise ValueError(f"the explicit grid has {times.numel()} points but steps = {n}: pass steps={times.numel()}")
+    for which, got, want in (("first", float(times[0]), t_start), ("last", float(times[-1]), t_end)):
+        if not math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-300):
+            raise ValueError(
+                f"the explicit grid's {which} time is {got!r}, the run's is {want!r}: a grid runs from T (or "
+                "t_start) to t_end"
+            )
+    out = times.clone()
+    out[0], out[-1] = t_start, t_end
+    return out
+
+
+def time_grid(sde: SDE, kind: Any, n: int, t_start: float, t_end: float, rho: float = 7.0) -> Tensor:
+    """n grid points (float64), decreasing from t_start to t_end, both included; ``kind`` a grid name
+    or an explicit grid (checked against n, t_start and t_end)."""
+    times = explicit_times(kind)
+    if times is not None:
+        check_grid_choice("grid", kind)
+        return check_explicit_grid(times, n, float(t_start), float(t_end))
     if kind not in GRIDS:
         raise ValueError(f"grid must be one of {list(GRIDS)}, got {kind!r}")
     if n < 2:

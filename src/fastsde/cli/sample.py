@@ -89,6 +89,12 @@ def add_parser(subparsers) -> None:
         help="any other solver option, e.g. --option corrector_steps=2 (repeatable)",
     )
     p.add_argument("--table", default=None, help="IIA table for an iia_ solver (default: the shipped one)")
+    p.add_argument(
+        "--grid",
+        default=None,
+        metavar="FILE",
+        help="a fitted time grid (fastsde fit-grid) for a fixed-grid solver; --steps defaults to its points",
+    )
     p.add_argument("--no-metric", action="store_true", help="skip the quality metric")
     p.add_argument(
         "--label",
@@ -307,6 +313,17 @@ def run(args: argparse.Namespace) -> int:
         opts["table"] = table_for_sample(args.model, solver, opts, args.table)
     elif args.table is not None:
         raise CLIError("--table applies to the iia_ solvers only")
+    if getattr(args, "grid", None) is not None:
+        if "grid" in opts:
+            raise CLIError(f"grid is given twice (--grid {args.grid} and --option grid=...); give it once")
+        if sharded:
+            raise CLIError("--grid is not supported with a run folder (--out DIR/) yet")
+        try:
+            fitted = fastsde.load_grid(args.grid)
+        except (ValueError, FileNotFoundError) as exc:
+            raise CLIError(str(exc)) from None
+        opts["grid"] = fitted
+        opts.setdefault("steps", fitted.steps)
     # validate options (names and values) and the sample keywords before any compute
     t_end = keywords.get("t_end", sde.default_t_end)
     if isinstance(t_end, bool) or not isinstance(t_end, (int, float)):

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from ..grids import GRIDS, default_grid, time_grid
+from ..grids import GRIDS, check_explicit_grid, check_grid_choice, default_grid, explicit_times, time_grid
 from ..noise import NoiseSource
 from ..score import CountingScore
 from ..sde import SDE, per_row
@@ -136,7 +136,11 @@ def grid_options(steps: int, family: str = "sde") -> dict[str, Option]:
     """The options of every fixed-grid solver: number of grid points, grid kind, ρ."""
     return {
         "steps": Option(steps, positive_int(2), "grid points from T to t_end, both included"),
-        "grid": Option(lambda sde: default_grid(sde, family), one_of(*GRIDS), "time grid"),
+        "grid": Option(
+            lambda sde: default_grid(sde, family),
+            check_grid_choice,
+            f"time grid: one of {', '.join(GRIDS)}, or explicit times (a tensor, or fastsde.fit_grid's result)",
+        ),
         "rho": Option(7.0, positive_float, "ρ of the EDM grid"),
     }
 
@@ -232,6 +236,12 @@ class SolverSpec:
         }
         for k, opt in self.options.items():
             opt.check(k, resolved[k])
+        times = explicit_times(resolved["grid"]) if "grid" in resolved and "steps" in resolved else None
+        if times is not None:  # an explicit grid: its length now; its ends when the run's start is known
+            if times.numel() != resolved["steps"]:
+                check_explicit_grid(times, resolved["steps"], float(times[0]), float(times[-1]))
+            if hasattr(resolved["grid"], "check_run"):  # a fitted grid: keyed to the run it was fitted for
+                resolved["grid"].check_run(sde, self.name, resolved, t_end)
         if self.check is not None:
             self.check(resolved, sde, t_end)
         return resolved
