@@ -248,6 +248,14 @@ def test_lms_equals_k_diffusion_sample_lms(process):
         theirs = sample_lms(EDMDenoiser(gm, sde), x_init / m[0], sigmas, disable=True, order=order) * m[1]
         rel = float((ours - theirs).abs().max() / theirs.abs().max())
         assert rel < 1e-4, f"order {order}: relative difference {rel:.2e}"
+    # the bench adapter: k-diffusion's grid with a trailing 0, whose last LMS step replaces the Tweedie
+    # denoise at t_end (the same NFE; the two final steps differ by O(σ̃(t_end)))
+    from fastsde.bench.peers import PEERS
+
+    peer = PEERS["kdiff_lms"].run(gm, sde, x_init, 10, sde.default_t_end)
+    ours = _run(gm, sde, x_init, "lms", steps=10, grid="edm")
+    assert peer.nfe == ours.nfe == 10
+    assert float((peer.samples - ours.samples).abs().max() / ours.samples.abs().max()) < 1e-2
 
 
 @pytest.mark.skipif(not HAS_DIFFUSERS, reason="diffusers not installed (pip install fastsde[peers])")
