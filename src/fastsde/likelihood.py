@@ -24,7 +24,7 @@ from torch import Tensor
 from .api import check_score_and_process
 from .integrate import IntegrationError, dopri5, scipy_rk45
 from .noise import NoiseSource, Stream, as_noise_source
-from .score import CountingScore, ScoreFn
+from .score import CountingScore, ScoreFn, check_cond
 from .sde import SDE
 
 __all__ = [
@@ -181,6 +181,7 @@ def log_likelihood(
     callback: Callable[[Any], Any] | None = None,
     pass_index: int = 0,
     measured_exponent: bool = True,
+    cond: Tensor | dict[str, Tensor] | None = None,
 ) -> LikelihoodResult:
     """Log-density (nats) of each row of x under the model (score, sde), via the PF-ODE.
 
@@ -201,6 +202,7 @@ def log_likelihood(
         pass_index: draws fresh Hutchinson probes for repeated evaluation passes (same seed).
         measured_exponent: rk45's start-up rule for repeated rejections of the first step (see
             ``fastsde.integrate``); False gives scipy's step control exactly.
+        cond: per-sample conditioning, as for ``fastsde.sample`` (log p(x | cond) of each row).
     """
     check_score_and_process(score, sde)
     if not isinstance(x, Tensor) or x.dim() < 2 or x.shape[0] == 0 or x[0].numel() == 0:
@@ -237,7 +239,7 @@ def log_likelihood(
     d = math.prod(dims)
     dtype, device = x.dtype, x.device
     noise = as_noise_source(seed, n)
-    counted = CountingScore(score, n)
+    counted = CountingScore(score, n, cond=check_cond(cond, n, x.device))
     v_all = None
     if trace == "hutchinson":
         draw = noise.rademacher if probe == "rademacher" else noise.normal
