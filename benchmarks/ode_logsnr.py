@@ -4,7 +4,7 @@ dpm_adaptive: NFE and per-mode Fréchet distance (over its finite-sample floor) 
 
     .venv-peers/bin/python benchmarks/ode_logsnr.py          # k-diffusion needed for the peer rows
 
-Prints a markdown table (docs/benchmarks.md, issue 19). Takes about 5 minutes on one core.
+Prints a markdown table (docs/benchmarks.md, issue 19). Took about 15 minutes on a shared core.
 """
 
 from __future__ import annotations
