@@ -76,7 +76,8 @@ def test_x_init_and_progress_bar():
         (dict(solver="em", steps=10.0), r"steps must be an integer >= 2, got 10.0"),
         (
             dict(solver="em", grid="cubic"),
-            r"grid must be one of \['uniform', 'edm', 'logsnr', 'quadratic'\], got 'cubic'",
+            r"grid must be one of \['uniform', 'edm', 'logsnr', 'quadratic'\] or a decreasing 1-D tensor of times, "
+            r"got 'cubic'",
         ),
         (dict(solver="em", t_end=2.0), r"t_end must lie in \(0, 1\]"),
         (dict(solver="em", t_end=0.0), r"t_end must lie in \(0, 1\]"),

@@ -8,9 +8,9 @@ from .grids import time_grid
 from .guidance import CFGScore, ClassifierGuidance
 from .iia import IIATable, fit_iia, load_iia
 from .levels import Levels
-from .mlem_fit import MLEMSchedule, fit_mlem, load_mlem
 from .likelihood import LikelihoodResult, bits_per_dim, log_likelihood
 from .likelihood_data import DatasetLikelihood, dataset_likelihood, differentiable_score
+from .mlem_fit import MLEMSchedule, fit_mlem, load_mlem
 from .models import list_models, load_model
 from .noise import NoiseSource
 from .score import (
