@@ -218,10 +218,10 @@ VARIANTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("adaptive_sde_dpm_pi", "adaptive_sde_dpm", {"pi_beta": 0.35}),
     # SDE-DPM-Solver++(2M) with the predictor-corrector step of adaptive_sde_dpm_2m, on its fixed grid.
     ("dpmpp_2m_sde_pc", "dpmpp_2m_sde", {"corrector": True}),
-    # The stochastic frontier steppers' other members: the exact third-order term, the lower-order end,
+    # The stochastic frontier steppers' other members: the exact third-order term, k-diffusion's end,
     # SA-Solver with τ = 1 everywhere and with diffusers' orders, ER-SDE on the reverse SDE.
     ("dpmpp_3m_sde_exact", "dpmpp_3m_sde", {"form": "exact"}),
-    ("dpmpp_3m_sde_lof", "dpmpp_3m_sde", {"lower_order_final": True}),
+    ("dpmpp_3m_sde_kdiff", "dpmpp_3m_sde", {"lower_order_final": False}),
     ("sa_solver_tau1", "sa_solver", {"tau_sigma": None}),
     ("sa_solver_p2c2", "sa_solver", {"predictor_order": 2, "corrector_order": 2}),
     ("er_sde_sde", "er_sde", {"phi": "sde"}),

@@ -18,8 +18,11 @@ the quadratic through the three points has c = 2 (``form="exact"``); k-diffusion
 (``form="peer"``, bit for bit its formula; formally second order on the PF-ODE). With one past value
 the move adds φ₂(H)·δ₀; with none it is first order (the SDE-DPM-Solver++ 1 step).
 
-Fixed grid: warm-up orders 1, 2, 3 (as k-diffusion). ``lower_order_final`` (default False, as
-k-diffusion): below 15 moves the last move is first order and the one before at most second. Final
+Fixed grid: warm-up orders 1, 2, 3 (as k-diffusion). ``lower_order_final`` (default True; False is
+k-diffusion's rule): below 15 moves the last move is first order and the one before at most second.
+Measured on the 64-D EDM mixture (4096 samples, per-mode FD, floor 0.011): at 10 NFE 0.89 with it and
+3.65 without (k-diffusion 3.65); from 15 moves on the two are the same method. Both converge at 32
+NFE there, as k-diffusion; ``form="exact"`` at 28 but is worse below 24 NFE. Final
 step: the last move ends at t_end (> 0) with its noise; the front door's denoise at t_end (1 NFE) is
 k-diffusion's step to σ = 0. 1 NFE per move: N grid points cost N NFE with the denoise. The noise of
 move k is Stream.STEP with counter k (the same draws as ``dpmpp_2m_sde``, ``er_sde``, ``sa_solver``).
@@ -130,7 +133,7 @@ DPMPP_3M_SDE = SolverSpec(
             "peer", one_of("peer", "exact"), "third-order term: 'peer' (k-diffusion's) or 'exact' (2φ₃, order 3)"
         ),
         "lower_order_final": Option(
-            False, boolean, "below 15 moves: first-order last move, at most second-order move before it"
+            True, boolean, "below 15 moves: first-order last move, at most second-order move before it"
         ),
     },
     summary="DPM-Solver++(3M) SDE on the reverse SDE (eta 1), multistep in log-SNR, N NFE with denoise",
