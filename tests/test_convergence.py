@@ -29,7 +29,7 @@ STEPS = {1.0: [64, 128, 256], 2.0: [32, 64, 128], 3.0: [48, 96, 192]}
 TOLERANCE_ABOVE = 0.6
 
 #: (solver, options) of every deterministic fixed-grid configuration, from the declarations. Fourth-order
-#: methods (lms, unipc) are left to tests/test_frontier_deterministic.py, which checks them against the
+#: methods (lms; unipc with order=3) are left to tests/test_frontier_deterministic.py, which checks them against the
 #: exact PF-ODE of a Gaussian: on this mixture their order shows only beyond 256 steps (3.2-3.8 measured
 #: at 64-256), where the reference's 1e-8 accuracy ends.
 CASES = [
@@ -76,7 +76,7 @@ def references():
 
 def test_every_deterministic_stepper_is_checked():
     names = {name for name, _ in CASES}
-    assert {"euler", "heun", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m", "ipndm", "deis"} <= names
+    assert {"euler", "heun", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m", "ipndm", "deis", "unipc"} <= names
     assert all(fastsde.SOLVERS[n].order_for(o) in STEPS for n, o in CASES)
 
 

@@ -43,9 +43,9 @@ def _run(score, sde, x_init, solver, **opts):
 
 def test_declarations():
     s = fastsde.SOLVERS
-    assert (s["lms"].order, s["ipndm"].order, s["unipc"].order, s["deis"].order) == (4.0, 2.0, 4.0, 3.0)
+    assert (s["lms"].order, s["ipndm"].order, s["unipc"].order, s["deis"].order) == (4.0, 2.0, 3.0, 3.0)
     assert s["lms"].order_for({"order": 2}) == 2.0 and s["ipndm"].order_for({"max_order": 1}) == 1.0
-    assert s["unipc"].order_for({"order": 2}) == 3.0 and s["unipc"].order_for({"corrector": False}) == 3.0
+    assert s["unipc"].order_for({"order": 3}) == 4.0 and s["unipc"].order_for({"order": 3, "corrector": False}) == 2.0
     for name in NEW:
         assert not s[name].stochastic and s[name].nfe_per_step == 1
         assert s[name].fixed_nfe({"steps": 7}) == 7 and s[name].fixed_nfe({"steps": 7}, denoise=False) == 6
@@ -93,7 +93,7 @@ ORDER_CASES = [
     ("lms", {"order": 3}, [16, 32, 64]),
     ("ipndm", {"max_order": 3}, [16, 32, 64]),
     ("deis", {"order": 2}, [16, 32, 64]),
-    ("unipc", {"order": 2}, [16, 32, 64]),
+    ("unipc", {"order": 3, "corrector": False}, [16, 32, 64]),
     ("unipc", {"order": 2, "corrector": False}, [16, 32, 64]),
     ("unipc", {"variant": "bh1"}, [16, 32, 64]),
 ]
@@ -115,9 +115,9 @@ def test_order_on_an_exact_gaussian(solver, opts, steps):
 
 
 @pytest.mark.parametrize("process", ["vp", "edm"])
-@pytest.mark.parametrize("solver", ["lms", "unipc"])
-def test_fourth_order_defaults_on_an_exact_gaussian(process, solver):
-    """LMS-4 and UniPC-3 with its corrector are fourth order (the first-order warm-up's error is damped
+@pytest.mark.parametrize("solver,opts", [("lms", {}), ("unipc", {"order": 3})])
+def test_fourth_order_members_on_an_exact_gaussian(process, solver, opts):
+    """LMS-4 (the default) and UniPC-3 with its corrector are fourth order (the first-order warm-up's error is damped
     by the flow from σ_max). On the mixture their order shows only beyond 256 steps, where the
     reference solve's accuracy ends, so test_convergence leaves them to this exact reference, from
     σ_max down to σ̃ = 0.3."""
@@ -128,10 +128,10 @@ def test_fourth_order_defaults_on_an_exact_gaussian(process, solver):
     ref = _exact(sde, x_init, t_end)
     steps = [64, 128, 256]
     errors = [
-        float((_run(gm, sde, x_init, solver, steps=n, t_end=t_end, denoise=False).samples - ref).abs().max())
+        float((_run(gm, sde, x_init, solver, steps=n, t_end=t_end, denoise=False, **opts).samples - ref).abs().max())
         for n in steps
     ]
-    declared = fastsde.SOLVERS[solver].order
+    declared = fastsde.SOLVERS[solver].order_for(opts)
     order = _fitted_order(steps, errors)
     assert declared == 4.0 and declared - 0.2 <= order <= declared + 0.6, (
         f"{solver}: errors {errors}, order {order:.2f}"
@@ -184,9 +184,9 @@ def test_unipc_variants_and_corrector_change_the_result():
     sde = fastsde.VPSDE()
     gm = mixture_2d(sde)
     x_init = _start(sde)
-    base = _run(gm, sde, x_init, "unipc", steps=6, order=2).samples
-    assert float((base - _run(gm, sde, x_init, "unipc", steps=6, order=2, variant="bh1").samples).abs().max()) > 1e-6
-    assert float((base - _run(gm, sde, x_init, "unipc", steps=6, order=2, corrector=False).samples).abs().max()) > 1e-6
+    base = _run(gm, sde, x_init, "unipc", steps=6).samples
+    assert float((base - _run(gm, sde, x_init, "unipc", steps=6, variant="bh1").samples).abs().max()) > 1e-6
+    assert float((base - _run(gm, sde, x_init, "unipc", steps=6, corrector=False).samples).abs().max()) > 1e-6
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,7 +261,7 @@ def test_lms_equals_k_diffusion_sample_lms(process):
 @pytest.mark.skipif(not HAS_DIFFUSERS, reason="diffusers not installed (pip install fastsde[peers])")
 @pytest.mark.parametrize("process", ["vp", "edm"])
 def test_unipc_equals_diffusers_unipc_on_karras_sigmas(process):
-    """diffusers' UniPCMultistepScheduler on the same Karras σ̃ grid with a final σ = 0 (its last step
+    """diffusers' UniPCMultistepScheduler (its defaults: order 2, bh2) on the same Karras σ̃ grid with a final σ = 0 (its last step
     returns x̂0 at the last predicted point, as fastsde's denoise does); below 15 moves the two apply
     the same lower-order-final rule, so they agree to rounding."""
     from fastsde.bench.peers import PEERS
@@ -271,7 +271,7 @@ def test_unipc_equals_diffusers_unipc_on_karras_sigmas(process):
     x_init = _start(sde, 32)
     for steps in (3, 6, 10):
         peer = PEERS["diffusers_unipc_karras"].run(gm, sde, x_init, steps, sde.default_t_end)
-        ours = _run(gm, sde, x_init, "unipc", steps=steps, grid="edm")
+        ours = _run(gm, sde, x_init, "unipc", steps=steps, grid="edm", order=2)
         assert peer.nfe == ours.nfe == steps
         torch.testing.assert_close(ours.samples, peer.samples, rtol=1e-10, atol=1e-10)
     # bh1 (and order 2): diffusers' final step to σ = 0 is NaN for bh1 (B(h) = h = ∞ times 0), so the
@@ -284,7 +284,7 @@ def test_unipc_equals_diffusers_unipc_on_karras_sigmas(process):
     sig = karras_sigmas(sde, steps, sde.default_t_end)
     den = EDMDenoiser(gm, sde)
     m = sde.mean_coeff(torch.tensor([sde.T, sde.default_t_end], dtype=F64))
-    for order, variant in ((2, "bh1"), (3, "bh1"), (2, "bh2")):
+    for order, variant in ((2, "bh1"), (3, "bh1"), (3, "bh2")):
         sched = diffusers.UniPCMultistepScheduler(
             num_train_timesteps=1000, solver_order=order, solver_type=variant, prediction_type="sample"
         )

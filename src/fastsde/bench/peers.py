@@ -412,8 +412,8 @@ PEERS: dict[str, Peer] = {
             "diffusers",
             False,
             "nfe",
-            _diffusers_karras("UniPCMultistepScheduler", solver_order=3, solver_type="bh2"),
-            summary="UniPC-3 (bh2) with the corrector, Karras σ, final σ = 0",
+            _diffusers_karras("UniPCMultistepScheduler"),
+            summary="UniPC with diffusers' defaults (order 2, bh2, corrector), Karras σ, final σ = 0",
         ),
         Peer(
             "diffusers_dpmsolver_2m_karras",

@@ -218,6 +218,13 @@ VARIANTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("adaptive_sde_dpm_pi", "adaptive_sde_dpm", {"pi_beta": 0.35}),
     # SDE-DPM-Solver++(2M) with the predictor-corrector step of adaptive_sde_dpm_2m, on its fixed grid.
     ("dpmpp_2m_sde_pc", "dpmpp_2m_sde", {"corrector": True}),
+    # The alternatives the defaults were chosen against: UniPC's other B(h), its third order and the
+    # Karras grid; iPNDM at fourth order; LMS at third.
+    ("unipc_bh1", "unipc", {"variant": "bh1"}),
+    ("unipc_order3", "unipc", {"order": 3}),
+    ("unipc_karras", "unipc", {"grid": "edm"}),
+    ("ipndm_order4", "ipndm", {"max_order": 4}),
+    ("lms_order3", "lms", {"order": 3}),
     # The stochastic frontier steppers' other members: the exact third-order term, k-diffusion's end,
     # SA-Solver with τ = 1 everywhere and with diffusers' orders, ER-SDE on the reverse SDE.
     ("dpmpp_3m_sde_exact", "dpmpp_3m_sde", {"form": "exact"}),

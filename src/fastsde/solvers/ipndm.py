@@ -16,7 +16,10 @@ with η = 0), and that is the order it declares. For a true variable-step Adams�
 
 Final-step policy: every move at the order the history allows (no lower-order final), then the front
 door's Tweedie denoise at t_end (1 NFE). 1 NFE per move: N grid points cost N NFE with the denoise.
-Default grid: Karras ρ = 7.
+Default grid: Karras ρ = 7. Default max_order 3 by measurement (64-D exact mixture in EDM form, 4096
+samples, per-mode Fréchet distance, floor 0.011): max_order 3 gives 0.054 / 0.015 / 0.0128 / 0.0120
+at 6 / 10 / 12 / 16 NFE, max_order 4 (the paper's) 0.151 / 0.040 / 0.018 / 0.013 (AB4's small
+stability region hurts at few steps).
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ class IPNDMStepper(EDMAdams):
 
     @classmethod
     def declared_order(cls, options: Mapping[str, Any]) -> float:
-        return 1.0 if int(options.get("max_order", 4)) == 1 else 2.0
+        return 1.0 if int(options.get("max_order", 3)) == 1 else 2.0
 
     def max_order(self) -> int:
         return int(self.options["max_order"])
@@ -65,7 +68,7 @@ IPNDM = SolverSpec(
     stepper=IPNDMStepper,
     options={
         **grid_options(20, "ode"),
-        "max_order": Option(4, one_of(1, 2, 3, 4), "highest Adams–Bashforth order (lower orders warm it up)"),
+        "max_order": Option(3, one_of(1, 2, 3, 4), "highest Adams–Bashforth order (lower orders warm it up)"),
     },
     summary="iPNDM: Adams–Bashforth with uniform-step weights in EDM coordinates, N NFE with denoise",
 )
