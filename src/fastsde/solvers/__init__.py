@@ -26,8 +26,8 @@ from .ode import ODE
 from .ode_corrector import ODE_CORRECTOR
 from .pc import PC
 from .reverse_diffusion import REVERSE_DIFFUSION
-from .unipc import UNIPC
 from .sa_solver import SA_SOLVER
+from .unipc import UNIPC
 
 SOLVERS: dict[str, SolverSpec] = {
     spec.name: spec
@@ -46,13 +46,13 @@ SOLVERS: dict[str, SolverSpec] = {
         DPMPP_2M_SDE,
         DPMPP_3M,
         ADAPTIVE_DPMPP_3M,
+        DPMPP_3M_SDE,
+        ER_SDE,
+        SA_SOLVER,
         LMS,
         IPNDM,
         UNIPC,
         DEIS,
-        DPMPP_3M_SDE,
-        ER_SDE,
-        SA_SOLVER,
         ODE,
         ODE_CORRECTOR,
         IIA_HEUN,
