@@ -79,3 +79,31 @@ def check_writable(target: str | Path) -> None:
         raise PermissionError(f"cannot write {str(target)!r}: {exc.strerror or exc}") from None
     os.close(fd)
     os.unlink(tmp)
+
+
+def save_tensors_with_meta(target: str | Path, tensors: dict[str, Any], meta: dict[str, Any]) -> Path:
+    """Write float tensors plus a JSON record (safetensors metadata key "fastsde") whole or not at
+    all: the file format of IIA tables, fitted grids and ML-EM schedules (never pickle)."""
+    from safetensors.torch import save
+
+    path = Path(target)
+    data = save({k: v.contiguous() for k, v in tensors.items()}, metadata={"fastsde": json.dumps(meta, sort_keys=True)})
+    write_atomic(path, lambda tmp: tmp.write_bytes(data))
+    return path
+
+
+def read_tensors_with_meta(data: bytes, where: str, fmt: str, what: str, required: str) -> tuple[dict, dict]:
+    """(tensors, record) of bytes written by :func:`save_tensors_with_meta`; a ValueError naming
+    ``where`` and ``what`` when they are not such a file of format ``fmt`` holding ``required``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        tensors = load(data)
+        n = int.from_bytes(data[:8], "little")
+        meta = json.loads(json.loads(data[8 : 8 + n]).get("__metadata__", {}).get("fastsde", "null"))
+    except (SafetensorError, ValueError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{where} is not {what} ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != fmt or required not in tensors:
+        raise ValueError(f"{where} is not {what} (format {fmt!r} expected)")
+    return tensors, meta

@@ -29,7 +29,6 @@ with the key and the fitting record as JSON metadata; never pickle.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -119,38 +118,22 @@ class FittedGrid:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the grid (safetensors + JSON metadata) whole or not at all."""
-        from safetensors.torch import save
+        from .files import save_tensors_with_meta
 
-        from .files import write_atomic
-
-        path = Path(path)
-        tensors = {"times": self.times.to(torch.float64).contiguous()}
+        tensors = {"times": self.times.to(torch.float64)}
         if self.probe is not None:
-            tensors["probe"] = self.probe.to(torch.float64).contiguous()
-        meta = {"format": FORMAT, "key": self.key, "record": self.record}
-        data = save(tensors, metadata={"fastsde": json.dumps(meta, sort_keys=True)})
-        write_atomic(path, lambda tmp: tmp.write_bytes(data))
-        return path
+            tensors["probe"] = self.probe.to(torch.float64)
+        return save_tensors_with_meta(path, tensors, {"format": FORMAT, "key": self.key, "record": self.record})
 
 
 def load_grid(path: str | os.PathLike) -> FittedGrid:
     """Read a grid written by :meth:`FittedGrid.save` (safetensors; nothing is unpickled)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
+    from .files import read_tensors_with_meta
 
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"no fitted grid at {str(p)!r}")
-    data = p.read_bytes()
-    try:
-        tensors = load(data)
-        n = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8 : 8 + n])
-        meta = json.loads(header.get("__metadata__", {}).get("fastsde", "null"))
-    except (SafetensorError, ValueError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{p} is not a fitted grid file ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "times" not in tensors:
-        raise ValueError(f"{p} is not a fitted grid file (format {FORMAT!r} expected)")
+    tensors, meta = read_tensors_with_meta(p.read_bytes(), str(p), FORMAT, "a fitted grid file", "times")
     return FittedGrid(tensors["times"].to(torch.float64), meta["key"], meta.get("record", {}), tensors.get("probe"))
 
 

@@ -16,7 +16,6 @@ and the fitting record as JSON metadata; never pickle.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import time
@@ -242,33 +241,19 @@ class IIATable:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the table (safetensors + JSON metadata) whole or not at all (a temporary name, then os.replace)."""
-        from safetensors.torch import save
+        from .files import save_tensors_with_meta
 
-        from .files import write_atomic
-
-        path = Path(path)
-        tensors = {"coefficients": self.coefficients.to(torch.float64).contiguous()}
+        tensors = {"coefficients": self.coefficients.to(torch.float64)}
         if self.probe is not None:
-            tensors["probe"] = self.probe.to(torch.float64).contiguous()
+            tensors["probe"] = self.probe.to(torch.float64)
         meta = {"format": FORMAT, "key": self.key, "directions": list(self.directions), "fit": self.fit}
-        data = save(tensors, metadata={"fastsde": json.dumps(meta, sort_keys=True)})
-        write_atomic(path, lambda tmp: tmp.write_bytes(data))
-        return path
+        return save_tensors_with_meta(path, tensors, meta)
 
 
 def _from_bytes(data: bytes, where: str) -> IIATable:
-    from safetensors import SafetensorError
-    from safetensors.torch import load
+    from .files import read_tensors_with_meta
 
-    try:
-        tensors = load(data)
-        n = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8 : 8 + n])
-        meta = json.loads(header.get("__metadata__", {}).get("fastsde", "null"))
-    except (SafetensorError, ValueError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{where} is not an IIA table file ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "coefficients" not in tensors:
-        raise ValueError(f"{where} is not an IIA table file (format {FORMAT!r} expected)")
+    tensors, meta = read_tensors_with_meta(data, where, FORMAT, "an IIA table file", "coefficients")
     return IIATable(
         coefficients=tensors["coefficients"].to(torch.float64),
         key=meta["key"],

@@ -30,7 +30,6 @@ of every level) and saved as safetensors + JSON; a run whose key differs is refu
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -140,38 +139,24 @@ class MLEMSchedule:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write safetensors + JSON metadata to a temporary name, then rename (whole or not at all)."""
-        from safetensors.torch import save
+        from .files import save_tensors_with_meta
 
-        from .files import write_atomic
-
-        path = Path(path)
-        tensors = {"theta": self.theta.to(torch.float64).contiguous()}
+        tensors = {"theta": self.theta.to(torch.float64)}
         for i, p in enumerate(self.probes):
             if p is not None:
-                tensors[f"probe{i}"] = p.to(torch.float64).contiguous()
+                tensors[f"probe{i}"] = p.to(torch.float64)
         meta = {"format": FORMAT, "p_min": self.p_min, "key": self.key, "fit": self.fit}
-        data = save(tensors, metadata={"fastsde": json.dumps(meta, sort_keys=True)})
-        write_atomic(path, lambda tmp: tmp.write_bytes(data))
-        return path
+        return save_tensors_with_meta(path, tensors, meta)
 
 
 def load_mlem(path: str | os.PathLike) -> MLEMSchedule:
     """Read a schedule written by :meth:`MLEMSchedule.save` (safetensors; nothing is unpickled)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
+    from .files import read_tensors_with_meta
 
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"no ML-EM schedule at {str(p)!r}")
-    data = p.read_bytes()
-    try:
-        tensors = load(data)
-        n = int.from_bytes(data[:8], "little")
-        meta = json.loads(json.loads(data[8 : 8 + n]).get("__metadata__", {}).get("fastsde", "null"))
-    except (SafetensorError, ValueError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{p} is not an ML-EM schedule file ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "theta" not in tensors:
-        raise ValueError(f"{p} is not an ML-EM schedule file (format {FORMAT!r} expected)")
+    tensors, meta = read_tensors_with_meta(p.read_bytes(), str(p), FORMAT, "an ML-EM schedule file", "theta")
     levels = len(meta["key"]["levels"])
     return MLEMSchedule(
         theta=tensors["theta"].to(torch.float64),
