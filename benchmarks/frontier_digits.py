@@ -1,0 +1,39 @@
+"""Issue 19, digits: the best fastsde and the best peer digits FD at each small NFE budget, per seed.
+
+Reads the results of two `fastsde bench --problem digits` runs (seeds 0 and 1) and prints the table
+in docs/benchmarks.md ("The few-NFE frontier on the digits model"):
+
+    S=$(cat benchmarks/frontier_digits_samplers.txt)
+    for seed in 0 1; do
+      .venv-peers/bin/fastsde bench --problem digits --n 500 --seed $seed --budgets 4,5,6,8,10 \\
+          --samplers $S --no-progress --out runs/bench/f19_digits_s$seed
+    done
+    .venv/bin/python benchmarks/frontier_digits.py runs/bench/f19_digits_s0 runs/bench/f19_digits_s1
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def main(dirs: list[str]) -> None:
+    runs = [json.loads((Path(d) / "results.json").read_text())["records"] for d in dirs]
+    budgets = sorted({r["budget"] for r in runs[0]})
+    print("| NFE | seed | best fastsde (FD) | best peer (FD) | fastsde better? |")
+    print("|---|---|---|---|---|")
+    for b in budgets:
+        for seed, recs in enumerate(runs):
+            rows = [r for r in recs if r["budget"] == b and r["error"] is None and r["quality"] is not None]
+            fs = min((r for r in rows if r["source"] == "fastsde"), key=lambda r: r["quality"])
+            pe = min((r for r in rows if r["source"] != "fastsde"), key=lambda r: r["quality"])
+            better = "yes" if fs["quality"] < pe["quality"] else "**no**"
+            print(
+                f"| {b} | {seed} | `{fs['sampler']}` {fs['quality']:.1f} (NFE {fs['nfe']:g}) | "
+                f"`{pe['sampler']}` {pe['quality']:.1f} (NFE {pe['nfe']:g}) | {better} |"
+            )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
