@@ -24,8 +24,9 @@ $(VENV)/.installed: pyproject.toml
 sample: $(VENV)/.installed
 	$(VENV)/bin/fastsde sample
 
+# Two workers (pytest-xdist), one test file per worker at a time: module fixtures are built once.
 test: $(VENV)/.installed
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests benchmarks
