@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from .grids import GRIDS, default_grid, explicit_times, time_grid
-from .iia import _data_shape, _describe, _same, model_fingerprint
+from .iia import _data_shape, _describe, check_key, model_fingerprint
 from .noise import NoiseSource, Stream
 from .score import CountingScore, ScoreFn
 from .sde import SDE, broadcast_to_rows
@@ -95,15 +95,7 @@ class FittedGrid:
 
     def check_run(self, sde: SDE, solver: str, options: dict[str, Any], t_end: float) -> None:
         """ValueError naming the first key field (process, solver, options, steps, t_end) that differs."""
-        run = run_key(sde, solver, options, t_end)
-        for name in KEY_FIELDS:
-            mine, theirs = self.key.get(name), run[name]
-            if name == "options" and isinstance(mine, dict):
-                for k in sorted(set(mine) | set(theirs)):
-                    if not _same(mine.get(k), theirs.get(k)):
-                        raise self._mismatch(f"option {k}", mine.get(k), theirs.get(k))
-            elif not _same(mine, theirs):
-                raise self._mismatch(name, mine, theirs)
+        check_key(self.key, run_key(sde, solver, options, t_end), KEY_FIELDS, self._mismatch)
 
     def check_model(self, score: ScoreFn, shape: tuple[int, ...], dtype, device) -> None:
         """ValueError when the score is not the model the grid was fitted for (as IIA tables)."""

@@ -107,6 +107,19 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
+def check_key(key: dict[str, Any], run: dict[str, Any], fields: tuple[str, ...], mismatch) -> None:
+    """Raise ``mismatch(name, stored, run)`` for the first of ``fields`` (each option of "options"
+    by name) where a stored key differs from the run's."""
+    for name in fields:
+        mine, theirs = key.get(name), run[name]
+        if name == "options" and isinstance(mine, dict):
+            for k in sorted(set(mine) | set(theirs)):
+                if not _same(mine.get(k), theirs.get(k)):
+                    raise mismatch(f"option {k}", mine.get(k), theirs.get(k))
+        elif not _same(mine, theirs):
+            raise mismatch(name, mine, theirs)
+
+
 def _shipped_model(score: Any):
     from .models import LoadedModel
 
@@ -198,15 +211,7 @@ class IIATable:
 
     def check_run(self, sde: SDE, solver: str, options: dict[str, Any], t_end: float) -> None:
         """ValueError naming the first key field (process, solver, options, steps, t_end, grid) that differs."""
-        run = run_key(sde, solver, options, t_end)
-        for name in KEY_FIELDS:
-            mine, theirs = self.key.get(name), run[name]
-            if name == "options" and isinstance(mine, dict):
-                for k in sorted(set(mine) | set(theirs)):
-                    if not _same(mine.get(k), theirs.get(k)):
-                        raise self._mismatch(f"option {k}", mine.get(k), theirs.get(k))
-            elif not _same(mine, theirs):
-                raise self._mismatch(name, mine, theirs)
+        check_key(self.key, run_key(sde, solver, options, t_end), KEY_FIELDS, self._mismatch)
         if self.coefficients.shape[0] != self.steps - 1:
             raise ValueError(f"IIA table has {self.coefficients.shape[0]} coefficient rows for {self.steps} steps")
 

@@ -39,8 +39,9 @@ from torch import Tensor
 from ..sde import broadcast_to_rows
 from .base import Option, SolverSpec, boolean, fixed_grid, grid_options, nonnegative_float, one_of
 from .dpmpp_2m import LOWER_ORDER_FINAL_BELOW
+from .dpmpp_3m import DPMSolverPP3M
 from .sa_solver import shared_rows
-from .stepper import State, Step, Stepper, StepResult
+from .stepper import Step, Stepper, StepResult
 
 __all__ = ["DPMPP_3M_SDE", "DPMSolverPP3MSDE"]
 
@@ -62,19 +63,9 @@ class DPMSolverPP3MSDE(Stepper):
     def declared_stochastic(cls, options: Mapping[str, Any]) -> bool:
         return float(options.get("eta", 1.0)) > 0.0 and float(options.get("s_noise", 1.0)) > 0.0
 
-    def init(self, x: Tensor) -> tuple[State, Tensor | None]:
-        n, dev = x.shape[0], x.device
-        return {
-            "d1": torch.zeros_like(x),
-            "d2": torch.zeros_like(x),
-            "h1": torch.zeros(n, dtype=torch.float64, device=dev),  # 0: no such point yet
-            "h2": torch.zeros(n, dtype=torch.float64, device=dev),
-        }, None
-
-    def reset(self, state: State, rows: Tensor) -> None:
-        rd = rows.to(state["h1"].device)
-        state["h1"][rd] = 0.0
-        state["h2"][rd] = 0.0
+    # the same history as the deterministic 3M: D and the λ-step at the last two points (0: none yet)
+    init = DPMSolverPP3M.init
+    reset = DPMSolverPP3M.reset
 
     def _coefficients(self, key: Tensor, moves: int | None) -> Tensor:
         """Per-row coefficients from (t, t_next, h₁, h₂, index) (float64): columns decay, the weights
