@@ -437,3 +437,33 @@ def test_adaptive_variant_is_swept_over_tolerances(tmp_path):
     assert [r["setting"] for r in recs] == [0.1, 0.05]
     opts = [json.loads(r["options"]) for r in recs]
     assert all(o["pi_beta"] == 0.35 and o["eps_rel"] == r["setting"] for o, r in zip(opts, recs))
+
+
+@pytest.mark.skipif("digits-unipc-5.safetensors" not in fastsde.shipped_grids(), reason="no shipped grid")
+def test_fitted_grid_variants_run_the_shipped_grid_and_skip_elsewhere(tmp_path, capsys):
+    """On a shipped model, `unipc_fitted` is `unipc` on the grid shipped for it (budgets without a
+    grid skipped); on a mixture it is skipped with a note."""
+    from fastsde.bench.runner import BenchConfig, Problem, _run_sampler, fastsde_samplers
+    from fastsde.grid_fit import shipped_grid
+
+    model = fastsde.load_model("digits")
+    prob = Problem(
+        "digits", "vp", model.sde, model.score, tuple(model.shape), torch.float32,
+        lambda x: float(x.abs().mean()), (0.0, 0.0), "mean |x|", 1e-5, model="digits",
+    )  # fmt: skip
+    s = next(v for v in fastsde_samplers()[0] if v.name == "unipc_fitted")
+    cfg = BenchConfig(problem="digits", budgets=[5, 37], n=4, seed=0, progress=False)
+    x_T = model.sde.prior_sample(as_noise_source(0, 4).normal(prob.dims, Stream.PRIOR, 0, dtype=torch.float32))
+    recs = _run_sampler("fastsde", s, prob, cfg, x_T, torch.zeros_like(x_T), fastsde)
+    assert [r["budget"] for r in recs] == [5] and recs[0]["error"] is None
+    grid = shipped_grid("digits", "unipc", 5)
+    assert json.loads(recs[0]["options"])["grid"] == grid.times.tolist()
+    res = fastsde.sample(model.score, model.sde, (4, *model.shape), solver="unipc", steps=5, grid=grid, x_init=x_T)
+    assert recs[0]["quality"] == pytest.approx(float(res.samples.abs().mean()), rel=1e-6)
+    out = tmp_path / "bench"
+    common = ["bench", "--n", "16", "--dim", "2", "--processes", "vp", "--budgets", "6", "--no-progress"]
+    assert main([*common, "--samplers", "unipc_fitted,unipc", "--out", str(out)]) == 0
+    assert {r["sampler"] for r in json.loads((out / "results.json").read_text())["records"]} == {"unipc"}
+    assert "unipc_fitted: skipped on mixture2d (fitted grids are shipped for the shipped models only)" in (
+        capsys.readouterr().out
+    )

@@ -4,7 +4,10 @@ mixture (held-out seeds), explicit grids in every fixed-grid solver, and the key
 from __future__ import annotations
 
 import itertools
+import json
 import math
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -218,3 +221,82 @@ def test_cli_fit_grid_then_sample_with_it(tmp_path, capsys):
     (tmp_path / "bad.safetensors").write_bytes(b"junk")
     assert main([*args, "--grid", str(tmp_path / "bad.safetensors"), "--out", str(tmp_path / "u.npz")]) == 2
     assert "is not a fitted grid file" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Shipped grids (benchmarks/fit_digits_grids.py) and IIA on a fitted grid
+# ---------------------------------------------------------------------------------------------
+
+SHIPPED = fastsde.shipped_grids()
+
+
+@pytest.mark.skipif(not SHIPPED, reason="no shipped fitted grids")
+def test_shipped_grids_are_keyed_to_their_model_and_used_by_it():
+    """Each shipped grid names its model, solver and steps in its file name and key, runs on the
+    model it was fitted for (fingerprint checked), and is refused by another shipped model."""
+    from fastsde.grid_fit import grid_file_name, shipped_grid
+
+    model = fastsde.load_model("digits")
+    small = fastsde.load_model("digits-small")
+    for name in SHIPPED:
+        stem, solver, steps = name.removesuffix(".safetensors").rsplit("-", 2)
+        grid = shipped_grid(stem, solver, int(steps))
+        assert grid is not None and grid_file_name(stem, solver, grid.steps) == name
+        assert grid.key["model"]["name"] == stem == "digits" and grid.solver == solver
+        t = grid.times
+        assert t.numel() == int(steps) and t[0] == model.sde.T and bool((t[1:] < t[:-1]).all())
+        assert grid.record["loss_refined"] <= grid.record["loss_default"]
+        res = fastsde.sample(model.score, model.sde, (2, *model.shape), solver=solver, steps=grid.steps, grid=grid)
+        assert res.samples.isfinite().all()
+    name = SHIPPED[0].removesuffix(".safetensors").rsplit("-", 2)
+    grid = shipped_grid(name[0], name[1], int(name[2]))
+    with pytest.raises(ValueError, match="fitted grid does not match this run: model"):
+        fastsde.sample(small.score, small.sde, (2, *small.shape), solver=name[1], steps=grid.steps, grid=grid)
+    assert shipped_grid("digits", "unipc", 99) is None
+
+
+@pytest.mark.skipif("digits-unipc-5.safetensors" not in SHIPPED, reason="no shipped unipc grid")
+def test_cli_sample_with_the_shipped_grid(tmp_path, capsys):
+    """`--grid fitted` takes the shipped grid for --model/--solver/--steps; without --steps, or with a
+    step count nothing is shipped for, it is a one-line error naming what is shipped (exit 2)."""
+    from fastsde.cli import main
+    from fastsde.grid_fit import shipped_grid
+
+    args = ["sample", "--solver", "unipc", "--n", "4", "--no-metric", "--grid", "fitted"]
+    assert main([*args, "--steps", "5", "--out", str(tmp_path / "s.npz")]) == 0
+    assert "NFE 5.0 per sample" in capsys.readouterr().out
+    record = json.loads((tmp_path / "s.npz.json").read_text())
+    assert record["options"]["grid"]["times"] == shipped_grid("digits", "unipc", 5).times.tolist()
+    assert record["options"]["grid"]["fitted_for"]["solver"] == "unipc"
+    assert main([*args, "--out", str(tmp_path / "t.npz")]) == 2
+    assert "--grid fitted needs --steps" in capsys.readouterr().err
+    assert main([*args, "--steps", "37", "--out", str(tmp_path / "u.npz")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no fitted grid is shipped for model 'digits', solver 'unipc', steps 37" in err
+    assert "digits-unipc-5" in err and "\n" not in err
+    assert not (tmp_path / "u.npz").exists()
+
+
+def test_iia_table_fitted_on_a_fitted_grid():
+    """An IIA solver runs on the grid fitted for its base solver; its table keys the explicit times
+    (saved and loaded as such) and is refused on any other grid."""
+    sde = fastsde.VPSDE()
+    gm = fastsde.problems.mixture_nd(sde, dim=4, modes=3, seed=1)
+    grid = fastsde.fit_grid(gm, sde, solver="dpmpp_2m", steps=5, n=32, seed=0, shape=(4,), M=20, sweeps=1)
+    table = fastsde.fit_iia(gm, sde, solver="iia_dpmpp_2m", steps=5, n=64, seed=0, shape=(4,), grid=grid)
+    assert table.key["options"]["grid"] == "explicit"
+    with tempfile.TemporaryDirectory() as d:
+        back = fastsde.load_iia(table.save(Path(d) / "t.safetensors"))
+    kw = dict(solver="iia_dpmpp_2m", steps=5, seed=3, dtype=F64)
+    res = fastsde.sample(gm, sde, (256, 4), grid=grid, table=back, **kw)
+    same = fastsde.sample(gm, sde, (256, 4), grid=grid.times, table=table, **kw)
+    assert torch.equal(res.samples, same.samples) and res.nfe == 5
+    base = fastsde.sample(gm, sde, (256, 4), solver="dpmpp_2m", steps=5, grid=grid, seed=3, dtype=F64)
+    exact = fastsde.sample(gm, sde, (256, 4), solver="ode", seed=3, dtype=F64, rtol=1e-8, atol=1e-8)
+    err_iia = ((res.samples - exact.samples) ** 2).mean()
+    err_base = ((base.samples - exact.samples) ** 2).mean()
+    assert err_iia < err_base  # held-out seed: the table still corrects the base solver on this grid
+    with pytest.raises(ValueError, match="grid"):
+        fastsde.sample(gm, sde, (4, 4), table=table, **kw)
+    with pytest.raises(ValueError, match="solver is 'dpmpp_2m' in the grid, 'dpmpp_3m' in the run"):
+        fastsde.sample(gm, sde, (4, 4), solver="dpmpp_3m", steps=5, grid=grid)

@@ -3,7 +3,7 @@ evaluations."""
 
 from . import problems
 from .api import SampleResult, sample
-from .grid_fit import FittedGrid, fit_grid, load_grid
+from .grid_fit import FittedGrid, fit_grid, load_grid, shipped_grid, shipped_grids
 from .grids import time_grid
 from .guidance import CFGScore, ClassifierGuidance
 from .iia import IIATable, fit_iia, load_iia
@@ -65,6 +65,8 @@ __all__ = [
     "fit_iia",
     "fit_grid",
     "load_grid",
+    "shipped_grid",
+    "shipped_grids",
     "FittedGrid",
     "load_iia",
     "IIATable",

@@ -47,7 +47,17 @@ from .sde import SDE, broadcast_to_rows
 from .solvers import get_solver
 from .solvers.base import SolverContext
 
-__all__ = ["FittedGrid", "fit_grid", "load_grid", "gits_dp", "path_cost", "move_costs"]
+__all__ = [
+    "FittedGrid",
+    "fit_grid",
+    "load_grid",
+    "shipped_grid",
+    "shipped_grids",
+    "grid_file_name",
+    "gits_dp",
+    "path_cost",
+    "move_costs",
+]
 
 FORMAT = "fastsde-grid/1"
 #: The key fields checked against a run, in order.
@@ -87,6 +97,13 @@ class FittedGrid:
         ts = ", ".join(f"{v:.4g}" for v in self.times.tolist())
         return f"FittedGrid({self.solver}, steps={self.steps}, [{ts}], model={_describe(self.key['model'])})"
 
+    def config(self) -> dict[str, Any]:
+        """How a run records this grid: its times and what they were fitted for."""
+        return {
+            "times": self.times.tolist(),
+            "fitted_for": {"solver": self.solver, "steps": self.steps, "model": _describe(self.key["model"])},
+        }
+
     def _mismatch(self, name: str, mine: Any, theirs: Any) -> ValueError:
         return ValueError(
             f"fitted grid does not match this run: {name} is {mine!r} in the grid, {theirs!r} in the run; "
@@ -94,7 +111,13 @@ class FittedGrid:
         )
 
     def check_run(self, sde: SDE, solver: str, options: dict[str, Any], t_end: float) -> None:
-        """ValueError naming the first key field (process, solver, options, steps, t_end) that differs."""
+        """ValueError naming the first key field (process, solver, options, steps, t_end) that differs.
+        An IIA solver runs on the grid of its base solver (fit the grid, then the table on it)."""
+        from .solvers.iia import IIA_BASES
+
+        base = {v: k for k, v in IIA_BASES.items()}.get(solver)
+        if base is not None and self.solver == base:
+            solver = base  # run_key keeps the base solver's options: the table and variant drop out
         check_key(self.key, run_key(sde, solver, options, t_end), KEY_FIELDS, self._mismatch)
 
     def check_model(self, score: ScoreFn, shape: tuple[int, ...], dtype, device) -> None:
@@ -120,13 +143,46 @@ class FittedGrid:
 
 def load_grid(path: str | os.PathLike) -> FittedGrid:
     """Read a grid written by :meth:`FittedGrid.save` (safetensors; nothing is unpickled)."""
-    from .files import read_tensors_with_meta
-
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"no fitted grid at {str(p)!r}")
-    tensors, meta = read_tensors_with_meta(p.read_bytes(), str(p), FORMAT, "a fitted grid file", "times")
+    return _from_bytes(p.read_bytes(), str(p))
+
+
+def _from_bytes(data: bytes, name: str) -> FittedGrid:
+    from .files import read_tensors_with_meta
+
+    tensors, meta = read_tensors_with_meta(data, name, FORMAT, "a fitted grid file", "times")
     return FittedGrid(tensors["times"].to(torch.float64), meta["key"], meta.get("record", {}), tensors.get("probe"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Shipped grids (fitted for the shipped models by benchmarks/fit_digits_grids.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def grid_file_name(model: str, solver: str, steps: int) -> str:
+    """File name of a shipped grid: <model>-<solver>-<steps>.safetensors."""
+    return f"{model}-{solver}-{int(steps)}.safetensors"
+
+
+def _grids_dir():
+    from importlib import resources
+
+    return resources.files("fastsde").joinpath("fitted_grids")
+
+
+def shipped_grids() -> list[str]:
+    """File names of the fitted grids shipped in the package."""
+    d = _grids_dir()
+    return sorted(p.name for p in d.iterdir() if p.name.endswith(".safetensors")) if d.is_dir() else []
+
+
+def shipped_grid(model: str, solver: str, steps: int) -> FittedGrid | None:
+    """The grid shipped for this shipped model, fixed-grid solver (at its default options) and
+    number of grid points, or None when none is shipped (see :func:`shipped_grids`)."""
+    f = _grids_dir().joinpath(grid_file_name(model, solver, steps))
+    return _from_bytes(f.read_bytes(), f.name) if f.is_file() else None
 
 
 def run_key(sde: SDE, solver: str, options: dict[str, Any], t_end: float) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .grids import explicit_times
 from .noise import NoiseSource, Stream
 from .score import CountingScore, ScoreFn
 from .sde import SDE
@@ -86,6 +87,8 @@ def run_key(sde: SDE, solver: str, options: dict[str, Any], t_end: float) -> dic
     spec = get_solver(solver)
     opts = {k: options[k] for k in spec.options if k not in ("steps", "table")}
     grid = time_grid(sde, opts["grid"], options["steps"], sde.T, t_end, opts["rho"])
+    if explicit_times(opts["grid"]) is not None:
+        opts["grid"] = "explicit"  # the times themselves are keyed by the grid hash
     return {
         "process": sde.config(),
         "solver": spec.name,
@@ -386,6 +389,8 @@ class _Loop:
             sde=self.sde, score=self.ref_score, noise=NoiseSource.from_seed(0, 1), t_start=t, t_end=t_next
         )
         opts = dict(self.stepper.base.options, steps=self.fine + 1)
+        if explicit_times(opts.get("grid")) is not None:
+            opts["grid"] = "logsnr"  # an explicit (e.g. fitted) grid: its sub-steps uniform in log-SNR
         if "lower_order_final" in opts:
             opts["lower_order_final"] = False  # the reference should be accurate, not few-step safe
         return self.base_spec.run(ctx, x, **opts)

@@ -91,6 +91,7 @@ class Problem:
     floor: tuple[float, float]
     quality_name: str
     reference_rtol: float
+    model: str | None = None  # the shipped model's name (its fitted grids are looked up by it)
 
 
 def mixture_problem(process: str, cfg: BenchConfig) -> Problem:
@@ -141,6 +142,7 @@ def digits_problem(cfg: BenchConfig) -> Problem:
         floor=(floor_for(cfg.n), floor_sd_for(cfg.n)),
         quality_name="digits classifier-feature Fréchet distance",
         reference_rtol=1e-5,
+        model="digits",
     )
 
 
@@ -205,6 +207,9 @@ def fastsde_samplers() -> tuple[list[FastsdeSampler], list[str]]:
     return out, notes
 
 
+#: A variant's grid placeholder: the shipped grid fitted for the problem's model at each step count.
+FITTED = "fitted"
+
 #: Option variants of registered solvers that are benchmarked as samplers of their own.
 VARIANTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("ddim_eta1", "ddim", {"eta": 1.0}),
@@ -232,6 +237,12 @@ VARIANTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("sa_solver_tau1", "sa_solver", {"tau_sigma": None}),
     ("sa_solver_p2c2", "sa_solver", {"predictor_order": 2, "corrector_order": 2}),
     ("er_sde_sde", "er_sde", {"phi": "sde"}),
+    # On a shipped model: the grids fitted for it (fastsde.shipped_grid; budgets without one are skipped).
+    ("unipc_fitted", "unipc", {"grid": FITTED}),
+    ("ipndm_fitted", "ipndm", {"grid": FITTED}),
+    ("deis_fitted", "deis", {"grid": FITTED}),
+    ("dpmpp_2m_fitted", "dpmpp_2m", {"grid": FITTED}),
+    ("dpmpp_3m_fitted", "dpmpp_3m", {"grid": FITTED}),
 )
 
 
@@ -378,6 +389,9 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
             if s.fixed and _variant_is_default(s, sde):
                 log(f"{s.name}: skipped on {prob.process} (its options are {s.solver}'s defaults there)")
                 continue
+            if s.fixed.get("grid") == FITTED and prob.model is None:
+                log(f"{s.name}: skipped on {prob.name} (fitted grids are shipped for the shipped models only)")
+                continue
             jobs.append(("fastsde", s))
         for p in peers:
             if p.supports(sde):
@@ -470,6 +484,8 @@ def _run_sampler(source: str, s: Any, prob: Problem, cfg: BenchConfig, x_T: Tens
         settings, seen = [], set()
         for b in sorted(cfg.budgets):
             st = steps_for_budget(s.solver, sde, b, s.fixed) if source == "fastsde" else b
+            if st is not None and source == "fastsde" and _fitted_grid(prob, s, st) is False:
+                continue  # no grid shipped for this step count
             if st is not None and st not in seen:
                 seen.add(st)
                 settings.append((b, st))
@@ -512,6 +528,17 @@ def _run_sampler(source: str, s: Any, prob: Problem, cfg: BenchConfig, x_T: Tens
     return out
 
 
+def _fitted_grid(prob: Problem, s: Any, steps: int):
+    """For a fitted-grid variant: the shipped grid of the problem's model at ``steps`` points, or
+    False when none is shipped; None for every other sampler."""
+    if getattr(s, "fixed", {}).get("grid") != FITTED:
+        return None
+    from ..grid_fit import shipped_grid
+
+    grid = shipped_grid(prob.model, s.solver, steps) if prob.model else None
+    return grid if grid is not None else False
+
+
 def _solve(source: str, s: Any, prob: Problem, cfg: BenchConfig, x_T: Tensor, setting: float, fastsde):
     """One run from x_T: (samples, NFE, calls, wall, time inside the score, options as JSON)."""
     from ..solvers import SOLVERS
@@ -519,10 +546,17 @@ def _solve(source: str, s: Any, prob: Problem, cfg: BenchConfig, x_T: Tensor, se
     if source == "fastsde":
         timed = TimedScore(prob.score)
         opts = {**s.fixed, **s.options_for(setting, dict(SOLVERS[s.solver].options))}
+        fitted = _fitted_grid(prob, s, int(setting)) if s.budget_kind == "nfe" else None
+        if fitted:  # the times, checked against the run here (the timing wrapper hides the model)
+            t_end = prob.sde.default_t_end
+            opts["grid"] = fitted.times
+            fitted.check_run(prob.sde, s.solver, SOLVERS[s.solver].resolve(prob.sde, dict(opts), t_end), t_end)
         res = fastsde.sample(
             timed, prob.sde, tuple(x_T.shape), solver=s.solver, seed=cfg.seed, x_init=x_T, dtype=prob.dtype, **opts
         )
-        options = json.dumps({k: v for k, v in res.options.items() if k != "sde"}, default=str)
+        from ..api import _recordable
+
+        options = json.dumps({k: _recordable(v) for k, v in res.options.items() if k != "sde"}, default=str)
         return res.samples, res.nfe, res.calls, res.wall_time, timed.seconds, options
     pr = s.run(prob.score, prob.sde, x_T, setting, prob.sde.default_t_end, seed=cfg.seed)
     return pr.samples, pr.nfe, pr.calls, pr.wall_time, pr.score_time, json.dumps(pr.setting, default=str)

@@ -92,8 +92,9 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--grid",
         default=None,
-        metavar="FILE",
-        help="a fitted time grid (fastsde fit-grid) for a fixed-grid solver; --steps defaults to its points",
+        metavar="FILE|fitted",
+        help="a fitted time grid (fastsde fit-grid) for a fixed-grid solver, --steps defaulting to its points; "
+        "'fitted': the grid shipped for this shipped model, solver and --steps (fastsde.shipped_grids())",
     )
     p.add_argument("--no-metric", action="store_true", help="skip the quality metric")
     p.add_argument(
@@ -219,6 +220,22 @@ def _cli_hint(message: str) -> str:
     )
 
 
+def shipped_grid_for(model: str, solver: str, steps: Any) -> Any:
+    """The shipped fitted grid for ``--grid fitted``, or a one-line error naming what is shipped."""
+    from fastsde.grid_fit import shipped_grid, shipped_grids
+
+    if steps is None:
+        raise CLIError("--grid fitted needs --steps (the shipped grids are fitted per step count)")
+    grid = shipped_grid(model, solver, int(steps))
+    if grid is None:
+        mine = [g.removesuffix(".safetensors") for g in shipped_grids() if g.startswith(f"{model}-{solver}-")]
+        listed = ", ".join(mine) if mine else f"none for {model!r} and {solver!r}"
+        raise CLIError(
+            f"no fitted grid is shipped for model {model!r}, solver {solver!r}, steps {steps}; shipped: {listed}"
+        )
+    return grid
+
+
 def parse_labels(text: str, n: int, num_classes: int):
     """--label as n per-sample labels: 'k', 'a-b' (a..b cycled) or 'a,b,c' (cycled); each in 0..num_classes-1."""
     import torch
@@ -318,10 +335,13 @@ def run(args: argparse.Namespace) -> int:
             raise CLIError(f"grid is given twice (--grid {args.grid} and --option grid=...); give it once")
         if sharded:
             raise CLIError("--grid is not supported with a run folder (--out DIR/) yet")
-        try:
-            fitted = fastsde.load_grid(args.grid)
-        except (ValueError, FileNotFoundError) as exc:
-            raise CLIError(str(exc)) from None
+        if args.grid == "fitted":
+            fitted = shipped_grid_for(args.model, solver, opts.get("steps"))
+        else:
+            try:
+                fitted = fastsde.load_grid(args.grid)
+            except (ValueError, FileNotFoundError) as exc:
+                raise CLIError(str(exc)) from None
         opts["grid"] = fitted
         opts.setdefault("steps", fitted.steps)
     # validate options (names and values) and the sample keywords before any compute
@@ -508,14 +528,20 @@ def quality_line(quality: dict[str, float], n: int) -> str:
 
 
 def _jsonable(value: Any) -> Any:
-    """An option value as JSON data (numbers, strings, bools, None; anything else by repr)."""
+    """An option value as JSON data (numbers, strings, bools, None; objects with a ``config()`` and
+    tensors as res.config() records them; anything else by repr)."""
+    from fastsde.api import _recordable
+
     if value is None or isinstance(value, (bool, int, str)):
         return value
     if isinstance(value, float):
         return value if math.isfinite(value) else str(value)
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
-    return repr(value)
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    recorded = _recordable(value)
+    return repr(value) if recorded is value else _jsonable(recorded)
 
 
 def is_model_dir(path: str) -> bool:

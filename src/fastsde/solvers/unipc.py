@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..grids import GRIDS
+from ..grids import GRIDS, check_grid_choice
 from ..sde import broadcast_to_rows
 from .base import Option, SolverSpec, boolean, fixed_grid, grid_options, one_of
 from .dpmpp_2m import LOWER_ORDER_FINAL_BELOW
@@ -217,7 +217,11 @@ UNIPC = SolverSpec(
         **grid_options(20, "exp"),
         # uniform in log-SNR on every process, EDM included (measured: on EDM's Karras grid UniPC is
         # unstable below ~16 NFE, the large late λ-steps)
-        "grid": Option("logsnr", one_of(*GRIDS), "time grid (default: uniform in log-SNR on every process)"),
+        "grid": Option(
+            "logsnr",
+            check_grid_choice,
+            f"time grid: one of {', '.join(GRIDS)} (default logsnr, on every process), or explicit times",
+        ),
         "order": Option(2, one_of(1, 2, 3), "predictor order p (the corrector makes the method order p + 1)"),
         "variant": Option("bh2", one_of("bh1", "bh2"), "B(h): 'bh1' h, 'bh2' e^h − 1"),
         "corrector": Option(True, boolean, "UniC after every move but the last (no extra NFE)"),
