@@ -9,6 +9,7 @@ import math
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -275,6 +276,12 @@ def test_cli_sample_with_the_shipped_grid(tmp_path, capsys):
     assert "no fitted grid is shipped for model 'digits', solver 'unipc', steps 37" in err
     assert "digits-unipc-5" in err and "\n" not in err
     assert not (tmp_path / "u.npz").exists()
+    # into a run folder: the grid's times are part of the run's identity
+    assert main([*args, "--steps", "5", "--shard-size", "2", "--out", f"{tmp_path / 'run'}/"]) == 0
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["settings"]["options"]["grid"]["times"] == shipped_grid("digits", "unipc", 5).times.tolist()
+    single = torch.from_numpy(np.load(tmp_path / "s.npz")["samples"]).float()
+    torch.testing.assert_close(fastsde.load_samples(tmp_path / "run"), single, rtol=0, atol=1e-4)
 
 
 def test_iia_table_fitted_on_a_fitted_grid():

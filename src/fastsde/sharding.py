@@ -98,6 +98,11 @@ def score_identity(score: Any, model: str | None = None) -> str:
     score's qualified name with a digest of the tensors it holds (so two mixtures differ)."""
     if model is not None:
         return str(model)
+    from .levels import Levels
+
+    if isinstance(score, Levels):  # ML-EM: every level, coarse to fine, and its cost
+        parts = [f"{score_identity(f)}@{c:.6g}" for f, c in zip(score.scores, score.costs)]
+        return f"levels[{', '.join(parts)}]"
     owner = getattr(score, "__self__", None)
     name = getattr(owner, "name", None)
     if isinstance(name, str):
@@ -143,6 +148,10 @@ def _jsonable(value: Any) -> Any:
         return [_jsonable(v) for v in value]
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, Tensor):  # an explicit grid: its times are part of the run's identity
+        return _jsonable(value.detach().to("cpu", torch.float64).tolist())
+    if callable(getattr(value, "config", None)):  # a fitted grid, a learned schedule: their description
+        return _jsonable(value.config())
     text = repr(value)
     return f"{type(value).__module__}.{type(value).__qualname__}" if " at 0x" in text else text
 
@@ -222,6 +231,9 @@ def _shard_entry(k: int, start: int, stop: int, num_shards: int, data: dict[str,
     }
     if "bpd" in data:
         entry["bpd"] = float(np.mean(data["bpd"]))
+    if "nfe_per_level" in data and "cost_per_sample" in data:
+        entry["nfe_per_level"] = [float(v) for v in np.mean(data["nfe_per_level"], axis=0)]
+        entry["cost"] = float(np.mean(data["cost_per_sample"]))
     return entry
 
 
@@ -477,11 +489,15 @@ def sample_to_dir(
     dev = device_for_rank(device)
 
     def compute(k: int, a: int, b: int) -> tuple[dict[str, np.ndarray], Tensor, list[str]]:
-        samples, nfe, status = _sample_shard(
+        samples, nfe, status, per_level = _sample_shard(
             score, sde, dims, spec, seed, a, b, batch_size, t_end, denoise, dtype, dev, progress, options, cond_kw
         )
         arr = samples if samples.dtype != torch.bfloat16 else samples.float()
-        return {"samples": arr.numpy()}, nfe, status
+        arrays = {"samples": arr.numpy()}
+        if per_level is not None:  # multilevel: each sample's evaluations per level, and its compute
+            arrays["nfe_per_level"] = per_level.numpy()
+            arrays["cost_per_sample"] = (per_level @ torch.tensor(score.costs, dtype=torch.float64)).numpy()
+        return arrays, nfe, status
 
     return _run_shards(out, settings, fp, ranges, dev, compute, on_shard)
 
@@ -582,8 +598,19 @@ def _summary(entries: list[dict], n: int, wall: float, world: int, skipped: int)
             if count and all("bpd" in e for e in done)
             else {}
         ),
+        **(_level_totals(done, count) if count and all("cost" in e for e in done) else {}),
         "wall_s_this_call": round(wall, 3),
         "world_size": world,
+    }
+
+
+def _level_totals(done: list[dict], count: int) -> dict[str, Any]:
+    """A multilevel run's mean compute and evaluations per level per sample, over the shards done."""
+    rows = [(e["stop"] - e["start"], e) for e in done]
+    levels = len(rows[0][1]["nfe_per_level"])
+    return {
+        "cost": sum(m * e["cost"] for m, e in rows) / count,
+        "nfe_per_level": [sum(m * e["nfe_per_level"][k] for m, e in rows) / count for k in range(levels)],
     }
 
 
@@ -604,8 +631,9 @@ def _sample_shard(
     options: dict[str, Any],
     cond: dict[str, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, list[str]]:
-    """Rows [a, b) of the run, with the noise (and the conditioning rows) of those global indices."""
-    chunks, nfes, status = [], [], []
+    """Rows [a, b) of the run, with the noise (and the conditioning rows) of those global indices:
+    samples, NFE per sample, status, and for a multilevel run the (rows, K) evaluations per level."""
+    chunks, nfes, status, levels = [], [], [], []
     step = batch_size or (b - a)
     for lo in range(a, b, step):
         hi = min(b, lo + step)
@@ -626,7 +654,10 @@ def _sample_shard(
         chunks.append(res.samples.detach().to("cpu"))
         nfes.append(res.nfe_per_sample.to(torch.float64))
         status += list(res.stats.get("status", ["done"] * (hi - lo)))
-    return torch.cat(chunks), torch.cat(nfes), status
+        if "nfe_per_level_per_sample" in res.stats:
+            levels.append(res.stats["nfe_per_level_per_sample"].detach().to("cpu", torch.float64))
+    per_level = torch.cat(levels) if levels else None
+    return torch.cat(chunks), torch.cat(nfes), status, per_level
 
 
 # ---------------------------------------------------------------------------------------------

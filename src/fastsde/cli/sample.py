@@ -333,8 +333,6 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "grid", None) is not None:
         if "grid" in opts:
             raise CLIError(f"grid is given twice (--grid {args.grid} and --option grid=...); give it once")
-        if sharded:
-            raise CLIError("--grid is not supported with a run folder (--out DIR/) yet")
         if args.grid == "fitted":
             fitted = shipped_grid_for(args.model, solver, opts.get("steps"))
         else:

@@ -85,6 +85,20 @@ def run_sharded(
         f"computed {len(run.computed)} shard(s) on rank 0, {len(run.skipped)} already done; "
         f"NFE {summary.get('nfe') or float('nan'):.1f} per sample  wall {run.wall_time:.2f} s"
     )
+    levels = getattr(score, "names", None) and getattr(score, "flops", None) and score
+    if levels and "cost" in summary:
+        from .sample_levels import report as level_report
+
+        p = opts.get("p", "auto")
+        if isinstance(p, (int, float, list)):
+            ps = [float(p)] * (len(levels.names) - 1) if isinstance(p, (int, float)) else p
+            multilevel = {"rule": "constant", "schedule": {"p": ps}}
+        else:  # set per batch ("auto") or by a learned schedule: the shards' own records hold them
+            multilevel = {"rule": "auto" if p == "auto" else "learned"}
+        for line in level_report(
+            levels, summary["nfe_per_level"], summary["cost"], keywords.get("denoise", True), multilevel
+        ):
+            print(line)
     if summary.get("unfinished"):
         print(
             f"fastsde sample: warning: {summary['unfinished']} of {args.n} samples did not reach t_end "

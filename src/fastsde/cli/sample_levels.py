@@ -73,10 +73,6 @@ def check_args(args: argparse.Namespace, solver: str, opts: dict[str, Any]) -> l
         raise CLIError(f"--levels needs --solver mlem, got --solver {solver}")
     if args.model is not None:
         raise CLIError("give --levels or --model, not both")
-    from .sample_dir import is_run_dir
-
-    if is_run_dir(args.out):
-        raise CLIError("--levels writes a .png or .npz (a run folder is not supported with --levels)")
     names = parse_levels(args.levels)
     if args.p is not None:
         if "p" in opts:
@@ -112,6 +108,8 @@ def report(
     sched = multilevel.get("schedule", {})
     if multilevel.get("rule") == "constant":
         lines.append(f"p {', '.join(f'{v:g}' for v in sched.get('p', []))} (constant)")
+    elif "p_mean" not in sched:
+        lines.append(f"p {multilevel.get('rule', '?')}")
     else:
         means = ", ".join(f"{v:.3g}" for v in sched.get("p_mean", []))
         calib = multilevel.get("calibration", {})
