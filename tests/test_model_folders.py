@@ -127,3 +127,23 @@ def test_diffusers_folder_without_scheduler_is_a_clear_error(tmp_path):
     _tiny_unet().save_pretrained(folder)
     with pytest.raises(ValueError, match="no scheduler config"):
         fastsde.load_model(folder)
+
+
+def test_model_folders_as_levels(trained, tmp_path, capsys):
+    """Levels.from_models and `sample --levels` take model folders beside shipped names (a folder
+    trained for the ML-EM hierarchy need not be shipped first)."""
+    from fastsde.cli import main
+
+    levels = fastsde.Levels.from_models([str(trained), "digits"])
+    assert levels.names == [str(trained), "digits"] and levels.costs[0] == 1.0 and levels.costs[1] > 1.0
+    out = tmp_path / "s.npz"
+    args = ["sample", "--levels", f"{trained},digits", "--p", "0.5", "--steps", "4", "--n", "2", "--no-metric"]
+    assert main([*args, "--out", str(out), "--no-progress"]) == 2  # a 2-step network is far from digits
+    assert "levels[0] differs from the finest level" in capsys.readouterr().err
+    twin = tmp_path / "twin"
+    shutil.copytree(trained, twin)
+    args[2] = f"{trained},{twin}"
+    assert main([*args, "--out", str(out), "--no-progress"]) == 0
+    assert f"level 1 {trained}: 3.00 evaluations per sample" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="or give model folders"):
+        fastsde.Levels.from_models([str(tmp_path / "nope"), "digits"])

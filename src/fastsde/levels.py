@@ -101,9 +101,9 @@ class Levels:
 
     @classmethod
     def from_models(cls, names: Sequence[str], *, agree_tol: float | None = 1.0, **load: Any) -> Levels:
-        """Levels of shipped models (coarse to fine, e.g. ``["digits-small", "digits", "digits-large"]``)
-        with costs = each network's forward FLOPs per sample (measured now, :func:`forward_flops`)
-        relative to the cheapest; ``load`` goes to :func:`fastsde.load_model` (e.g. ``dtype``).
+        """Levels of shipped models or model folders, coarse to fine (e.g. ``["digits-small", "digits",
+        "digits-large"]``), with costs = each network's forward FLOPs per sample (measured now,
+        :func:`forward_flops`) relative to the cheapest; ``load`` goes to :func:`fastsde.load_model` (e.g. ``dtype``).
         ``self.models`` holds the loaded models and ``self.flops`` the FLOPs. Unknown names, fewer
         than two, or models of different processes are a ValueError before any sampling."""
         from .models import list_models, load_model
@@ -113,9 +113,14 @@ class Levels:
         names = list(names)
         if len(names) < 2:
             raise ValueError(f"Levels.from_models needs at least 2 models (coarse to fine), got {names!r}")
-        unknown = [n for n in names if n not in list_models()]
+        from pathlib import Path
+
+        unknown = [n for n in names if n not in list_models() and not Path(n).is_dir()]
         if unknown:
-            raise ValueError(f"unknown model(s) {unknown}; shipped models are {list_models()}")
+            raise ValueError(
+                f"unknown model(s) {unknown}; shipped models are {list_models()}, or give model folders "
+                "(fastsde train --out DIR)"
+            )
         models = [load_model(n, **load) for n in names]
         for n, m in zip(names[1:], models[1:]):
             if type(m.sde) is not type(models[0].sde) or m.sde.config() != models[0].sde.config():

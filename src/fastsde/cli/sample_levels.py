@@ -13,7 +13,7 @@ from . import CLIError
 
 
 def parse_levels(text: str) -> list[str]:
-    """--levels A,B,C: at least two shipped models, coarse to fine, each named once."""
+    """--levels A,B,C: at least two shipped models or model folders, coarse to fine, each named once."""
     import fastsde
 
     names = [s.strip() for s in text.split(",")]
@@ -23,9 +23,12 @@ def parse_levels(text: str) -> list[str]:
         raise CLIError(
             f"--levels needs at least 2 models (coarse to fine), got {text!r}; for one model use --model {names[0]}"
         )
-    unknown = [s for s in names if s not in fastsde.list_models()]
+    unknown = [s for s in names if s not in fastsde.list_models() and not Path(s).is_dir()]
     if unknown:
-        raise CLIError(f"--levels: unknown model {unknown[0]!r}; shipped models: {', '.join(fastsde.list_models())}")
+        raise CLIError(
+            f"--levels: unknown model {unknown[0]!r}; shipped models: {', '.join(fastsde.list_models())}, "
+            "or model folders (fastsde train --out DIR)"
+        )
     if len(set(names)) != len(names):
         raise CLIError(f"--levels names a model twice: {text!r}")
     return names
