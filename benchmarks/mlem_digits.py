@@ -42,6 +42,7 @@ SEED = 0
 def run_all(args) -> dict:
     names = args.levels.split(",")
     cache_path = Path(args.cache)
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
     if cache.get("levels") not in (None, names) or cache.get("n") not in (None, args.n):
         raise SystemExit(f"{cache_path} holds runs of {cache.get('levels')} at n={cache.get('n')}: delete it first")
@@ -124,6 +125,85 @@ def analyse(cache: dict) -> dict:
     return {"em_front": em_front, "ml_front": ml_front, "floors": floors, "gamma": gamma, "ratios": ratios}
 
 
+def plot(cache: dict, res: dict, path: Path) -> None:
+    """MSE against compute and against wall time: EM per network, ML-EM per move count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs, names = cache["runs"], cache["levels"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, xkey, xlabel in (
+        (axes[0], "compute", "compute per sample (coarsest evaluations)"),
+        (axes[1], "wall", "wall time (s)"),
+    ):
+        for name in names:
+            rows = sorted((r[xkey], r["mse"]) for k, r in runs.items() if k.startswith(f"em {name} "))
+            ax.plot(*zip(*rows), "o-", label=f"EM {Path(name).name}")
+        for m in sorted({int(k.split()[2]) for k in runs if k.startswith("mlem ")}):
+            rows = sorted((r[xkey], r["mse"]) for k, r in runs.items() if k.startswith(f"mlem auto {m} "))
+            ax.plot(*zip(*rows), "s--", label=f"ML-EM auto, {m} moves")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("MSE per pixel to the coupled reference")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    axes[0].set_title(f"against compute (γ = {res['gamma']:.2f})")
+    axes[1].set_title("against wall time (one core)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_page(cache: dict, res: dict, path: Path, png: Path, command: str, cache_name: str) -> None:
+    """docs/benchmarks_mlem_digits.md: every run, γ, the compute ratios at equal MSE."""
+    names, costs, runs = cache["levels"], cache["costs"], cache["runs"]
+    lines = [
+        "# Multilevel EM on a network hierarchy (issue 15)",
+        "",
+        f"Made by `{command}` (resumable; every run is cached in `docs/bench/{cache_name}`).",
+        "",
+        "Levels (coarse to fine) and their costs (forward FLOPs relative to the coarsest): "
+        + ", ".join(f"`{n}` {c:.3f}" for n, c in zip(names, costs))
+        + f". n = {cache['n']} samples, the same x_T and Brownian path as the reference (EM with the finest "
+        f"network, {cache['fine_moves']} moves); MSE per pixel after the final denoise; FD: the digits "
+        "classifier-feature Fréchet distance (lower is better).",
+        "",
+        "| run | compute / sample | MSE | FD | wall s | evaluations per level |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, r in runs.items():
+        evals = ", ".join(f"{v:.1f}" for v in r["nfe_per_level"])
+        mse = "—" if not math.isfinite(r["mse"]) else f"{r['mse']:.4g}"
+        lines.append(f"| {label} | {r['compute']:.4g} | {mse} | {r['fd']:.1f} | {r['wall']:.1f} | {evals} |")
+    lines += [
+        "",
+        f"γ (slope of log cost against log error over the coarser levels' EM floors): {res['gamma']:.2f}; "
+        "floors (MSE of each network's finest EM run against the reference): "
+        + ", ".join(f"{f:.4g}" for f in res["floors"]),
+        "",
+        "Compute ratio at equal MSE (for each point on ML-EM's Pareto front, the least compute of an EM "
+        "run of any single network that is at least as accurate):",
+        "",
+        "| MSE | ML-EM compute | EM compute | ratio |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {r['mse']:.4g} | {r['mlem']:.4g} | {r['em']:.4g} | {r['ratio']:.2f}× |" for r in res["ratios"]]
+    if not res["ratios"]:
+        lines.append("| — | no ML-EM run is at least as accurate as some EM run | | |")
+    lines += ["", f"![MSE against compute and wall time](bench/{png.name})", ""]
+    write_atomic_text(path, "\n".join(lines))
+
+
+def write_atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--levels", default="digits-small,digits,digits-large")
@@ -131,6 +211,7 @@ def main() -> None:
     ap.add_argument("--fine-moves", type=int, default=1024)
     ap.add_argument("--quick", action="store_true", help="fewer step counts (checks the script)")
     ap.add_argument("--cache", default=str(ROOT / "docs" / "bench" / "mlem_digits.json"))
+    ap.add_argument("--page", default=None, help="write this markdown page and a PNG beside the cache")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.quick:
@@ -148,6 +229,12 @@ def main() -> None:
     print(f"γ (levels' error against cost): {res['gamma']:.2f}")
     for r in res["ratios"]:
         print(f"MSE {r['mse']:.3g}: ML-EM compute {r['mlem']:.4g}, EM {r['em']:.4g}, ratio {r['ratio']:.2f}x")
+    if args.page:
+        png = Path(args.cache).with_suffix(".png")
+        plot(cache, res, png)
+        command = "python benchmarks/mlem_digits.py " + " ".join(sys.argv[1:])
+        write_page(cache, res, Path(args.page), png, command, Path(args.cache).name)
+        print(f"wrote {args.page} and {png}")
     print(f"{time.perf_counter() - t0:.0f} s")
 
 
