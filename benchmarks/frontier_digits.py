@@ -35,5 +35,31 @@ def main(dirs: list[str]) -> None:
             )
 
 
+def fitted_table(dirs: list[str]) -> None:
+    """Each `<solver>_fitted` variant against its solver on the default grid: FD per seed."""
+    runs = [json.loads((Path(d) / "results.json").read_text())["records"] for d in dirs]
+    fq = {
+        (i, r["sampler"], r["budget"]): r["quality"] for i, recs in enumerate(runs) for r in recs if r["error"] is None
+    }
+    fitted = sorted({name for (_, name, _) in fq if name.endswith("_fitted")})
+    budgets = sorted({b for (_, name, b) in fq if name in fitted})
+    print()
+    print(
+        "| solver | grid | "
+        + " | ".join(f"FD@{b} (seeds {', '.join(map(str, range(len(runs))))})" for b in budgets)
+        + " |"
+    )
+    print("|---|---|" + "---|" * len(budgets))
+    for name in fitted:
+        base = name.removesuffix("_fitted")
+        for label, key in (("default", base), ("fitted", name)):
+            cells = [
+                " / ".join(f"{fq[(i, key, b)]:.1f}" if (i, key, b) in fq else "–" for i in range(len(runs)))
+                for b in budgets
+            ]
+            print(f"| `{base}` | {label} | " + " | ".join(cells) + " |")
+
+
 if __name__ == "__main__":
     main(sys.argv[1:])
+    fitted_table(sys.argv[1:])
