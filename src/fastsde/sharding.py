@@ -630,7 +630,7 @@ def _sample_shard(
     progress: bool,
     options: dict[str, Any],
     cond: dict[str, Tensor] | None = None,
-) -> tuple[Tensor, Tensor, list[str]]:
+) -> tuple[Tensor, Tensor, list[str], Tensor | None]:
     """Rows [a, b) of the run, with the noise (and the conditioning rows) of those global indices:
     samples, NFE per sample, status, and for a multilevel run the (rows, K) evaluations per level."""
     chunks, nfes, status, levels = [], [], [], []
