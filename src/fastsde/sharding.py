@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .api import DEFAULT_SOLVER, check_dtype, check_run, sample
+from .api import DEFAULT_SOLVER, _recordable, check_dtype, check_run, sample
 from .files import write_atomic, write_json_atomic
 from .noise import NoiseSource, check_seed
 from .score import check_cond
@@ -148,10 +148,9 @@ def _jsonable(value: Any) -> Any:
         return [_jsonable(v) for v in value]
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, Tensor):  # an explicit grid: its times are part of the run's identity
-        return _jsonable(value.detach().to("cpu", torch.float64).tolist())
-    if callable(getattr(value, "config", None)):  # a fitted grid, a learned schedule: their description
-        return _jsonable(value.config())
+    if isinstance(value, Tensor) or callable(getattr(value, "config", None)):
+        # an explicit grid's times, a fitted grid or learned schedule by its description: as res.config()
+        return _jsonable(_recordable(value))
     text = repr(value)
     return f"{type(value).__module__}.{type(value).__qualname__}" if " at 0x" in text else text
 

@@ -43,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     import fastsde
+    from fastsde.grid_fit import grid_file_name
 
     steps = parse_steps(args.steps)
     try:
@@ -88,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
             )
         except ValueError as exc:
             raise CLIError(str(exc)) from None
-        path = grid.save(out / f"{model_tag(args.model)}-{spec.name}-{n_steps}.safetensors")
+        path = grid.save(out / grid_file_name(model_tag(args.model), spec.name, n_steps))
         rec = grid.record
         times = ", ".join(f"{v:.4g}" for v in grid.times.tolist())
         losses = (
