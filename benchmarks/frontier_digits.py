@@ -9,6 +9,18 @@ in docs/benchmarks.md ("The few-NFE frontier on the digits model"):
           --samplers $S --no-progress --out runs/bench/f19_digits_s$seed
     done
     .venv/bin/python benchmarks/frontier_digits.py runs/bench/f19_digits_s0 runs/bench/f19_digits_s1
+
+The stochastic samplers at the same budgets ("Stochastic samplers on the digits model") are the
+same two runs with the samplers in benchmarks/frontier_digits_stochastic.txt and --out
+runs/bench/f19_digits_stoch_s$seed, plus two with the variants in
+benchmarks/frontier_digits_stochastic_variants.txt, --no-peers and --out
+runs/bench/f19_digits_stochv_s$seed; then, per seed, the two runs joined by "+":
+
+    .venv/bin/python benchmarks/frontier_digits.py \\
+        runs/bench/f19_digits_stoch_s0+runs/bench/f19_digits_stochv_s0 \\
+        runs/bench/f19_digits_stoch_s1+runs/bench/f19_digits_stochv_s1
+
+For runs without fitted variants the script prints every sampler's FD per budget.
 """
 
 from __future__ import annotations
@@ -18,8 +30,16 @@ import sys
 from pathlib import Path
 
 
+def load(dirs: list[str]) -> list[list[dict]]:
+    """The records of each seed's run; an argument "A+B" joins the records of runs A and B."""
+    return [
+        [r for d in arg.split("+") for r in json.loads((Path(d) / "results.json").read_text())["records"]]
+        for arg in dirs
+    ]
+
+
 def main(dirs: list[str]) -> None:
-    runs = [json.loads((Path(d) / "results.json").read_text())["records"] for d in dirs]
+    runs = load(dirs)
     budgets = sorted({r["budget"] for r in runs[0]})
     print("| NFE | seed | best fastsde (FD) | best peer (FD) | fastsde better? |")
     print("|---|---|---|---|---|")
@@ -37,7 +57,7 @@ def main(dirs: list[str]) -> None:
 
 def fitted_table(dirs: list[str]) -> None:
     """Each `<solver>_fitted` variant against its solver on the default grid: FD per seed."""
-    runs = [json.loads((Path(d) / "results.json").read_text())["records"] for d in dirs]
+    runs = load(dirs)
     fq = {
         (i, r["sampler"], r["budget"]): r["quality"] for i, recs in enumerate(runs) for r in recs if r["error"] is None
     }
@@ -60,6 +80,30 @@ def fitted_table(dirs: list[str]) -> None:
             print(f"| `{base}` | {label} | " + " | ".join(cells) + " |")
 
 
+def sampler_table(dirs: list[str]) -> None:
+    """Every sampler's FD per budget and seed (for runs without fitted variants)."""
+    runs = load(dirs)
+    fq = {
+        (i, r["sampler"], r["budget"]): r["quality"] for i, recs in enumerate(runs) for r in recs if r["error"] is None
+    }
+    names = list(dict.fromkeys(r["sampler"] for r in runs[0]))
+    budgets = sorted({b for (_, _, b) in fq})
+    seeds = ", ".join(map(str, range(len(runs))))
+    print()
+    print("| sampler | " + " | ".join(f"FD@{b} (seeds {seeds})" for b in budgets) + " |")
+    print("|---|" + "---|" * len(budgets))
+    for name in names:
+        cells = [
+            " / ".join(f"{fq[(i, name, b)]:.1f}" if (i, name, b) in fq else "–" for i in range(len(runs)))
+            for b in budgets
+        ]
+        print(f"| `{name}` | " + " | ".join(cells) + " |")
+
+
 if __name__ == "__main__":
     main(sys.argv[1:])
-    fitted_table(sys.argv[1:])
+    runs = load(sys.argv[1:])
+    if any(r["sampler"].endswith("_fitted") for r in runs[0]):
+        fitted_table(sys.argv[1:])
+    else:
+        sampler_table(sys.argv[1:])
