@@ -38,8 +38,15 @@ def load(dirs: list[str]) -> list[list[dict]]:
     ]
 
 
-def main(dirs: list[str]) -> None:
-    runs = load(dirs)
+def qualities(runs: list[list[dict]]) -> dict[tuple[int, str, float], float]:
+    """(seed index, sampler, budget) -> FD of every record that ran without error."""
+    return {
+        (i, r["sampler"], r["budget"]): r["quality"] for i, recs in enumerate(runs) for r in recs if r["error"] is None
+    }
+
+
+def main(runs: list[list[dict]]) -> None:
+    """Best fastsde sampler against the best peer at each budget and seed."""
     budgets = sorted({r["budget"] for r in runs[0]})
     print("| NFE | seed | best fastsde (FD) | best peer (FD) | fastsde better? |")
     print("|---|---|---|---|---|")
@@ -55,12 +62,9 @@ def main(dirs: list[str]) -> None:
             )
 
 
-def fitted_table(dirs: list[str]) -> None:
+def fitted_table(runs: list[list[dict]]) -> None:
     """Each `<solver>_fitted` variant against its solver on the default grid: FD per seed."""
-    runs = load(dirs)
-    fq = {
-        (i, r["sampler"], r["budget"]): r["quality"] for i, recs in enumerate(runs) for r in recs if r["error"] is None
-    }
+    fq = qualities(runs)
     fitted = sorted({name for (_, name, _) in fq if name.endswith("_fitted")})
     budgets = sorted({b for (_, name, b) in fq if name in fitted})
     print()
@@ -80,12 +84,9 @@ def fitted_table(dirs: list[str]) -> None:
             print(f"| `{base}` | {label} | " + " | ".join(cells) + " |")
 
 
-def sampler_table(dirs: list[str]) -> None:
+def sampler_table(runs: list[list[dict]]) -> None:
     """Every sampler's FD per budget and seed (for runs without fitted variants)."""
-    runs = load(dirs)
-    fq = {
-        (i, r["sampler"], r["budget"]): r["quality"] for i, recs in enumerate(runs) for r in recs if r["error"] is None
-    }
+    fq = qualities(runs)
     names = list(dict.fromkeys(r["sampler"] for r in runs[0]))
     budgets = sorted({b for (_, _, b) in fq})
     seeds = ", ".join(map(str, range(len(runs))))
@@ -101,9 +102,9 @@ def sampler_table(dirs: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
     runs = load(sys.argv[1:])
+    main(runs)
     if any(r["sampler"].endswith("_fitted") for r in runs[0]):
-        fitted_table(sys.argv[1:])
+        fitted_table(runs)
     else:
-        sampler_table(sys.argv[1:])
+        sampler_table(runs)
