@@ -24,19 +24,23 @@ MIXTURE = fastsde.problems.mixture_2d(SDE)
 SETTINGS = dict(solver="dpmpp_2m", steps=10, seed=11, dtype=torch.float64)
 
 
+#: the kill instrumentation, kept out of the score's reach: a run's identity includes every plain
+#: parameter reachable from the score (closures included), and a killed run and its resumption must
+#: use the same score
+KILL: dict[str, int | None] = {"at": None, "rank": 0, "calls": 0}
+
+
+def score(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    KILL["calls"] += 1
+    if KILL["at"] is not None and int(os.environ.get("RANK", "0")) == KILL["rank"] and KILL["calls"] == KILL["at"]:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return MIXTURE.score(x, t)
+
+
 def main() -> None:
     out, n, shard_size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    kill_at = int(sys.argv[4]) if len(sys.argv) > 4 else None
-    kill_rank = int(sys.argv[5]) if len(sys.argv) > 5 else 0
-    rank = int(os.environ.get("RANK", "0"))
-    calls = 0
-
-    def score(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        nonlocal calls
-        calls += 1
-        if kill_at is not None and rank == kill_rank and calls == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return MIXTURE.score(x, t)
+    KILL["at"] = int(sys.argv[4]) if len(sys.argv) > 4 else None
+    KILL["rank"] = int(sys.argv[5]) if len(sys.argv) > 5 else 0
 
     run = fastsde.sample_to_dir(score, SDE, (n, 2), out, shard_size=shard_size, model="mixture_2d", **SETTINGS)
     print(f"rank {run.rank} computed {run.computed} skipped {run.skipped} complete {run.complete}", flush=True)

@@ -7,7 +7,15 @@ exactly rows [k·s, k·s + s) of ``fastsde.sample(..., seed=seed)``. A shard fil
 temporary name and renamed (``fastsde.files``), and carries the run's fingerprint, so a file that
 exists, reads back whole and matches the manifest is done and never recomputed: rerunning the same
 call resumes a killed job, losing at most the shards that were in progress. A rerun with different
-settings into the same folder is refused, naming the fields that differ.
+settings into the same folder is refused, naming the fields that differ. The model is part of
+those settings by content (``fastsde.identity``): every module's weights, tensor and plain parameter
+reachable from the score, and for a score with no module in reach its outputs on fixed probe inputs,
+so a folder resumed with retrained weights behind the same name is refused, not mixed.
+
+One writer at a time: the writer (rank 0 under torchrun) holds an exclusive lock on the folder's
+``.lock`` file for the whole run; a second writer is refused, naming the holder's pid. Progress is
+appended to ``manifest.progress.jsonl`` (one line per shard) instead of rewriting the manifest per
+shard; :func:`read_manifest` merges it, and the final manifest replaces it.
 
 Under ``torchrun`` (RANK / WORLD_SIZE set) the shards still to do are dealt round-robin across ranks
 (the j-th missing shard to rank j mod world): no padding, no duplicates, and a resumed run stays
@@ -34,7 +42,8 @@ import torch
 from torch import Tensor
 
 from .api import DEFAULT_SOLVER, _recordable, check_dtype, check_run, sample
-from .files import write_atomic, write_json_atomic
+from .files import Fields, write_atomic, write_json_atomic
+from .identity import content_digests, has_module, probe, probe_matches
 from .noise import NoiseSource, check_seed
 from .score import check_cond
 from .sde import SDE
@@ -49,17 +58,38 @@ __all__ = [
     "load_samples",
     "read_manifest",
     "score_identity",
+    "model_probe",
     "device_for_rank",
 ]
 
 #: the manifest's file name inside a run folder
 MANIFEST = "manifest.json"
+#: shard lines appended while a run goes (merged by read_manifest; replaced by the final manifest)
+PROGRESS = "manifest.progress.jsonl"
+#: the writer's lock file inside a run folder
+LOCK = ".lock"
+#: the largest run a manifest may describe (a bound on what a tampered file can make a reader allocate)
+MAX_RUN = 10**12
+DTYPES = ("float64", "float32", "float16", "bfloat16")
 FORMAT = "fastsde-shards/1"
 #: how long a rank waits for the others at the final barrier when fastsde starts the process group
 #: (ranks finish their last shards at different times; torchrun tears the group down if one dies)
 BARRIER_TIMEOUT = timedelta(hours=6)
 #: the settings a run is identified by, in the order a mismatch is reported
-SETTINGS_FIELDS = ("model", "sde", "solver", "options", "t_end", "denoise", "seed", "n", "shape", "dtype", "shard_size")
+SETTINGS_FIELDS = (
+    "model",
+    "model_content",
+    "sde",
+    "solver",
+    "options",
+    "t_end",
+    "denoise",
+    "seed",
+    "n",
+    "shape",
+    "dtype",
+    "shard_size",
+)
 
 
 @dataclass
@@ -114,6 +144,41 @@ def score_identity(score: Any, model: str | None = None) -> str:
         label = f"{type(obj).__module__}.{type(obj).__qualname__}"
     digest = _tensor_digest(obj)
     return label if digest is None else f"{label}#{digest}"
+
+
+def model_probe(
+    score: Any,
+    sde: SDE,
+    dims: Sequence[int],
+    t_end: float,
+    dtype: torch.dtype,
+    device: torch.device,
+    cond: dict[str, Tensor] | None = None,
+) -> dict[str, Any] | None:
+    """The manifest's probe of a score with no module in reach (its outputs on fixed inputs,
+    ``fastsde.identity.probe``; a multilevel score: every level's), or None when modules' weights
+    identify it exactly."""
+    if has_module(score):
+        return None
+    from .levels import Levels
+
+    scores = score.scores if isinstance(score, Levels) else [score]
+    values: list[float] = []
+    for f in scores:
+        values += probe(f, sde, tuple(dims), t_end, dtype, device, cond)
+    return {"dtype": str(dtype).removeprefix("torch."), "values": [v if math.isfinite(v) else None for v in values]}
+
+
+def _probe_differs(old: Any, new: dict[str, Any] | None) -> str | None:
+    """Why a resumed run's probe shows another model (None: the same one)."""
+    if new is None or not isinstance(old, dict):
+        return None if new is None and old is None else "the run was started with another kind of model"
+    nan = float("nan")
+    a = [nan if v is None else v for v in old.get("values", [])] if isinstance(old.get("values"), list) else []
+    b = [nan if v is None else v for v in new["values"]]
+    if all(isinstance(v, (int, float)) for v in a) and probe_matches(a, b, getattr(torch, new["dtype"])):
+        return None
+    return "the score's outputs on fixed probe inputs differ from the ones the run was started with"
 
 
 def _tensor_digest(obj: Any) -> str | None:
@@ -237,17 +302,60 @@ def _shard_entry(k: int, start: int, stop: int, num_shards: int, data: dict[str,
 
 
 def read_manifest(out_dir: str | Path) -> dict[str, Any]:
-    """A run folder's manifest (ValueError naming the folder if there is none or it is not one)."""
+    """A run folder's manifest, checked field by field and against its own fingerprint, with the
+    shards finished since it was written (``PROGRESS``) merged in. ValueError naming the folder if
+    there is none; FileFormatError naming the field if it is not a sound manifest."""
     path = Path(out_dir) / MANIFEST
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ValueError(f"{str(out_dir)!r} holds no fastsde run ({MANIFEST} is missing)") from None
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise ValueError(f"cannot read {str(path)!r}: {exc}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ValueError(f"{str(path)!r} is not a fastsde run manifest (format {FORMAT!r})")
+    _check_manifest(path, manifest)
+    _merge_progress(Path(out_dir), manifest)
     return manifest
+
+
+def _check_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    """The fields readers rely on, and the fingerprint of the settings (an edited manifest fails)."""
+    top = Fields(path, manifest)
+    s = top.obj("settings")
+    kind = s.string("kind", "samples", choices=("samples", "likelihood"))
+    n = s.integer("n", low=1, high=MAX_RUN)
+    size = s.integer("shard_size", low=1, high=MAX_RUN)
+    dims = s.integers("shape", low=1, high=MAX_RUN)
+    if kind == "samples":
+        s.string("dtype", choices=DTYPES)
+    if math.prod(dims) > MAX_RUN:
+        raise s.error("shape", f"at most {MAX_RUN} values per sample", dims)
+    fp = top.string("fingerprint")
+    if fp != _fingerprint(manifest["settings"]):
+        raise top.error("fingerprint", "the sha256 of the manifest's settings (the settings were edited)", fp)
+    num = -(-n // size)
+    top.integer("num_shards", low=num, high=num)
+    if len(top.items("shards", length=num)) != num:  # pragma: no cover - items checks the length
+        raise top.error("shards", f"a list of {num} entries")
+
+
+def _merge_progress(out: Path, manifest: dict[str, Any]) -> None:
+    """Shard lines appended since the manifest was written replace their pending entries."""
+    try:
+        lines = (out / PROGRESS).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return
+    shards = manifest["shards"]
+    for line in lines:
+        try:
+            entry = json.loads(line)
+            k = entry["shard"]
+        except (ValueError, TypeError, KeyError):
+            continue  # a line cut short by a kill
+        if isinstance(k, int) and 0 <= k < len(shards) and isinstance(shards[k], dict):
+            if shards[k].get("status") == "pending" and entry.get("status") in ("done", "partial"):
+                shards[k] = entry
 
 
 def _mismatch(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -345,6 +453,7 @@ def _settings(
         )
     settings = {
         "model": score_identity(score, model),
+        "model_content": content_digests(score),
         "sde": sde.config(),
         "solver": spec.name,
         "options": {k: _jsonable(v) for k, v in resolved.items()},
@@ -359,14 +468,53 @@ def _settings(
     return json.loads(json.dumps(settings))
 
 
-def _prepare(out: Path, settings: dict[str, Any], fp: str, ranges: list[tuple[int, int]]) -> dict[int, dict]:
-    """Rank 0: create the folder, refuse a run with other settings, clear stale temporary files,
-    find the shards already done and write the manifest. Returns {shard: manifest entry} of those done."""
-    out.mkdir(parents=True, exist_ok=True)
+class RunLock:
+    """An exclusive lock on a run folder (``flock`` on its ``.lock`` file, which holds the writer's
+    pid), taken before anything in the folder is read or removed and held until the run ends. The
+    kernel drops it when the process dies, so a killed run never leaves the folder locked."""
+
+    def __init__(self, out: Path) -> None:
+        self.out, self.fd = out, None
+
+    def acquire(self) -> RunLock:
+        try:
+            import fcntl
+        except ImportError:  # no flock on this platform: no lock
+            return self
+        fd = os.open(self.out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 64).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise ValueError(
+                f"{str(self.out)!r} is being written by another fastsde process (pid {holder}): wait for it "
+                "to finish, or write to another folder"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the flock
+            self.fd = None
+
+
+def _prepare(
+    out: Path, settings: dict[str, Any], fp: str, ranges: list[tuple[int, int]], probe_record: dict | None = None
+) -> dict[int, dict]:
+    """Rank 0, holding the folder's lock: refuse a run with other settings (or another model's
+    probe), clear stale temporary files, find the shards already done and write the manifest.
+    Returns {shard: manifest entry} of those done."""
     path = out / MANIFEST
     if path.exists():
         old = read_manifest(out)
         diff = _mismatch(old.get("settings", {}), settings)
+        if not diff:
+            why = _probe_differs(old.get("model_probe"), probe_record)
+            diff = [] if why is None else [f"model: {why}"]
         if diff:
             raise ValueError(
                 f"{str(out)!r} holds a run with other settings ({'; '.join(diff)}): rerun with the "
@@ -380,9 +528,17 @@ def _prepare(out: Path, settings: dict[str, Any], fp: str, ranges: list[tuple[in
     for k, (a, b) in enumerate(ranges):
         data = _read_shard(out / _shard_name(k, num), fp, k, a, b, settings)
         entries.append(_shard_entry(k, a, b, num, data))
-    manifest = _manifest(settings, fp, entries, complete=all(e["status"] != "pending" for e in entries))
+    extra = {} if probe_record is None else {"model_probe": probe_record}
+    manifest = _manifest(settings, fp, entries, complete=all(e["status"] != "pending" for e in entries), **extra)
     write_json_atomic(path, manifest)
+    (out / PROGRESS).unlink(missing_ok=True)  # its lines are in the manifest now
     return {e["shard"]: e for e in entries if e["status"] != "pending"}
+
+
+def _append_progress(out: Path, entry: dict[str, Any]) -> None:
+    """One shard's manifest line, appended (a short O_APPEND write: whole even with several ranks)."""
+    with open(out / PROGRESS, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(entry) + "\n")
 
 
 def _manifest(settings: dict[str, Any], fp: str, entries: list[dict], complete: bool, **extra: Any) -> dict[str, Any]:
@@ -498,7 +654,10 @@ def sample_to_dir(
             arrays["cost_per_sample"] = (per_level @ torch.tensor(score.costs, dtype=torch.float64)).numpy()
         return arrays, nfe, status
 
-    return _run_shards(out, settings, fp, ranges, dev, compute, on_shard)
+    def probe_record() -> dict[str, Any] | None:
+        return model_probe(score, sde, dims, t_end, dtype, dev, cond_kw)
+
+    return _run_shards(out, settings, fp, ranges, dev, compute, on_shard, probe_record)
 
 
 def _run_shards(
@@ -509,17 +668,24 @@ def _run_shards(
     dev: torch.device,
     compute: Callable[[int, int, int], tuple[dict[str, np.ndarray], Tensor, list[str]]],
     on_shard: Callable[[ShardInfo], Any] | None,
+    probe_record: Callable[[], dict[str, Any] | None] | None = None,
 ) -> ShardRun:
-    """The run loop shared by sampling and likelihood: rank 0 prepares the folder, each rank computes
-    and writes its share of the missing shards, rank 0 writes the manifest and the summary."""
+    """The run loop shared by sampling and likelihood: rank 0 locks and prepares the folder, each
+    rank computes and writes its share of the missing shards, rank 0 writes the manifest and the
+    summary. ``probe_record``: the model probe for the manifest (called by rank 0 once)."""
     n, num = settings["n"], len(ranges)
     rank, world, owned = _dist_setup(dev)
     start_time = time.perf_counter()
+    lock = RunLock(out)
+    probed: dict[str, Any] | None = None
     try:
         plan: Any = None
         if rank == 0:
             try:
-                plan = _prepare(out, settings, fp, ranges)
+                out.mkdir(parents=True, exist_ok=True)
+                lock.acquire()
+                probed = None if probe_record is None else probe_record()
+                plan = _prepare(out, settings, fp, ranges, probed)
             except (ValueError, OSError) as exc:
                 plan = exc
         plan = _broadcast(plan, world)
@@ -540,9 +706,7 @@ def _run_shards(
             computed.append(k)
             data = {**arrays, "status": np.array(status), "nfe_per_sample": nfe.numpy(), "wall_s": np.array(wall)}
             entries[k] = _shard_entry(k, a, b, num, data)
-            if rank == 0:  # the manifest as rank 0 knows it: its own shards and those done before
-                listed = [entries.get(j, _shard_entry(j, *ranges[j], num, None)) for j in range(num)]
-                write_json_atomic(out / MANIFEST, _manifest(settings, fp, listed, complete=False))
+            _append_progress(out, entries[k])  # read_manifest merges it; no rewrite of the manifest per shard
             if on_shard is not None:
                 on_shard(ShardInfo(k, a, b, num, float(nfe.mean()), wall, entries[k].get("unfinished", 0), rank))
         _barrier(world)
@@ -558,10 +722,13 @@ def _run_shards(
                     listed.append(_shard_entry(j, a, b, num, data))
             complete = all(e["status"] != "pending" for e in listed)
             summary = _summary(listed, n, wall_total, world, len(done))
-            manifest = _manifest(settings, fp, listed, complete=complete, summary=summary)
+            kept = {} if probed is None else {"model_probe": probed}
+            manifest = _manifest(settings, fp, listed, complete=complete, summary=summary, **kept)
             write_json_atomic(out / MANIFEST, manifest)
+            (out / PROGRESS).unlink(missing_ok=True)
         manifest = _broadcast(manifest, world)
     finally:
+        lock.release()
         if owned:
             import torch.distributed as dist
 

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .api import check_score_and_process
+from .identity import content_digests
 from .likelihood import bits_per_dim, bpd_offset
 from .likelihood_data import DatasetLikelihood, _as_levels, _positive_int, evaluate_passes
 from .noise import NoiseSource, check_seed
@@ -30,6 +31,7 @@ from .sharding import (
     _run_shards,
     _shard_name,
     device_for_rank,
+    model_probe,
     read_manifest,
     score_identity,
 )
@@ -81,6 +83,7 @@ def likelihood_to_dir(
     settings = {
         "kind": "likelihood",
         "model": score_identity(score, model),
+        "model_content": content_digests(score),
         "sde": sde.config(),
         "data": {"sha256": digest, "shape": list(arr.shape), "dtype": str(arr.dtype)},
         "levels": lv,
@@ -133,7 +136,10 @@ def likelihood_to_dir(
         }
         return arrays, nfe.mean(dim=0), ["done"] * (b - a)
 
-    return _run_shards(Path(out_dir), settings, fp, ranges, dev, compute, on_shard)
+    def probe_record() -> dict[str, Any] | None:
+        return model_probe(score, sde, shape, sde.default_t_end, dtype, dev)
+
+    return _run_shards(Path(out_dir), settings, fp, ranges, dev, compute, on_shard, probe_record)
 
 
 def load_likelihood(out_dir: str | Path, *, allow_incomplete: bool = False) -> DatasetLikelihood:
