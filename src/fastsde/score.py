@@ -160,15 +160,20 @@ class CountingScore:
             )
         kw = self.cond_rows(x, rows, ids)
         args = (x, t, rows) if self.pass_rows else (x, t)
+        versions = (x._version, t._version)  # bumped by any in-place write (no copy, no synchronisation)
         if self.needs_grad:
             with torch.enable_grad():
                 out = self.score(*args, **kw)
             out = out.detach() if isinstance(out, Tensor) else out
         else:
             out = self.score(*args, **kw)
-        if not isinstance(out, Tensor) or out.shape != x.shape:
-            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise ValueError(f"score(x, t) must return a tensor shaped like x {tuple(x.shape)}, got {got}")
+        _check_output(out, x)
+        if (x._version, t._version) != versions:
+            which = "x" if x._version != versions[0] else "t"
+            raise ValueError(
+                f"score(x, t) modified its input {which} in place; the solver's state is {which}, so the "
+                f"samples would be wrong: work on a copy ({which} = {which}.clone()) or use out-of-place operations"
+            )
         self.calls += 1
         self.rows_evaluated += x.shape[0]
         if rows is None:
@@ -212,6 +217,20 @@ class CountingScore:
     def network_evals(self) -> float:
         """Mean network evaluations per sample: NFE × the score's network evaluations per call."""
         return self.nfe * self.network_evals_per_call
+
+
+def _check_output(out: Any, x: Tensor) -> None:
+    """A score's output must be a tensor like x: same shape, dtype and device (a float64 or integer
+    output in a float32 run would be silently cast by the solver's arithmetic, or not at all)."""
+    if not isinstance(out, Tensor) or out.shape != x.shape:
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(f"score(x, t) must return a tensor shaped like x {tuple(x.shape)}, got {got}")
+    if out.dtype != x.dtype or out.device != x.device:
+        raise ValueError(
+            f"score(x, t) must return a tensor of x's dtype and device ({str(x.dtype).removeprefix('torch.')} on "
+            f"{x.device}), got {str(out.dtype).removeprefix('torch.')} on {out.device}: cast it "
+            "(.to(x)) or run in the network's dtype (dtype=...)"
+        )
 
 
 def _raise_nonfinite(ok: Tensor, t: Tensor) -> None:
