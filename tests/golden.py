@@ -8,11 +8,26 @@ results. Regenerate only on purpose (a change that is meant to move results), wi
     .venv/bin/python tests/golden.py
 
 which rewrites ``tests/data/golden.safetensors``.
+
+Path-sensitive cases: an adaptive SDE solver whose Brownian path is queried at the times the
+controller computes (``brownian="tree"`` or ``"memory"``) cannot be pinned sample by sample across
+CPUs. W is Hölder-½ in its argument (the tree interpolates across leaves of width 2⁻³² of the range,
+slope ~1/√width), so a last-bit change in a step's end time (another SIMD width or vendor math
+library) moves W by ~1e-11; the controller turns that into other step sizes, and the whole path moves
+(measured: 1-ulp perturbations of the error estimate move these 6-sample records by up to 2.3 in a
+sample and 23 % in mean NFE). For them the record also holds their step statistics over
+``N_STATS`` samples (mean NFE, accepted and rejected steps); how far last-bit perturbations move
+those is measured by
+
+    .venv/bin/python tests/golden.py --spread
+
+(``STATS_RTOL`` in the test is about twice the largest move it printed).
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +38,10 @@ import fastsde
 
 F64 = torch.float64
 N = 6
+#: samples of a path-sensitive case's statistics record
+N_STATS = 32
+#: Brownian paths queried at computed times (see the module docstring)
+PATH_SENSITIVE_BROWNIAN = ("tree", "memory")
 PATH = Path(__file__).parent / "data" / "golden.safetensors"
 
 PROCESSES = {
@@ -75,6 +94,23 @@ def sample_case(proc: str, solver: str, opts: dict[str, Any]) -> fastsde.SampleR
     return fastsde.sample(gm, sde, (N, 2), solver=solver, seed=7, dtype=F64, **opts)
 
 
+def path_sensitive(solver: str, opts: dict[str, Any]) -> bool:
+    """Whether a case's path depends on the last bit of the CPU's arithmetic (module docstring)."""
+    spec = fastsde.SOLVERS[solver]
+    if "brownian" not in spec.options:
+        return False
+    return opts.get("brownian", spec.options["brownian"].default) in PATH_SENSITIVE_BROWNIAN
+
+
+def stats_case(proc: str, solver: str, opts: dict[str, Any]) -> torch.Tensor:
+    """Mean NFE, accepted and rejected steps per sample over N_STATS samples (float64, shape (3,))."""
+    sde = PROCESSES[proc]()
+    gm = fastsde.problems.mixture_2d(sde)
+    res = fastsde.sample(gm, sde, (N_STATS, 2), solver=solver, seed=7, dtype=F64, **opts)
+    mean = [torch.as_tensor(res.stats[k]).to(F64).mean() for k in ("accepted", "rejected")]
+    return torch.stack([res.nfe_per_sample.mean(), *mean])
+
+
 def likelihood_case(proc: str, opts: dict[str, Any]) -> fastsde.LikelihoodResult:
     sde = PROCESSES[proc]()
     gm = fastsde.problems.mixture_2d(sde)
@@ -104,6 +140,8 @@ def record() -> dict[str, torch.Tensor]:
         for stat in ("accepted", "rejected"):
             if stat in res.stats:
                 out[f"{key}/{stat}"] = torch.as_tensor(res.stats[stat]).to(torch.int64).contiguous()
+        if path_sensitive(solver, opts):
+            out[f"{key}/stats"] = stats_case(proc, solver, opts).contiguous()
     for key, proc, opts in likelihood_cases():
         res = likelihood_case(proc, opts)
         out[f"{key}/logp"] = res.logp.contiguous()
@@ -115,8 +153,34 @@ def load() -> dict[str, torch.Tensor]:
     return load_file(str(PATH))
 
 
+def spread(perturbations: int = 6) -> None:
+    """Print, per path-sensitive case, the largest relative move of its statistics when the
+    controller's error estimate is multiplied by (1 + k·2⁻⁵²), k = 1..perturbations."""
+    from fastsde.solvers.controllers import Adaptive
+
+    error = Adaptive.error
+    k = [0]
+    Adaptive.error = lambda self, x, res, prev: error(self, x, res, prev) * (1 + k[0] * 2.0**-52)
+    try:
+        for key, proc, solver, opts in sample_cases():
+            if not path_sensitive(solver, opts):
+                continue
+            k[0] = 0
+            base = stats_case(proc, solver, opts)
+            moves = []
+            for k[0] in range(1, perturbations + 1):
+                moves.append(((stats_case(proc, solver, opts) - base).abs() / base.abs()).tolist())
+            worst = torch.tensor(moves).amax(dim=0).tolist()
+            print(f"{key:28s} nfe {worst[0]:.3f}  accepted {worst[1]:.3f}  rejected {worst[2]:.3f}", flush=True)
+    finally:
+        Adaptive.error = error
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
+    if "--spread" in sys.argv:
+        spread()
+        sys.exit(0)
     PATH.parent.mkdir(exist_ok=True)
     data = record()
     tmp = PATH.with_suffix(".tmp")
