@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .files import FileFormatError
+
 __all__ = [
     "load_digits",
     "digits_labels",
@@ -105,28 +107,54 @@ def read_array(
         raise ValueError(f"data file must be .npy or .npz, got {path.name!r}")
     with open(path, "rb") as fh:
         magic = fh.read(6)
+
+    def bad(reason: str) -> FileFormatError:
+        return FileFormatError(path, None, reason, message=f"cannot read {path}: {reason}")
+
     if suffix == ".npz" and not magic.startswith(b"PK"):  # numpy would read it as a pickle and say so
-        raise ValueError(f"cannot read {path}: not an .npz file (an .npz is a zip archive of .npy arrays)")
+        raise bad("not an .npz file (an .npz is a zip archive of .npy arrays)")
     if suffix == ".npy" and magic != b"\x93NUMPY":
-        raise ValueError(f"cannot read {path}: not an .npy file (no numpy header)")
+        raise bad("not an .npy file (no numpy header)")
     try:
         loaded = np.load(path, allow_pickle=False)
-    except Exception as exc:  # a corrupt or non-numpy file
-        raise ValueError(f"cannot read {path}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a corrupt or non-numpy file
+        raise bad(str(exc)) from None
     if suffix == ".npy":
         return loaded
     with loaded:
         names = list(loaded.files)
-        if key is not None:
-            if key not in names:
-                raise ValueError(f"{path.name} has no array {key!r}; it holds {names}")
-            return loaded[key]
-        if len(names) == 1:
-            return loaded[names[0]]
-        for cand in prefer:
-            if cand in names:
-                return loaded[cand]
-        raise ValueError(f"{path.name} holds several arrays {names}; name one with {key_hint}")
+        if key is not None and key not in names:
+            raise FileFormatError(
+                path, key, f"an array named {key!r}", message=f"{path.name} has no array {key!r}; it holds {names}"
+            )
+        if not names:
+            raise FileFormatError(path, None, "at least one array", message=f"{path.name} holds no arrays")
+        if key is None and len(names) != 1:
+            key = next((cand for cand in prefer if cand in names), None)
+            if key is None:
+                raise FileFormatError(
+                    path,
+                    None,
+                    "one array",
+                    message=f"{path.name} holds several arrays {names}; name one with {key_hint}",
+                )
+        try:
+            return loaded[key if key is not None else names[0]]
+        except Exception as exc:  # noqa: BLE001 - a corrupt member of the zip archive
+            raise bad(f"array {key or names[0]!r}: {exc}") from None
+
+
+def _check_images(arr: np.ndarray, source: str) -> np.ndarray:
+    """Images of a real dtype (integers 0..255, or floats), at least one, no empty axis."""
+    if arr.dtype.kind not in "biuf":
+        raise FileFormatError(source, None, f"integer or float images, got dtype {arr.dtype}", what="an image array")
+    if arr.size == 0:
+        raise FileFormatError(source, None, f"at least one image, got shape {arr.shape}", what="an image array")
+    if arr.dtype.kind in "iu" and (int(arr.min()) < 0 or int(arr.max()) > 255):
+        raise FileFormatError(
+            source, None, f"integer pixels in 0..255, got [{int(arr.min())}, {int(arr.max())}]", what="an image array"
+        )
+    return arr.astype(np.uint8) if arr.dtype.kind == "b" else arr
 
 
 def load_array(path: str | Path, key: str | None = None) -> Tensor:
@@ -135,8 +163,13 @@ def load_array(path: str | Path, key: str | None = None) -> Tensor:
     Integer arrays are read as 0..255 (or 0..16 when the max is ≤ 16); float arrays must lie in [0, 1]
     or [−1, 1]. For .npz, ``key`` names the array (default: the only one, or "x"/"images"/"train_images").
     """
-    arr = read_array(path, key)
-    return torch.from_numpy(_scale(_to_nchw(arr, str(path)), str(path))).float()
+    arr = _check_images(read_array(path, key), str(path))
+    try:
+        return torch.from_numpy(_scale(_to_nchw(arr, str(path)), str(path))).float()
+    except FileFormatError:
+        raise
+    except ValueError as exc:  # _to_nchw / _scale name the file
+        raise FileFormatError(path, None, str(exc), message=str(exc)) from None
 
 
 def load_image_folder(path: str | Path, grayscale: bool = True) -> Tensor:
@@ -149,7 +182,12 @@ def load_image_folder(path: str | Path, grayscale: bool = True) -> Tensor:
         raise ValueError(f"no images ({', '.join(_IMAGE_SUFFIXES)}) in folder {path}")
     images = []
     for f in files:
-        im = np.asarray(mpimg.imread(f))
+        try:
+            im = np.asarray(mpimg.imread(f))
+        except Exception as exc:  # noqa: BLE001 - PIL / matplotlib raise many types on corrupt images
+            raise FileFormatError(f, None, f"{type(exc).__name__}: {str(exc)[:200]}", what="a readable image") from None
+        if im.ndim not in (2, 3) or im.size == 0 or im.dtype.kind not in "biuf":
+            raise FileFormatError(f, None, f"a 2-D image, got shape {im.shape} dtype {im.dtype}", what="an image")
         if np.issubdtype(im.dtype, np.integer):
             im = im.astype(np.float64) / 255.0
         if im.ndim == 3:

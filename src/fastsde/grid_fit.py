@@ -150,10 +150,27 @@ def load_grid(path: str | os.PathLike) -> FittedGrid:
 
 
 def _from_bytes(data: bytes, name: str) -> FittedGrid:
-    from .files import read_tensors_with_meta
+    """A grid from a file's bytes, every field checked (a FileFormatError naming file and field):
+    the key's fields, and ``times`` finite, strictly decreasing, one per grid point (key.steps), from
+    at most the process's T down to key.t_end."""
+    from .files import check_tensor, read_tensors_with_meta
+    from .iia import read_key_common
 
-    tensors, meta = read_tensors_with_meta(data, name, FORMAT, "a fitted grid file", "times")
-    return FittedGrid(tensors["times"].to(torch.float64), meta["key"], meta.get("record", {}), tensors.get("probe"))
+    tensors, f = read_tensors_with_meta(data, name, FORMAT, "a fitted grid file", "times")
+    key, sde, steps, t_end, probe = read_key_common(f, tensors)
+    solver = key.string("solver")
+    try:
+        get_solver(solver)
+    except ValueError:
+        raise key.error("solver", "a fastsde solver name", solver) from None
+    key.obj("options")
+    times = check_tensor(name, tensors, "times", (steps,))
+    if not bool((times[:-1] > times[1:]).all()):
+        raise f.error("times", "strictly decreasing times", times.tolist())
+    if float(times[0]) > float(sde.T) * (1 + 1e-12) or not math.isclose(float(times[-1]), t_end, rel_tol=1e-9):
+        raise f.error("times", f"times from at most T = {float(sde.T):g} down to key.t_end = {t_end:g}", times.tolist())
+    record = f.obj("record", {}).data
+    return FittedGrid(times, key.data, record, probe)
 
 
 # ---------------------------------------------------------------------------------------------

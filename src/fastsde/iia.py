@@ -258,17 +258,58 @@ class IIATable:
         return save_tensors_with_meta(path, tensors, meta)
 
 
-def _from_bytes(data: bytes, where: str) -> IIATable:
-    from .files import read_tensors_with_meta
+def read_model_key(m: Any, probe_tensor: str, tensors: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """A model fingerprint of a file's record (Fields ``m``) and its probe tensor (None for a shipped
+    model), checked: kind, name and weights hash, or the probe's rows, seed, fractions, shape and a
+    finite (rows, *shape) tensor ``probe_tensor``. Shared by IIA tables, grids and ML-EM schedules."""
+    from .files import check_tensor
 
-    tensors, meta = read_tensors_with_meta(data, where, FORMAT, "an IIA table file", "coefficients")
-    return IIATable(
-        coefficients=tensors["coefficients"].to(torch.float64),
-        key=meta["key"],
-        directions=tuple(meta["directions"]),
-        fit=meta.get("fit", {}),
-        probe=tensors.get("probe"),
-    )
+    kind = m.string("kind", choices=("shipped", "probe"))
+    if kind == "shipped":
+        m.string("name")
+        digest = m.string("weights_sha256")
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise m.error("weights_sha256", "a SHA-256 hex digest (64 lowercase hex digits)", digest)
+        return m.data, None
+    rows = m.integer("rows", low=1, high=4096)
+    m.integer("seed", low=0)
+    m.numbers("fractions", min_length=1, low=0.0, high=1.0)
+    shape = m.integers("shape", min_length=1, low=1, high=1 << 20)
+    if len(shape) > 8 or math.prod(shape) > 1 << 24:
+        raise m.error("shape", "at most 8 dims of at most 2**24 values in all", shape)
+    return m.data, check_tensor(m.path, tensors, probe_tensor, (rows, *shape))
+
+
+def read_key_common(f: Any, tensors: dict[str, Any], model: bool = True) -> tuple[Any, Any, int, float, Any]:
+    """The fields every keyed file shares, checked: (key Fields, process, steps, t_end, probe):
+    key.process a valid process config, key.steps an integer >= 2, key.t_end in (0, T) and (with
+    ``model``) key.model with its probe tensor."""
+    key = f.obj("key")
+    sde = key.process("process")
+    steps = key.integer("steps", low=2, high=1_000_000)
+    t_end = key.number("t_end", low=0.0, low_open=True, high=float(sde.T), high_open=True)
+    probe = read_model_key(key.obj("model"), "probe", tensors)[1] if model else None
+    return key, sde, steps, t_end, probe
+
+
+def _from_bytes(data: bytes, where: str) -> IIATable:
+    """A table from a file's bytes, every field checked (a FileFormatError naming file and field)."""
+    from .files import check_tensor, read_tensors_with_meta
+
+    tensors, f = read_tensors_with_meta(data, where, FORMAT, "an IIA table file", "coefficients")
+    key, _, steps, _, probe = read_key_common(f, tensors)
+    solver = key.string("solver", choices=tuple(IIA_BASES.values()))
+    options = key.obj("options")
+    grid = key.string("grid")
+    if len(grid) != 64:
+        raise key.error("grid", "a SHA-256 hex digest of the grid times", grid)
+    directions = tuple(f.strings("directions", min_length=1))
+    expected = tuple(get_solver(solver).stepper.directions(options.data))
+    if directions != expected:
+        raise f.error("directions", f"{list(expected)} (the directions of {solver} with these options)", directions)
+    coefficients = check_tensor(where, tensors, "coefficients", (steps - 1, len(directions)))
+    fit = f.obj("fit", {}).data
+    return IIATable(coefficients=coefficients, key=key.data, directions=directions, fit=fit, probe=probe)
 
 
 def load_iia(path: str | os.PathLike) -> IIATable:

@@ -184,25 +184,85 @@ def list_models() -> list[str]:
     return sorted(names)
 
 
-def _read_config(name: str) -> dict[str, Any]:
-    """The config of one shipped model; a broken file is a ValueError naming it (the others still load)."""
-    path = _models_dir().joinpath(f"{name}.json")
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"model {name!r}: cannot read its config {path}: {exc}") from None
-    missing = [k for k in ("unet", "sde", "shape") if not isinstance(cfg, dict) or k not in cfg]
-    if missing:
-        raise ValueError(f"model {name!r}: its config {path} lacks {missing}")
+#: Bounds of a fastsde UNet config: a file asking for more is refused before any allocation.
+MAX_CHANNELS, MAX_LEVELS, MAX_LAYERS, MAX_SIZE, MAX_IN_CHANNELS = 4096, 8, 16, 4096, 64
+#: Rough upper bound of the parameters a config may describe (about 9·c² per 3x3 conv).
+MAX_PARAMS = 2e9
+
+
+def check_model_config(path: str | os.PathLike, cfg: Any) -> dict[str, Any]:
+    """A fastsde model config (``<name>.json`` or a train folder's config.json), every field typed
+    and ranged; a FileFormatError naming the file and field. Returns ``cfg``."""
+    from .files import Fields
+
+    f = Fields(str(path), cfg)
+    f.string("format", None, choices=("fastsde-unet-eps/1",))
+    sde = f.process("sde")
+    u = f.obj("unet")
+    channels = u.integers("channels", min_length=1, low=1, high=MAX_CHANNELS)
+    if len(channels) > MAX_LEVELS:
+        raise u.error("channels", f"at most {MAX_LEVELS} levels", channels)
+    layers = u.integer("layers_per_block", 1, low=1, high=MAX_LAYERS)
+    u.boolean("attention", False)
+    groups = u.integer("norm_groups", 8, low=1, high=MAX_CHANNELS)
+    if any(c % groups for c in channels):
+        raise u.error("norm_groups", f"a divisor of every channel count {channels}", groups)
+    in_channels = u.integer("in_channels", 1, low=1, high=MAX_IN_CHANNELS)
+    size = u.integer("sample_size", 8, low=1, high=MAX_SIZE)
+    if size % 2 ** (len(channels) - 1):
+        raise u.error("sample_size", f"a multiple of {2 ** (len(channels) - 1)} ({len(channels)} levels)", size)
+    if 9.0 * sum(c * c for c in channels) * (4 * layers + 4) > MAX_PARAMS:
+        raise u.error("channels", f"a network of at most ~{MAX_PARAMS:.0e} parameters", channels)
+    embeds = u.integer("num_class_embeds", None, low=2, high=1 << 20)
+    shape = f.integers("shape", length=3, low=1, high=MAX_SIZE)
+    if shape != [in_channels, size, size]:
+        raise f.error(
+            "shape", f"[unet.in_channels, unet.sample_size, unet.sample_size] = {[in_channels, size, size]}", shape
+        )
+    f.positive("flops_per_sample", None)
+    f.integer("n_params", None, low=1)
+    f.string("prediction", None, choices=("epsilon",))
+    f.string("time_input", None, choices=(EpsNetwork.time_input_name,))
+    if f.boolean("input_scaling", None) not in (None, isinstance(sde, VESDE)):
+        raise f.error(
+            "input_scaling", f"{str(isinstance(sde, VESDE)).lower()} for a {type(sde).__name__}", cfg["input_scaling"]
+        )
+    labels = f.obj("conditioning", {}).obj("class_labels", {})
+    if labels.data:
+        classes = labels.integer("num_classes", low=1, high=(1 << 20) - 1)
+        if embeds != classes + 1:
+            raise u.error("num_class_embeds", f"conditioning.class_labels.num_classes + 1 = {classes + 1}", embeds)
+        labels.integer("null_label", low=classes, high=classes)
+    f.obj("training", {})
     return cfg
 
 
-def _flops(name: str) -> float:
-    """A model's FLOPs per sample from its config; NaN where the config is missing or broken."""
+def _read_config(name: str) -> dict[str, Any]:
+    """The config of one shipped model, checked field by field; a broken file is a FileFormatError
+    naming the model and the file (the other models are not read, so they still load)."""
+    from .files import FileFormatError
+
+    path = _models_dir().joinpath(f"{name}.json")
     try:
-        return float(_read_config(name).get("flops_per_sample", math.nan))
-    except (ValueError, TypeError):
+        cfg = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise FileFormatError(
+            str(path), None, str(exc), message=f"model {name!r}: cannot read its config {path}: {exc}"
+        ) from None
+    try:
+        return check_model_config(str(path), cfg)
+    except FileFormatError as exc:
+        raise exc.within(f"model {name!r}") from None
+
+
+def _flops(name: str) -> float:
+    """A shipped model's FLOPs per sample (positive, finite) from its config; NaN where the config
+    lacks it or is broken (a broken model never affects another one's eval_cost)."""
+    try:
+        value = _read_config(name).get("flops_per_sample")
+    except ValueError:
         return math.nan
+    return math.nan if value is None else float(value)
 
 
 #: dtype names load_model accepts besides torch dtypes.
@@ -241,20 +301,26 @@ def load_model(name: str | os.PathLike = "digits", dtype: torch.dtype | str = to
 
 
 def _read_json(label: str, path: Path) -> dict[str, Any]:
-    """A JSON object from a model's file; a missing or broken file is a ValueError naming it."""
+    """A JSON object from a model's file; a missing or broken file is a FileFormatError naming it."""
+    from .files import FileFormatError
+
     if not path.is_file():
-        raise ValueError(f"model {label!r}: {path} is missing")
+        raise FileFormatError(str(path), None, "missing", message=f"model {label!r}: {path} is missing")
     try:
-        cfg = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"model {label!r}: cannot read {path}: {exc}") from None
+        cfg = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise FileFormatError(
+            str(path), None, str(exc), message=f"model {label!r}: cannot read {path}: {exc}"
+        ) from None
     if not isinstance(cfg, dict):
-        raise ValueError(f"model {label!r}: {path} is not a JSON object")
+        raise FileFormatError(str(path), None, "a JSON object", message=f"model {label!r}: {path} is not a JSON object")
     return cfg
 
 
 def _load_folder(folder: Path, dtype: torch.dtype) -> LoadedModel:
     """A model folder: fastsde's (config.json with unet/sde/shape + model.safetensors) or diffusers'."""
+    from .files import FileFormatError
+
     label = str(folder)
     unet_dir = folder / "unet" if (folder / "unet" / "config.json").is_file() else folder  # a pipeline folder
     if not (unet_dir / "config.json").is_file():
@@ -265,9 +331,10 @@ def _load_folder(folder: Path, dtype: torch.dtype) -> LoadedModel:
     cfg = _read_json(label, unet_dir / "config.json")
     if "_class_name" in cfg:
         return load_diffusers_folder(folder, dtype)
-    missing = [k for k in ("unet", "sde", "shape") if k not in cfg]
-    if missing:
-        raise ValueError(f"model {label!r}: its config {folder / 'config.json'} lacks {missing}")
+    try:
+        check_model_config(str(folder / "config.json"), cfg)
+    except FileFormatError as exc:
+        raise exc.within(f"model {label!r}") from None
     weights = folder / "model.safetensors"
     if not weights.is_file():
         raise ValueError(f"model {label!r}: its weights {weights} are missing")
@@ -275,33 +342,47 @@ def _load_folder(folder: Path, dtype: torch.dtype) -> LoadedModel:
 
 
 def _assemble(label: str, cfg: dict[str, Any], cfg_name: str, weights_path, dtype: torch.dtype) -> LoadedModel:
-    """Build the network a fastsde config describes and load its safetensors weights into it."""
+    """Build the network a checked fastsde config describes and load its safetensors weights into it
+    (every weight a finite floating tensor of the shape the config gives it)."""
     from safetensors.torch import load
+
+    from .files import FileFormatError
+
+    def bad(field: str | None, expected: str, message: str) -> FileFormatError:
+        return FileFormatError(str(weights_path), field, expected, message=f"model {label!r}: {message}")
 
     try:
         net = build_network(cfg["unet"], cfg["sde"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"model {label!r}: its config {cfg_name} does not describe a network: {exc!r}") from None
+    except (KeyError, TypeError, ValueError, RuntimeError, ZeroDivisionError) as exc:
+        raise FileFormatError(
+            cfg_name,
+            "unet",
+            "a buildable network",
+            message=f"model {label!r}: its config {cfg_name} does not describe a network: {exc!r}",
+        ) from None
     try:
         weights = load(weights_path.read_bytes())
-    except Exception as exc:  # safetensors raises its own error type for truncated / corrupt files
-        raise ValueError(f"model {label!r}: cannot read its weights {weights_path}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types on truncated / corrupt files
+        raise bad(None, str(exc), f"cannot read its weights {weights_path}: {exc}") from None
+    for k, v in weights.items():
+        if not v.dtype.is_floating_point or not bool(torch.isfinite(v).all()):
+            raise bad(k, "finite floating values", f"the weight {k!r} in {weights_path} is not finite floating values")
     try:
         net.load_state_dict({k: v.float() for k, v in weights.items()})
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
         detail = " ".join(line.strip() for line in first[1:3]) if len(first) > 1 else first[0] if first else ""
-        raise ValueError(
-            f"model {label!r}: the weights in {weights_path.name} do not fit its config: {detail[:300]}"
-        ) from None
+        raise bad(None, detail, f"the weights in {weights_path.name} do not fit its config: {detail[:300]}") from None
     net = net.to(dtype).eval().requires_grad_(False)
-    cost = float(cfg.get("flops_per_sample", math.nan)) / _smallest_flops()
+    flops = cfg.get("flops_per_sample")
+    cost = float(flops) / _smallest_flops() if flops is not None else math.nan
     return LoadedModel(label, net, net.sde, tuple(cfg["shape"]), cfg, cost)
 
 
 def _smallest_flops() -> float:
-    """FLOPs per sample of the smallest shipped model (the unit of eval_cost); NaN if none is readable."""
-    finite = [f for f in (_flops(n) for n in list_models()) if f == f]
+    """FLOPs per sample of the smallest shipped model (the unit of eval_cost); NaN if none is readable.
+    Each model's config is checked on its own: a broken one is skipped, never the others' unit."""
+    finite = [f for f in (_flops(n) for n in list_models()) if math.isfinite(f) and f > 0]
     return min(finite) if finite else math.nan
 
 
@@ -314,6 +395,23 @@ def _scheduler_config(label: str, folder: Path) -> dict[str, Any]:
         f"model {label!r}: no scheduler config (scheduler_config.json in {folder} or in {folder / 'scheduler'}); "
         "it sets the noise schedule the UNet was trained with"
     )
+
+
+def _check_diffusers_config(label: str, path: Path, cfg: dict[str, Any]) -> None:
+    """The fields of a diffusers UNet config that fastsde reads itself (diffusers checks the rest)."""
+    from .files import Fields, FileFormatError
+
+    f = Fields(str(path), cfg)
+    try:
+        f.string("_class_name")
+        f.integer("in_channels", 3, low=1, high=MAX_IN_CHANNELS)
+        size = f.raw("sample_size", None)
+        if isinstance(size, list):
+            f.integers("sample_size", length=2, low=1, high=MAX_SIZE)
+        elif size is not None:
+            f.integer("sample_size", low=1, high=MAX_SIZE)
+    except FileFormatError as exc:
+        raise exc.within(f"model {label!r}") from None
 
 
 def load_diffusers_folder(folder: str | os.PathLike, dtype: torch.dtype | str = torch.float32) -> LoadedModel:
@@ -331,6 +429,7 @@ def load_diffusers_folder(folder: str | os.PathLike, dtype: torch.dtype | str = 
     label = str(folder)
     unet_dir = folder / "unet" if (folder / "unet" / "config.json").is_file() else folder
     cfg = _read_json(label, unet_dir / "config.json")
+    _check_diffusers_config(label, unet_dir / "config.json", cfg)
     if cfg.get("_class_name") != "UNet2DModel":
         raise ValueError(
             f"model {label!r}: {unet_dir / 'config.json'} is a {cfg.get('_class_name')!r}, not a UNet2DModel"
@@ -354,6 +453,12 @@ def load_diffusers_folder(folder: str | os.PathLike, dtype: torch.dtype | str = 
         raise ValueError(f"model {label!r}: cannot load the UNet in {unet_dir}: {exc}") from None
     unet = unet.eval().requires_grad_(False)
     prediction = sched_cfg.get("prediction_type", "epsilon")
+    if prediction not in ("epsilon", "sample", "v_prediction"):
+        from .files import FileFormatError
+
+        raise FileFormatError(
+            label, "prediction_type", "one of ['epsilon', 'sample', 'v_prediction']", prediction
+        ).within(f"model {label!r}: its scheduler config")
     size = unet.config.sample_size
     hw = tuple(size) if isinstance(size, (list, tuple)) else (int(size), int(size))
     shape = (int(unet.config.in_channels), *hw)

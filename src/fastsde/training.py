@@ -4,14 +4,20 @@ The network predicts the noise ε of x_t = m(t)·x0 + σ(t)·z from (x_t, label(
 of the score-matching loss, σ²‖s_θ + z/σ‖² = ‖ε̂ − z‖², so the loss is a plain noise-prediction MSE and
 the score is s = −ε̂/σ (fastsde's NoisePredictionScore convention). t ~ U[t_eps, 1].
 
-Checkpoints are a folder: ``model.safetensors`` (EMA weights, what gets sampled), ``config.json``, and for
-resuming ``train_state.safetensors`` (raw weights and the Adam state as tensors) plus
-``train_state.json`` (step, loss history, optimizer hyper-parameters). No pickle anywhere.
+Checkpoints are a folder: ``model.safetensors`` (EMA weights, what gets sampled) and ``config.json``
+(what ``fastsde.load_model(folder)`` reads), and for resuming ``train_state.safetensors``: ONE file holding
+the whole training state (raw weights ``net.*``, EMA weights ``ema.*``, the Adam state ``opt.<i>.<name>``)
+with step, loss history, optimizer hyper-parameters and the TrainConfig as its JSON record. It is written
+first, to a temporary name renamed over the old one, so a resume always reads the previous checkpoint or
+the new one, whole (a kill between the files of the older layout, whose record lived only in
+``train_state.json``, could pair new weights with an old step). ``train_state.json`` is still written,
+after the state, as a readable copy of the record; resuming ignores it unless the folder is of the older
+layout, which still resumes. Every field is checked on load. No pickle anywhere.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -19,14 +25,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
-from .files import write_atomic, write_json_atomic
+from .files import Fields, FileFormatError, read_json, save_tensors_with_meta, write_atomic, write_json_atomic
 from .models import EpsNetwork, build_network, network_flops, sde_from_config
 from .sde import SDE
 
-__all__ = ["TrainConfig", "Trainer", "dsm_loss"]
+__all__ = ["TrainConfig", "Trainer", "dsm_loss", "STATE_FORMAT"]
+
+#: The record format of train_state.safetensors (the whole resumable state in one file).
+STATE_FORMAT = "fastsde-train-state/2"
 
 
 @dataclass
@@ -197,50 +206,202 @@ class Trainer:
         }
 
     def save(self, folder: str | Path, command: str | None = None) -> None:
-        """Write the checkpoint; every file goes to a temporary name and is renamed into place, so an
-        interrupted save leaves the previous checkpoint whole."""
+        """Write the checkpoint. The resumable state is one file (train_state.safetensors: weights,
+        EMA, optimizer state and record) renamed into place in one step, so an interrupted save leaves
+        the previous checkpoint whole; model.safetensors and config.json (what load_model reads) follow,
+        each whole."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         ema = {k: v.contiguous() for k, v in self.ema.state_dict().items()}
-        write_atomic(folder / "model.safetensors", lambda p: save_file(ema, str(p)))
-        write_json_atomic(folder / "config.json", self.model_config(command))
         state = {f"net.{k}": v.contiguous() for k, v in self.net.state_dict().items()}
+        state.update({f"ema.{k}": v for k, v in ema.items()})
         opt_state = self.opt.state_dict()
         for idx, st in opt_state["state"].items():
             for key, val in st.items():
                 state[f"opt.{idx}.{key}"] = torch.as_tensor(val).contiguous()
-        write_atomic(folder / "train_state.safetensors", lambda p: save_file(state, str(p)))
         meta = {
+            "format": STATE_FORMAT,
             "step": self.step,
             "wall_time_s": self.wall_time,
             "losses": self.losses,
             "param_groups": opt_state["param_groups"],
             "config": asdict(self.config),
         }
+        save_tensors_with_meta(folder / "train_state.safetensors", state, meta)
+        # a readable copy of the record, written after the state (the CLI looks for it before resuming);
+        # load() reads the record inside train_state.safetensors, never this copy
         write_json_atomic(folder / "train_state.json", meta, indent=None)
+        write_atomic(folder / "model.safetensors", lambda p: save_file(ema, str(p)))
+        write_json_atomic(folder / "config.json", self.model_config(command))
 
     @classmethod
     def load(cls, folder: str | Path, data: Tensor, labels: Tensor | None = None) -> Trainer:
-        """Resume from a checkpoint folder written by save()."""
+        """Resume from a checkpoint folder written by save() (or by the older four-file layout), every
+        field checked before any training: a FileFormatError naming the file and the field."""
         folder = Path(folder)
-        meta_path = folder / "train_state.json"
-        if not meta_path.exists():
-            raise FileNotFoundError(f"no checkpoint to resume in {folder} (train_state.json missing)")
-        meta = json.loads(meta_path.read_text())
-        raw = meta["config"]
-        raw["channels"] = tuple(raw["channels"])
-        raw["shape"] = tuple(raw["shape"])
-        trainer = cls(TrainConfig(**raw), data, labels)
-        state = load_file(str(folder / "train_state.safetensors"))
-        trainer.net.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("net.")})
-        trainer.ema.load_state_dict(load_file(str(folder / "model.safetensors")))
-        opt_state: dict[str, Any] = {"state": {}, "param_groups": meta["param_groups"]}
-        for k, v in state.items():
+        path = folder / "train_state.safetensors"
+        old_meta = folder / "train_state.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no checkpoint to resume in {folder} (train_state.safetensors missing)")
+        tensors, f = _read_state(path, old_meta)
+        cfg = _read_train_config(f.obj("config"))
+        trainer = cls(cfg, data, labels)
+        step = f.integer("step", low=0)
+        wall = f.number("wall_time_s", low=0.0)
+        losses = f.numbers("losses", finite=False)  # a diverged run's NaN losses are its history
+        groups = _read_param_groups(f, trainer.opt.state_dict()["param_groups"])
+        if not any(k.startswith("ema.") for k in tensors):  # the older layout: EMA weights in model.safetensors
+            tensors.update({f"ema.{k}": v for k, v in _read_weights(folder / "model.safetensors").items()})
+        for prefix, net in (("net", trainer.net), ("ema", trainer.ema)):
+            part = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+            _load_weights(f.path, net, part, prefix)
+        opt_state: dict[str, Any] = {"state": {}, "param_groups": groups}
+        n_params = len(list(trainer.net.parameters()))
+        for k, v in tensors.items():
             if k.startswith("opt."):
-                _, idx, key = k.split(".", 2)
+                _, idx, key = (k.split(".", 2) + ["", ""])[:3]
+                if not idx.isdigit() or int(idx) >= n_params or key not in ("step", "exp_avg", "exp_avg_sq"):
+                    raise FileFormatError(
+                        f.path, k, f"an Adam state tensor opt.<0..{n_params - 1}>.<step|exp_avg|exp_avg_sq>", v
+                    )
                 opt_state["state"].setdefault(int(idx), {})[key] = v
-        trainer.opt.load_state_dict(opt_state)
-        trainer.step = int(meta["step"])
-        trainer.wall_time = float(meta["wall_time_s"])
-        trainer.losses = list(meta["losses"])
+        params = list(trainer.net.parameters())
+        for idx, st in opt_state["state"].items():
+            for key, v in st.items():
+                want = () if key == "step" else tuple(params[idx].shape)
+                ok = tuple(v.shape) == want and v.dtype.is_floating_point and bool(torch.isfinite(v).all())
+                if not ok or (key != "exp_avg" and bool((v < 0).any())):
+                    sign = "" if key == "exp_avg" else "non-negative "
+                    raise FileFormatError(
+                        f.path, f"opt.{idx}.{key}", f"a {sign}finite floating tensor of shape {want}", v
+                    )
+            if set(st) != {"step", "exp_avg", "exp_avg_sq"}:
+                raise FileFormatError(f.path, f"opt.{idx}", "step, exp_avg and exp_avg_sq", sorted(st))
+        try:
+            trainer.opt.load_state_dict(opt_state)
+        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+            raise FileFormatError(
+                f.path, "param_groups", f"the optimizer state of this network ({exc})", groups
+            ) from None
+        trainer.step, trainer.wall_time, trainer.losses = step, wall, losses
         return trainer
+
+
+def _read_param_groups(f: Fields, fresh: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The optimizer's param_groups of a record, checked against a fresh optimizer's: the same
+    parameter indices, lr / eps / weight_decay / betas in range, flags of the same type. A key the
+    record lacks (a checkpoint of another torch version) takes the fresh optimizer's value."""
+    groups = f.items("param_groups", length=len(fresh))
+    out = []
+    for i, (g, new) in enumerate(zip(groups, fresh)):
+        gf = Fields(f.path, g, f"param_groups[{i}]")
+        group = {**new, **gf.data}
+        group["params"] = gf.integers("params", length=len(new["params"]), low=0)
+        if group["params"] != list(new["params"]):
+            raise gf.error("params", f"the parameter indices {list(new['params'])}", group["params"])
+        group["lr"] = gf.number("lr", new["lr"], low=0.0)
+        group["eps"] = gf.number("eps", new["eps"], low=0.0, low_open=True)
+        group["weight_decay"] = gf.number("weight_decay", new["weight_decay"], low=0.0)
+        group["betas"] = gf.numbers("betas", list(new["betas"]), length=2, low=0.0, high=1.0, high_open=True)
+        for key, default in new.items():
+            if key in ("params", "lr", "eps", "weight_decay", "betas") or key not in gf.data:
+                continue
+            v = gf.data[key]
+            if isinstance(default, bool) or default is None:
+                if not (v is None or isinstance(v, bool)) or (default is not None and v is None):
+                    raise gf.error(key, "true or false" + (" or null" if default is None else ""), v)
+            elif type(v) is not type(default):
+                raise gf.error(key, f"a {type(default).__name__} like the optimizer's", v)
+        extra = sorted(set(gf.data) - set(new))
+        if extra:
+            raise gf.error(extra[0], f"no such Adam setting (it has {sorted(new)})", gf.data[extra[0]])
+        out.append(group)
+    return out
+
+
+def _read_state(path: Path, old_meta: Path) -> tuple[dict[str, Tensor], Fields]:
+    """(tensors, record) of train_state.safetensors; the record of the older layout from train_state.json."""
+    from .files import read_tensors_with_meta
+
+    data = path.read_bytes()
+    try:
+        return read_tensors_with_meta(data, str(path), STATE_FORMAT, "a training state file", "net.unet.conv_in.weight")
+    except FileFormatError:
+        if not old_meta.is_file():
+            raise
+    tensors = _read_weights(path)  # the older layout: tensors here, the record in train_state.json
+    return tensors, Fields(str(old_meta), read_json(old_meta, "a training state record"))
+
+
+def _read_weights(path: Path) -> dict[str, Tensor]:
+    """The tensors of a plain safetensors file; a FileFormatError naming it when it is not one."""
+    from safetensors.torch import load
+
+    if not path.is_file():
+        raise FileFormatError(str(path), None, "the file is missing", what="a weights file")
+    try:
+        return load(path.read_bytes())
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types on junk
+        raise FileFormatError(
+            str(path), None, f"not a safetensors file ({str(exc)[:200]})", what="a weights file"
+        ) from None
+
+
+def _load_weights(where: str, net: torch.nn.Module, weights: dict[str, Tensor], prefix: str) -> None:
+    """Load ``weights`` into ``net``: every tensor present, finite, floating and of the network's shape."""
+    own = net.state_dict()
+    for k, v in own.items():
+        got = weights.get(k)
+        if got is None or tuple(got.shape) != tuple(v.shape) or not got.dtype.is_floating_point:
+            raise FileFormatError(
+                where,
+                f"{prefix}.{k}",
+                f"a floating tensor of shape {tuple(v.shape)}",
+                got if got is not None else "nothing",
+            )
+        if not bool(torch.isfinite(got).all()):
+            raise FileFormatError(where, f"{prefix}.{k}", "finite values", "NaN or infinite values")
+    extra = sorted(set(weights) - set(own))
+    if extra:
+        raise FileFormatError(
+            where, f"{prefix}.{extra[0]}", "no tensor of that name (not in this network)", weights[extra[0]]
+        )
+    net.load_state_dict({k: v.to(own[k].dtype) for k, v in weights.items()})
+
+
+def _read_train_config(f: Fields) -> TrainConfig:
+    """A TrainConfig from a checkpoint's record, every field typed and ranged."""
+    from .models import MAX_CHANNELS, MAX_LAYERS, MAX_SIZE, check_model_config
+
+    known = {fl.name for fl in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(f.data) - known)
+    if unknown:
+        raise f.error(unknown[0], f"no such field (TrainConfig has {sorted(known)})", f.data[unknown[0]])
+    f.process("sde")
+    channels = f.integers("channels", min_length=1, low=1, high=MAX_CHANNELS)
+    shape = f.integers("shape", length=3, low=1, high=MAX_SIZE)
+    cfg = TrainConfig(
+        sde=f.obj("sde").data,
+        channels=tuple(channels),
+        layers_per_block=f.integer("layers_per_block", low=1, high=MAX_LAYERS),
+        attention=f.boolean("attention"),
+        norm_groups=f.integer("norm_groups", low=1, high=MAX_CHANNELS),
+        shape=tuple(shape),
+        batch_size=f.integer("batch_size", low=1, high=1 << 24),
+        lr=f.positive("lr"),
+        warmup=f.integer("warmup", low=0),
+        grad_clip=f.number("grad_clip", low=0.0),
+        ema=f.number("ema", low=0.0, high=1.0, high_open=True),
+        t_eps=f.number("t_eps", low=0.0, high=1.0, low_open=True, high_open=True),
+        seed=f.integer("seed", low=0, high=2**63 - 1),
+        data=f.string("data"),
+        num_classes=f.integer("num_classes", 0, low=0, high=(1 << 20) - 1),
+        label_dropout=f.number("label_dropout", 0.15, low=0.0, high=1.0, high_open=True),
+    )
+    model = {"sde": cfg.sde, "unet": cfg.unet_config(), "shape": list(cfg.shape)}
+    try:  # the network it describes: the same checks as a model config's
+        check_model_config(f.path, model)
+    except FileFormatError as exc:
+        field = {"unet.channels": "channels", "unet.norm_groups": "norm_groups", "unet.sample_size": "shape"}
+        raise f.error(field.get(exc.field or "", exc.field or "config"), exc.expected, f.data.get("shape")) from None
+    return cfg

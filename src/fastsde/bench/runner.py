@@ -42,7 +42,7 @@ from ..score import ScoreFn
 from ..sde import PROCESSES, SDE, process_by_name, process_name
 from .peers import PEERS, Peer, TimedScore, available_peers
 
-__all__ = ["BenchConfig", "Problem", "run_bench", "merge_results", "write_outputs", "converged_nfe"]
+__all__ = ["BenchConfig", "Problem", "run_bench", "merge_results", "write_outputs", "converged_nfe", "read_results"]
 
 DEFAULT_TOLS = (1e-1, 5e-2, 2e-2, 1e-2, 5e-3, 2e-3, 1e-3, 5e-4, 2e-4, 1e-4)
 
@@ -474,6 +474,66 @@ def merge_results(results: list[dict[str, Any]]) -> dict[str, Any]:
     notes = list(dict.fromkeys(n for res in results for n in res["notes"]))
     records = [r for res in results for r in res["records"]]
     return {"config": config, "notes": notes, "summary": summary, "records": records}
+
+
+def read_results(path: str | Path) -> dict[str, Any]:
+    """The results.json written by :func:`write_outputs`, every field that merging, tables and plots
+    read checked (a FileFormatError naming the file and the field, e.g. ``records[3].nfe``)."""
+    from ..files import Fields, read_json
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no bench results at {str(path)!r}")
+    f = Fields(path, read_json(path, "a results.json written by fastsde bench"))
+    cfg = f.obj("config")
+    cfg.string("problem", choices=("mixture", "digits"))
+    for name in ("n", "dim"):
+        cfg.integer(name, low=1)
+    cfg.integer("seed", low=0)
+    cfg.integers("budgets", min_length=1, low=1)
+    cfg.numbers("tolerances", min_length=1, low=0.0, high=1.0, low_open=True, high_open=True)
+    cfg.strings("processes", min_length=1)
+    if cfg.raw("samplers", expected="a list of sampler names or null") is not None:
+        cfg.strings("samplers")
+    f.strings("notes")
+    summary = f.obj("summary")
+    for proc, value in summary.data.items():
+        summ = Fields(path, value, summary.name(proc))
+        summ.string("problem")
+        summ.string("quality_name")
+        for name in ("floor", "floor_sd", "reference_quality", "threshold", "t_end"):
+            summ.number(name, finite=False)
+        summ.obj("sde")
+        conv = summ.obj("converged")
+        for sampler, c in conv.data.items():
+            cf = Fields(path, c, conv.name(sampler))
+            if cf.raw("nfe", expected="a number or null") is not None:
+                cf.number("nfe", low=0.0)
+            cf.string("source")
+            cf.boolean("stochastic")
+    for i, rec in enumerate(f.items("records")):
+        r = Fields(path, rec, f"records[{i}]")
+        for name in ("problem", "sampler", "source"):
+            r.string(name)
+        r.string("process", choices=tuple(summary.data))
+        r.boolean("stochastic")
+        if r.raw("budget", expected="an integer or null") is not None:
+            r.integer("budget", low=1)
+        if r.raw("error", expected="a string or null") is not None:
+            r.string("error")
+        for name in ("nfe", "wall_time", "score_time", "outside_share", "quality"):
+            r.number(name, finite=False)
+        r.integer("calls", low=0)
+        if r.raw("mse", expected="a number or null") is not None:
+            r.number("mse", finite=False)
+        setting = r.raw("setting", expected="a number, a string or null")
+        if isinstance(setting, bool) or not isinstance(setting, (int, float, str, type(None))):
+            raise r.error("setting", "a number, a string or null", setting)
+        if r.raw("options", None) is not None:
+            r.string("options")
+        if rec["sampler"] not in summary.data[rec["process"]]["converged"]:
+            raise r.error("sampler", f"a sampler of summary.{rec['process']}.converged", rec["sampler"])
+    return f.data
 
 
 def _run_sampler(source: str, s: Any, prob: Problem, cfg: BenchConfig, x_T: Tensor, ref: Tensor, fastsde) -> list[dict]:
