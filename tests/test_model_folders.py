@@ -147,3 +147,23 @@ def test_model_folders_as_levels(trained, tmp_path, capsys):
     assert f"level 1 {trained}: 3.00 evaluations per sample" in capsys.readouterr().out
     with pytest.raises(ValueError, match="or give model folders"):
         fastsde.Levels.from_models([str(tmp_path / "nope"), "digits"])
+
+
+def test_resuming_a_run_after_retraining_the_same_folder_is_refused(tmp_path, capsys):
+    """`fastsde train --resume` writes new weights under the same --model folder: a run folder started
+    with the old weights must refuse to mix in the new model's samples (one line, exit 2)."""
+    data = tmp_path / "d.npy"
+    np.save(data, np.random.default_rng(0).integers(0, 17, size=(20, 8, 8)).astype(np.uint8))
+    ck = tmp_path / "ck"
+    train = ["train", "--data", str(data), "--out", str(ck), "--channels", "8,16", "--batch-size", "4", "--quiet"]
+    assert main([*train, "--steps", "2"]) == 0
+    run = tmp_path / "run"
+    sample = ["sample", "--model", str(ck), "--solver", "ddim", "--steps", "3", "--n", "6", "--out", f"{run}/"]
+    assert main([*sample, "--shard-size", "3", "--no-metric"]) == 0
+    (run / "shard-00001.npz").unlink()  # as if the run had been killed half way
+    assert main([*train, "--steps", "4", "--resume"]) == 0
+    capsys.readouterr()
+    assert main([*sample, "--shard-size", "3", "--no-metric"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "other settings (model_content.score.__self__" in err, err
+    assert not (run / "shard-00001.npz").exists()  # nothing written with the new weights

@@ -2,6 +2,7 @@
 evaluations."""
 
 from . import problems
+from .files import FileFormatError
 from .api import SampleResult, sample
 from .grid_fit import FittedGrid, fit_grid, load_grid, shipped_grid, shipped_grids
 from .grids import time_grid
@@ -44,6 +45,7 @@ __all__ = [
     "CFGScore",
     "ClassifierGuidance",
     "NonFiniteScoreError",
+    "FileFormatError",
     "NonFiniteSolveError",
     "BudgetError",
     "IntegrationError",
