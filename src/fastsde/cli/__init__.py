@@ -52,6 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     if extra:  # let the subcommand's parser say it, with its own usage line
         parser.subcommands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     args.argv = list(sys.argv[1:] if argv is None else argv)  # the command, for the records outputs carry
+    if _stdout_closed():  # `fastsde ... >&-`: say so before any work rather than fail when printing
+        print(
+            f"fastsde {args.command}: error: standard output is closed; redirect it (>/dev/null) instead of closing it",
+            file=sys.stderr,
+        )
+        return 2
     try:
         status = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit flush
@@ -65,11 +71,28 @@ def main(argv: list[str] | None = None) -> int:
     ) as exc:
         if isinstance(exc, BrokenPipeError):
             return _broken_pipe()
+        if _stdout_closed():  # stdout went away mid-run (closed descriptor): no second error at exit
+            _broken_pipe()
         print(f"fastsde {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"fastsde {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout cannot be written: None (the process started with it closed), a closed file
+    object, or a descriptor that no longer accepts writes (a flush fails)."""
+    out = sys.stdout
+    if out is None or getattr(out, "closed", False):
+        return True
+    try:
+        out.flush()
+    except BrokenPipeError:  # a reader that left (`| head`): the run's own path stops quietly
+        return False
+    except (OSError, ValueError):
+        return True
+    return False
 
 
 def _broken_pipe() -> int:
@@ -80,8 +103,8 @@ def _broken_pipe() -> int:
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError):
-        pass
+    except (OSError, ValueError, AttributeError):  # no descriptor to point (None, or a closed object)
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives until the interpreter exits
     return 141
 
 

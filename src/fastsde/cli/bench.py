@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from ..sde import PROCESSES
+from . import CLIError
 
 
 def _int_list(text: str) -> list[int]:
@@ -21,13 +22,19 @@ def _int_list(text: str) -> list[int]:
 
 def _float_list(text: str) -> list[float]:
     try:
-        return [float(v) for v in text.split(",") if v.strip()]
+        vals = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not vals:  # an empty list would silently mean the defaults
+        raise argparse.ArgumentTypeError(f"expected at least one number, got {text!r}")
+    return vals
 
 
 def _str_list(text: str) -> list[str]:
-    return [v.strip() for v in text.split(",") if v.strip()]
+    vals = [v.strip() for v in text.split(",") if v.strip()]
+    if not vals:  # an empty list would silently run nothing (or everything)
+        raise argparse.ArgumentTypeError(f"expected at least one name, got {text!r}")
+    return vals
 
 
 def add_parser(subparsers) -> None:
@@ -67,28 +74,65 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+#: the largest mixture dimension --dim may ask for (the exact score holds dim x dim covariances)
+MAX_DIM = 4096
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..bench.runner import merge_results, write_outputs
+    from ..bench.runner import merge_results
+    from .checks import check_out_dir, reading
 
     torch.set_num_threads(1)
+    check_out_dir(args.out)
     if args.merge:
-        import json
+        from ..bench.runner import read_results
 
         pieces = []
         for folder in args.merge:
             path = folder / "results.json"
             if not path.is_file():
-                raise ValueError(f"--merge expects folders written by fastsde bench; {str(path)!r} does not exist")
-            pieces.append(json.loads(path.read_text()))
-        result = merge_results(pieces)
+                raise CLIError(f"--merge expects folders written by fastsde bench; {str(path)!r} does not exist")
+            with reading("--merge", path, "the results.json of a fastsde bench run"):
+                piece = read_results(path)  # every field merging, tables and plots read, checked
+            pieces.append(piece)
+        with reading("--merge", " ".join(str(f) for f in args.merge), "bench results that can be merged"):
+            result = merge_results(pieces)
+            paths = _write_all(result, args.out)
     else:
         result = _run_bench(args)
-    paths = write_outputs(result, args.out)
+        paths = _write_all(result, args.out)
     print((args.out / "table.md").read_text())
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
+
+
+def _write_all(result: dict, out: Path) -> list[Path]:
+    """Write every output (``write_outputs``) into a staging folder first and move them into ``out``
+    only when all are written: a result that cannot be rendered (a malformed --merge piece) leaves
+    neither a half-written set nor a temporary folder behind."""
+    import shutil
+    import tempfile
+
+    from ..bench.runner import write_outputs
+
+    base = out.absolute().parent
+    while not base.exists():
+        base = base.parent
+    staging = Path(tempfile.mkdtemp(dir=base, prefix=".fastsde-bench-", suffix=".tmp"))
+    try:
+        written = write_outputs(result, staging)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for path in written:
+            target = out / path.relative_to(staging)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(path), str(target))
+            paths.append(target)
+        return paths
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _run_bench(args: argparse.Namespace) -> dict:
@@ -108,4 +152,14 @@ def _run_bench(args: argparse.Namespace) -> dict:
         progress=not args.no_progress,
     )
     cfg.check()
+    from ..noise import check_seed
+    from .checks import MAX_N, MAX_STEPS, check_int, check_memory
+
+    check_seed(args.seed, "--seed")
+    check_int("--n", args.n, 2, MAX_N)
+    check_int("--dim", args.dim, 1, MAX_DIM)
+    if max(args.budgets) > MAX_STEPS:
+        raise CLIError(f"--budgets must be at most {MAX_STEPS} NFE each, got {max(args.budgets)}")
+    if args.problem == "mixture":
+        check_memory("--n", args.n, (args.dim,), 8, " (the samples of one sampler run)")
     return run_bench(cfg)

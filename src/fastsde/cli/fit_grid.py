@@ -13,7 +13,11 @@ import argparse
 from pathlib import Path
 
 from . import CLIError
-from .fit_iia import model_tag, parse_steps
+from .fit_iia import check_fit_sizes, model_tag, parse_steps
+
+#: limits of --fine (teacher intervals) and --sweeps (each sweep re-solves every point)
+MAX_FINE = 10_000
+MAX_SWEEPS = 100
 
 
 def add_parser(subparsers) -> None:
@@ -45,32 +49,40 @@ def run(args: argparse.Namespace) -> int:
     import fastsde
     from fastsde.grid_fit import grid_file_name
 
+    from .checks import check_device, check_int, check_out_dir, reading
+
     steps = parse_steps(args.steps)
+    check_int("--fine", args.fine, 1, MAX_FINE)
+    check_int("--sweeps", args.sweeps, 0, MAX_SWEEPS)
+    check_fit_sizes(args, args.fine)
+    device = check_device(args.device)
     try:
         spec = fastsde.get_solver(args.solver)
     except ValueError as exc:
         raise CLIError(str(exc)) from None
+    if max(steps) - 1 > args.fine:
+        raise CLIError(
+            f"--steps {max(steps)} needs a fine grid of at least {max(steps) - 1} intervals, got --fine {args.fine}"
+        )
+    out = check_out_dir(args.out)
     if args.model == "mixture":
         sde = fastsde.VPSDE()
         gm = fastsde.problems.mixture_2d(sde)
         score, dtype = gm.score, torch.float64
         shape = tuple(gm.shape)
-    elif args.model in fastsde.list_models() or Path(args.model).is_dir():
-        try:
+    elif args.model in fastsde.list_models() or (args.model.strip() and Path(args.model).is_dir()):
+        with reading("--model", args.model, "a model (a shipped name or a folder written by `fastsde train`)"):
             model = fastsde.load_model(args.model)
-        except ValueError as exc:
-            raise CLIError(str(exc)) from None
-        model.network.to(args.device)
+            model.network.to(device)
         sde, score, shape, dtype = model.sde, model.score, tuple(model.shape), torch.float32
     else:
         raise CLIError(
             f"unknown model {args.model!r}; available: {', '.join(fastsde.list_models() + ['mixture'])}, "
             "or the path of a model folder"
         )
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"--out {args.out!r} is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    from .checks import check_memory
+
+    check_memory("--n", args.n * (args.fine + 1), shape, 8, " (the teacher's trajectories at every fine time)")
     for n_steps in steps:
         try:
             grid = fastsde.fit_grid(
@@ -85,10 +97,11 @@ def run(args: argparse.Namespace) -> int:
                 sweeps=max(args.sweeps, 1),
                 shape=shape,
                 dtype=dtype,
-                device=args.device,
+                device=device,
             )
         except ValueError as exc:
             raise CLIError(str(exc)) from None
+        out.mkdir(parents=True, exist_ok=True)  # only now: a refused or failed fit leaves no folder
         path = grid.save(out / grid_file_name(model_tag(args.model), spec.name, n_steps))
         rec = grid.record
         times = ", ".join(f"{v:.4g}" for v in grid.times.tolist())

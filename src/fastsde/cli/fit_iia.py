@@ -37,14 +37,39 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+#: the most step counts one --steps may list (one file each)
+MAX_STEP_COUNTS = 100
+
+
+#: the most base-solver sub-steps per step --fine-steps may ask for
+MAX_FINE_STEPS = 10_000
+
+
 def parse_steps(text: str) -> list[int]:
+    """--steps: comma-separated grid point counts, each in [2, checks.MAX_STEPS]."""
+    from .checks import MAX_STEPS
+
     try:
         steps = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise CLIError(f"--steps must be comma-separated integers, got {text!r}") from None
-    if not steps or any(s < 2 for s in steps):
-        raise CLIError(f"--steps must be integers >= 2, got {text!r}")
+    if not steps or any(not 2 <= s <= MAX_STEPS for s in steps):
+        raise CLIError(f"--steps must be integers in [2, {MAX_STEPS}], got {text!r}")
+    if len(steps) > MAX_STEP_COUNTS:
+        raise CLIError(f"--steps lists {len(steps)} step counts; at most {MAX_STEP_COUNTS}")
     return steps
+
+
+def check_fit_sizes(args: argparse.Namespace, per_sample: int) -> None:
+    """--n and --seed of a fitting command within their limits; ``per_sample``: the fine solve's steps
+    per draw, which bound the memory of the fit (its trajectories are held)."""
+    from ..noise import check_seed
+    from .checks import MAX_N, MAX_STEPS, check_int
+
+    check_int("--n", args.n, 1, MAX_N)
+    check_seed(args.seed, "--seed")
+    if per_sample > MAX_STEPS:
+        raise CLIError(f"the fit's fine solve would take {per_sample} steps per draw; at most {MAX_STEPS}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,11 +78,18 @@ def run(args: argparse.Namespace) -> int:
     import fastsde
     from fastsde.iia import iia_solver_name, table_name
 
+    from .checks import check_int, check_out_dir, reading
+
     steps = parse_steps(args.steps)
+    check_int("--fine-steps", args.fine_steps, 1, MAX_FINE_STEPS)
+    check_fit_sizes(args, max(steps) * args.fine_steps)
     try:
         iia = iia_solver_name(args.solver)
     except ValueError as exc:
         raise CLIError(str(exc)) from None
+    if args.variant is not None and args.variant not in ("iia", "biia"):
+        raise CLIError(f"--variant must be iia or biia, got {args.variant!r}")
+    out = check_out_dir(args.out)
     base = iia[len("iia_") :]
     options = {}
     if args.variant is not None:
@@ -67,21 +99,19 @@ def run(args: argparse.Namespace) -> int:
     if args.model == "mixture":
         sde = fastsde.VPSDE()
         score = fastsde.problems.mixture_2d(sde).score
-    elif args.model in fastsde.list_models() or Path(args.model).is_dir():
-        try:
+    elif args.model in fastsde.list_models() or (args.model.strip() and Path(args.model).is_dir()):
+        with reading("--model", args.model, "a model (a shipped name or a folder written by `fastsde train`)"):
             model = fastsde.load_model(args.model)
-        except ValueError as exc:
-            raise CLIError(str(exc)) from None
         sde, score = model.sde, model.score
     else:
         raise CLIError(
             f"unknown model {args.model!r}; available: {', '.join(fastsde.list_models() + ['mixture'])}, "
             "or the path of a model folder"
         )
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"--out {args.out!r} is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    from .checks import check_memory
+
+    shape = tuple(model.shape) if args.model != "mixture" else (2,)
+    check_memory("--n", args.n * (max(steps) + 1), shape, 8, " (the fit's trajectories at every step)")
     bar = tqdm(steps, desc=f"fit-iia {args.model} {base}", disable=args.quiet)
     for n_steps in bar:
         table = fastsde.fit_iia(
@@ -95,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.quiet,
             **options,
         )
+        out.mkdir(parents=True, exist_ok=True)  # only now: a refused or failed fit leaves no folder
         path = table.save(out / table_name(model_tag(args.model), iia, n_steps, args.variant))
         fit = table.fit
         gain = sum(fit["mse_base"]) / max(sum(fit["mse_iia"]), 1e-300)

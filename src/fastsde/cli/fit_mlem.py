@@ -38,15 +38,28 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+#: limits of --iters (gradient iterations) and --degree (of the logit polynomial in log-SNR)
+MAX_ITERS = 100_000
+MAX_DEGREE = 20
+
+
 def run(args: argparse.Namespace) -> int:
     from .sample_levels import load_levels, parse_levels
 
     names = parse_levels(args.levels)
     if len(names) < 2:
         raise CLIError(f"--levels needs at least 2 models, got {args.levels!r}")
-    for flag, v, low in (("--steps", args.steps, 2), ("--n", args.n, 2), ("--iters", args.iters, 1)):
-        if v < low:
-            raise CLIError(f"{flag} must be an integer >= {low}, got {v}")
+    from ..noise import check_seed
+    from .checks import MAX_N, MAX_STEPS, check_int, check_memory, reading
+
+    for flag, v, low, high in (
+        ("--steps", args.steps, 2, MAX_STEPS),
+        ("--n", args.n, 2, MAX_N),
+        ("--iters", args.iters, 1, MAX_ITERS),
+        ("--degree", args.degree, 0, MAX_DEGREE),
+    ):
+        check_int(flag, v, low, high)
+    check_seed(args.seed, "--seed")
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise CLIError(f"--lr must be a positive number, got {args.lr}")
     if not (math.isfinite(args.budget) and args.budget > 0):
@@ -64,11 +77,10 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"cannot write {args.out!r}: {exc}") from None
     import fastsde
 
-    try:
+    with reading("--levels", args.levels, "a list of loadable models"):
         levels = load_levels(names, "cpu")
-    except (OSError, ValueError) as exc:
-        raise CLIError(str(exc)) from None
     first = levels.models[0]
+    check_memory("--n", args.n * len(names), tuple(first.shape), 8, " (the coupled samples of every level)")
     try:
         sched = fastsde.fit_mlem(
             levels,

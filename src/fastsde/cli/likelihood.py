@@ -13,6 +13,7 @@ from typing import Any
 
 from ..sde import PROCESSES
 from . import CLIError
+from .checks import MAX_SHARDS, check_memory, reading
 
 #: Exact models for trying the command without a trained network: the 2-D mixture under a process.
 MIXTURES = tuple(f"mixture2d-{name}" for name in PROCESSES)
@@ -78,6 +79,35 @@ def _positive(name: str, v: Any, kind=int) -> None:
         raise CLIError(f"--{name.replace('_', '-')} must be a positive number, got {v!r}")
 
 
+#: limits of the sizing options (each error message states its limit)
+MAX_PROBES = 10_000
+MAX_PASSES = 10_000
+MAX_LEVELS = 2**16
+MAX_STEP_ATTEMPTS = 10**7
+
+
+def _check_limits(args: argparse.Namespace) -> None:
+    """Sizes within their limits, --seed, --shard-size and --out (a writable run folder), before the
+    model or the data are read."""
+    from ..noise import check_seed
+    from .checks import MAX_N, MAX_SHARDS, check_int, check_out_dir
+
+    if args.n is not None:
+        check_int("--n", args.n, 1, MAX_N)
+    check_int("--probes", args.probes, 1, MAX_PROBES)
+    check_int("--passes", args.passes, 1, MAX_PASSES)
+    check_int("--max-steps", args.max_steps, 1, MAX_STEP_ATTEMPTS)
+    if args.levels is not None:
+        check_int("--levels", args.levels, 2, MAX_LEVELS, " (quantisation levels: 256 for 8-bit data)")
+    check_seed(args.seed, "--seed")
+    if args.shard_size is not None and (args.out is None or args.shard_size < 1):
+        raise CLIError(f"--shard-size must be a positive integer with --out DIR, got {args.shard_size}")
+    if args.out is not None:
+        check_out_dir(args.out)
+        if args.n is not None and -(-args.n // (args.shard_size or 1000)) > MAX_SHARDS:
+            raise CLIError(f"--n {args.n} makes more than {MAX_SHARDS} shards; raise --shard-size")
+
+
 def _load_model(name: str):
     """(score, sde, sample shape) for a model name."""
     import fastsde
@@ -134,6 +164,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--levels must be >= 2, got {args.levels}")
     if args.offset is not None and not math.isfinite(args.offset):
         raise CLIError(f"--offset must be a finite number, got {args.offset}")
+    _check_limits(args)
 
     score, sde, shape = _load_model(args.model)
     if args.data is None and args.model in MIXTURES:
@@ -141,7 +172,8 @@ def run(args: argparse.Namespace) -> int:
             f"--data is required for {args.model} (an .npy/.npz of (n, 2) points); only digits models have a held-out split"
         )
     if args.data is not None:
-        arr = _read_data(args.data, args.key)
+        with reading("--data", args.data, "an .npy/.npz array of data rows"):
+            arr = _read_data(args.data, args.key)
         source = str(args.data)
     else:
         arr = load_digits("heldout").numpy()
@@ -150,8 +182,12 @@ def run(args: argparse.Namespace) -> int:
     if dtype is None:
         dtype = torch.float64 if args.model in MIXTURES else torch.float32
     arr = np.asarray(arr)[: args.n]
-    if args.shard_size is not None and (args.out is None or args.shard_size < 1):
-        raise CLIError(f"--shard-size must be a positive integer with --out DIR, got {args.shard_size}")
+    if arr.ndim < 1 or arr.shape[0] < 1:
+        raise CLIError(f"--data: no rows to evaluate (array of shape {arr.shape})")
+    if args.out is not None and -(-arr.shape[0] // (args.shard_size or 1000)) > MAX_SHARDS:
+        raise CLIError(f"--data: {arr.shape[0]} rows make more than {MAX_SHARDS} shards; raise --shard-size")
+    rows = min(arr.shape[0], args.batch_size)
+    check_memory("--batch-size", rows * args.probes, shape, 8, " (a batch of rows times --probes)")
     try:
         if args.out is not None:
             from .likelihood_dir import run_sharded

@@ -28,7 +28,8 @@ QUALITY_HELP = (
     "digits in the features of the shipped classifier (lower is better); the floor is the FD of n real "
     "digits (it grows as n shrinks, so compare FD with the floor at the same n; ± is its spread over "
     "subsets, i.e. the noise of one FD); ratio = FD / floor (about 1: as good as real data); confidence "
-    "is the classifier's mean top probability (held-out digits: 0.989). For the mixture, FD is the "
+    "is the classifier's mean top probability (held-out digits: 0.989). With --label, FD and its floor use only "
+    "the digits of the requested labels (held-out for FD, train for the floor). For the mixture, FD is the "
     "Fréchet distance to the exact mixture (per mode, plus a weight term)."
 )
 
@@ -176,7 +177,7 @@ def default_solver() -> str:
 def check_output(path: str) -> Path:
     """The output must be a .png or .npz that can be created (checked by creating a file next to it,
     before compute), and so must its JSON record."""
-    from ..files import check_writable
+    from .checks import check_out_file
 
     out = Path(path)
     if out.suffix.lower() not in (".png", ".npz"):
@@ -184,10 +185,9 @@ def check_output(path: str) -> Path:
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise CLIError(f"cannot write {path!r}: folder {str(parent)!r} does not exist")
-    try:
-        check_writable(out)
-    except OSError as exc:
-        raise CLIError(str(exc)) from None
+    check_out_file(out)
+    if record_path(out).is_dir():
+        raise CLIError(f"cannot write the record {str(record_path(out))!r}: it is a folder")
     return out
 
 
@@ -197,17 +197,10 @@ def record_path(out: Path) -> Path:
 
 
 def _device(name: str):
-    import torch
+    """--device as a torch.device available here (see checks.check_device)."""
+    from .checks import check_device
 
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError) as exc:
-        raise CLIError(f"--device must be a torch device such as cpu or cuda:0, got {name!r} ({exc})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError(f"--device {name}: CUDA is not available on this machine")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise CLIError(f"--device {name}: MPS is not available on this machine")
-    return device
+    return check_device(name)
 
 
 def _cli_hint(message: str) -> str:
@@ -236,23 +229,106 @@ def shipped_grid_for(model: str, solver: str, steps: Any) -> Any:
     return grid
 
 
-def parse_labels(text: str, n: int, num_classes: int):
-    """--label as n per-sample labels: 'k', 'a-b' (a..b cycled) or 'a,b,c' (cycled); each in 0..num_classes-1."""
-    import torch
+#: the most samples a --label run may label (the labels are one array in memory)
+MAX_LABELLED = 10**8
 
+#: the most labels --label may name (a class-conditional model has far fewer classes)
+MAX_LABEL = 10**6
+
+
+def label_values(text: str) -> list[int]:
+    """--label as its distinct-ordered values ('k', 'a-b' or 'a,b,c'), before the model is known: each
+    in 0..MAX_LABEL, a range checked before it is expanded (never a list of 10**11 entries)."""
     try:
         if "-" in text.strip("-") and "," not in text:
             lo, hi = (int(v) for v in text.split("-"))
+            if not 0 <= lo <= hi <= MAX_LABEL:
+                raise ValueError
             values = list(range(lo, hi + 1))
         else:
             values = [int(v) for v in text.split(",")]
     except ValueError:
         values = []
+    if not values or any(v < 0 or v > MAX_LABEL for v in values):
+        raise CLIError(
+            f"--label must be a label, a range a-b (a <= b) or a list a,b,c of labels in 0..{MAX_LABEL}, got {text!r}"
+        )
+    return values
+
+
+def parse_labels(text: str, n: int, num_classes: int):
+    """--label as n per-sample labels: 'k', 'a-b' (a..b cycled) or 'a,b,c' (cycled); each in 0..num_classes-1."""
+    import torch
+
+    try:
+        values = label_values(text)
+    except CLIError:
+        values = []
     if not values or any(v < 0 or v >= num_classes for v in values):
         raise CLIError(
             f"--label must be a label, a range a-b or a list a,b,c of labels in 0..{num_classes - 1}, got {text!r}"
         )
-    return torch.tensor([values[i % len(values)] for i in range(n)], dtype=torch.long)
+    table = torch.tensor(values, dtype=torch.long)
+    return table[torch.arange(n) % len(values)]
+
+
+_INT_OPTION_LIMITS = {
+    # solver options that size arrays or loops: (limit, why)
+    "steps": "MAX_STEPS",
+    "corrector_steps": "MAX_STEPS",
+    "buckets": "MAX_STEPS",
+    "calibration_samples": "MAX_STEPS",
+}
+
+
+def check_sizes(args: argparse.Namespace, opts: dict[str, Any], sharded: bool) -> None:
+    """--n, --batch-size, --shard-size and the step-like solver options within the limits of
+    fastsde.cli.checks, before anything is loaded."""
+    from . import checks
+
+    if sharded:
+        checks.check_int("--n", args.n, 1, checks.MAX_SHARDED_N, " (a run folder)")
+    else:
+        checks.check_int("--n", args.n, 1, checks.MAX_N, "; for more, write a run folder (--out DIR/)")
+    if args.batch_size is not None:
+        checks.check_int("--batch-size", args.batch_size, 1)
+    if args.shard_size is not None:
+        if not sharded:
+            raise CLIError(f"--shard-size must be a positive integer with --out DIR/, got {args.shard_size}")
+        checks.check_int("--shard-size", args.shard_size, 1, None, " with --out DIR/")
+    if sharded:
+        from .sample_dir import DEFAULT_SHARD_SIZE
+
+        size = args.shard_size or DEFAULT_SHARD_SIZE
+        shards = -(-args.n // size)
+        if shards > checks.MAX_SHARDS:
+            raise CLIError(
+                f"--n {args.n} in shards of {size} makes {shards} shards, more than the limit of "
+                f"{checks.MAX_SHARDS}; raise --shard-size"
+            )
+    for key, limit in _INT_OPTION_LIMITS.items():
+        value = opts.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > getattr(checks, limit):
+            raise CLIError(f"{key} must be at most {getattr(checks, limit)} (the command line's limit), got {value}")
+
+
+def check_memory(args: argparse.Namespace, shape: tuple[int, ...], dtype: Any, sharded: bool, png: bool) -> None:
+    """The arrays a run holds at once (all samples in memory, or one shard) within checks.MAX_BYTES,
+    and a PNG grid within checks.MAX_PNG images; before any compute."""
+    from . import checks
+
+    itemsize = dtype.itemsize if hasattr(dtype, "itemsize") else 8
+    if sharded:
+        from .sample_dir import DEFAULT_SHARD_SIZE
+
+        size = min(args.n, args.shard_size or DEFAULT_SHARD_SIZE)
+        checks.check_memory("--shard-size", size, shape, itemsize, "; lower --shard-size")
+    else:
+        checks.check_memory("--n", args.n, shape, itemsize, "; write a run folder (--out DIR/) for more")
+        if png and args.n > checks.MAX_PNG:
+            raise CLIError(
+                f"--n {args.n}: a PNG grid holds at most {checks.MAX_PNG} images; write an .npz or a run folder"
+            )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -260,35 +336,41 @@ def run(args: argparse.Namespace) -> int:
 
     from ..score import NonFiniteScoreError
     from ..solvers.driver import IntegrationError
+    from .checks import check_out_dir, reading
+    from .sample_dir import is_run_dir
 
+    sharded = is_run_dir(args.out)
+    # every check before any model is loaded: sizes, seed, device, solver and its options, output
     if args.n < 1:
         raise CLIError(f"--n must be a positive integer, got {args.n}")
     if args.batch_size is not None and args.batch_size < 1:
         raise CLIError(f"--batch-size must be a positive integer, got {args.batch_size}")
     fastsde.noise.check_seed(args.seed, "--seed")
+    device = _device(args.device)
     solver = args.solver or ("mlem" if getattr(args, "levels", None) else default_solver())
     if solver not in fastsde.SOLVERS:
         raise CLIError(f"unknown solver {solver!r}; valid solvers: {', '.join(sorted(fastsde.SOLVERS))}")
     spec = fastsde.SOLVERS[solver]
     opts = solver_options(args)
+    check_sizes(args, opts, sharded)
     keywords = {k: opts.pop(k) for k in _SAMPLE_KEYWORDS if k in opts}
     from .sample_levels import check_args
 
+    if args.model is not None and not args.model.strip():
+        raise CLIError("--model must name a model, got ''")
     level_names = check_args(args, solver, opts)
     args.model = args.model or ("+".join(level_names) if level_names else "digits")
-    from .sample_dir import is_run_dir
-
-    sharded = is_run_dir(args.out)
-    if args.shard_size is not None and (not sharded or args.shard_size < 1):
-        raise CLIError(f"--shard-size must be a positive integer with --out DIR/, got {args.shard_size}")
-    out = None if sharded else check_output(args.out)
+    out = check_out_dir(args.out) if sharded else check_output(args.out)
     mixture = args.model == "mixture"
     if not level_names and not mixture and args.model not in fastsde.list_models() and not is_model_dir(args.model):
         raise CLIError(
             f"unknown model {args.model!r}; available: {', '.join(fastsde.list_models() + ['mixture'])}, "
             "or the path of a folder written by `fastsde train --out DIR`"
         )
-    device = _device(args.device)
+    if args.label is not None:
+        label_values(args.label)  # its form and size, before the model says how many classes it has
+    if args.guidance is not None and not math.isfinite(args.guidance):
+        raise CLIError(f"--guidance must be a finite number, got {args.guidance}")
     if sharded:  # under torchrun a bare cuda is this rank's GPU (LOCAL_RANK), for the network too
         from ..sharding import device_for_rank
 
@@ -300,15 +382,17 @@ def run(args: argparse.Namespace) -> int:
     if level_names:
         from .sample_levels import load_levels
 
-        levels = load_levels(level_names, device)
+        with reading("--levels", args.levels, "a list of loadable models"):
+            levels = load_levels(level_names, device)
         sde, score, shape, dtype = levels.sde, levels, tuple(levels.models[0].shape), torch.float32
     elif mixture:
         sde = fastsde.VPSDE()
         gm = fastsde.problems.mixture_2d(sde)
         score, shape, dtype = gm.score, tuple(gm.shape), torch.float64
     else:
-        model = fastsde.load_model(args.model)
-        model.network.to(device)
+        with reading("--model", args.model, "a model (a shipped name or a folder written by `fastsde train`)"):
+            model = fastsde.load_model(args.model)
+            model.network.to(device)
         sde, score, shape, dtype = model.sde, model.score, tuple(model.shape), torch.float32
     labels = None
     if args.label is not None or args.guidance is not None:
@@ -317,17 +401,20 @@ def run(args: argparse.Namespace) -> int:
             raise CLIError(f"--label and --guidance need a class-conditional model (digits-cond), not {args.model!r}")
         if args.label is None:
             raise CLIError("--guidance needs --label (the classes to guide towards)")
-        labels = parse_labels(args.label, args.n, classes)
+        if not sharded or args.n <= MAX_LABELLED:
+            labels = parse_labels(args.label, args.n, classes)
+        else:
+            raise CLIError(f"--label: at most {MAX_LABELLED} labelled samples in one run, got --n {args.n}")
         if args.guidance is not None:
-            if not math.isfinite(args.guidance):
-                raise CLIError(f"--guidance must be a finite number, got {args.guidance}")
             score = model.guided(args.guidance)
     if args.dtype is not None:
         dtype = getattr(torch, args.dtype)
+    check_memory(args, shape, dtype, sharded, png=not sharded and out.suffix.lower() == ".png")
     if solver.startswith("iia_"):
         from .fit_iia import table_for_sample
 
-        opts["table"] = table_for_sample(args.model, solver, opts, args.table)
+        with reading("--table", args.table, "an IIA table file (fastsde fit-iia)"):
+            opts["table"] = table_for_sample(args.model, solver, opts, args.table)
     elif args.table is not None:
         raise CLIError("--table applies to the iia_ solvers only")
     if getattr(args, "grid", None) is not None:
@@ -336,12 +423,12 @@ def run(args: argparse.Namespace) -> int:
         if args.grid == "fitted":
             fitted = shipped_grid_for(args.model, solver, opts.get("steps"))
         else:
-            try:
+            with reading("--grid", args.grid, "a fitted grid file (fastsde fit-grid)"):
                 fitted = fastsde.load_grid(args.grid)
-            except (ValueError, FileNotFoundError) as exc:
-                raise CLIError(str(exc)) from None
+                steps = int(fitted.steps)
         opts["grid"] = fitted
-        opts.setdefault("steps", fitted.steps)
+        opts.setdefault("steps", steps)
+        check_sizes(args, opts, sharded)
     # validate options (names and values) and the sample keywords before any compute
     t_end = keywords.get("t_end", sde.default_t_end)
     if isinstance(t_end, bool) or not isinstance(t_end, (int, float)):
@@ -365,7 +452,6 @@ def run(args: argparse.Namespace) -> int:
 
     n = args.n
     batch = args.batch_size or n
-    noise = fastsde.NoiseSource.from_seed(args.seed, n)
     chunks, nfe_rows, statuses = [], [], []
     calls, level_rows, cost_sum, multilevel, net_evals = 0, [], 0.0, {}, 0.0
     start = time.perf_counter()
@@ -377,7 +463,7 @@ def run(args: argparse.Namespace) -> int:
                 sde,
                 (hi - lo, *shape),
                 solver=solver,
-                seed=noise.subset(list(range(lo, hi))),
+                seed=fastsde.NoiseSource.from_seed(args.seed, hi - lo, start=lo),  # = rows lo..hi of the run
                 dtype=dtype,
                 device=device,
                 progress=progress,
@@ -491,7 +577,8 @@ def run(args: argparse.Namespace) -> int:
 def compute_quality(samples, gm=None, labels=None) -> dict[str, float]:
     """The quality metric of the samples: FD to the exact mixture ``gm``, or for 1x8x8 samples the
     digits FD with its real-data floor and the classifier's confidence (with ``labels``, also the
-    accuracy of the requested labels and the per-class FD); {} otherwise."""
+    accuracy of the requested labels and the per-class FD, the FD measured against the held-out
+    digits of the requested labels only); {} otherwise."""
     if gm is not None:
         from ..metrics.mixture import mixture_frechet
 
@@ -499,7 +586,7 @@ def compute_quality(samples, gm=None, labels=None) -> dict[str, float]:
     if labels is not None and tuple(samples.shape[1:]) == (1, 8, 8) and samples.shape[0] >= 2:
         from ..metrics.digits import class_conditional_quality
 
-        return class_conditional_quality(samples, labels)
+        return class_conditional_quality(samples, labels, against_labels=True)
     if tuple(samples.shape[1:]) == (1, 8, 8) and samples.shape[0] >= 2:
         from ..metrics.digits import digits_quality
 
@@ -512,8 +599,14 @@ def quality_line(quality: dict[str, float], n: int) -> str:
     if "floor" in quality:
         fd, floor = quality["fd"], quality["floor"]
         ratio = fd / floor if math.isfinite(fd) and floor > 0 else math.inf
+        if "classes" in quality:
+            labels = ",".join(str(c) for c in quality["classes"])
+            plural = "s" if len(quality["classes"]) > 1 else ""
+            against = f"against the {quality['reference']} held-out digits of label{plural} {labels}"
+        else:
+            against = "against the 300 held-out digits"
         return (
-            f"quality: FD {fd:.3f} (real-data floor at n={n}: {floor:.3f} ± {quality['floor_sd']:.3f}, "
+            f"quality: FD {fd:.3f} {against} (real-data floor at n={n}: {floor:.3f} ± {quality['floor_sd']:.3f}, "
             f"ratio {ratio:.2f})  confidence {quality['confidence']:.3f}  (lower FD is better; "
             "see fastsde sample --help)"
         ) + (
@@ -543,7 +636,8 @@ def _jsonable(value: Any) -> Any:
 
 
 def is_model_dir(path: str) -> bool:
-    """Whether --model names an existing folder (one written by `fastsde train`, or a diffusers one)."""
+    """Whether --model names an existing folder (one written by `fastsde train`, or a diffusers one);
+    never the empty name (which pathlib reads as the current folder)."""
     from pathlib import Path
 
-    return Path(path).is_dir()
+    return bool(path.strip()) and Path(path).is_dir()

@@ -5,6 +5,7 @@ prints the summary and the quality metric over all samples."""
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -108,8 +109,14 @@ def run_sharded(
     if not run.complete:
         raise CLIError(f"the run in {str(out)!r} is incomplete; rerun `{command}` to finish it")
     if not args.no_metric:
-        quality = compute_quality(fastsde.load_samples(out), gm)
-        if quality:
-            print(quality_line(quality, args.n))
+        from .checks import MAX_BYTES
+
+        labels = keywords.get("cond", {}).get("class_labels")
+        if args.n * math.prod(shape) * 8 > MAX_BYTES:  # the metric reads every sample back into memory
+            print(f"quality: not measured (the {args.n} samples exceed {MAX_BYTES / 2**30:g} GiB in memory)")
+        else:
+            quality = compute_quality(fastsde.load_samples(out), gm, labels)
+            if quality:
+                print(quality_line(quality, args.n))
     print(f"wrote {out / fastsde.sharding.MANIFEST} and {run.num_shards} shard file(s)")
     return 0

@@ -43,11 +43,10 @@ def parse_p(text: str, corrections: int) -> Any:
         return "auto"
     if text.endswith(".safetensors") or Path(text).is_file():  # a learned schedule (fastsde fit-mlem)
         from ..mlem_fit import load_mlem
+        from .checks import reading
 
-        try:
+        with reading("--p", text, "an ML-EM schedule file (fastsde fit-mlem)"):
             return load_mlem(text)
-        except (OSError, ValueError) as exc:
-            raise CLIError(f"--p {text!r}: {exc}") from None
     try:
         vals = [float(s) for s in text.split(",")]
     except ValueError:

@@ -52,6 +52,57 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+#: limits of the numeric options (each error message states its limit)
+MAX_TRAIN_STEPS = 10**7
+MAX_BATCH = 65_536
+MAX_THREADS = 1024
+MAX_LEVELS = 6
+MAX_CHANNELS = 4096
+MAX_CLASSES = 100_000
+
+
+def parse_channels(text: str) -> tuple[int, ...]:
+    """--channels: 1..MAX_LEVELS positive integers (at most MAX_CHANNELS), each a multiple of the
+    GroupNorm group count min(8, smallest) that the network uses."""
+    try:
+        channels = tuple(int(c) for c in text.split(","))
+    except ValueError:
+        raise CLIError(f"--channels must be comma-separated integers, got {text!r}") from None
+    if not 1 <= len(channels) <= MAX_LEVELS or any(not 1 <= c <= MAX_CHANNELS for c in channels):
+        raise CLIError(
+            f"--channels must be 1 to {MAX_LEVELS} integers in [1, {MAX_CHANNELS}] (one per UNet level), got {text!r}"
+        )
+    groups = min(8, min(channels))
+    if any(c % groups for c in channels):
+        raise CLIError(
+            f"--channels must all be multiples of min(8, smallest) = {groups} (GroupNorm groups), got {text!r}"
+        )
+    return channels
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Every numeric option within its range, before any data is read."""
+    from ..noise import check_seed
+    from .checks import check_int, check_number
+
+    check_int("--steps", args.steps, 1, MAX_TRAIN_STEPS)
+    check_int("--batch-size", args.batch_size, 1, MAX_BATCH)
+    check_number("--lr", args.lr, 0.0, None, open_low=True)
+    if not 0.0 <= args.ema < 1.0:
+        raise CLIError(f"--ema must lie in [0, 1) (the EMA decay per step, e.g. 0.999), got {args.ema}")
+    check_int("--save-every", args.save_every, 1)
+    if args.max_minutes is not None and not args.max_minutes > 0:
+        raise CLIError(f"--max-minutes must be positive, got {args.max_minutes}")
+    if not (args.sigma_min > 0 and args.sigma_max > args.sigma_min) or args.sigma_max == float("inf"):
+        raise CLIError(f"--sigma-min and --sigma-max need 0 < min < max < inf, got {args.sigma_min}, {args.sigma_max}")
+    check_seed(args.seed, "--seed")
+    if not 0.0 <= args.label_dropout < 1.0:
+        raise CLIError(f"--label-dropout must lie in [0, 1), got {args.label_dropout}")
+    check_int("--threads", args.threads, 1, MAX_THREADS)
+    if args.channels and not args.resume:
+        parse_channels(args.channels)
+
+
 def run(args: argparse.Namespace) -> int:
     import time
 
@@ -59,40 +110,26 @@ def run(args: argparse.Namespace) -> int:
 
     from ..data import load_dataset
     from ..training import TrainConfig, Trainer
+    from .checks import check_out_dir, reading
 
-    if args.steps < 1:
-        raise CLIError(f"--steps must be a positive integer, got {args.steps}")
-    if args.batch_size < 1:
-        raise CLIError(f"--batch-size must be a positive integer, got {args.batch_size}")
-    if not (args.lr > 0) or args.lr == float("inf"):
-        raise CLIError(f"--lr must be a positive finite number, got {args.lr}")
-    if not 0.0 <= args.ema < 1.0:
-        raise CLIError(f"--ema must lie in [0, 1) (the EMA decay per step, e.g. 0.999), got {args.ema}")
-    if args.save_every < 1:
-        raise CLIError(f"--save-every must be a positive integer, got {args.save_every}")
-    if args.max_minutes is not None and not args.max_minutes > 0:
-        raise CLIError(f"--max-minutes must be positive, got {args.max_minutes}")
-    if not (args.sigma_min > 0 and args.sigma_max > args.sigma_min) or args.sigma_max == float("inf"):
-        raise CLIError(f"--sigma-min and --sigma-max need 0 < min < max < inf, got {args.sigma_min}, {args.sigma_max}")
-    from ..noise import check_seed
-
-    check_seed(args.seed, "--seed")
-    if not 0.0 <= args.label_dropout < 1.0:
-        raise CLIError(f"--label-dropout must lie in [0, 1), got {args.label_dropout}")
-    torch.set_num_threads(max(1, args.threads))
+    check_options(args)
     out = Path(args.out)
-    data = load_dataset(args.data)
-    labels = training_labels(args.data, data.shape[0]) if args.conditional or args.resume else None
-    if not args.resume:  # the checkpoint folder must be writable before any training
-        from ..files import check_writable
+    if args.resume:  # the checkpoint must be there, and writable (it is saved over)
+        if not (out / "train_state.safetensors").is_file():
+            raise CLIError(f"--resume: no checkpoint to resume in {str(out)!r} (train_state.safetensors missing)")
+    check_out_dir(out)  # before any training; the folder itself is made only once the run is set up
+    torch.set_num_threads(args.threads)
+    with reading("--data", args.data, "training images ('digits', an .npy/.npz array or an image folder)"):
+        data = load_dataset(args.data)
+        if data.dim() != 4 or data.shape[0] < 2 or min(data.shape[1:]) < 1:
+            raise CLIError(f"--data {args.data!r}: need at least 2 images (n, C, H, W), got shape {tuple(data.shape)}")
+    from .checks import check_memory
 
-        if out.exists() and not out.is_dir():
-            raise CLIError(f"--out {str(out)!r} is a file, not a checkpoint folder")
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            check_writable(out / "model.safetensors")
-        except OSError as exc:
-            raise CLIError(f"cannot write the checkpoint folder {str(out)!r}: {exc}") from None
+    check_memory("--batch-size", args.batch_size, tuple(data.shape[1:]), 4, " (one training batch)")
+    with reading("--data", args.data, "an .npz whose 'labels' array holds one class per image"):
+        labels = training_labels(args.data, data.shape[0]) if args.conditional or args.resume else None
+    if labels is not None and int(labels.max()) >= MAX_CLASSES:
+        raise CLIError(f"--data {args.data!r}: class labels must be below {MAX_CLASSES}, got {int(labels.max())}")
     command = "fastsde " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:]))
 
     if args.conditional and labels is None:
@@ -100,15 +137,20 @@ def run(args: argparse.Namespace) -> int:
             f"--conditional needs class labels: --data digits, or an .npz with a 'labels' array (got {args.data!r})"
         )
     if args.resume:
-        trainer = Trainer.load(out, data, labels)
+        with reading("--resume", out / "train_state.safetensors", "a checkpoint written by fastsde train"):
+            trainer = Trainer.load(out, data, labels)
         print(f"resuming {out} at step {trainer.step}")
     else:
         channels, sde_kind = PRESETS[args.preset] if args.preset else ((32, 64), "vp")
         if args.channels:
-            try:
-                channels = tuple(int(c) for c in args.channels.split(","))
-            except ValueError:
-                raise CLIError(f"--channels must be comma-separated integers, got {args.channels!r}") from None
+            channels = parse_channels(args.channels)
+        side = data.shape[-1]
+        if data.shape[-2] != side or side % 2 ** (len(channels) - 1):
+            raise CLIError(
+                f"--channels {','.join(map(str, channels))}: {len(channels)} UNet levels halve the image "
+                f"{len(channels) - 1} times, so its sides must be equal and divisible by {2 ** (len(channels) - 1)}; "
+                f"the images are {tuple(data.shape[-2:])}"
+            )
         sde_kind = args.sde or sde_kind
         if sde_kind == "vp":
             sde = {"type": "VPSDE", "beta_min": 0.1, "beta_max": 20.0}
@@ -129,6 +171,10 @@ def run(args: argparse.Namespace) -> int:
             label_dropout=args.label_dropout,
         )
         trainer = Trainer(cfg, data, labels)
+        try:  # only now, with the run set up: a refused run leaves no folder behind
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CLIError(f"cannot write the checkpoint folder {str(out)!r}: {exc}") from None
     n_params = sum(p.numel() for p in trainer.net.parameters())
     print(f"data {tuple(data.shape)}  params {n_params}  sde {trainer.sde!r}", flush=True)
 
@@ -159,7 +205,7 @@ def training_labels(spec: str, n: int):
 
     if spec == "digits":
         return digits_labels("train")
-    if Path(spec).suffix == ".npz":
+    if Path(spec).suffix == ".npz" and Path(spec).is_file():
         with np.load(spec) as z:
             if "labels" in z.files:
                 labels = torch.from_numpy(np.asarray(z["labels"]).astype(np.int64).reshape(-1))

@@ -40,6 +40,7 @@ __all__ = [
     "digits_features",
     "digits_quality",
     "class_conditional_quality",
+    "class_floor",
     "floor_for",
     "floor_sd_for",
     "frechet_distance",
@@ -102,16 +103,48 @@ def _stats(f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 @lru_cache(maxsize=1)
 def load_classifier() -> tuple[DigitsClassifier, dict[str, Any], dict[str, np.ndarray]]:
     """The shipped classifier (eval mode), its JSON record and the held-out feature statistics."""
+    root = resources.files("fastsde")
+    weights, record = root.joinpath(_ASSET + ".safetensors"), root.joinpath(_ASSET + ".json")
+    return read_classifier(weights.read_bytes(), record.read_bytes(), str(weights), str(record))
+
+
+def read_classifier(
+    weights: bytes, record: bytes, weights_name: str, record_name: str
+) -> tuple[DigitsClassifier, dict[str, Any], dict[str, np.ndarray]]:
+    """The classifier, record and statistics of the asset's bytes, checked (a FileFormatError naming
+    the file and field): the network's weights, finite held-out mean (64,) and covariance (64, 64),
+    and the floor tables (sample size -> positive finite FD) the metric interpolates."""
     from safetensors.torch import load
 
-    root = resources.files("fastsde")
-    tensors = load(root.joinpath(_ASSET + ".safetensors").read_bytes())
-    meta = json.loads(root.joinpath(_ASSET + ".json").read_text())
+    from ..files import Fields, FileFormatError, check_tensor
+
+    try:
+        tensors = load(weights)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types on junk
+        raise FileFormatError(weights_name, None, str(exc)[:200], what="a safetensors file") from None
+    try:
+        meta = json.loads(record.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise FileFormatError(record_name, None, f"not JSON ({exc})", what="the classifier's record") from None
+    f = Fields(record_name, meta)
+    for key in ("floor", "floor_sd"):
+        table = f.obj(key)
+        if not table.data or not all(k.isdigit() and int(k) >= 2 for k in table.data):
+            raise f.error(key, "a non-empty table: sample size (an integer >= 2) -> FD", table.data)
+        for k in table.data:
+            table.number(k, low=0.0)
+    stats = {k: check_tensor(weights_name, tensors, k, shape).numpy() for k, shape in STAT_SHAPES.items()}
     net = DigitsClassifier()
-    net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
+    own = net.state_dict()
+    for k, v in own.items():
+        check_tensor(weights_name, tensors, "net." + k, tuple(v.shape))
+    net.load_state_dict({k: tensors["net." + k].float() for k in own})
     net.eval().requires_grad_(False)
-    stats = {k: tensors[k].double().numpy() for k in ("heldout_mean", "heldout_cov")}
     return net, meta, stats
+
+
+#: The held-out feature statistics in the classifier's file and their shapes.
+STAT_SHAPES = {"heldout_mean": (64,), "heldout_cov": (64, 64)}
 
 
 def _prepare(samples: Tensor) -> Tensor:
@@ -209,22 +242,87 @@ def write_floor(table: dict[int, dict[str, float]], subsets: int, seed: int) -> 
     load_classifier.cache_clear()
 
 
-def digits_quality(samples: Tensor) -> dict[str, float]:
+def digits_quality(samples: Tensor, classes: Any = None) -> dict[str, Any]:
     """{"fd", "confidence", "floor", "floor_sd", "n"} for samples (n, 1, 8, 8) in [−1, 1]; lower fd is
     better. floor / floor_sd: mean / sd of the real-data FD at the same n.
+
+    ``classes``: measure against the held-out digits of these labels only (samples drawn for label 3
+    compared with all digits would be far from them whatever their quality). The floor is then the FD
+    of n random train digits of those labels against that reference (``class_floor``), and the result
+    adds ``classes`` and ``reference`` (the number of held-out images). None or all ten labels: the
+    shipped all-digits reference and floor table, as before.
 
     Non-finite samples make fd = inf (they are not dropped silently).
     """
     x = _prepare(samples)
     n = x.shape[0]
-    floor, floor_sd = floor_for(n), floor_sd_for(n)
+    chosen = _check_classes(classes)
+    extra: dict[str, Any] = {}
+    if chosen is None:
+        floor, floor_sd = floor_for(n), floor_sd_for(n)
+        _, _, stats = load_classifier()
+        ref_mu, ref_cov = stats["heldout_mean"], stats["heldout_cov"]
+    else:
+        floor, floor_sd = class_floor(chosen, n)
+        ref_mu, ref_cov, _, count = _heldout_subset_stats(chosen)
+        extra = {"classes": list(chosen), "reference": count}
     if not bool(torch.isfinite(x).all()):
-        return {"fd": math.inf, "confidence": math.nan, "floor": floor, "floor_sd": floor_sd, "n": n}
+        return {"fd": math.inf, "confidence": math.nan, "floor": floor, "floor_sd": floor_sd, "n": n, **extra}
     feats, probs = digits_features(x)
-    _, _, stats = load_classifier()
     mu, cov = _stats(feats)
-    fd = frechet_distance(mu, cov, stats["heldout_mean"], stats["heldout_cov"])
-    return {"fd": fd, "confidence": float(probs.max(1).mean()), "floor": floor, "floor_sd": floor_sd, "n": n}
+    fd = frechet_distance(mu, cov, ref_mu, ref_cov)
+    return {"fd": fd, "confidence": float(probs.max(1).mean()), "floor": floor, "floor_sd": floor_sd, "n": n, **extra}
+
+
+#: random train subsets behind a per-label floor (computed on demand, unlike the shipped table)
+CLASS_FLOOR_SUBSETS = 200
+
+
+def _check_classes(classes: Any) -> tuple[int, ...] | None:
+    """Sorted distinct labels in 0..9, or None for "all digits" (None, or all ten labels)."""
+    if classes is None:
+        return None
+    values = sorted({int(c) for c in torch.as_tensor(classes).reshape(-1).tolist()})
+    if not values or values[0] < 0 or values[-1] > 9:
+        raise ValueError(f"classes must be labels in 0..9, got {classes!r}")
+    return None if len(values) == 10 else tuple(values)
+
+
+@lru_cache(maxsize=16)
+def _heldout_subset_stats(classes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(feature mean, covariance, covariance^½, image count) of the held-out digits of ``classes``."""
+    from ..data import digits_labels, load_digits
+
+    feats, _ = digits_features(load_digits("heldout"))
+    rows = np.isin(digits_labels("heldout").numpy(), classes)
+    mu, cov = _stats(feats[rows])
+    return mu, cov, _sqrt_psd(cov), int(rows.sum())
+
+
+@lru_cache(maxsize=64)
+def class_floor(
+    classes: tuple[int, ...], n: int, subsets: int = CLASS_FLOOR_SUBSETS, seed: int = 0
+) -> tuple[float, float]:
+    """(mean, sd) over random subsets of n train digits of ``classes`` (without replacement; at most
+    all of them) of their FD against the held-out digits of ``classes``: the real-data floor of a
+    per-label FD. Deterministic (``numpy.random.default_rng([seed, n, *classes])``)."""
+    from ..data import digits_labels, load_digits
+
+    if n < 2:
+        raise ValueError(f"the floor needs n >= 2 samples, got {n}")
+    feats, _ = digits_features(load_digits("train"))
+    pool = feats[np.isin(digits_labels("train").numpy(), classes)]
+    size = min(n, pool.shape[0])
+    mu_h, cov_h, root_h, _ = _heldout_subset_stats(classes)
+    rng = np.random.default_rng([seed, n, *classes])
+    reps = 1 if size == pool.shape[0] else subsets
+    vals = np.array(
+        [
+            frechet_distance(*_stats(pool[rng.choice(pool.shape[0], size=size, replace=False)]), mu_h, cov_h, root_h)
+            for _ in range(reps)
+        ]
+    )
+    return float(vals.mean()), float(vals.std(ddof=1)) if reps > 1 else 0.0
 
 
 @lru_cache(maxsize=1)
@@ -241,14 +339,16 @@ def _heldout_class_stats() -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray
     return out
 
 
-def class_conditional_quality(samples: Tensor, labels: Tensor) -> dict[str, Any]:
+def class_conditional_quality(samples: Tensor, labels: Tensor, *, against_labels: bool = False) -> dict[str, Any]:
     """Quality of class-conditional samples (n, 1, 8, 8) drawn for ``labels`` (n,) in 0..9:
 
     - ``accuracy``: the share of samples the shipped classifier assigns to their requested label;
     - ``class_fd``: the mean over the requested classes of the FD between that class's samples and the
       held-out images of that class (21–35 per class, so the FD carries a floor of its own: compare
       samplers at the same n per class; ``class_fd_per_class`` lists each class);
-    - ``fd``, ``floor``, ...: the unconditional digits_quality of all samples (for a balanced label mix).
+    - ``fd``, ``floor``, ...: the unconditional digits_quality of all samples (for a balanced label mix),
+      or with ``against_labels`` the digits_quality against the held-out digits of the requested labels
+      only (``classes`` and ``reference`` added when they are not all ten).
     Non-finite samples give accuracy 0 for them and an infinite FD."""
     x = _prepare(samples)
     labels = torch.as_tensor(labels).reshape(-1).to("cpu", torch.long)
@@ -256,7 +356,7 @@ def class_conditional_quality(samples: Tensor, labels: Tensor) -> dict[str, Any]
         raise ValueError(f"labels must hold one label per sample ({x.shape[0]}), got {labels.shape[0]}")
     if bool((labels < 0).any()) or bool((labels > 9).any()):
         raise ValueError("labels must lie in 0..9 (digits classes)")
-    base = digits_quality(x)
+    base = digits_quality(x, classes=labels.unique() if against_labels else None)
     finite = torch.isfinite(x.reshape(x.shape[0], -1)).all(1)
     feats, probs = digits_features(torch.where(finite[:, None, None, None], x, torch.zeros_like(x)))
     y = labels.numpy()
