@@ -79,3 +79,19 @@ def test_seed_forms():
         as_noise_source([1, 2, 3], 5)
     with pytest.raises(ValueError, match="seed must be an int"):
         as_noise_source(1.5, 2)
+
+
+def test_from_seed_equals_the_per_sample_definition_at_any_start():
+    """from_seed computes the per-sample seeds as one int64 tensor: the same numbers as seeding each
+    sample with (seed, i) one by one, up to indices near 2**62 (wrapping arithmetic = mod 2**64)."""
+    from fastsde.noise import _mix_int
+
+    for seed in (0, 1, 7, 2**63 + 5, 2**64 - 1):
+        for start in (0, 3, 2**40 + 1, 2**62 - 6):
+            base = _mix_int(seed)
+            loop = NoiseSource([base ^ _mix_int(i + 0x51ED2705) for i in range(start, start + 6)])
+            assert torch.equal(NoiseSource.from_seed(seed, 6, start=start).seeds, loop.seeds)
+    with pytest.raises(ValueError, match="below 2\\*\\*62"):
+        NoiseSource.from_seed(0, 10, start=2**62)
+    with pytest.raises(ValueError, match="n must be a positive int"):
+        NoiseSource.from_seed(0, 0)

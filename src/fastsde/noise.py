@@ -102,7 +102,17 @@ class NoiseSource:
         base = _mix_int(check_seed(seed, "seed"))
         if isinstance(start, bool) or not isinstance(start, numbers.Integral) or start < 0:
             raise ValueError(f"start must be a non-negative int, got {start!r}")
-        return cls([base ^ _mix_int(i + 0x51ED2705) for i in range(int(start), int(start) + n)])
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+            raise ValueError(f"n must be a positive int, got {n!r}")
+        if int(start) + int(n) > 1 << 62:
+            raise ValueError(f"sample indices must stay below 2**62, got start {start} + n {n}")
+        # the per-sample seeds of __init__, computed as one int64 tensor (wrapping arithmetic equals
+        # Python's mod 2**64): no Python loop over the samples
+        idx = torch.arange(int(start), int(start) + int(n), dtype=torch.int64)
+        s = _mix(idx + 0x51ED2705) ^ _signed(base)
+        out = cls.__new__(cls)
+        out.seeds = _mix(s * _signed(0x2545F4914F6CDD1D) + 7)
+        return out
 
     def __len__(self) -> int:
         return self.seeds.shape[0]
