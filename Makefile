@@ -4,20 +4,27 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # The CPU wheel of torch (a plain `torch` from PyPI is the multi-GB CUDA build on Linux): first the
-# CPU build pinned explicitly from PyTorch's CPU index; where that index cannot be reached (or has no
-# such build), the same version from the default index. TORCH=... overrides the version.
+# CPU build pinned explicitly from PyTorch's CPU index; where that index does not answer within 5 s
+# (probed once, so pip never retries against it) or has no such build, the same version from the
+# default index. TORCH=... overrides the version.
 TORCH ?= torch==2.13.0
 TORCH_CPU ?= $(TORCH)+cpu
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+INDEX_ANSWERS := import sys, urllib.request as u; u.urlopen(sys.argv[1], timeout=5).close()
 
 .PHONY: sample test lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q --timeout 20 --retries 1 "$(TORCH_CPU)" --extra-index-url $(TORCH_CPU_INDEX) \
+	if $(PY) -c "$(INDEX_ANSWERS)" "$(TORCH_CPU_INDEX)/" 2>/dev/null; then \
+		$(PIP) install -q --timeout 20 --retries 1 "$(TORCH_CPU)" --extra-index-url $(TORCH_CPU_INDEX) \
 		|| { echo "CPU build $(TORCH_CPU) not available: installing $(TORCH) from the default index"; \
-		     $(PIP) install -q "$(TORCH)"; }
+		     $(PIP) install -q "$(TORCH)"; }; \
+	else \
+		echo "$(TORCH_CPU_INDEX) does not answer: installing $(TORCH) from the default index"; \
+		$(PIP) install -q "$(TORCH)"; \
+	fi
 	$(PIP) install -q -e ".[dev]"
 	touch $@
 

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .guidance import with_null_rows
 from .levels import Levels, LevelScores
 from .noise import NoiseSource, Stream, as_noise_source
 from .score import CountingScore, ScoreFn, check_cond
@@ -264,7 +265,7 @@ def sample(
         raise ValueError(
             f"t_start = {t0:g} needs a named grid (the times of a given grid are fixed), got grid={opts['grid']!r}"
         )
-    cond_kw = check_cond(cond, n, device)
+    cond_kw = check_cond(with_null_rows(score, cond, n), n, device)  # CFG's per-sample null rows follow too
     if cond_kw is not None and isinstance(score, Levels) and opts.get("p") == "auto":
         raise ValueError("p='auto' calibrates on pilot samples that have no conditioning: give p explicitly with cond=")
 

@@ -5,7 +5,9 @@
 - ``logsnr``: uniform in the half log-SNR λ = log(m/σ) (DPM-Solver).
 - ``quadratic``: uniform in √t (DDIM's quadratic skip, for continuous time).
 - an explicit grid: a decreasing 1-D tensor (or sequence) of times from t_start to t_end, or an
-  object with ``.times`` (a :class:`~fastsde.grid_fit.FittedGrid`); checked, never rebuilt.
+  object with ``.times`` (a :class:`~fastsde.grid_fit.FittedGrid`); checked, never rebuilt. Its ends
+  must match t_start and t_end to the precision of its dtype (a float32 tensor holds 1e-3 as
+  1.0000000475e-3) and are then set to them exactly.
 """
 
 from __future__ import annotations
@@ -19,7 +21,15 @@ from torch import Tensor
 
 from .sde import EDM, SDE
 
-__all__ = ["GRIDS", "time_grid", "default_grid", "explicit_times", "check_grid_choice", "check_explicit_grid"]
+__all__ = [
+    "GRIDS",
+    "time_grid",
+    "default_grid",
+    "explicit_times",
+    "explicit_rel_tol",
+    "check_grid_choice",
+    "check_explicit_grid",
+]
 
 GRIDS = ("uniform", "edm", "logsnr", "quadratic")
 
@@ -68,19 +78,39 @@ def check_grid_choice(name: str, v: Any) -> None:
         )
 
 
-def check_explicit_grid(times: Tensor, n: int, t_start: float, t_end: float) -> Tensor:
-    """An explicit grid against the run: n points, from t_start to t_end (to 1e-9 relative; the ends
-    are then exactly t_start and t_end). Returns a float64 copy."""
+#: relative tolerance on the ends of an explicit grid held in float64 (or given as Python numbers)
+END_REL_TOL = 1e-9
+#: ulps of the grid's own dtype its ends may be off by when the dtype is coarser than float64
+END_ULPS = 4
+
+
+def explicit_rel_tol(grid: Any) -> float:
+    """The relative tolerance on an explicit grid's ends: ``END_ULPS`` ulps of its floating dtype where
+    that is coarser than float64 (a float32 tensor cannot hold 1e-3 exactly), else ``END_REL_TOL``."""
+    values = getattr(grid, "times", grid)
+    if isinstance(values, Tensor) and values.dtype.is_floating_point:
+        return max(END_REL_TOL, END_ULPS * torch.finfo(values.dtype).eps)
+    return END_REL_TOL
+
+
+def check_explicit_grid(times: Tensor, n: int, t_start: float, t_end: float, rel_tol: float = END_REL_TOL) -> Tensor:
+    """An explicit grid against the run: n points, from t_start to t_end (to ``rel_tol`` relative, see
+    :func:`explicit_rel_tol`; the ends are then exactly t_start and t_end). Returns a float64 copy."""
     if times.numel() != n:
         raise ValueError(f"the explicit grid has {times.numel()} points but steps = {n}: pass steps={times.numel()}")
     for which, got, want in (("first", float(times[0]), t_start), ("last", float(times[-1]), t_end)):
-        if not math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-300):
+        if not math.isclose(got, want, rel_tol=rel_tol, abs_tol=1e-300):
             raise ValueError(
-                f"the explicit grid's {which} time is {got!r}, the run's is {want!r}: a grid runs from T (or "
-                "t_start) to t_end"
+                f"the explicit grid's {which} time is {got!r}, the run's is {want!r} (relative tolerance {rel_tol:.1e}"
+                " for its dtype): a grid runs from T (or t_start) to t_end"
             )
     out = times.clone()
     out[0], out[-1] = t_start, t_end
+    if not bool((out[:-1] > out[1:]).all()):
+        raise ValueError(
+            f"the explicit grid is not strictly decreasing once its ends are set to t_start = {t_start!r} and "
+            f"t_end = {t_end!r}: got {out.tolist()}"
+        )
     return out
 
 
@@ -90,7 +120,7 @@ def time_grid(sde: SDE, kind: Any, n: int, t_start: float, t_end: float, rho: fl
     times = explicit_times(kind)
     if times is not None:
         check_grid_choice("grid", kind)
-        return check_explicit_grid(times, n, float(t_start), float(t_end))
+        return check_explicit_grid(times, n, float(t_start), float(t_end), explicit_rel_tol(kind))
     if kind not in GRIDS:
         raise ValueError(f"grid must be one of {list(GRIDS)}, got {kind!r}")
     if n < 2:

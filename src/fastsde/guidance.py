@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .sde import SDE
 
-__all__ = ["CFGScore", "ClassifierGuidance"]
+__all__ = ["CFGScore", "ClassifierGuidance", "with_null_rows"]
 
 
 def _own_process(score: Any) -> SDE | None:
@@ -52,15 +52,23 @@ class CFGScore:
             unconditional model (e.g. a network trained with label dropout).
         scale: the guidance weight w (1: the conditional model; 0: the unconditional one).
         null_cond: the unconditional model's conditioning: a dict whose values are a number, a tensor of
-            one row (broadcast to every sample) or one row per sample; a key of cond that it does not
-            name is passed unchanged to both halves. A bare tensor or number stands for the keyword
-            ``cond`` (what ``fastsde.sample(cond=tensor)`` passes).
+            one row (broadcast to every sample) or one row per sample (per-sample negative prompts); a
+            key of cond that it does not name is passed unchanged to both halves. A bare tensor or number
+            stands for the keyword ``cond`` (what ``fastsde.sample(cond=tensor)`` passes).
         sde: the process the score belongs to (default: the wrapped score's own, if it has one).
 
     ``network_evals = 2``: each row is two network evaluations (``res.network_evals``).
+
+    Per-sample null conditioning follows the rows like ``cond`` does: ``fastsde.sample`` adds it to the
+    per-sample conditioning under the reserved key ``cfg_null__<key>`` (:func:`with_null_rows`), so a
+    solver that evaluates a subset of the samples hands this wrapper the null rows of exactly those
+    samples. The same key can be given in ``cond=`` directly (e.g. to ``sample_to_dir``, whose shards
+    slice ``cond``); it then takes the place of ``null_cond[key]``.
     """
 
     network_evals = 2
+    #: prefix of the conditioning keys that carry per-sample null rows (``cfg_null__class_labels``)
+    ROW_KEY_PREFIX = "cfg_null__"
 
     def __init__(
         self,
@@ -84,9 +92,30 @@ class CFGScore:
         self.sde = sde if sde is not None else _own_process(score)
         self.network_evals = 2 * int(getattr(score, "network_evals", 1))
 
-    def _null_rows(self, key: str, like: Tensor) -> Tensor:
-        """The null conditioning of ``key`` as rows shaped like the conditional rows ``like``."""
-        value = self.null_cond[key]
+    def per_sample_keys(self, cond: Mapping[str, Tensor], n: int) -> list[str]:
+        """The keys of ``null_cond`` that hold one row per sample of a batch of n with conditioning ``cond``
+        (a tensor of cond's rank with n > 1 rows); a ValueError for a tensor of cond's rank whose row count
+        is neither 1 nor n."""
+        keys = []
+        for key, value in self.null_cond.items():
+            like = cond.get(key)
+            if self.ROW_KEY_PREFIX + key in cond:  # the rows are already there (a shard of sample_to_dir)
+                continue
+            if not isinstance(value, Tensor) or not isinstance(like, Tensor) or value.dim() != like.dim():
+                continue
+            if value.dim() > 0 and value.shape[0] == n and n > 1:
+                keys.append(key)
+            elif value.dim() > 0 and value.shape[0] != 1:
+                raise ValueError(
+                    f"null_cond[{key!r}] of shape {tuple(value.shape)} must hold one row or one row per sample "
+                    f"(n = {n}; cond[{key!r}] has shape {tuple(like.shape)})"
+                )
+        return keys
+
+    def _null_rows(self, key: str, like: Tensor, rows: Tensor | None) -> Tensor:
+        """The null conditioning of ``key`` as rows shaped like the conditional rows ``like``: the
+        per-sample rows handed in with the conditioning (``rows``) or null_cond's value broadcast."""
+        value = self.null_cond[key] if rows is None else rows
         n = like.shape[0]
         v = torch.as_tensor(value, dtype=like.dtype, device=like.device)
         if v.dim() == like.dim() and v.shape[0] == n:
@@ -96,18 +125,26 @@ class CFGScore:
         if v.dim() == like.dim() - 1:
             return v.unsqueeze(0).expand_as(like)
         raise ValueError(
-            f"null_cond[{key!r}] of shape {tuple(v.shape)} does not fit the conditioning rows {tuple(like.shape)}"
+            f"null_cond[{key!r}] of shape {tuple(v.shape)} does not fit the conditioning rows {tuple(like.shape)}: "
+            "per-sample null conditioning reaches the score through the front door (fastsde.sample adds it to "
+            f"cond as {self.ROW_KEY_PREFIX}{key}; with sample_to_dir pass cond={{'{self.ROW_KEY_PREFIX}{key}': ...}})"
         )
 
     def __call__(self, x: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
+        rows = {k[len(self.ROW_KEY_PREFIX) :]: cond.pop(k) for k in list(cond) if k.startswith(self.ROW_KEY_PREFIX)}
         missing = [k for k in self.null_cond if k not in cond]
         if missing:
             raise ValueError(
                 f"CFGScore needs the conditioning {missing} (pass cond={{{missing[0]!r}: ...}} to fastsde.sample)"
             )
+        unknown = [k for k in rows if k not in self.null_cond]
+        if unknown:
+            raise ValueError(
+                f"cond names null rows for {unknown} ({self.ROW_KEY_PREFIX}{unknown[0]}), which null_cond does not name"
+            )
         n = x.shape[0]
         both = {
-            k: torch.cat([v, self._null_rows(k, v)]) if k in self.null_cond else torch.cat([v, v])
+            k: torch.cat([v, self._null_rows(k, v, rows.get(k))]) if k in self.null_cond else torch.cat([v, v])
             for k, v in cond.items()
         }
         out = self.score(torch.cat([x, x]), torch.cat([t, t]), **both)
@@ -180,3 +217,31 @@ class ClassifierGuidance:
 
     def __repr__(self) -> str:
         return f"ClassifierGuidance(scale={self.scale:g}, label_key={self.label_key!r})"
+
+
+def with_null_rows(
+    score: Any, cond: Tensor | Mapping[str, Tensor] | None, n: int
+) -> Tensor | Mapping[str, Tensor] | None:
+    """``cond`` with a :class:`CFGScore`'s per-sample null conditioning added as per-sample conditioning
+    (key ``cfg_null__<key>``), so the front door hands the score the null rows of exactly the samples it
+    evaluates; for a ``fastsde.Levels``, that of each level that is a CFGScore (levels must agree on a key).
+    ``cond`` unchanged for any other score, for a null_cond of one row, and where ``cond`` already carries
+    the key. A ValueError (before any compute) for null rows that fit neither one row nor n."""
+    from .levels import Levels
+
+    guided = [f for f in (score.scores if isinstance(score, Levels) else [score]) if isinstance(f, CFGScore)]
+    if not guided or cond is None:
+        return cond
+    as_dict = {"cond": cond} if isinstance(cond, Tensor) else cond
+    if not isinstance(as_dict, Mapping):
+        return cond  # check_cond names the problem
+    extra: dict[str, Tensor] = {}
+    for f in guided:
+        for key in f.per_sample_keys(as_dict, n):
+            name = f.ROW_KEY_PREFIX + key
+            if name in as_dict:
+                continue
+            if name in extra and not torch.equal(extra[name], f.null_cond[key]):
+                raise ValueError(f"the levels' CFGScores hold different per-sample null_cond[{key!r}]: give one")
+            extra[name] = f.null_cond[key]
+    return {**as_dict, **extra} if extra else cond

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .api import check_score_and_process
+from .guidance import with_null_rows
 from .integrate import IntegrationError, dopri5, scipy_rk45
 from .noise import NoiseSource, Stream, as_noise_source
 from .score import CountingScore, ScoreFn, check_cond
@@ -239,7 +240,7 @@ def log_likelihood(
     d = math.prod(dims)
     dtype, device = x.dtype, x.device
     noise = as_noise_source(seed, n)
-    counted = CountingScore(score, n, cond=check_cond(cond, n, x.device))
+    counted = CountingScore(score, n, cond=check_cond(with_null_rows(score, cond, n), n, x.device))
     v_all = None
     if trace == "hutchinson":
         draw = noise.rademacher if probe == "rademacher" else noise.normal

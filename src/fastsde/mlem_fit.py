@@ -31,6 +31,7 @@ of every level) and saved as safetensors + JSON; a run whose key differs is refu
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import time
 from collections.abc import Sequence
@@ -41,6 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .iia import read_key_common
 from .noise import NoiseSource, Stream, check_seed
 from .sde import SDE, broadcast_to_rows
 
@@ -150,21 +152,43 @@ class MLEMSchedule:
 
 
 def load_mlem(path: str | os.PathLike) -> MLEMSchedule:
-    """Read a schedule written by :meth:`MLEMSchedule.save` (safetensors; nothing is unpickled)."""
-    from .files import read_tensors_with_meta
-
+    """Read a schedule written by :meth:`MLEMSchedule.save` (safetensors; nothing is unpickled), every
+    field checked (a FileFormatError naming file and field): p_min in (0, 1], θ finite of shape
+    (levels − 1, degree + 1), one positive finite cost and one model fingerprint per level, the key."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"no ML-EM schedule at {str(p)!r}")
-    tensors, meta = read_tensors_with_meta(p.read_bytes(), str(p), FORMAT, "an ML-EM schedule file", "theta")
-    levels = len(meta["key"]["levels"])
-    return MLEMSchedule(
-        theta=tensors["theta"].to(torch.float64),
-        p_min=float(meta["p_min"]),
-        key=meta["key"],
-        fit=meta.get("fit", {}),
-        probes=[tensors.get(f"probe{i}") for i in range(levels)],
-    )
+    return _from_bytes(p.read_bytes(), str(p))
+
+
+def _from_bytes(data: bytes, where: str) -> MLEMSchedule:
+    """A schedule from a file's bytes, every field checked before it can steer a run."""
+    from .files import Fields, check_tensor, read_tensors_with_meta
+    from .iia import read_model_key
+
+    tensors, f = read_tensors_with_meta(data, where, FORMAT, "an ML-EM schedule file", "theta")
+    p_min = f.number("p_min", low=0.0, low_open=True, high=1.0)
+    key = read_key_common(f, tensors, model=False)[0]
+    base = key.string("base", choices=("em", "ddim"))
+    eta = key.number("eta", low=0.0, high=1.0)
+    if base == "em" and eta != 0.0:
+        raise key.error("eta", "0 with base 'em' (eta applies to base 'ddim' only)", eta)
+    grid = key.string("grid")
+    if len(grid) != 64:
+        raise key.error("grid", "a SHA-256 hex digest of the grid times", grid)
+    levels = key.items("levels", min_length=2)
+    key.numbers("costs", length=len(levels), low=0.0, low_open=True)
+    shape = key.integers("shape", min_length=1, low=1, high=1 << 20)
+    probes = []
+    for i, item in enumerate(levels):
+        model, probe = read_model_key(Fields(where, item, f"key.levels[{i}]"), f"probe{i}", tensors)
+        if model["kind"] == "probe" and list(model["shape"]) != shape:
+            raise key.error(f"levels[{i}].shape", f"the schedule's shape {shape}", model["shape"])
+        probes.append(probe)
+    theta = check_tensor(where, tensors, "theta", (len(levels) - 1, None))
+    if not 1 <= theta.shape[1] <= 16:
+        raise f.error("theta", "1 to 16 columns (the logit polynomial's degree + 1)", theta)
+    return MLEMSchedule(theta=theta, p_min=p_min, key=key.data, fit=f.obj("fit", {}).data, probes=probes)
 
 
 def probabilities(theta: Tensor, basis: Tensor, p_min: float) -> Tensor:
@@ -348,6 +372,48 @@ def _init_theta(auto: Tensor, basis: Tensor, p_min: float) -> Tensor:
     return sol.T.contiguous()
 
 
+def _sample_dims(
+    levels: Any, shape: Sequence[int] | None, t: float, dtype: torch.dtype, device: Any
+) -> tuple[int, ...]:
+    """fit_mlem's ``shape``: one sample's dims. Checked before compute against the dims the levels carry
+    (a loaded model's ``shape``) or, where none do, by one score evaluation on 2 rows of that shape, so
+    ``fastsde.sample``'s (n, *dims) is a ValueError naming both conventions, not an error inside the model."""
+    known = None
+    for f in levels.scores:
+        known = getattr(f, "shape", None) or getattr(getattr(f, "__self__", None), "shape", None)
+        if known is not None:
+            known = tuple(int(d) for d in known)
+            break
+    if shape is None:
+        if known is None:
+            raise ValueError("shape is needed (the dims of one sample), e.g. shape=(1, 8, 8)")
+        return known
+    if isinstance(shape, torch.Size):
+        shape = tuple(shape)
+    ok = isinstance(shape, (tuple, list)) and len(shape) > 0
+    if not ok or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and d > 0 for d in shape):
+        raise ValueError(f"shape must be one sample's dims (positive ints), e.g. (1, 8, 8), got {shape!r}")
+    dims = tuple(int(d) for d in shape)
+    why = (
+        f"shape is one sample's dims (got {dims}); fastsde.sample's shape is (n, *dims) "
+        "(fit_mlem takes the number of fitting samples as n=)"
+    )
+    if known is not None:
+        if dims != known:
+            raise ValueError(f"{why}; these levels' samples have dims {known}")
+        return dims
+    x = torch.zeros(2, *dims, dtype=dtype, device=device)
+    try:
+        with torch.no_grad():
+            out = levels.scores[0](x, torch.full((2,), t, dtype=dtype, device=device))
+    except Exception as err:  # the model rejects rows of these dims: most often (n, *dims) given
+        raise ValueError(f"{why}; the first level failed on 2 rows of dims {dims}: {err}") from err
+    if not isinstance(out, Tensor) or out.shape != x.shape:
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(f"{why}; the first level returned {got} for 2 rows of dims {dims}")
+    return dims
+
+
 def fit_mlem(
     levels: Any,
     sde: SDE,
@@ -372,7 +438,8 @@ def fit_mlem(
 
     Args:
         levels: a :class:`fastsde.Levels` of K ≥ 2 levels.
-        shape: dims of one sample (read off the levels' first score when it has ``.shape``).
+        shape: dims of one sample, e.g. (1, 8, 8) (read off the levels' first score when it has ``.shape``),
+            like ``fit_grid`` and ``fit_iia``; not ``fastsde.sample``'s (n, *dims): a ValueError before compute.
         steps, base, t_end, **options: the mlem run the schedule is for (grid, rho, eta).
         n: fitting samples (prior draws from ``seed``; evaluate on other seeds).
         iters: Adam iterations (each one ML-EM solve of the n samples with fresh draws).
@@ -391,11 +458,7 @@ def fit_mlem(
     t_end = sde.default_t_end if t_end is None else float(t_end)
     sde.check_time("t_end", t_end)
     levels.check(sde, "mlem")
-    if shape is None:
-        shape = getattr(getattr(levels.scores[0], "__self__", None), "shape", None)
-        if shape is None:
-            raise ValueError("shape is needed (the dims of one sample), e.g. shape=(1, 8, 8)")
-    shape = tuple(int(s) for s in shape)
+    shape = _sample_dims(levels, shape, float(sde.T), dtype, device)
     opts = SOLVERS["mlem"].resolve(sde, {**options, "steps": steps, "base": base, "p": "auto", "budget": budget}, t_end)
     p_min = float(opts["p_min"])
     grid = _grid(sde, opts, t_end)

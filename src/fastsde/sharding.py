@@ -43,6 +43,7 @@ from torch import Tensor
 
 from .api import DEFAULT_SOLVER, _recordable, check_dtype, check_run, sample
 from .files import Fields, write_atomic, write_json_atomic
+from .guidance import with_null_rows
 from .identity import content_digests, has_module, probe, probe_matches
 from .noise import NoiseSource, check_seed
 from .score import check_cond
@@ -626,7 +627,7 @@ def sample_to_dir(
             each shard gets its rows, and a digest of it is part of the run's identity.
     """
     shape, spec, t_end, denoise = check_run(score, sde, shape, solver, t_end, denoise)
-    cond_kw = check_cond(cond, shape[0])
+    cond_kw = check_cond(with_null_rows(score, cond, shape[0]), shape[0])  # CFG's per-sample null rows too
     seed = check_seed(seed, "seed")
     shard_size = as_python_number(shard_size)
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
