@@ -425,9 +425,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             with reading("--grid", args.grid, "a fitted grid file (fastsde fit-grid)"):
                 fitted = fastsde.load_grid(args.grid)
-                steps = int(fitted.steps)
         opts["grid"] = fitted
-        opts.setdefault("steps", steps)
+        opts.setdefault("steps", int(fitted.steps))
         check_sizes(args, opts, sharded)
     # validate options (names and values) and the sample keywords before any compute
     t_end = keywords.get("t_end", sde.default_t_end)
