@@ -233,7 +233,8 @@ def sample(
         sde: the forward process the score belongs to.
         shape: (n, *dims).
         solver: a solver name (see ``fastsde.SOLVERS``) or a SolverSpec; default ``DEFAULT_SOLVER``.
-        seed: one int, one int per sample, or a NoiseSource; sample i depends only on its seed.
+        seed: one int, one int per sample, or a NoiseSource; sample i's noise depends only on its seed
+            (the samples are the same bits at any batch size only where README "Seeds" says so).
         t_end: end time of the solve (default: the process's ε).
         denoise: apply the Tweedie denoise at t_end (1 NFE, counted).
         callback: called with a StepInfo after each step; return False to stop early.
