@@ -113,3 +113,27 @@ def test_not_a_process_or_not_callable():
         fastsde.sample(lambda x, t: x, "vp", (2, 2), solver="em")
     with pytest.raises(ValueError, match="score must be callable"):
         fastsde.sample(None, fastsde.VPSDE(), (2, 2), solver="em")
+
+
+@pytest.mark.parametrize(
+    ("kw", "shape", "match"),
+    [
+        (dict(device="meta"), (4, 2), "device 'meta' is not available on this machine; available: cpu"),
+        (dict(device="foo"), (4, 2), "device must be a torch device available here"),
+        (dict(steps=10**11), (4, 2), r"steps must be an integer <= 1000000 \(the limit fastsde sets\)"),
+        (dict(), (10**12, 2), r"needs 7\.45e\+03 GiB for the samples alone, more than this machine's memory"),
+    ],
+    ids=["meta", "unknown-device", "steps", "n"],
+)
+def test_devices_steps_and_sizes_are_refused_before_any_allocation(kw, shape, match):
+    sde = fastsde.VPSDE()
+    calls = []
+    gm = fastsde.problems.mixture_2d(sde)
+
+    def score(x, t):
+        calls.append(1)
+        return gm(x, t)
+
+    with pytest.raises(ValueError, match=match):
+        fastsde.sample(score, sde, shape, solver="ddim", **({"steps": 4} | kw))
+    assert not calls

@@ -3,7 +3,9 @@ the samples with their accounting."""
 
 from __future__ import annotations
 
+import math
 import numbers
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -185,6 +187,48 @@ def check_run(
     return shape, spec, t_end, denoise
 
 
+def check_device(device: Any) -> torch.device:
+    """``device`` as a torch.device this machine has (cpu, an available cuda index, mps), before any
+    compute; 'meta' and unknown or absent devices are a ValueError naming what is available."""
+    have = ["cpu"]
+    if torch.cuda.is_available():
+        have += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        have.append("mps")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device must be a torch device available here ({', '.join(have)}), got {device!r}") from None
+    ok = dev.type == "cpu" or (
+        dev.type == "cuda" and len(have) > 1 and (dev.index is None or f"cuda:{dev.index}" in have)
+    )
+    ok = ok or (dev.type == "mps" and "mps" in have)
+    if not ok:
+        raise ValueError(f"device {str(dev)!r} is not available on this machine; available: {', '.join(have)}")
+    return dev
+
+
+def check_memory(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+    """Refuse a run whose samples alone (n × prod(dims) × itemsize) exceed the device's memory (the
+    machine's RAM on the CPU), before allocating them; larger runs belong in ``sample_to_dir``."""
+    need = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if device.type == "cuda":
+        have = torch.cuda.get_device_properties(device.index or 0).total_memory
+        where = f"{device}'s memory"
+    else:
+        try:
+            have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):  # no sysconf here: no check
+            return
+        where = "this machine's memory"
+    if need > have:
+        raise ValueError(
+            f"shape {shape} in {str(dtype).removeprefix('torch.')} needs {need / 2**30:.3g} GiB for the samples "
+            f"alone, more than {where} ({have / 2**30:.3g} GiB): draw them in shards with fastsde.sample_to_dir"
+        )
+
+
 def check_t_start(sde: SDE, t_start: Any, t_end: float, x_init: Any, solver: str) -> float:
     """t_start as a float with T ≥ t_start > t_end; a t_start below T needs the image it starts from
     (x_init), and an IIA table (fitted on the grid from T) cannot start elsewhere."""
@@ -253,6 +297,8 @@ def sample(
     shape, spec, t_end, denoise = check_run(score, sde, shape, solver, t_end, denoise)
     opts = spec.resolve(sde, options, t_end)
     dtype = check_dtype(dtype)
+    device = check_device(device)
+    check_memory(shape, dtype, device)
     n = shape[0]
     noise = as_noise_source(seed, n)
     seed_record = _seed_record(seed)

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .api import DEFAULT_SOLVER, _recordable, check_dtype, check_run, sample
+from .api import DEFAULT_SOLVER, _recordable, check_device, check_dtype, check_run, sample
 from .files import Fields, write_atomic, write_json_atomic
 from .guidance import with_null_rows
 from .identity import content_digests, has_module, probe, probe_matches
@@ -383,7 +383,7 @@ def _mismatch(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 def device_for_rank(device: torch.device | str) -> torch.device:
     """Under torchrun, a bare 'cuda' means this rank's GPU (LOCAL_RANK)."""
-    dev = torch.device(device)
+    dev = check_device(device)
     if dev.type == "cuda" and dev.index is None and "LOCAL_RANK" in os.environ:
         dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     if dev.type == "cuda":

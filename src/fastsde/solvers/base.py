@@ -73,10 +73,17 @@ def as_python_number(v: Any) -> Any:
     return float(v)
 
 
-def positive_int(minimum: int = 1) -> Callable[[str, Any], None]:
+#: the most grid points (steps) a fixed-grid solver takes: far beyond any use (EM's default is 1000),
+#: while a typo such as 1e11 would allocate the grid and its per-step state before failing
+MAX_STEPS = 10**6
+
+
+def positive_int(minimum: int = 1, maximum: int | None = None) -> Callable[[str, Any], None]:
     def check(name: str, v: Any) -> None:
         if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
             raise ValueError(f"{name} must be an integer >= {minimum}, got {v!r}")
+        if maximum is not None and v > maximum:
+            raise ValueError(f"{name} must be an integer <= {maximum} (the limit fastsde sets), got {v!r}")
 
     return check
 
@@ -135,7 +142,7 @@ def boolean(name: str, v: Any) -> None:
 def grid_options(steps: int, family: str = "sde") -> dict[str, Option]:
     """The options of every fixed-grid solver: number of grid points, grid kind, ρ."""
     return {
-        "steps": Option(steps, positive_int(2), "grid points from T to t_end, both included"),
+        "steps": Option(steps, positive_int(2, MAX_STEPS), "grid points from T to t_end, both included"),
         "grid": Option(
             lambda sde: default_grid(sde, family),
             check_grid_choice,
