@@ -2,8 +2,8 @@
 evaluations."""
 
 from . import problems
-from .files import FileFormatError
 from .api import SampleResult, sample
+from .files import FileFormatError
 from .grid_fit import FittedGrid, fit_grid, load_grid, shipped_grid, shipped_grids
 from .grids import time_grid
 from .guidance import CFGScore, ClassifierGuidance
@@ -21,8 +21,9 @@ from .score import (
     GaussianMixture,
     NoisePredictionScore,
     NonFiniteScoreError,
+    VelocityScore,
 )
-from .sde import EDM, SDE, VESDE, VPSDE, DiscreteVPSDE, SubVPSDE
+from .sde import EDM, SDE, VESDE, VPSDE, DiscreteVPSDE, RectifiedFlow, SubVPSDE
 from .sharding import ShardRun, load_samples, sample_to_dir
 from .sharding_likelihood import likelihood_to_dir, load_likelihood
 from .solvers import SOLVERS, get_solver
@@ -31,6 +32,8 @@ from .solvers.driver import BudgetError, IntegrationError, NonFiniteSolveError
 __version__ = "0.1.0"
 
 __all__ = [
+    "RectifiedFlow",
+    "VelocityScore",
     "SDE",
     "VPSDE",
     "DiscreteVPSDE",

@@ -229,6 +229,29 @@ def check_memory(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devic
         )
 
 
+def check_singular_start(score: Any, sde: SDE, spec: Any, t0: float) -> None:
+    """A start where m(t0) = 0 (a rectified flow's u = 1: pure noise, λ = −∞) needs a solver whose first
+    move is exact in the data prediction x̂0 and a score that gives x̂0 (the score there is −x whatever
+    the data); a ValueError before any compute otherwise."""
+    if float(sde.mean_coeff(torch.tensor([t0], dtype=torch.float64))[0]) != 0.0:
+        return
+    if not getattr(spec.stepper, "singular_start", False):
+        from .solvers import SOLVERS
+
+        able = sorted(k for k, v in SOLVERS.items() if getattr(v.stepper, "singular_start", False))
+        raise ValueError(
+            f"solver {spec.name!r} cannot start at t = {t0:g}, where m = 0 for {sde!r} (pure noise: log-SNR −∞, "
+            f"drift and diffusion infinite): use one of {able}, or start below it (t_start < {t0:g} with x_init, "
+            "x_init_noised=True)"
+        )
+    if not callable(getattr(score, "data_prediction", None)):
+        raise ValueError(
+            f"a solve from t = {t0:g}, where m = 0 for {sde!r}, needs the data prediction x̂0 there, which the score "
+            f"(−x at m = 0, whatever the data) cannot give: {type(score).__name__} has no data_prediction(x, t); "
+            "use fastsde.VelocityScore for a velocity network, or start at t_start < 1"
+        )
+
+
 def check_t_start(sde: SDE, t_start: Any, t_end: float, x_init: Any, solver: str) -> float:
     """t_start as a float with T ≥ t_start > t_end; a t_start below T needs the image it starts from
     (x_init), and an IIA table (fitted on the grid from T) cannot start elsewhere."""
@@ -312,6 +335,7 @@ def sample(
         raise ValueError(
             f"t_start = {t0:g} needs a named grid (the times of a given grid are fixed), got grid={opts['grid']!r}"
         )
+    check_singular_start(score, sde, spec, t0)
     cond_kw = check_cond(with_null_rows(score, cond, n), n, device)  # CFG's per-sample null rows follow too
     if cond_kw is not None and isinstance(score, Levels) and opts.get("p") == "auto":
         raise ValueError("p='auto' calibrates on pilot samples that have no conditioning: give p explicitly with cond=")

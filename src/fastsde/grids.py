@@ -39,6 +39,8 @@ def default_grid(sde: SDE, family: str = "sde") -> str:
     uniform t (Score SDE), exponential integrators use log-SNR."""
     if isinstance(sde, EDM):
         return "edm"
+    if float(sde.mean_coeff(torch.tensor([sde.T], dtype=torch.float64))[0]) == 0.0:
+        return "uniform"  # m(T) = 0 (rectified flow): λ and σ/m are infinite at T; uniform is the shifted schedule
     return {"sde": "uniform", "ode": "edm", "exp": "logsnr"}[family]
 
 
@@ -132,6 +134,12 @@ def time_grid(sde: SDE, kind: Any, n: int, t_start: float, t_end: float, rho: fl
     elif kind == "quadratic":
         a, b = ends.sqrt().tolist()
         grid = (a + u * (b - a)) ** 2
+    elif kind in ("logsnr", "edm") and not bool(torch.isfinite(sde.log_snr(ends)).all()):
+        raise ValueError(
+            f"the {kind} grid needs a finite log-SNR at both ends, but λ(t_start = {t_start:g}) = "
+            f"{float(sde.log_snr(ends)[0]):g} for {sde!r} (m = 0 there): use grid='uniform' (the shifted schedule) or "
+            "'quadratic', or an explicit grid"
+        )
     elif kind == "logsnr":
         lam = sde.log_snr(ends)
         grid = sde.t_from_lambda(lam[0] + u * (lam[1] - lam[0]))

@@ -234,6 +234,12 @@ def log_likelihood(
     sde.check_time("t_end", t_end)
     if not t_end < sde.T:
         raise ValueError(f"t_end must be < T = {sde.T:g}, got {t_end!r}")
+    if float(sde.mean_coeff(torch.tensor([float(sde.T)], dtype=torch.float64))[0]) == 0.0:
+        raise ValueError(
+            f"log_likelihood integrates the probability-flow ODE up to T = {sde.T:g}, where m = 0 for {sde!r}: its "
+            "drift f − ½g²·s is ∞ − ∞ there and the score (−x) cannot give the data prediction it needs; the "
+            "likelihood of a rectified flow is not supported yet"
+        )
 
     n = x.shape[0]
     dims = tuple(x.shape[1:])

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .score import DiffusersUNetScore, NoisePredictionScore
-from .sde import PROCESSES, SDE, TABULATED_PROCESSES, VESDE, VPSDE
+from .sde import PROCESSES, SDE, TABULATED_PROCESSES, VESDE, VPSDE, RectifiedFlow
 
 __all__ = [
     "EpsNetwork",
@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 #: by the "type" of sde.config()
-_SDES = {cls.__name__: cls for cls in [*PROCESSES.values(), *TABULATED_PROCESSES.values()]}
+_SDES = {cls.__name__: cls for cls in [*PROCESSES.values(), *TABULATED_PROCESSES.values(), RectifiedFlow]}
 
 
 def sde_from_config(cfg: dict[str, Any]) -> SDE:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .sde import EDM, SDE, VPSDE, SubVPSDE, broadcast_to_rows, per_row
+from .sde import EDM, SDE, VPSDE, RectifiedFlow, SubVPSDE, broadcast_to_rows, per_row
 
 __all__ = [
     "ScoreFn",
@@ -30,6 +30,7 @@ __all__ = [
     "NoisePredictionScore",
     "DenoiserScore",
     "DiffusersUNetScore",
+    "VelocityScore",
     "default_time_input",
 ]
 
@@ -158,15 +159,49 @@ class CountingScore:
             raise ValueError(
                 f"t must be a 1-D tensor with one time per row of x ({x.shape[0]}), got shape {tuple(t.shape)}"
             )
+        return self._evaluate(self.score, x, t, rows, check_finite, ids)
+
+    @property
+    def has_data_prediction(self) -> bool:
+        """Whether the wrapped score also gives the data prediction x̂0 (``data_prediction(x, t, **cond)``)."""
+        return callable(getattr(self.score, "data_prediction", None)) and not self.pass_rows
+
+    def data_prediction(
+        self,
+        x: Tensor,
+        t: Tensor,
+        rows: Tensor | None = None,
+        *,
+        check_finite: bool = True,
+        ids: Tensor | None = None,
+    ) -> Tensor:
+        """The wrapped score's data prediction x̂0 at (x, t), counted, checked and conditioned exactly as a
+        score evaluation (one evaluation per row). Needed where m(t) = 0 (a rectified flow's u = 1), at
+        which x̂0 cannot be read from the score (it is −x there whatever the data)."""
+        if not self.has_data_prediction:
+            raise ValueError(
+                f"{type(self.score).__name__} has no data_prediction(x, t): a solve from m(t) = 0 needs one "
+                "(VelocityScore and GaussianMixture have it)"
+            )
+        if t.dim() != 1 or t.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"t must be a 1-D tensor with one time per row of x ({x.shape[0]}), got shape {tuple(t.shape)}"
+            )
+        return self._evaluate(self.score.data_prediction, x, t, rows, check_finite, ids)
+
+    def _evaluate(
+        self, fn: Callable[..., Tensor], x: Tensor, t: Tensor, rows: Tensor | None, check_finite: bool, ids
+    ) -> Tensor:
+        """One counted evaluation of fn (the score or its data prediction) at the rows of x."""
         kw = self.cond_rows(x, rows, ids)
         args = (x, t, rows) if self.pass_rows else (x, t)
         versions = (x._version, t._version)  # bumped by any in-place write (no copy, no synchronisation)
         if self.needs_grad:
             with torch.enable_grad():
-                out = self.score(*args, **kw)
+                out = fn(*args, **kw)
             out = out.detach() if isinstance(out, Tensor) else out
         else:
-            out = self.score(*args, **kw)
+            out = fn(*args, **kw)
         _check_output(out, x)
         if (x._version, t._version) != versions:
             which = "x" if x._version != versions[0] else "t"
@@ -324,6 +359,22 @@ class GaussianMixture:
 
     __call__ = score
 
+    def data_prediction(self, x: Tensor, t: Tensor) -> Tensor:
+        """Exact posterior mean E[x0 | x_t = x] = Σ_k r_k·(μ_k + m·s_k²·(x − m·μ_k)/(m²s_k² + σ²)); finite
+        where m = 0 (there it is the data mean Σ w_k μ_k, which the score −x cannot tell)."""
+        t = _as_time(t, x)
+        log_joint, diff, var = self._log_joint(x, t)
+        resp = torch.softmax(log_joint, dim=1)[..., None]
+        mu = self.means.reshape(self.means.shape[0], -1).to(x.device, x.dtype)
+        s2 = self.stds.reshape(self.stds.shape[0], -1).to(x.device, x.dtype) ** 2
+        m = (
+            self.sde.mean_coeff(t).to(x.dtype)[:, None, None]
+            if self.sde is not None
+            else torch.ones_like(t)[:, None, None]
+        )
+        post = mu[None] + m * s2[None] * diff / var
+        return (resp * post).sum(1).reshape(x.shape)
+
     def responsibilities(self, x: Tensor, t: Tensor | float = 0.0) -> Tensor:
         """Posterior component probabilities (n, K); used to assign samples to modes."""
         t = _as_time(t, x)
@@ -448,3 +499,47 @@ class DiffusersUNetScore:
             return (m * out - x) / sigma**2
         eps = m * out + sigma * x  # v = m ε − σ x0 with m² + σ² = 1
         return -eps / sigma
+
+
+class VelocityScore:
+    """Score from a flow-matching velocity network v(x, t_net) ≈ ε − x0 (SD3, FLUX, ...) on a
+    :class:`~fastsde.sde.RectifiedFlow`: x̂0 = x − σ·v, ε̂ = x + (1 − σ)·v, score = −ε̂/σ.
+
+    ``time_input``: what the network is conditioned on: None or "sigma" (the flow-matching t = σ,
+    the default), "timestep" (1000·σ, what diffusers' SD3 transformer takes as ``timestep``), or a
+    callable of the process time u. Conditioning keywords are passed to the network.
+    ``data_prediction`` gives x̂0 directly, which a solve from u = 1 (m = 0) needs.
+    """
+
+    def __init__(
+        self,
+        model: Callable[..., Tensor],
+        sde: SDE,
+        time_input: str | Callable[[Tensor], Tensor] | None = None,
+    ):
+        if not isinstance(sde, RectifiedFlow):
+            raise ValueError(f"VelocityScore needs a RectifiedFlow process (v = ε − x0 on m + σ = 1), got {sde!r}")
+        if time_input is None or time_input == "sigma":
+            self.time_input: Callable[[Tensor], Tensor] = sde.marginal_std
+        elif time_input == "timestep":
+            self.time_input = lambda t: 1000.0 * sde.marginal_std(t)
+        elif callable(time_input):
+            self.time_input = time_input
+        else:
+            raise ValueError(f"time_input must be None, 'sigma', 'timestep' or a callable of t, got {time_input!r}")
+        self.model = model
+        self.sde = sde
+
+    def velocity(self, x: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
+        """The network's v at (x, t), in x's dtype."""
+        return self.model(x, self.time_input(t), **cond).to(x.dtype)
+
+    def __call__(self, x: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
+        v = self.velocity(x, t, **cond)
+        sigma = broadcast_to_rows(self.sde.marginal_std(t).to(x.dtype), x)
+        return -(x + (1.0 - sigma) * v) / sigma
+
+    def data_prediction(self, x: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
+        """x̂0 = x − σ·v (finite at u = 1)."""
+        v = self.velocity(x, t, **cond)
+        return x - broadcast_to_rows(self.sde.marginal_std(t).to(x.dtype), x) * v

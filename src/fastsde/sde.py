@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor
 
-__all__ = ["SDE", "VPSDE", "SubVPSDE", "VESDE", "EDM", "DiscreteVPSDE", "broadcast_to_rows"]
+__all__ = ["SDE", "VPSDE", "SubVPSDE", "VESDE", "EDM", "DiscreteVPSDE", "RectifiedFlow", "broadcast_to_rows"]
 
 
 def broadcast_to_rows(v: Tensor, x: Tensor) -> Tensor:
@@ -335,6 +336,235 @@ class EDM(SDE):
     @property
     def prior_std(self) -> float:
         return self.sigma_max
+
+
+#: time-shift types of diffusers' dynamic (resolution-dependent) shifting
+TIME_SHIFT_TYPES = ("exponential", "linear")
+
+
+def _check_unit_open(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and 0 < value < 1):
+        raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")
+
+
+class RectifiedFlow(SDE):
+    """The flow-matching / rectified-flow path of SD3, FLUX, ...: x = (1 − σ)·x0 + σ·ε, the network
+    predicting the velocity v = ε − x0 (see :class:`~fastsde.score.VelocityScore`).
+
+    Process time u ∈ (0, 1] (T = 1) runs through the *shifted* schedule
+    σ(u) = s·u/(1 + (s − 1)·u), m(u) = 1 − σ(u), so that fastsde's time-uniform grids are diffusers'
+    shifted sigma schedules and λ-uniform grids do not depend on the shift (the shift only
+    reparametrises time). s is ``shift`` (SD3's static shift), or e^μ (``mu``, FLUX's dynamic
+    shift, ``time_shift_type="exponential"``: σ = e^μ/(e^μ + 1/u − 1)) or μ (``"linear"``:
+    σ = μ/(μ + 1/u − 1)): all three are the same Möbius map. ``shift_terminal`` stretches the
+    schedule as diffusers does, m(u) = κ·(1 − σ_s(u)) with κ = (1 − shift_terminal)/(1 − σ_s(t_end)),
+    so that σ(t_end) = shift_terminal (the data are then reached at t_min > 0). With D = 1 + (s−1)u:
+
+        m = κ(1 − u)/D,  σ = 1 − m,  dσ/du = κ s/D²,
+        a(u) = d log m/du = −s/(D(1 − u)),  g(u)² = dσ²/du − 2aσ² = 2σ(dσ/du − aσ),
+
+    the drift and diffusion of the Itô SDE dx = a·x du + g dw whose marginals are these. Half
+    log-SNR λ = log(m/σ); its inverse is closed-form (m = sigmoid(λ)).
+
+    u = T = 1 is singular: m = 0 (pure noise, prior N(0, I)), λ = −∞, a and g² infinite, and the
+    score there is −x whatever the data, so the data prediction x̂0 cannot be read from a score at
+    u = 1. A solve from u = 1 therefore takes x̂0 there from the score's ``data_prediction``
+    (VelocityScore, GaussianMixture) and is run by the solvers whose first move is exact in x̂0
+    (those whose stepper declares ``singular_start``: euler, ddim, dpmpp_2m); others are refused
+    before compute (start them at t_start < 1).
+    ``default_t_end`` is 1e-3 (diffusers' last inference time for dynamic shifting, in u).
+    """
+
+    T = 1.0
+
+    def __init__(
+        self,
+        shift: float = 1.0,
+        *,
+        mu: float | None = None,
+        time_shift_type: str = "exponential",
+        shift_terminal: float | None = None,
+        t_end: float = 1e-3,
+    ) -> None:
+        if isinstance(shift, bool) or not isinstance(shift, (int, float)):
+            raise ValueError(f"shift must be a positive finite number, got {shift!r}")
+        _check_positive("shift", shift)
+        if time_shift_type not in TIME_SHIFT_TYPES:
+            raise ValueError(f"time_shift_type must be one of {list(TIME_SHIFT_TYPES)}, got {time_shift_type!r}")
+        if mu is not None:
+            if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not math.isfinite(mu):
+                raise ValueError(f"mu must be a finite number, got {mu!r}")
+            if shift != 1.0:
+                raise ValueError(
+                    f"give either shift (static) or mu (dynamic shifting), not both: shift={shift!r}, mu={mu!r}"
+                )
+            if time_shift_type == "linear" and mu <= 0:
+                raise ValueError(f"mu must be > 0 for time_shift_type='linear', got {mu!r}")
+            eff = math.exp(mu) if time_shift_type == "exponential" else float(mu)
+            if not (math.isfinite(eff) and eff > 0):
+                raise ValueError(f"mu = {mu!r} gives a shift e^mu that is not a positive finite number")
+        else:
+            eff = float(shift)
+        _check_unit_open("t_end", t_end)
+        if shift_terminal is not None:
+            _check_unit_open("shift_terminal", shift_terminal)
+        self.shift = float(shift)
+        self.mu = None if mu is None else float(mu)
+        self.time_shift_type = time_shift_type
+        self.shift_terminal = None if shift_terminal is None else float(shift_terminal)
+        self.t_end = float(t_end)
+        self.default_t_end = self.t_end
+        #: the shift s of σ_s(u) = s·u/(1 + (s − 1)·u), whichever way it was given
+        self.effective_shift = eff
+        sig_end = eff * self.t_end / (1.0 + (eff - 1.0) * self.t_end)
+        #: the terminal stretch κ of m = κ·(1 − σ_s) (1 without shift_terminal)
+        self.kappa = 1.0 if shift_terminal is None else (1.0 - self.shift_terminal) / (1.0 - sig_end)
+        # with κ > 1 the data (σ = 0) sit at σ_s = 1 − 1/κ
+        sig0 = 1.0 - 1.0 / self.kappa if self.kappa > 1.0 else 0.0
+        self.t_min = sig0 / (eff - (eff - 1.0) * sig0)
+
+    def _params(self) -> dict:
+        out: dict = {"shift": self.shift}
+        if self.mu is not None:
+            out.update(mu=self.mu, time_shift_type=self.time_shift_type)
+        if self.shift_terminal is not None:
+            out["shift_terminal"] = self.shift_terminal
+        out["t_end"] = self.t_end
+        return out
+
+    # -- construction from FLUX / diffusers settings --------------------------------------------
+    @staticmethod
+    def dynamic_mu(
+        image_seq_len: int,
+        base_seq_len: int = 256,
+        max_seq_len: int = 4096,
+        base_shift: float = 0.5,
+        max_shift: float = 1.15,
+    ) -> float:
+        """FLUX's μ: linear in the image sequence length through (base_seq_len, base_shift) and
+        (max_seq_len, max_shift), as diffusers' pipelines compute it (``calculate_shift``)."""
+        for name, v in (("image_seq_len", image_seq_len), ("base_seq_len", base_seq_len), ("max_seq_len", max_seq_len)):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        for name, v in (("base_shift", base_shift), ("max_shift", max_shift)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
+        if max_seq_len == base_seq_len:
+            raise ValueError(f"max_seq_len must differ from base_seq_len, both are {base_seq_len!r}")
+        slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+        return image_seq_len * slope + (base_shift - slope * base_seq_len)
+
+    @classmethod
+    def dynamic(
+        cls,
+        image_seq_len: int | None = None,
+        *,
+        mu: float | None = None,
+        base_seq_len: int = 256,
+        max_seq_len: int = 4096,
+        base_shift: float = 0.5,
+        max_shift: float = 1.15,
+        time_shift_type: str = "exponential",
+        shift_terminal: float | None = None,
+        t_end: float = 1e-3,
+    ) -> RectifiedFlow:
+        """FLUX's dynamic shift: μ given, or computed from ``image_seq_len`` by :meth:`dynamic_mu`."""
+        if (mu is None) == (image_seq_len is None):
+            raise ValueError(
+                f"give exactly one of mu and image_seq_len, got mu={mu!r}, image_seq_len={image_seq_len!r}"
+            )
+        if mu is None:
+            mu = cls.dynamic_mu(image_seq_len, base_seq_len, max_seq_len, base_shift, max_shift)
+        return cls(mu=mu, time_shift_type=time_shift_type, shift_terminal=shift_terminal, t_end=t_end)
+
+    @classmethod
+    def from_diffusers_scheduler(
+        cls, scheduler_or_config, *, image_seq_len: int | None = None, mu: float | None = None
+    ) -> RectifiedFlow:
+        """The process of a diffusers ``FlowMatchEulerDiscreteScheduler`` (or its config dict): its shift,
+        or with ``use_dynamic_shifting`` the μ of ``image_seq_len`` (or ``mu``) from its base/max shift and
+        sequence lengths, its ``time_shift_type`` and ``shift_terminal``. ``t_end`` is the scheduler's
+        last inference time (1/num_train_timesteps, shifted once more under a static shift, as
+        diffusers' set_timesteps does), so a time-uniform grid of N points is its N-step schedule."""
+        cfg = getattr(scheduler_or_config, "config", scheduler_or_config)
+        if not isinstance(cfg, Mapping):
+            raise ValueError(f"expected a FlowMatchEulerDiscreteScheduler or its config dict, got {type(cfg).__name__}")
+        cfg = dict(cfg)
+        for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas"):
+            if cfg.get(key):
+                raise ValueError(
+                    f"scheduler option {key}=True is not a rectified-flow time shift fastsde can represent"
+                )
+        n_train = cfg.get("num_train_timesteps", 1000)
+        if isinstance(n_train, bool) or not isinstance(n_train, int) or n_train < 2:
+            raise ValueError(f"num_train_timesteps must be an integer >= 2, got {n_train!r}")
+        kind = cfg.get("time_shift_type", "exponential")
+        terminal = cfg.get("shift_terminal") or None
+        if cfg.get("use_dynamic_shifting", False):
+            if mu is None and image_seq_len is None:
+                raise ValueError(
+                    "this scheduler uses dynamic shifting (use_dynamic_shifting=True): pass image_seq_len= (the "
+                    "number of latent tokens, e.g. (H/16)·(W/16) for FLUX) or mu="
+                )
+            return cls.dynamic(
+                image_seq_len,
+                mu=mu,
+                base_seq_len=cfg.get("base_image_seq_len", 256),
+                max_seq_len=cfg.get("max_image_seq_len", 4096),
+                base_shift=cfg.get("base_shift", 0.5),
+                max_shift=cfg.get("max_shift", 1.15),
+                time_shift_type=kind,
+                shift_terminal=terminal,
+                t_end=1.0 / n_train,
+            )
+        if mu is not None or image_seq_len is not None:
+            raise ValueError("image_seq_len / mu apply only to a scheduler with use_dynamic_shifting=True")
+        shift = cfg.get("shift", 1.0)
+        _check_positive("shift", shift)
+        t_end = shift * (1.0 / n_train) / (1.0 + (shift - 1.0) / n_train)
+        return cls(shift, shift_terminal=terminal, t_end=t_end)
+
+    # -- schedule -------------------------------------------------------------------------------
+    def _den(self, t: Tensor) -> Tensor:
+        return 1.0 + (self.effective_shift - 1.0) * t
+
+    def mean_coeff(self, t: Tensor) -> Tensor:
+        return self.kappa * (1.0 - t) / self._den(t)
+
+    def marginal_std(self, t: Tensor) -> Tensor:
+        # 1 − m written without cancellation: ((1 − κ) + (s − 1 + κ)·u)/D
+        s, k = self.effective_shift, self.kappa
+        return ((1.0 - k) + (s - 1.0 + k) * t) / self._den(t)
+
+    def sigma_dot(self, t: Tensor) -> Tensor:
+        """dσ/du = κ·s/D²."""
+        return self.kappa * self.effective_shift / self._den(t) ** 2
+
+    def drift_coeff(self, t: Tensor) -> Tensor:
+        return -self.effective_shift / (self._den(t) * (1.0 - t))
+
+    def diffusion(self, t: Tensor) -> Tensor:
+        sig = self.marginal_std(t)
+        return torch.sqrt(2.0 * sig * (self.sigma_dot(t) - self.drift_coeff(t) * sig))
+
+    def log_snr(self, t: Tensor) -> Tensor:
+        return torch.log(self.mean_coeff(t)) - torch.log(self.marginal_std(t))
+
+    def t_from_lambda(self, lam: Tensor) -> Tensor:
+        # m = sigmoid(λ) (m + σ = 1); σ_s = 1 − m/κ = (κ − 1 + sigmoid(−λ))/κ; u = σ_s/(s − (s − 1)σ_s)
+        s, k = self.effective_shift, self.kappa
+        sig_s = (k - 1.0 + torch.sigmoid(-lam)) / k
+        return sig_s / (s - (s - 1.0) * sig_s)
+
+    def t_from_sigma(self, sigma: float | Tensor) -> float | Tensor:
+        """The process time u at which σ(u) = sigma (the flow-matching t of the network)."""
+        s, k = self.effective_shift, self.kappa
+        sig_s = (k - 1.0 + sigma) / k
+        return sig_s / (s - (s - 1.0) * sig_s)
+
+    @property
+    def prior_std(self) -> float:
+        return 1.0
 
 
 def _as_table(name: str, values) -> Tensor:

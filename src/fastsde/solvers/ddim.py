@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..sde import SDE, broadcast_to_rows
 from .base import Option, SolverSpec, fixed_grid, grid_options
-from .stepper import Step, Stepper, StepResult
+from .stepper import Step, Stepper, StepResult, denoised
 
 __all__ = ["DDIM", "DDIMStepper", "posterior_step"]
 
@@ -52,6 +52,7 @@ class DDIMStepper(Stepper):
     """DDIM: order 1 on the PF-ODE (η = 0); weak order 1 on the ancestral chain (η > 0)."""
 
     order = 1.0
+    singular_start = True  # from m = 0 the move is x_s = m_s·x̂0 + σ_s·ε̂ (ε̂ = x, e^{−h} = 0): exact in x̂0
 
     @classmethod
     def declared_stochastic(cls, options: Mapping[str, Any]) -> bool:
@@ -59,7 +60,7 @@ class DDIMStepper(Stepper):
 
     def step(self, x: Tensor, s: Step) -> StepResult:
         eta = float(self.options["eta"])
-        x0 = self.sde.denoise(x, s.t, s.score(x, s.t))
+        x0 = denoised(self.sde, s, x, s.t, self.singular_move(s))
         z = s.normal(x) if eta > 0.0 else None
         return StepResult(x=posterior_step(self.sde, x, x0, s.t, s.t_next, eta, z), x0_hat=x0)
 

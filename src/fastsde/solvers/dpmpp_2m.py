@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..sde import broadcast_to_rows
 from .base import Option, SolverSpec, boolean, fixed_grid, grid_options
-from .stepper import State, Step, Stepper, StepResult
+from .stepper import State, Step, Stepper, StepResult, denoised
 
 __all__ = ["DPMPP_2M", "DPMSolverPP2M", "first_order_moves", "LOWER_ORDER_FINAL_BELOW"]
 
@@ -41,6 +41,9 @@ class DPMSolverPP2M(Stepper):
     """DPM-Solver++(2M): order 2, one evaluation per move, multistep history of x̂0 and h."""
 
     order = 2.0
+    #: from m = 0 (h = ∞) the first move is x_s = (σ_s/σ_t)·x + m_s·x̂0, exact in x̂0; the next one sees
+    #: h_prev = ∞ and is first order (r = h_prev/h = ∞), after which the history is finite
+    singular_start = True
 
     def init(self, x: Tensor) -> tuple[State, Tensor | None]:
         return {"x0": torch.zeros_like(x), "h": torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)}, None
@@ -52,7 +55,7 @@ class DPMSolverPP2M(Stepper):
         sde = self.sde
         t, t_next = s.t, s.t_next
         h = sde.log_snr(t_next) - sde.log_snr(t)
-        x0 = sde.denoise(x, t, s.score(x, t))
+        x0 = denoised(sde, s, x, t, self.singular_move(s))
         h_prev, x0_prev = s.get("h"), s.get("x0")
         first = first_order_moves(s, h_prev > 0, self.options["lower_order_final"])
         half_inv_r = broadcast_to_rows(0.5 * h / h_prev, x)

@@ -139,6 +139,7 @@ def integrate(
     span_c = c_end - c0
     path = make_path(brownian, ctx.noise, x, c_start, c_end, coord.variance) if adaptive else None
     check_finite = not adaptive
+    has_dp = bool(getattr(ctx.score, "has_data_prediction", False))
     # the full batch's rows and mask, kept on the device: a fixed grid steps every sample together, and
     # copying them from the host each step would wait for the device
     all_rows, all_act = torch.arange(n), torch.ones(n, dtype=torch.bool)
@@ -223,6 +224,9 @@ def integrate(
             def score(xx: Tensor, tt: Tensor, _r=score_rows, _ids=ids) -> Tensor:
                 return ctx.score(xx, tt, rows=_r, check_finite=check_finite, ids=_ids)
 
+            def data_prediction(xx: Tensor, tt: Tensor, _r=score_rows, _ids=ids) -> Tensor:
+                return ctx.score.data_prediction(xx, tt, rows=_r, check_finite=check_finite, ids=_ids)
+
             def score0(_rows=rows_d, _act=act_d, _r=score_rows, _xs=xs, _ts=ts_d, _ids=ids) -> Tensor:
                 if s_cache is None:
                     return ctx.score(_xs, _ts, rows=_r, check_finite=check_finite, ids=_ids)
@@ -267,6 +271,7 @@ def integrate(
                 brownian=increments,
                 normal_fn=normal,
                 state=state,
+                data_prediction=data_prediction if has_dp else None,
             )
             res = stepper.step(xs, step)
 

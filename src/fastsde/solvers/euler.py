@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ..sde import SDE, broadcast_to_rows
 from .base import SolverSpec, fixed_grid, grid_options
-from .stepper import Step, Stepper, StepResult
+from .stepper import Step, Stepper, StepResult, denoised
 
 __all__ = ["EULER", "Euler", "edm_direction"]
 
@@ -30,9 +30,17 @@ class Euler(Stepper):
     """Euler in EDM coordinates: order 1, one evaluation per move."""
 
     order = 1.0
+    #: from m = 0, x̃ = x/m is infinite; the same Euler move written in x is x' = m'·x̂0 + σ'·ε̂ with
+    #: ε̂ = (x − m·x̂0)/σ (x' = x + (σ' − σ)·v on a rectified flow, diffusers' FlowMatchEuler step)
+    singular_start = True
 
     def step(self, x: Tensor, s: Step) -> StepResult:
         sde = self.sde
+        if self.singular_move(s):
+            x0 = denoised(sde, s, x, s.t, singular=True)
+            eps = (x - broadcast_to_rows(sde.mean_coeff(s.t), x) * x0) / broadcast_to_rows(sde.marginal_std(s.t), x)
+            m_next, sig_next = sde.mean_coeff(s.t_next), sde.marginal_std(s.t_next)
+            return StepResult(x=broadcast_to_rows(m_next, x) * x0 + broadcast_to_rows(sig_next, x) * eps, x0_hat=x0)
         xt = x / broadcast_to_rows(sde.mean_coeff(s.t), x)
         dsig = broadcast_to_rows(sde.edm_sigma(s.t_next) - sde.edm_sigma(s.t), x)
         return StepResult(

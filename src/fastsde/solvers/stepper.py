@@ -12,14 +12,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor
 
 from ..noise import Stream
+from ..sde import SDE
 
 if TYPE_CHECKING:
     from .base import SolverContext
 
-__all__ = ["Step", "StepResult", "Stepper", "State", "embedded"]
+__all__ = ["Step", "StepResult", "Stepper", "State", "embedded", "denoised"]
 
 #: A stepper's per-sample state: name -> full-batch tensor whose first dimension is the sample.
 State = dict[str, Tensor]
@@ -55,6 +57,8 @@ class Step:
     brownian: Callable[[list[Tensor]], list[Tensor]]
     normal_fn: Callable[[Tensor, int], Tensor]
     state: State = field(default_factory=dict)
+    #: the counted data prediction x̂0(x, t) of the score (None: the score has none); see :func:`denoised`
+    data_prediction: Callable[[Tensor, Tensor], Tensor] | None = None
 
     def normal(self, like: Tensor, stream: int = Stream.STEP) -> Tensor:
         """Standard normal noise shaped like ``like``, keyed per sample by this step's index."""
@@ -88,6 +92,22 @@ def embedded(low: Tensor, high: Tensor, extrapolate: bool = True, **kw: Any) -> 
     return StepResult(x=keep, error=high - low, x_ref=ref, **kw)
 
 
+def denoised(sde: SDE, s: Step, x: Tensor, t: Tensor, singular: bool = False) -> Tensor:
+    """The data prediction x̂0 at (x, t), one evaluation: Tweedie's (x + σ²·s)/m from the score, or, on
+    a move from m = 0 (``singular``: a rectified flow's u = 1, where the score is −x whatever the data),
+    the score's own data prediction (for every row of the move)."""
+    if singular and s.data_prediction is not None:
+        return s.data_prediction(x, t)
+    return sde.denoise(x, t, s.score(x, t))
+
+
+def starts_at_zero_mean(sde: SDE | None, t_start: Any) -> bool:
+    """Whether m(t_start) = 0 (a rectified flow's pure-noise end), decided once on the host."""
+    if sde is None or isinstance(t_start, bool) or not isinstance(t_start, (int, float)):
+        return False
+    return float(sde.mean_coeff(torch.tensor([float(t_start)], dtype=torch.float64))[0]) == 0.0
+
+
 class Stepper:
     """One method. Subclasses set the declarations and implement :meth:`step`.
 
@@ -100,7 +120,8 @@ class Stepper:
     - ``first_nfe``: evaluations made once before the first step (``init``);
     - ``initial_step_nfe``: evaluations of its automatic first-step selection (h_init=None);
     - ``coordinate``: "t" or "logsnr", the coordinate an adaptive controller steps in;
-    - ``stochastic``: whether its samples depend on the seed beyond x_T for these options.
+    - ``stochastic``: whether its samples depend on the seed beyond x_T for these options;
+    - ``singular_start``: whether it can start where m = 0 (rectified flow's u = 1).
     """
 
     order: float = 1.0
@@ -110,6 +131,9 @@ class Stepper:
     initial_step_nfe: int = 0
     coordinate: str = "t"
     stochastic: bool = False
+    #: whether the method can start where m = 0 (a rectified flow's u = 1): its first move is then
+    #: exact in the score's data prediction x̂0 (see :func:`denoised`); others are refused before compute
+    singular_start: bool = False
 
     @classmethod
     def declared_order(cls, options: Mapping[str, Any]) -> float:
@@ -130,6 +154,12 @@ class Stepper:
         self.ctx = ctx
         self.sde = ctx.sde
         self.options = dict(options)
+        #: the solve starts where m = 0: its first move (index 0, known on the host) is singular
+        self.from_zero_mean = starts_at_zero_mean(self.sde, getattr(ctx, "t_start", None))
+
+    def singular_move(self, s: Step) -> bool:
+        """Whether this move starts where m = 0 (the first move of a solve from a rectified flow's u = 1)."""
+        return self.from_zero_mean and bool((s.index == 0).any())
 
     def init(self, x: Tensor) -> tuple[State, Tensor | None]:
         """The stepper's state for the samples of x, and a per-sample mask of samples whose start is

@@ -1,0 +1,357 @@
+"""Rectified flow / flow matching (issue 31, part 1): the process, the velocity adapter, the exact
+mixture on the flow path, the singular start at u = 1 (m = 0), and equality with diffusers'
+FlowMatchEulerDiscreteScheduler."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fastsde
+from fastsde.problems import mixture_2d
+
+F64 = torch.float64
+
+FLOWS = {
+    "flow": lambda: fastsde.RectifiedFlow(),
+    "flow_shift3": lambda: fastsde.RectifiedFlow(shift=3.0),
+}
+#: the solvers whose first move from m = 0 is exact in x̂0, with a working option set each
+#: (dpmpp_2m on the default time-uniform grid is pre-asymptotic at 40 steps on this mixture: its last moves
+#: span several units of λ; on the quadratic grid its order 2 shows from 32 steps)
+SINGULAR = {"euler": {}, "ddim": {"eta": 0.0}, "ddim_eta1": {"eta": 1.0}, "dpmpp_2m": {"grid": "quadratic"}}
+
+
+def _solver(key: str) -> str:
+    return key.split("_eta")[0]
+
+
+def _velocity_net(gm: fastsde.GaussianMixture, sde: fastsde.RectifiedFlow):
+    """A velocity network v(x, σ) = ε̂ − x̂0 = (x − x̂0)/σ from the exact mixture."""
+
+    def net(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        u = sde.t_from_sigma(sigma.to(F64)).to(x.dtype)
+        return (x - gm.data_prediction(x, u)) / sigma.to(x.dtype)[:, None]
+
+    return net
+
+
+# -- the process ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "sde, shifted",
+    [
+        (fastsde.RectifiedFlow(), lambda u: u),
+        (fastsde.RectifiedFlow(shift=3.0), lambda u: 3 * u / (1 + 2 * u)),
+        (fastsde.RectifiedFlow(mu=0.7), lambda u: math.exp(0.7) / (math.exp(0.7) + 1 / u - 1)),
+        (fastsde.RectifiedFlow(mu=2.5, time_shift_type="linear"), lambda u: 2.5 / (2.5 + 1 / u - 1)),
+    ],
+)
+def test_schedule_is_the_shifted_sigma(sde, shifted):
+    u = torch.tensor([0.001, 0.1, 0.37, 0.5, 0.9, 0.999, 1.0], dtype=F64)
+    want = torch.tensor([shifted(float(v)) for v in u], dtype=F64)
+    torch.testing.assert_close(sde.marginal_std(u), want, rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(sde.mean_coeff(u), 1.0 - want, rtol=1e-14, atol=1e-15)
+    assert float(sde.mean_coeff(torch.tensor([1.0], dtype=F64))[0]) == 0.0
+    assert sde.T == 1.0 and sde.prior_std == 1.0
+
+
+@pytest.mark.parametrize("sde", [fastsde.RectifiedFlow(shift=3.0), fastsde.RectifiedFlow(mu=0.9, shift_terminal=0.05)])
+def test_drift_and_diffusion_give_the_marginals(sde):
+    """a = d log m/du and g² = dσ²/du − 2aσ² (finite differences), λ inverted exactly."""
+    u = torch.linspace(0.05, 0.95, 19, dtype=F64)
+    e = 1e-6
+    dlogm = (torch.log(sde.mean_coeff(u + e)) - torch.log(sde.mean_coeff(u - e))) / (2 * e)
+    dsig2 = (sde.marginal_std(u + e) ** 2 - sde.marginal_std(u - e) ** 2) / (2 * e)
+    torch.testing.assert_close(sde.drift_coeff(u), dlogm, rtol=1e-7, atol=1e-8)
+    g2 = dsig2 - 2 * sde.drift_coeff(u) * sde.marginal_std(u) ** 2
+    torch.testing.assert_close(sde.diffusion(u) ** 2, g2, rtol=1e-7, atol=1e-8)
+    torch.testing.assert_close(sde.t_from_lambda(sde.log_snr(u)), u, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(sde.mean_coeff(u) + sde.marginal_std(u), torch.ones_like(u), rtol=1e-14, atol=1e-14)
+
+
+def test_shift_leaves_the_logsnr_path_unchanged():
+    """Shift only reparametrises time: the marginal at a given λ is the same."""
+    lam = torch.linspace(-5.0, 5.0, 11, dtype=F64)
+    a, b = fastsde.RectifiedFlow(), fastsde.RectifiedFlow(shift=3.0)
+    torch.testing.assert_close(a.marginal_std(a.t_from_lambda(lam)), b.marginal_std(b.t_from_lambda(lam)))
+
+
+def test_shift_terminal_ends_at_the_terminal_sigma():
+    sde = fastsde.RectifiedFlow(shift=3.0, shift_terminal=0.1)
+    end = torch.tensor([sde.default_t_end], dtype=F64)
+    assert float(sde.marginal_std(end)[0]) == pytest.approx(0.1, rel=1e-12)
+    assert float(sde.marginal_std(torch.tensor([1.0], dtype=F64))[0]) == pytest.approx(1.0, rel=1e-14)
+    # a terminal above the unstretched end (LTX-Video's use): σ(0) = 1 − κ > 0, t_min = 0
+    assert sde.t_min == 0.0 and float(sde.marginal_std(torch.zeros(1, dtype=F64))[0]) == pytest.approx(1 - sde.kappa)
+    # below it: the data (σ = 0) sit at t_min in (0, t_end)
+    low = fastsde.RectifiedFlow(shift=3.0, shift_terminal=0.1, t_end=0.1)
+    assert float(low.marginal_std(torch.tensor([0.1], dtype=F64))[0]) == pytest.approx(0.1, rel=1e-12)
+    assert 0.0 < low.t_min < low.default_t_end
+    assert float(low.marginal_std(torch.tensor([low.t_min], dtype=F64))[0]) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_dynamic_mu_is_fluxs_calculate_shift():
+    # FLUX at 1024² (4096 tokens) and 256² (256 tokens): the two ends of the line
+    assert fastsde.RectifiedFlow.dynamic_mu(4096) == pytest.approx(1.15)
+    assert fastsde.RectifiedFlow.dynamic_mu(256) == pytest.approx(0.5)
+    assert fastsde.RectifiedFlow.dynamic_mu(1024) == pytest.approx(0.5 + 0.65 * 768 / 3840)
+    sde = fastsde.RectifiedFlow.dynamic(1024)
+    assert sde.mu == pytest.approx(fastsde.RectifiedFlow.dynamic_mu(1024))
+    assert sde.effective_shift == pytest.approx(math.exp(sde.mu))
+
+
+@pytest.mark.parametrize(
+    "sde",
+    [
+        fastsde.RectifiedFlow(),
+        fastsde.RectifiedFlow(shift=3.0, shift_terminal=0.02),
+        fastsde.RectifiedFlow.dynamic(mu=1.1),
+    ],
+)
+def test_config_round_trips(sde):
+    cfg = sde.config()
+    assert cfg["type"] == "RectifiedFlow"
+    back = fastsde.RectifiedFlow(**{k: v for k, v in cfg.items() if k != "type"})
+    u = torch.linspace(0.01, 1.0, 7, dtype=F64)
+    assert back.config() == cfg
+    assert torch.equal(back.marginal_std(u), sde.marginal_std(u))
+
+
+@pytest.mark.parametrize(
+    "kwargs, word",
+    [
+        (dict(shift=0.0), "shift"),
+        (dict(shift=-1.0), "shift"),
+        (dict(shift=float("nan")), "shift"),
+        (dict(shift=True), "shift"),
+        (dict(t_end=0.0), "t_end"),
+        (dict(t_end=1.0), "t_end"),
+        (dict(shift_terminal=1.5), "shift_terminal"),
+        (dict(time_shift_type="cubic", mu=1.0), "time_shift_type"),
+        (dict(mu=float("inf")), "mu"),
+        (dict(mu=-1.0, time_shift_type="linear"), "mu"),
+        (dict(shift=3.0, mu=1.0), "mu"),
+    ],
+)
+def test_bad_options_refused(kwargs, word):
+    with pytest.raises(ValueError, match=word):
+        fastsde.RectifiedFlow(**kwargs)
+
+
+def test_dynamic_needs_exactly_one_of_mu_and_seq_len():
+    with pytest.raises(ValueError, match="image_seq_len"):
+        fastsde.RectifiedFlow.dynamic()
+    with pytest.raises(ValueError, match="image_seq_len"):
+        fastsde.RectifiedFlow.dynamic(1024, mu=1.0)
+    with pytest.raises(ValueError, match="image_seq_len"):
+        fastsde.RectifiedFlow.dynamic(0)
+
+
+# -- diffusers scheduler configs ----------------------------------------------------------------
+
+
+def test_from_diffusers_scheduler():
+    diffusers = pytest.importorskip("diffusers")
+    sch = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sde = fastsde.RectifiedFlow.from_diffusers_scheduler(sch)
+    assert sde.effective_shift == 3.0 and sde.default_t_end == pytest.approx(sch.sigma_min, rel=1e-6)
+    dyn = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, shift=3.0, shift_terminal=0.02)
+    with pytest.raises(ValueError, match="image_seq_len"):
+        fastsde.RectifiedFlow.from_diffusers_scheduler(dyn)
+    sde = fastsde.RectifiedFlow.from_diffusers_scheduler(dict(dyn.config), image_seq_len=4096)
+    assert sde.mu == pytest.approx(1.15) and sde.shift_terminal == 0.02
+    with pytest.raises(ValueError, match="use_karras_sigmas"):
+        fastsde.RectifiedFlow.from_diffusers_scheduler({"use_karras_sigmas": True})
+    with pytest.raises(ValueError, match="dynamic"):
+        fastsde.RectifiedFlow.from_diffusers_scheduler(sch, image_seq_len=4096)
+
+
+def _diffusers_euler(sch, net, x, **set_kw):
+    """Drive diffusers' FlowMatchEulerDiscreteScheduler by hand with a velocity function of (x, σ)."""
+    sch.set_timesteps(**set_kw)
+    x = x.to(torch.float32)
+    for t in sch.timesteps:
+        sigma = torch.full((x.shape[0],), float(t) / 1000.0, dtype=F64)
+        v = net(x.to(F64), sigma).to(torch.float32)
+        x = sch.step(v, t, x).prev_sample
+    return x.to(F64)
+
+
+@pytest.mark.parametrize(
+    "sched_kw, set_kw",
+    [({}, {}), ({"shift": 3.0}, {}), ({"use_dynamic_shifting": True}, {"mu": 0.8})],
+    ids=["shift1", "shift3", "dynamic"],
+)
+def test_euler_equals_diffusers_flow_match_euler(sched_kw, set_kw):
+    diffusers = pytest.importorskip("diffusers")
+    steps = 12
+    sch = diffusers.FlowMatchEulerDiscreteScheduler(**sched_kw)
+    sde = fastsde.RectifiedFlow.from_diffusers_scheduler(sch, mu=set_kw.get("mu"))
+    gm = mixture_2d(sde)
+    net = _velocity_net(gm, sde)
+    x_T = torch.randn(16, 2, generator=torch.Generator().manual_seed(3), dtype=F64)
+    want = _diffusers_euler(sch, net, x_T, num_inference_steps=steps, **set_kw)
+    # fastsde: N grid points, uniform in u (the shifted schedule), then the final denoise (diffusers' last
+    # step to σ = 0 is x − σ·v = x̂0): N evaluations each
+    score = fastsde.VelocityScore(net, sde)
+    res = fastsde.sample(score, sde, x_T.shape, solver="euler", steps=steps, x_init=x_T, dtype=F64)
+    assert res.nfe == steps
+    torch.testing.assert_close(res.samples, want, rtol=0, atol=2e-5)
+    grid = fastsde.time_grid(sde, "uniform", steps, 1.0, sde.default_t_end)
+    torch.testing.assert_close(sde.marginal_std(grid).float(), sch.sigmas[:-1], rtol=2e-6, atol=1e-6)
+
+
+# -- the exact mixture on the flow path ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(FLOWS))
+def test_mixture_is_exact_on_the_flow_path(name):
+    sde = FLOWS[name]()
+    gm = mixture_2d(sde)
+    x = torch.randn(64, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
+    one = torch.ones(64, dtype=F64)
+    # u = 1: pure noise, score −x, density N(0, I), x̂0 the data mean
+    torch.testing.assert_close(gm.score(x, one), -x)
+    std_normal = -0.5 * (x**2).sum(1) - math.log(2 * math.pi)
+    torch.testing.assert_close(gm.log_prob(x, one), std_normal)
+    mean = (gm.weights[:, None] * gm.means).sum(0)
+    torch.testing.assert_close(gm.data_prediction(x, one), mean.expand_as(x))
+    # inside: the score is ∇ log p and x̂0 is Tweedie's (x + σ²s)/m
+    for u in (0.01, 0.3, 0.8, 0.999):
+        t = torch.full((64,), u, dtype=F64)
+        xr = x.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(gm.log_prob(xr, t).sum(), xr)
+        torch.testing.assert_close(gm.score(x, t), grad)
+        torch.testing.assert_close(gm.data_prediction(x, t), sde.denoise(x, t, gm.score(x, t)), rtol=1e-9, atol=1e-9)
+
+
+def test_velocity_score_converts_exactly():
+    sde = fastsde.RectifiedFlow(shift=3.0)
+    gm = mixture_2d(sde)
+    net = _velocity_net(gm, sde)
+    x = torch.randn(32, 2, generator=torch.Generator().manual_seed(1), dtype=F64)
+    t = torch.rand(32, generator=torch.Generator().manual_seed(2), dtype=F64) * 0.98 + 0.01
+    score = fastsde.VelocityScore(net, sde)
+    torch.testing.assert_close(score(x, t), gm.score(x, t), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(score.data_prediction(x, t), gm.data_prediction(x, t), rtol=1e-9, atol=1e-9)
+    seen = []
+    fastsde.VelocityScore(lambda x, tt, **kw: seen.append((tt, kw)) or x, sde, time_input="timestep")(x, t, y=x)
+    torch.testing.assert_close(seen[0][0], 1000.0 * sde.marginal_std(t))
+    assert set(seen[0][1]) == {"y"}
+    fastsde.VelocityScore(lambda x, tt: seen.append((tt, {})) or x, sde, time_input=lambda u: 2 * u)(x, t)
+    torch.testing.assert_close(seen[1][0], 2 * t)
+    with pytest.raises(ValueError, match="RectifiedFlow"):
+        fastsde.VelocityScore(net, fastsde.VPSDE())
+    with pytest.raises(ValueError, match="time_input"):
+        fastsde.VelocityScore(net, sde, time_input="seconds")
+
+
+# -- sampling from u = 1 -----------------------------------------------------------------------
+
+
+def _mode_stats(gm, samples):
+    resp = gm.responsibilities(samples)
+    comp = resp.argmax(1)
+    weights = torch.bincount(comp, minlength=3).to(F64) / samples.shape[0]
+    means = torch.stack([samples[comp == k].mean(0) for k in range(3)])
+    return weights, means
+
+
+@pytest.mark.parametrize("name", list(FLOWS))
+@pytest.mark.parametrize("key", list(SINGULAR))
+def test_singular_start_solvers_sample_the_mixture(name, key):
+    sde = FLOWS[name]()
+    gm = mixture_2d(sde)
+    solver, opts = _solver(key), SINGULAR[key]
+    steps = 40
+    res = fastsde.sample(gm, sde, (3000, 2), solver=solver, steps=steps, seed=1, dtype=F64, **opts)
+    assert torch.isfinite(res.samples).all()
+    assert res.nfe == fastsde.SOLVERS[solver].fixed_nfe({"steps": steps, **opts}) == steps
+    weights, means = _mode_stats(gm, res.samples)
+    torch.testing.assert_close(weights, gm.weights, rtol=0, atol=0.035)
+    torch.testing.assert_close(means, gm.means, rtol=0, atol=0.02)
+
+
+@pytest.mark.parametrize("name", list(FLOWS))
+def test_first_move_from_pure_noise_is_exact(name):
+    """One move from u = 1 to s with the exact mixture: x_s = σ_s·x + m_s·E[x0] (DDIM, Euler, DPM++)."""
+    sde = FLOWS[name]()
+    gm = mixture_2d(sde)
+    x_T = torch.randn(8, 2, generator=torch.Generator().manual_seed(4), dtype=F64)
+    s = 0.6
+    st = torch.tensor([s], dtype=F64)
+    want = sde.marginal_std(st) * x_T + sde.mean_coeff(st) * (gm.weights[:, None] * gm.means).sum(0)
+    for solver in ("ddim", "euler", "dpmpp_2m"):
+        res = fastsde.sample(gm, sde, x_T.shape, solver=solver, steps=2, x_init=x_T, t_end=s, denoise=False, dtype=F64)
+        torch.testing.assert_close(res.samples, want, rtol=1e-14, atol=1e-14)
+
+
+def test_singular_start_is_batch_independent_and_deterministic():
+    sde = fastsde.RectifiedFlow(shift=3.0)
+    gm = mixture_2d(sde)
+    for solver, opts in (("ddim", {"eta": 1.0}), ("dpmpp_2m", {})):
+        full = fastsde.sample(gm, sde, (7, 2), solver=solver, steps=10, seed=[5, 6, 7, 8, 9, 10, 11], **opts)
+        again = fastsde.sample(gm, sde, (7, 2), solver=solver, steps=10, seed=[5, 6, 7, 8, 9, 10, 11], **opts)
+        part = fastsde.sample(gm, sde, (3, 2), solver=solver, steps=10, seed=[8, 9, 10], **opts)
+        assert torch.equal(full.samples, again.samples)
+        assert torch.equal(full.samples[3:6], part.samples)
+
+
+def test_other_solvers_refused_before_compute_and_run_below_one():
+    """A solver without an exact first move from m = 0 is refused naming why, before any evaluation;
+    started below u = 1 (x_init_noised) every registered fixed-grid solver runs finitely."""
+    sde = fastsde.RectifiedFlow()
+    gm = mixture_2d(sde)
+    calls = []
+
+    def counting(x, t):
+        calls.append(1)
+        return gm.score(x, t)
+
+    counting.data_prediction = gm.data_prediction
+    for name, spec in fastsde.SOLVERS.items():
+        if spec.stepper.singular_start or name == "mlem":  # mlem needs Levels (tests/test_mlem.py)
+            continue
+        with pytest.raises(ValueError, match="cannot start"):
+            fastsde.sample(counting, sde, (4, 2), solver=name)
+    assert not calls
+    with pytest.raises(ValueError, match="data_prediction"):
+        fastsde.sample(lambda x, t: gm.score(x, t), sde, (4, 2), solver="euler")
+    for kind in ("logsnr", "edm"):
+        with pytest.raises(ValueError, match="uniform"):
+            fastsde.sample(gm, sde, (4, 2), solver="dpmpp_2m", grid=kind)
+    with pytest.raises(ValueError, match="not supported"):
+        fastsde.log_likelihood(gm, sde, gm.sample(2))
+    x_start = torch.randn(6, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
+    for name in ("heun", "dpmpp_3m", "unipc", "deis", "ipndm", "em", "ancestral", "er_sde"):
+        res = fastsde.sample(
+            gm, sde, x_start.shape, solver=name, steps=12, t_start=0.99, x_init=x_start, x_init_noised=True, seed=0
+        )
+        assert torch.isfinite(res.samples).all(), name
+
+
+@pytest.mark.parametrize("solver, order, steps", [("ddim", 1.0, [64, 128, 256]), ("dpmpp_2m", 2.0, [32, 64, 128])])
+def test_convergence_order_from_pure_noise(solver, order, steps):
+    """Measured order of the deterministic singular-start solvers on the flow PF-ODE from u = 1
+    (euler is ddim with η = 0, tested equal above), on the quadratic grid; reference: dpmpp_2m on 4096
+    points."""
+    sde = fastsde.RectifiedFlow(shift=3.0)
+    gm = mixture_2d(sde)
+    x_T = torch.randn(100, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
+
+    def run(name, n):
+        return fastsde.sample(
+            gm, sde, x_T.shape, solver=name, steps=n, x_init=x_T, denoise=False, dtype=F64, grid="quadratic"
+        ).samples
+
+    ref = run("dpmpp_2m", 4096)
+    errors = [float((run(solver, n) - ref).pow(2).sum(1).sqrt().mean()) for n in steps]
+    xs = [math.log(n) for n in steps]
+    ys = [math.log(e) for e in errors]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    fitted = -sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sum((a - mx) ** 2 for a in xs)
+    assert order - 0.2 <= fitted <= order + 0.6, (errors, fitted)
