@@ -167,3 +167,26 @@ def test_resuming_a_run_after_retraining_the_same_folder_is_refused(tmp_path, ca
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "other settings (model_content.score.__self__" in err, err
     assert not (run / "shard-00001.npz").exists()  # nothing written with the new weights
+
+
+def test_flow_objective_trains_a_velocity_model_that_samples_from_pure_noise(tmp_path, capsys):
+    """`fastsde train --objective flow`: conditional flow matching on the rectified-flow path; the
+    folder loads as a velocity model (its data prediction x̂0 = x − σ·v) and samples from u = 1."""
+    data = tmp_path / "d.npy"
+    np.save(data, np.random.default_rng(0).integers(0, 17, size=(20, 8, 8)).astype(np.uint8))
+    out = tmp_path / "flow"
+    args = ["train", "--data", str(data), "--out", str(out), "--channels", "8,16", "--batch-size", "4", "--quiet"]
+    assert main([*args, "--objective", "flow", "--steps", "2"]) == 0
+    model = fastsde.load_model(out)
+    assert isinstance(model.sde, fastsde.RectifiedFlow) and model.config["prediction"] == "flow"
+    assert model.config["time_input"] == "999*sigma" and model.data_prediction is not None
+    x = torch.randn(3, *model.shape)
+    t = torch.full((3,), 0.4)
+    v = model.network(x, 999.0 * t)  # shift 1: σ(u) = u
+    torch.testing.assert_close(model.data_prediction(x, t), x - 0.4 * v)
+    torch.testing.assert_close(model.score(x, t), -(x + 0.6 * v) / 0.4)
+    res = fastsde.sample(model.score, model.sde, (4, *model.shape), solver="euler", steps=4, seed=0)
+    assert torch.isfinite(res.samples).all() and res.nfe == 4.0
+    capsys.readouterr()
+    assert main([*args, "--objective", "flow", "--sde", "ve", "--steps", "2", "--out", str(tmp_path / "x")]) == 2
+    assert "--objective flow trains on the rectified-flow path" in capsys.readouterr().err

@@ -17,7 +17,7 @@ from torch import Tensor
 from .guidance import with_null_rows
 from .levels import Levels, LevelScores
 from .noise import NoiseSource, Stream, as_noise_source
-from .score import CountingScore, ScoreFn, check_cond
+from .score import CountingScore, ScoreFn, check_cond, data_prediction_of
 from .sde import EDM, SDE
 from .solvers import SolverSpec, get_solver
 from .solvers.base import SolverContext, StepInfo, as_python_number
@@ -244,7 +244,7 @@ def check_singular_start(score: Any, sde: SDE, spec: Any, t0: float) -> None:
             f"drift and diffusion infinite): use one of {able}, or start below it (t_start < {t0:g} with x_init, "
             "x_init_noised=True)"
         )
-    if not callable(getattr(score, "data_prediction", None)):
+    if data_prediction_of(score) is None:
         raise ValueError(
             f"a solve from t = {t0:g}, where m = 0 for {sde!r}, needs the data prediction x̂0 there, which the score "
             f"(−x at m = 0, whatever the data) cannot give: {type(score).__name__} has no data_prediction(x, t); "

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .score import DiffusersUNetScore, NoisePredictionScore
+from .score import DiffusersUNetScore, NoisePredictionScore, VelocityScore
 from .sde import PROCESSES, SDE, TABULATED_PROCESSES, VESDE, VPSDE, RectifiedFlow
 
 __all__ = [
@@ -106,8 +106,22 @@ def build_unet(cfg: dict[str, Any]) -> nn.Module:
     )
 
 
+class VelocityNetwork(EpsNetwork):
+    """The same UNet trained for flow matching: it predicts the velocity v = ε − x0 on a
+    :class:`~fastsde.sde.RectifiedFlow`, conditioned on 999·σ(u) (σ = the flow-matching t, so a
+    network trained on the linear path can be sampled under any shift of it)."""
+
+    time_input_name = "999*sigma"
+
+    def time_input(self, t: Tensor) -> Tensor:
+        return 999.0 * self.sde.marginal_std(t)
+
+
 def build_network(unet_cfg: dict[str, Any], sde_cfg: dict[str, Any]) -> EpsNetwork:
-    return EpsNetwork(build_unet(unet_cfg), sde_from_config(sde_cfg))
+    """An EpsNetwork for a diffusion process, a VelocityNetwork for a rectified flow."""
+    sde = sde_from_config(sde_cfg)
+    cls = VelocityNetwork if isinstance(sde, RectifiedFlow) else EpsNetwork
+    return cls(build_unet(unet_cfg), sde)
 
 
 def network_flops(net: nn.Module, shape: tuple[int, ...]) -> int:
@@ -141,6 +155,8 @@ class LoadedModel:
     def __post_init__(self) -> None:
         if self.adapter is not None:
             self._score = self.adapter
+        elif isinstance(self.network, VelocityNetwork):  # flow matching: the network predicts v = ε − x0
+            self._score = VelocityScore(self.network, self.sde, time_input=self.network.time_input)
         else:
             self._score = NoisePredictionScore(self.network, self.sde, time_input=self.network.time_input)
 
@@ -149,6 +165,20 @@ class LoadedModel:
         the unconditional model)."""
         with torch.no_grad():
             return self._score(x, t, **cond)
+
+    @property
+    def data_prediction(self) -> Callable[..., Tensor] | None:
+        """The data prediction x̂0(x, t, **cond) of a flow model (what a solve from pure noise needs,
+        where the score is −x whatever the data); None for a noise-prediction model."""
+        fn = getattr(self._score, "data_prediction", None)
+        if not callable(fn):
+            return None
+
+        def predict(x: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
+            with torch.no_grad():
+                return fn(x, t, **cond)
+
+        return predict
 
     @property
     def num_classes(self) -> int:
@@ -221,8 +251,9 @@ def check_model_config(path: str | os.PathLike, cfg: Any) -> dict[str, Any]:
         )
     f.positive("flops_per_sample", None)
     f.integer("n_params", None, low=1)
-    f.string("prediction", None, choices=("epsilon",))
-    f.string("time_input", None, choices=(EpsNetwork.time_input_name,))
+    flow = isinstance(sde, RectifiedFlow)
+    f.string("prediction", None, choices=("flow",) if flow else ("epsilon",))
+    f.string("time_input", None, choices=((VelocityNetwork if flow else EpsNetwork).time_input_name,))
     if f.boolean("input_scaling", None) not in (None, isinstance(sde, VESDE)):
         raise f.error(
             "input_scaling", f"{str(isinstance(sde, VESDE)).lower()} for a {type(sde).__name__}", cfg["input_scaling"]

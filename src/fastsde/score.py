@@ -72,6 +72,17 @@ def network_evals_per_call(score: Any) -> float:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 1.0
 
 
+def data_prediction_of(score: Any) -> Callable[..., Tensor] | None:
+    """The data prediction x̂0(x, t, **cond) a score offers (VelocityScore, GaussianMixture, a loaded flow
+    model): its own ``data_prediction``, or for a bound method such as ``LoadedModel.score`` its owner's;
+    None when there is none."""
+    for obj in (score, getattr(score, "__self__", None)):
+        fn = getattr(obj, "data_prediction", None)
+        if callable(fn):
+            return fn
+    return None
+
+
 class NonFiniteScoreError(FloatingPointError):
     """The score returned NaN or Inf; the message names the time(s) at which it happened."""
 
@@ -164,7 +175,7 @@ class CountingScore:
     @property
     def has_data_prediction(self) -> bool:
         """Whether the wrapped score also gives the data prediction x̂0 (``data_prediction(x, t, **cond)``)."""
-        return callable(getattr(self.score, "data_prediction", None)) and not self.pass_rows
+        return data_prediction_of(self.score) is not None and not self.pass_rows
 
     def data_prediction(
         self,
@@ -187,7 +198,7 @@ class CountingScore:
             raise ValueError(
                 f"t must be a 1-D tensor with one time per row of x ({x.shape[0]}), got shape {tuple(t.shape)}"
             )
-        return self._evaluate(self.score.data_prediction, x, t, rows, check_finite, ids)
+        return self._evaluate(data_prediction_of(self.score), x, t, rows, check_finite, ids)
 
     def _evaluate(
         self, fn: Callable[..., Tensor], x: Tensor, t: Tensor, rows: Tensor | None, check_finite: bool, ids

@@ -4,6 +4,10 @@ The network predicts the noise ε of x_t = m(t)·x0 + σ(t)·z from (x_t, label(
 of the score-matching loss, σ²‖s_θ + z/σ‖² = ‖ε̂ − z‖², so the loss is a plain noise-prediction MSE and
 the score is s = −ε̂/σ (fastsde's NoisePredictionScore convention). t ~ U[t_eps, 1].
 
+On a :class:`~fastsde.sde.RectifiedFlow` (``fastsde train --objective flow``) the same network is
+trained by conditional flow matching instead (:func:`flow_loss`): it regresses the velocity z − x0 of
+the linear path, and is sampled through :class:`~fastsde.score.VelocityScore`.
+
 Checkpoints are a folder: ``model.safetensors`` (EMA weights, what gets sampled) and ``config.json``
 (what ``fastsde.load_model(folder)`` reads), and for resuming ``train_state.safetensors``: ONE file holding
 the whole training state (raw weights ``net.*``, EMA weights ``ema.*``, the Adam state ``opt.<i>.<name>``)
@@ -30,7 +34,7 @@ from torch import Tensor
 
 from .files import Fields, FileFormatError, read_json, save_tensors_with_meta, write_atomic, write_json_atomic
 from .models import EpsNetwork, build_network, network_flops, sde_from_config
-from .sde import SDE
+from .sde import SDE, RectifiedFlow
 
 __all__ = ["TrainConfig", "Trainer", "dsm_loss", "STATE_FORMAT"]
 
@@ -74,6 +78,16 @@ class TrainConfig:
         if self.num_classes:
             cfg["num_class_embeds"] = self.num_classes + 1  # the last embedding is the null label
         return cfg
+
+
+def flow_loss(net: EpsNetwork, sde: SDE, x0: Tensor, t: Tensor, z: Tensor, class_labels: Tensor | None = None) -> Tensor:
+    """Conditional flow matching on a rectified flow: x_u = m(u)·x0 + σ(u)·z, the network regresses the
+    velocity v = z − x0 (the derivative of the path in σ; its minimiser is E[z − x0 | x_u])."""
+    m = sde.mean_coeff(t).reshape(-1, *([1] * (x0.dim() - 1)))
+    s = sde.marginal_std(t).reshape(-1, *([1] * (x0.dim() - 1)))
+    xt = m * x0 + s * z
+    v = net(xt, net.time_input(t), class_labels=class_labels)
+    return (v - (z - x0)).pow(2).mean()
 
 
 def dsm_loss(net: EpsNetwork, sde: SDE, x0: Tensor, t: Tensor, z: Tensor, class_labels: Tensor | None = None) -> Tensor:
@@ -140,7 +154,8 @@ class Trainer:
         lr = cfg.lr * min(1.0, (self.step + 1) / max(cfg.warmup, 1))
         for group in self.opt.param_groups:
             group["lr"] = lr
-        loss = dsm_loss(self.net, self.sde, x0, t, z, labels)
+        objective = flow_loss if isinstance(self.sde, RectifiedFlow) else dsm_loss
+        loss = objective(self.net, self.sde, x0, t, z, labels)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -191,7 +206,7 @@ class Trainer:
             "sde": cfg.sde,
             "unet": cfg.unet_config(),
             "shape": list(cfg.shape),
-            "prediction": "epsilon",
+            "prediction": "flow" if isinstance(self.sde, RectifiedFlow) else "epsilon",
             "time_input": self.net.time_input_name,
             "input_scaling": self.net.input_scaling,
             "flops_per_sample": network_flops(self.ema, cfg.shape),
