@@ -84,8 +84,9 @@ def test_shipped_sizes_under_budget():
 
     root = resources.files("fastsde")
     total = sum(p.stat().st_size for p in (root / "models").iterdir())  # type: ignore[union-attr]
-    # 31.1 MiB with the ML-EM hierarchy (digits-h-*, 13.7 MB); the budget is documented in docs/models.md
-    assert total <= 32 * 2**20
+    # 32.3 MiB with the ML-EM hierarchy (digits-h-*, 13.7 MB) and digits-flow (float16, 1.3 MB); the
+    # budget is documented in docs/models.md
+    assert total <= 34 * 2**20
 
 
 # -- data ------------------------------------------------------------------------------------
