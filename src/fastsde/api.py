@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .guidance import with_null_rows
+from .guidance import ClassifierGuidance, with_null_rows
 from .levels import Levels, LevelScores
 from .noise import NoiseSource, Stream, as_noise_source
 from .score import CountingScore, ScoreFn, check_cond, data_prediction_of
@@ -229,26 +229,28 @@ def check_memory(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devic
         )
 
 
-def check_singular_start(score: Any, sde: SDE, spec: Any, t0: float) -> None:
-    """A start where m(t0) = 0 (a rectified flow's u = 1: pure noise, λ = −∞) needs a solver whose first
-    move is exact in the data prediction x̂0 and a score that gives x̂0 (the score there is −x whatever
-    the data); a ValueError before any compute otherwise."""
+def check_singular_start(score: Any, sde: SDE, spec: Any, t0: float, options: Any = None) -> None:
+    """A start where m(t0) = 0 (a rectified flow's u = 1: pure noise, λ = −∞) needs the data prediction
+    x̂0 there (the score is −x whatever the data), which every solver's first move from there uses (its
+    own exact move, or the driver's shared one): a ValueError before any compute for a score without
+    one (for ``fastsde.Levels``, the finest level's), and for mlem's p="auto", whose calibration pass
+    moves by the score from T."""
     if float(sde.mean_coeff(torch.tensor([t0], dtype=torch.float64))[0]) != 0.0:
         return
-    if not getattr(spec.stepper, "singular_start", False):
-        from .solvers import SOLVERS
-
-        able = sorted(k for k, v in SOLVERS.items() if getattr(v.stepper, "singular_start", False))
-        raise ValueError(
-            f"solver {spec.name!r} cannot start at t = {t0:g}, where m = 0 for {sde!r} (pure noise: log-SNR −∞, "
-            f"drift and diffusion infinite): use one of {able}, or start below it (t_start < {t0:g} with x_init, "
-            "x_init_noised=True)"
-        )
-    if data_prediction_of(score) is None:
+    finest = score.scores[-1] if isinstance(score, Levels) else score
+    if data_prediction_of(finest) is None:
+        why = ""
+        if isinstance(finest, ClassifierGuidance):
+            why = " (classifier guidance adds (σ²/m)·∇log p(y | x, t) to x̂0, 0·∞ at m = 0)"
         raise ValueError(
             f"a solve from t = {t0:g}, where m = 0 for {sde!r}, needs the data prediction x̂0 there, which the score "
-            f"(−x at m = 0, whatever the data) cannot give: {type(score).__name__} has no data_prediction(x, t); "
-            "use fastsde.VelocityScore for a velocity network, or start at t_start < 1"
+            f"(−x at m = 0, whatever the data) cannot give: {type(finest).__name__} has no data_prediction(x, t)"
+            f"{why}; use fastsde.VelocityScore for a velocity network, or start at t_start < {t0:g} (with x_init)"
+        )
+    if getattr(spec, "name", None) == "mlem" and isinstance(options, dict) and options.get("p") == "auto":
+        raise ValueError(
+            f"mlem's p='auto' calibrates with pilot moves by the coarsest score from T = {t0:g}, where m = 0 for "
+            f"{sde!r} (x̂0 from the score is infinite there): give p explicitly (a list, number or callable)"
         )
 
 
@@ -335,7 +337,7 @@ def sample(
         raise ValueError(
             f"t_start = {t0:g} needs a named grid (the times of a given grid are fixed), got grid={opts['grid']!r}"
         )
-    check_singular_start(score, sde, spec, t0)
+    check_singular_start(score, sde, spec, t0, opts)
     cond_kw = check_cond(with_null_rows(score, cond, n), n, device)  # CFG's per-sample null rows follow too
     if cond_kw is not None and isinstance(score, Levels) and opts.get("p") == "auto":
         raise ValueError("p='auto' calibrates on pilot samples that have no conditioning: give p explicitly with cond=")

@@ -131,6 +131,28 @@ class CFGScore:
         )
 
     def __call__(self, x: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
+        return self._guided(self.score, x, t, cond)
+
+    @property
+    def data_prediction(self) -> Callable[..., Tensor] | None:
+        """The guided data prediction x̂0_u + w·(x̂0_c − x̂0_u), one call of the wrapped score's data
+        prediction on 2n rows; None where the wrapped score has none. The score is affine in x̂0 with
+        coefficients that do not depend on the model (s = (m·x̂0 − x)/σ²), so this is the x̂0 of the guided
+        score where m > 0, and what a solve from m = 0 (a rectified flow's pure noise) needs."""
+        from .score import data_prediction_of
+
+        inner = data_prediction_of(self.score)
+        if inner is None:
+            return None
+
+        def predict(x: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
+            return self._guided(inner, x, t, cond)
+
+        return predict
+
+    def _guided(self, fn: Callable[..., Tensor], x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        """lerp(f_u, f_c, w) of ``fn`` (the score or its data prediction), one call on 2n rows."""
+        cond = dict(cond)
         rows = {k[len(self.ROW_KEY_PREFIX) :]: cond.pop(k) for k in list(cond) if k.startswith(self.ROW_KEY_PREFIX)}
         missing = [k for k in self.null_cond if k not in cond]
         if missing:
@@ -147,7 +169,7 @@ class CFGScore:
             k: torch.cat([v, self._null_rows(k, v, rows.get(k))]) if k in self.null_cond else torch.cat([v, v])
             for k, v in cond.items()
         }
-        out = self.score(torch.cat([x, x]), torch.cat([t, t]), **both)
+        out = fn(torch.cat([x, x]), torch.cat([t, t]), **both)
         s_c, s_u = out[:n], out[n:]
         # lerp is exact at both ends: w = 0 returns s_u and w = 1 returns s_c bit for bit
         return torch.lerp(s_u, s_c, self.scale)
@@ -214,6 +236,10 @@ class ClassifierGuidance:
         if self.scale == 0.0:
             return s
         return s + self.scale * self.log_prob_grad(x, t, y).to(s.dtype)
+
+    #: no data prediction: the guided x̂0 = x̂0 + scale·(σ²/m)·∇ₓ log p(y | x, t) is 0·∞ where m = 0 (a
+    #: rectified flow's pure noise), the only place a solver asks for it; the front door says so
+    data_prediction = None
 
     def __repr__(self) -> str:
         return f"ClassifierGuidance(scale={self.scale:g}, label_key={self.label_key!r})"

@@ -489,6 +489,10 @@ def _run_loop(
     with torch.no_grad():
         x = sde.prior_sample(noise.normal(shape, Stream.PRIOR, 0, dtype=dtype, device=device))
         integrate(ctx, x, desc=f"fit {iia}" if coefficients is None else f"check {iia}", **plan)
+    if plan["stepper"].shared_first_move:
+        # from m(T) = 0 (a rectified flow) move 0 is the driver's shared first move, exact in x̂0 and not an
+        # IIA step: its row of coefficients is zero (not fitted; mse_base / mse_iia cover the later moves)
+        loop.betas.insert(0, torch.zeros(len(plan["stepper"].directions(opts)), dtype=torch.float64))
     return loop, counted
 
 

@@ -214,6 +214,18 @@ class LevelScores:
         return self.levels[-1](x, t, rows, check_finite=check_finite, ids=ids)
 
     @property
+    def has_data_prediction(self) -> bool:
+        """Whether the finest level gives the data prediction x̂0 (what a solve from m = 0 needs)."""
+        return self.levels[-1].has_data_prediction
+
+    def data_prediction(
+        self, x: Tensor, t: Tensor, rows: Tensor | None = None, *, check_finite: bool = True, ids: Tensor | None = None
+    ) -> Tensor:
+        """The finest level's data prediction, counted on its counter: the first move from m = 0 (pure
+        noise) takes x̂0 from the most accurate model, as the final denoise takes its score."""
+        return self.levels[-1].data_prediction(x, t, rows, check_finite=check_finite, ids=ids)
+
+    @property
     def network_evals(self) -> float:
         """Mean network evaluations per sample, all levels together."""
         return sum(c.network_evals for c in self.levels)

@@ -74,6 +74,7 @@ class Stream:
     CORRECTOR = 3
     BERNOULLI = 4  # reserved: the level draws of multilevel EM (their own stream, so the Brownian path is EM's)
     PROBE = 5  # Hutchinson probes, dequantisation
+    FIRST_MOVE = 6  # the shared first move of a stochastic method from m = 0 (a rectified flow's pure noise)
     USER = 16  # first id free for extensions
 
 

@@ -469,8 +469,14 @@ class DiffusersUNetScore:
     Args:
         unet: the network; called as ``unet(x, label).sample``.
         sde: the process it was trained with.
-        prediction_type: "epsilon" (noise), "sample" (x0) or "v_prediction" (VP only).
-        time_input: maps t to the network's conditioning label (default: 999·t for VP/sub-VP, σ(t) otherwise).
+        prediction_type: "epsilon" (noise), "sample" (x0), "v_prediction" (VP only) or "flow_prediction"
+            (a :class:`~fastsde.sde.RectifiedFlow` only: the velocity v = ε − x0, as diffusers' flow-matching
+            schedulers; x̂0 = x − σ·v).
+        time_input: maps t to the network's conditioning label (default: 999·t for VP/sub-VP, 1000·σ(t) for
+            flow_prediction, diffusers' FlowMatchEulerDiscreteScheduler timesteps, σ(t) otherwise).
+
+    ``data_prediction`` (x̂0 of "sample" and "flow_prediction", None otherwise) lets a solve start from a
+    rectified flow's pure noise.
 
     Conditioning rows (``cond={"class_labels": labels}`` of ``fastsde.sample``) are passed on to the UNet
     as its keywords: ``class_labels`` (a class-conditional UNet, ``num_class_embeds``) and, for a
@@ -484,14 +490,21 @@ class DiffusersUNetScore:
         prediction_type: str = "epsilon",
         time_input: Callable[[Tensor], Tensor] | None = None,
     ):
-        if prediction_type not in ("epsilon", "sample", "v_prediction"):
-            raise ValueError(f"prediction_type must be 'epsilon', 'sample' or 'v_prediction', got {prediction_type!r}")
+        if prediction_type not in ("epsilon", "sample", "v_prediction", "flow_prediction"):
+            raise ValueError(
+                "prediction_type must be 'epsilon', 'sample', 'v_prediction' or 'flow_prediction', "
+                f"got {prediction_type!r}"
+            )
         if prediction_type == "v_prediction" and not isinstance(sde, VPSDE):
             # v = m·ε − σ·x0 is read with m² + σ² = 1, which only VP satisfies
             raise ValueError(f"prediction_type='v_prediction' needs a VPSDE (m² + σ² = 1), got {sde!r}")
+        if prediction_type == "flow_prediction" and not isinstance(sde, RectifiedFlow):
+            raise ValueError(f"prediction_type='flow_prediction' needs a RectifiedFlow (v = ε − x0), got {sde!r}")
         self.unet = unet
         self.sde = sde
         self.prediction_type = prediction_type
+        if time_input is None and prediction_type == "flow_prediction":
+            time_input = lambda t: 1000.0 * sde.marginal_std(t)  # noqa: E731  (diffusers' timesteps σ·1000)
         self.time_input = time_input or default_time_input(sde)
 
     def network_output(self, x: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
@@ -508,8 +521,25 @@ class DiffusersUNetScore:
             return -out / sigma
         if self.prediction_type == "sample":
             return (m * out - x) / sigma**2
+        if self.prediction_type == "flow_prediction":
+            return -(x + (1.0 - sigma) * out) / sigma  # ε̂ = x + (1 − σ)·v (m + σ = 1), s = −ε̂/σ
         eps = m * out + sigma * x  # v = m ε − σ x0 with m² + σ² = 1
         return -eps / sigma
+
+    @property
+    def data_prediction(self) -> Callable[..., Tensor] | None:
+        """x̂0(x, t, **cond): the network's output for "sample", x − σ·v for "flow_prediction" (finite
+        where m = 0); None for the other prediction types (their x̂0 is Tweedie's, infinite at m = 0)."""
+        if self.prediction_type not in ("sample", "flow_prediction"):
+            return None
+
+        def predict(x: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
+            out = self.network_output(x, t, **cond)
+            if self.prediction_type == "sample":
+                return out
+            return x - broadcast_to_rows(self.sde.marginal_std(t), x) * out
+
+        return predict
 
 
 class VelocityScore:

@@ -369,9 +369,10 @@ class RectifiedFlow(SDE):
     u = T = 1 is singular: m = 0 (pure noise, prior N(0, I)), λ = −∞, a and g² infinite, and the
     score there is −x whatever the data, so the data prediction x̂0 cannot be read from a score at
     u = 1. A solve from u = 1 therefore takes x̂0 there from the score's ``data_prediction``
-    (VelocityScore, GaussianMixture) and is run by the solvers whose first move is exact in x̂0
-    (those whose stepper declares ``singular_start``: euler, ddim, dpmpp_2m); others are refused
-    before compute (start them at t_start < 1).
+    (VelocityScore, GaussianMixture, CFGScore over one of them) and every solver runs it: euler, ddim
+    and dpmpp_2m take their own first move (exact in x̂0, ``singular_start``), every other solver the
+    driver's shared one (``solvers.driver.first_move``); log_likelihood integrates the velocity
+    (σ̇/σ)·(x − x̂0) up to u = 1.
     ``default_t_end`` is 1e-3 (diffusers' last inference time for dynamic shifting, in u).
     """
 

@@ -207,12 +207,26 @@ class SolverSpec:
         """Evaluations per attempted step for these options (fixed-grid and adaptive alike)."""
         return int(self.stepper.declared_nfe(self._defaults(options)))
 
-    def fixed_nfe(self, options: Mapping[str, Any] | None = None, denoise: bool = True) -> int | None:
-        """Total NFE per sample of a fixed-grid run with these options (None when adaptive)."""
+    def fixed_nfe(
+        self, options: Mapping[str, Any] | None = None, denoise: bool = True, sde: SDE | None = None
+    ) -> int | None:
+        """Total NFE per sample of a fixed-grid run with these options (None when adaptive). With ``sde``
+        the run is from its T: where m(T) = 0 (a rectified flow) and the method has no exact first move
+        of its own, the driver's shared first move costs 1 evaluation in place of the method's move."""
         if self.adaptive:
             return None
         opts = self._defaults(options)
-        return (opts["steps"] - 1) * self.nfe_per_step_for(opts) + int(self.stepper.first_nfe) + int(denoise)
+        total = (opts["steps"] - 1) * self.nfe_per_step_for(opts) + int(self.stepper.first_nfe) + int(denoise)
+        return total - self.first_move_saving(opts, sde)
+
+    def first_move_saving(self, opts: Mapping[str, Any], sde: SDE | None) -> int:
+        """Evaluations the shared first move from m(T) = 0 saves over the method's own first move
+        (``declared_move_nfe`` − 1; 0 when the run is not from m = 0 or the method moves from there itself)."""
+        from .stepper import starts_at_zero_mean
+
+        if sde is None or self.stepper.singular_start or not starts_at_zero_mean(sde, float(sde.T)):
+            return 0
+        return int(self.stepper.declared_move_nfe(opts)) - 1
 
     def is_stochastic(self, options: Mapping[str, Any] | None = None) -> bool:
         """True when the samples depend on the seed beyond x_T for these options."""

@@ -12,6 +12,7 @@ c = t (the likelihood's forward solve), or c = λ, the half log-SNR.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ class Coordinate:
     variance: Callable[[Tensor], Tensor]
     t_start: float | Tensor
     t_end: float
+    #: the inverse of ``to_t`` (float64 times to coordinates), None where there is none
+    from_t: Callable[[Tensor], Tensor] | None = None
 
     @staticmethod
     def time(t_start: float | Tensor, t_end: float) -> Coordinate:
@@ -43,15 +46,22 @@ class Coordinate:
         backwards = bool((torch.as_tensor(t_start) > t_end).all())
         if backwards:
             start = -t_start if isinstance(t_start, Tensor) else -float(t_start)
-            return Coordinate(start, -float(t_end), lambda c: -c, lambda c: c, t_start, t_end)
+            return Coordinate(start, -float(t_end), lambda c: -c, lambda c: c, t_start, t_end, lambda t: -t)
         start = t_start if isinstance(t_start, Tensor) else float(t_start)
-        return Coordinate(start, float(t_end), lambda c: c, lambda c: c, t_start, t_end)
+        return Coordinate(start, float(t_end), lambda c: c, lambda c: c, t_start, t_end, lambda t: t)
 
     @staticmethod
     def log_snr(sde: SDE, t_start: float, t_end: float) -> Coordinate:
         """c = λ = log(m/σ) with the exponential integrators' Brownian process (Var W(λ) = e^{2λ})."""
         lam = sde.log_snr(torch.tensor([t_start, t_end], dtype=torch.float64)).tolist()
-        return Coordinate(lam[0], lam[1], sde.t_from_lambda, lambda v: torch.exp(2.0 * v), t_start, t_end)
+        return Coordinate(lam[0], lam[1], sde.t_from_lambda, lambda v: torch.exp(2.0 * v), t_start, t_end, sde.log_snr)
+
+    def restarted(self, t_start: float) -> Coordinate:
+        """The same coordinate from a later start time (after the shared first move from m = 0)."""
+        if self.from_t is None:
+            raise ValueError("this coordinate cannot be restarted: it has no map from t to c")
+        c = float(self.from_t(torch.tensor([float(t_start)], dtype=torch.float64))[0])
+        return dataclasses.replace(self, c_start=c, t_start=float(t_start))
 
 
 class FixedGrid:

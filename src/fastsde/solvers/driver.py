@@ -12,23 +12,42 @@ False stops) and one stats schema for every solver:
     t_final (per sample), nfe_solver_per_sample (denoise excluded), iterations (batched attempts)
 
 A fixed grid is the controller that always accepts; then every sample steps together.
+
+A solve that starts where m = 0 (a rectified flow's u = 1: pure noise, log-SNR −∞) with a method that
+has no exact first move of its own (``Stepper.singular_start``) takes its first move through
+:func:`first_move`, exact in the score's data prediction x̂0: on a fixed grid as move 0 (to the second
+grid point; the method's state is untouched, so multistep histories start there, as at any start), for
+an adaptive controller to the time :func:`first_time` picks, from where the controller starts.
 """
 
 from __future__ import annotations
 
+import math
 from enum import IntEnum
 
 import torch
 from torch import Tensor
 
 from ..brownian import make_path
+from ..noise import Stream
 from ..score import NonFiniteScoreError
-from ..sde import broadcast_to_rows, per_row
+from ..sde import SDE, broadcast_to_rows, per_row
 from .base import StepInfo
 from .controllers import Adaptive, Coordinate, FixedGrid
-from .stepper import Step, Stepper
+from .stepper import Step, Stepper, StepResult
 
-__all__ = ["Status", "IntegrationError", "BudgetError", "NonFiniteSolveError", "MAX_NONFINITE", "integrate"]
+__all__ = [
+    "Status",
+    "IntegrationError",
+    "BudgetError",
+    "NonFiniteSolveError",
+    "MAX_NONFINITE",
+    "integrate",
+    "first_move",
+    "first_time",
+    "take_first_move",
+    "FIRST_MEAN_MAX",
+]
 
 
 class Status(IntEnum):
@@ -69,6 +88,76 @@ class NonFiniteSolveError(IntegrationError, NonFiniteScoreError):
 MAX_NONFINITE = 10
 
 
+#: the largest m(t1) of the adaptive solvers' shared first move from m = 0 (see :func:`first_time`)
+FIRST_MEAN_MAX = 0.1
+
+
+def first_move(sde: SDE, x: Tensor, x0: Tensor, t: Tensor, t_next: Tensor, eta: float, z: Tensor | None) -> Tensor:
+    """The shared first move from m(t) = 0 (a rectified flow's pure noise), exact in the data
+    prediction x̂0 = ``x0``: DDIM's posterior move x_s = m_s·x̂0 + σ_s·(√(1 − η²)·ε̂ + η·z), ε̂ = x/σ_t.
+
+    At m = 0 the score is −x whatever the data, so x̂0 must come from the score's data prediction, and
+    x_T ~ N(0, I) is independent of the data: with the exact x̂0 = E[x0] the law of x_s, N(m_s·E[x0],
+    σ_s²·I), is the same for every η, which only sets the coupling to x_T. A deterministic method takes
+    η = 0 (its samples stay a function of x_T: the DDIM / Euler move, first order in the step); a
+    stochastic one η = 1, the h → ∞ limit of its own first-order move (SDE-DPM-Solver++ with any η > 0:
+    (σ_s/σ_t)·e^{−ηh} → 0, noise std σ_s·√(1 − e^{−2ηh}) → σ_s), i.e. the reverse SDE's DDPM posterior
+    q(x_s | x_T, x0 = x̂0). See ``Stepper.singular_eta``."""
+    from .ddim import posterior_step
+
+    return posterior_step(sde, x, x0, t, t_next, eta, z)
+
+
+def first_time(sde: SDE, t_start: float, t_end: float, rtol: float, dtype: torch.dtype) -> float:
+    """Where an adaptive solve's shared first move from m(t_start) = 0 ends: the time t1 with
+    m(t1) = clamp(√rtol, √eps(dtype), FIRST_MEAN_MAX), by bisection (m decreases in t).
+
+    The move is first order with x̂0 frozen at its start, so its local error is O(m(t1)²) (the flow
+    velocity (x − x̂0)/σ changes at a finite rate in m near pure noise): m(t1) = √rtol keeps it at the
+    controller's per-step tolerance, so it vanishes as the tolerance tightens, and λ(t1) = log(m/σ) is
+    finite for a controller in log-SNR. The cap keeps the move short at loose tolerances, the floor above
+    the dtype's resolution. A t1 at or past t_end is moved to the middle of [t_end, t_start]."""
+    eps = torch.finfo(dtype).eps
+    target = min(max(math.sqrt(rtol), math.sqrt(eps)), FIRST_MEAN_MAX)
+
+    def m(t: float) -> float:
+        return float(sde.mean_coeff(torch.tensor([t], dtype=torch.float64))[0])
+
+    lo, hi = float(t_end), float(t_start)
+    if m(lo) <= target:
+        return 0.5 * (lo + hi)
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if mid in (lo, hi):
+            break
+        if m(mid) > target:
+            lo = mid
+        else:
+            hi = mid
+    return lo  # m(lo) >= target > 0: λ(t1) finite
+
+
+def take_first_move(ctx, x: Tensor, t1: float, eta: float, check_finite: bool = True) -> Tensor:
+    """Every sample of x from ctx.t_start (m = 0) to t1 by :func:`first_move`: one counted data
+    prediction per sample; η > 0 draws Stream.FIRST_MOVE (counter 0), keyed per sample."""
+    score = ctx.score
+    if not getattr(score, "has_data_prediction", False):
+        raise _no_data_prediction(ctx.t_start)
+    n, dt, dev = x.shape[0], x.dtype, x.device
+    t = per_row(float(ctx.t_start), n, dt, dev)
+    tn = per_row(float(t1), n, dt, dev)
+    x0 = score.data_prediction(x, t, check_finite=check_finite)
+    z = ctx.noise.normal(x.shape[1:], Stream.FIRST_MOVE, 0, dtype=dt, device=dev) if eta > 0.0 else None
+    return first_move(ctx.sde, x, x0, t, tn, eta, z)
+
+
+def _no_data_prediction(t_start: float) -> ValueError:
+    return ValueError(
+        f"a solve from t = {float(t_start):g}, where m = 0, needs the score's data prediction x̂0 there (the "
+        "score is −x whatever the data): use fastsde.VelocityScore for a velocity network, or start below it"
+    )
+
+
 def integrate(
     ctx,
     x: Tensor,
@@ -89,7 +178,64 @@ def integrate(
     """Step x from the coordinate's start to its end; returns x at the end (partial rows where they
     stopped). Statistics go to ``ctx.stats``. An adaptive sample with ``max_nonfinite`` attempts in
     a row whose error was not finite, or whose step shrank below ten floating-point spacings of its
-    coordinate after a non-finite attempt, stops with status "nonfinite" (None: never)."""
+    coordinate after a non-finite attempt, stops with status "nonfinite" (None: never).
+
+    From m = 0 with a method without its own exact first move (``stepper.shared_first_move``): on a
+    fixed grid move 0 is :func:`first_move` (1 evaluation instead of the method's move); an adaptive
+    solve first moves every sample to :func:`first_time` (1 evaluation, counted in the budget and the
+    statistics, ``ctx.stats["first_move"]``), then runs from there (``ctx.t_start`` is t1 meanwhile, so
+    the method's state starts there)."""
+    kw = dict(
+        coordinate=coordinate,
+        brownian=brownian,
+        corrector=corrector,
+        compact=compact,
+        max_nfe=max_nfe,
+        on_budget=on_budget,
+        reuse_rejected=reuse_rejected,
+        desc=desc,
+        budget_hint=budget_hint,
+        max_nonfinite=max_nonfinite,
+    )
+    if not (controller.adaptive and stepper.shared_first_move):
+        return _integrate(ctx, x, stepper, controller, **kw)
+    assert coordinate is not None
+    t_start = ctx.t_start
+    eta = stepper.singular_eta()
+    t1 = first_time(ctx.sde, float(t_start), float(coordinate.t_end), float(controller.rtol), x.dtype)
+    nfe0 = ctx.score.nfe_per_sample.clone()
+    x = take_first_move(ctx, x, t1, eta, check_finite=False)
+    ctx.t_start = t1
+    stepper.from_zero_mean = False
+    try:
+        kw["coordinate"] = coordinate.restarted(t1)
+        out = _integrate(ctx, x, stepper, controller, nfe0=nfe0, **kw)
+    finally:
+        ctx.t_start = t_start
+    ctx.stats["accepted"] = ctx.stats["accepted"] + 1
+    ctx.stats["first_move"] = {"t": t1, "eta": eta, "nfe": 1}
+    return out
+
+
+def _integrate(
+    ctx,
+    x: Tensor,
+    stepper: Stepper,
+    controller: FixedGrid | Adaptive,
+    *,
+    coordinate: Coordinate | None = None,
+    brownian: str = "fresh",
+    corrector=None,
+    compact: bool = True,
+    max_nfe: int | None = None,
+    on_budget: str = "raise",
+    reuse_rejected: bool = False,
+    desc: str = "",
+    budget_hint: str = "raise max_nfe, loosen the tolerances",
+    max_nonfinite: int | None = MAX_NONFINITE,
+    nfe0: Tensor | None = None,
+) -> Tensor:
+    """:func:`integrate`'s loop; ``nfe0``: the per-sample evaluations before the solve (default now)."""
     n, dt, dev = x.shape[0], x.dtype, x.device
     f64 = torch.float64
     adaptive = controller.adaptive
@@ -112,7 +258,9 @@ def integrate(
     nonfinite_run = torch.zeros(n, dtype=torch.int64)  # non-finite attempts in the current run
     run_h0 = torch.zeros(n, dtype=f64)  # the step of the run's first non-finite attempt
     reused = torch.zeros(n, dtype=torch.int64)
-    nfe0 = ctx.score.nfe_per_sample.clone()
+    nfe0 = ctx.score.nfe_per_sample.clone() if nfe0 is None else nfe0
+    # a fixed grid's move 0 from m = 0 for a method without its own exact one (a host flag: no synchronisation)
+    pending_first = not adaptive and stepper.shared_first_move
 
     state, bad_start = stepper.init(x)
     if bad_start is not None and bool(bad_start.any()):
@@ -273,7 +421,16 @@ def integrate(
                 state=state,
                 data_prediction=data_prediction if has_dp else None,
             )
-            res = stepper.step(xs, step)
+            if pending_first:
+                pending_first = False
+                if step.data_prediction is None:
+                    raise _no_data_prediction(ctx.t_start)
+                x0 = step.data_prediction(xs, step.t)
+                eta = stepper.singular_eta()
+                z = step.normal(xs, Stream.FIRST_MOVE) if eta > 0.0 else None
+                res = StepResult(x=first_move(ctx.sde, xs, x0, step.t, step.t_next, eta, z), x0_hat=x0)
+            else:
+                res = stepper.step(xs, step)
 
             if adaptive:
                 prev = None if x_prev is None else (x_prev if full else x_prev[rows_d])

@@ -55,8 +55,8 @@ from .base import (
     positive_or_inf,
 )
 from .controllers import Adaptive, Coordinate
-from .driver import integrate
-from .stepper import State, Step, Stepper, StepResult
+from .driver import first_time, integrate, take_first_move
+from .stepper import State, Step, Stepper, StepResult, starts_at_zero_mean
 
 __all__ = ["ODE", "DormandPrince", "DormandPrinceLogSNR", "select_initial_step", "scipy_law", "DOPRI_NFE_START"]
 
@@ -374,7 +374,18 @@ class _ODESpec(SolverSpec):
 
     def run(self, ctx: SolverContext, x: Tensor, **options: Any) -> Tensor:
         if options["method"] == "scipy":
-            return _run_scipy(ctx, x, options["rtol"], options["atol"], options["coordinate"])
+            if not starts_at_zero_mean(ctx.sde, ctx.t_start):
+                return _run_scipy(ctx, x, options["rtol"], options["atol"], options["coordinate"])
+            # from m = 0 (pure noise): the driver's shared first move (η = 0), then scipy from there
+            t_start = ctx.t_start
+            t1 = first_time(ctx.sde, float(t_start), float(ctx.t_end), float(options["rtol"]), x.dtype)
+            x = take_first_move(ctx, x, t1, 0.0)
+            ctx.t_start = t1
+            try:
+                return _run_scipy(ctx, x, options["rtol"], options["atol"], options["coordinate"])
+            finally:
+                ctx.t_start = t_start
+                ctx.stats["first_move"] = {"t": t1, "eta": 0.0, "nfe": 1}
         plan = self.build(ctx, dict(options))
         ctx.stats["method"] = "rk45"
         return integrate(ctx, x, desc=self.name, **plan)

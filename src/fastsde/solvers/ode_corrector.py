@@ -103,6 +103,12 @@ class ODECorrector(Stepper):
     def declared_stochastic(cls, options: Mapping[str, Any]) -> bool:
         return int(options.get("corrector_steps") or 0) > 0
 
+    @classmethod
+    def declared_move_nfe(cls, options: Mapping[str, Any]) -> int:
+        """The predictor's move alone (the corrector's steps after it are the driver's)."""
+        spec = cls._predictor(options)
+        return spec.nfe_per_step_for(_predictor_options(spec, options, None))
+
 
 def make_corrector(opts: Mapping[str, Any]) -> Corrector | None:
     """The corrector the options name (None for corrector_steps=0)."""
@@ -145,7 +151,8 @@ class _ODECorrectorSpec(SolverSpec):
                 return None  # the corrected points depend on the process's grid
             grid = time_grid(sde, popts["grid"], n, sde.T, sde.default_t_end, popts["rho"])
             keep &= sde.marginal_std(grid[1:]) <= float(opts["sigma_max"])
-        return (n - 1) * pred.nfe_per_step_for(popts) + int(pred.stepper.first_nfe) + k * int(keep.sum()) + int(denoise)
+        total = (n - 1) * pred.nfe_per_step_for(popts) + int(pred.stepper.first_nfe) + k * int(keep.sum())
+        return total + int(denoise) - pred.first_move_saving(popts, sde)
 
 
 def _check(opts: dict, sde: SDE, t_end: float) -> None:

@@ -72,6 +72,11 @@ class Predictor(Stepper):
     def declared_nfe(cls, options: Mapping[str, Any]) -> int:
         return 1 + int(options.get("corrector_steps") or 0)
 
+    @classmethod
+    def declared_move_nfe(cls, options: Mapping[str, Any]) -> int:
+        """The predictor move alone (the corrector's steps at its start point are the driver's)."""
+        return 1
+
     def step(self, x: Tensor, s: Step) -> StepResult:
         return StepResult(x=PREDICTORS[self.options["predictor"]](self.sde, x, s))
 

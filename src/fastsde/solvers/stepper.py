@@ -121,7 +121,8 @@ class Stepper:
     - ``initial_step_nfe``: evaluations of its automatic first-step selection (h_init=None);
     - ``coordinate``: "t" or "logsnr", the coordinate an adaptive controller steps in;
     - ``stochastic``: whether its samples depend on the seed beyond x_T for these options;
-    - ``singular_start``: whether it can start where m = 0 (rectified flow's u = 1).
+    - ``singular_start``: whether its own first move from m = 0 (rectified flow's u = 1) is exact in
+      the data prediction; every other method's first move from there is the driver's shared one.
     """
 
     order: float = 1.0
@@ -131,8 +132,9 @@ class Stepper:
     initial_step_nfe: int = 0
     coordinate: str = "t"
     stochastic: bool = False
-    #: whether the method can start where m = 0 (a rectified flow's u = 1): its first move is then
-    #: exact in the score's data prediction x̂0 (see :func:`denoised`); others are refused before compute
+    #: whether the method's own first move from m = 0 (a rectified flow's u = 1) is exact in the score's
+    #: data prediction x̂0 (see :func:`denoised`); the driver takes the first move of every other method
+    #: there (:func:`~fastsde.solvers.driver.first_move`)
     singular_start: bool = False
 
     @classmethod
@@ -160,6 +162,24 @@ class Stepper:
     def singular_move(self, s: Step) -> bool:
         """Whether this move starts where m = 0 (the first move of a solve from a rectified flow's u = 1)."""
         return self.from_zero_mean and bool((s.index == 0).any())
+
+    @property
+    def shared_first_move(self) -> bool:
+        """Whether the driver takes this solve's first move (from m = 0) for the method: the solve starts
+        where m = 0 and the method has no exact first move of its own (``singular_start``)."""
+        return getattr(self, "from_zero_mean", False) and not self.singular_start
+
+    def singular_eta(self) -> float:
+        """The η of the shared first move from m = 0 (see :func:`~fastsde.solvers.driver.first_move`):
+        0 for a deterministic method (its samples stay a function of x_T), 1 for a stochastic one (the
+        h → ∞ limit of its own first-order move: the DDPM posterior draw m_s·x̂0 + σ_s·z)."""
+        return 1.0 if self.declared_stochastic(self.options) else 0.0
+
+    @classmethod
+    def declared_move_nfe(cls, options: Mapping[str, Any]) -> int:
+        """Evaluations of the move proper among ``declared_nfe`` (default: all of them); the shared first
+        move from m = 0 takes the place of these with one data prediction (a corrector's are kept)."""
+        return cls.declared_nfe(options)
 
     def init(self, x: Tensor) -> tuple[State, Tensor | None]:
         """The stepper's state for the samples of x, and a per-sample mask of samples whose start is

@@ -40,11 +40,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..grids import GRIDS, check_grid_choice
-from ..sde import broadcast_to_rows
+from ..grids import GRIDS, check_grid_choice, default_grid
+from ..sde import SDE, broadcast_to_rows
 from .base import Option, SolverSpec, boolean, fixed_grid, grid_options, one_of
 from .dpmpp_2m import LOWER_ORDER_FINAL_BELOW
-from .stepper import State, Step, Stepper, StepResult
+from .stepper import State, Step, Stepper, StepResult, starts_at_zero_mean
 
 __all__ = ["UNIPC", "UniPC", "unipc_b"]
 
@@ -209,6 +209,11 @@ class UniPC(Stepper):
         return StepResult(x=x_next.to(dt), state=state, x0_hat=d_t)
 
 
+def _default_grid(sde: SDE) -> str:
+    """logsnr on every process, but where m(T) = 0 (a rectified flow: λ(T) = −∞) the process's default."""
+    return default_grid(sde, "exp") if starts_at_zero_mean(sde, float(sde.T)) else "logsnr"
+
+
 UNIPC = SolverSpec(
     name="unipc",
     build=fixed_grid(UniPC),
@@ -218,7 +223,7 @@ UNIPC = SolverSpec(
         # uniform in log-SNR on every process, EDM included (measured: on EDM's Karras grid UniPC is
         # unstable below ~16 NFE, the large late λ-steps)
         "grid": Option(
-            "logsnr",
+            _default_grid,
             check_grid_choice,
             f"time grid: one of {', '.join(GRIDS)} (default logsnr, on every process), or explicit times",
         ),
