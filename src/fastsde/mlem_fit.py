@@ -502,7 +502,8 @@ def fit_mlem(
     opt = torch.optim.Adam([theta], lr=lr)
     first = objective(theta.detach())
     best = (first[0], theta.detach().clone())
-    history = [{"iter": 0, "objective": first[0], "mse": first[1], "cost": first[2]}]
+    elapsed = lambda: round(time.perf_counter() - start, 2)  # noqa: E731 - wall time so far, per history entry
+    history = [{"iter": 0, "objective": first[0], "mse": first[1], "cost": first[2], "seconds": elapsed()}]
     for it in range(1, iters + 1):
         p = probabilities(theta, basis, p_min)
         P = theta.numel()
@@ -530,7 +531,7 @@ def fit_mlem(
         theta.grad += g_mse
         opt.step()
         now = objective(theta.detach())
-        history.append({"iter": it, "objective": now[0], "mse": now[1], "cost": now[2]})
+        history.append({"iter": it, "objective": now[0], "mse": now[1], "cost": now[2], "seconds": elapsed()})
         if progress:
             print(f"fit-mlem iter {it}: objective {now[0]:.4g} (mse {now[1]:.3g}, cost {now[2]:.4g})", flush=True)
         if now[0] < best[0]:
