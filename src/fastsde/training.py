@@ -80,7 +80,9 @@ class TrainConfig:
         return cfg
 
 
-def flow_loss(net: EpsNetwork, sde: SDE, x0: Tensor, t: Tensor, z: Tensor, class_labels: Tensor | None = None) -> Tensor:
+def flow_loss(
+    net: EpsNetwork, sde: SDE, x0: Tensor, t: Tensor, z: Tensor, class_labels: Tensor | None = None
+) -> Tensor:
     """Conditional flow matching on a rectified flow: x_u = m(u)·x0 + σ(u)·z, the network regresses the
     velocity v = z − x0 (the derivative of the path in σ; its minimiser is E[z − x0 | x_u])."""
     m = sde.mean_coeff(t).reshape(-1, *([1] * (x0.dim() - 1)))

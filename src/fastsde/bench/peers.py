@@ -30,6 +30,17 @@ Mappings (stated so the comparison can be checked):
   b = f − g² s (diagonal Itô noise), adaptive steps with rtol = atol = budget.
 - scipy RK45 and torchdiffeq dopri5 integrate the PF-ODE dx/dt = f − ½ g² s from T to t_end on the
   flattened batch (one step size for the whole batch), rtol = atol = budget.
+- diffusers flow-matching peers (``*_flow``, RectifiedFlow only): each scheduler is driven by hand with
+  the velocity v(x, σ) = (x − x̂0)/σ, x̂0 the score's counted ``data_prediction`` at u = u(σ) (finite
+  at σ = 1, where the score itself says nothing about the data), evaluated at the scheduler's own σ
+  (``sched.sigmas``, float32, as its update formulas assume). The shift is the process's static shift
+  (``shift`` / ``flow_shift``; μ with ``use_dynamic_shifting`` where the scheduler has it). x_T is the
+  pure noise at u = 1 that fastsde starts from, used as the scheduler's first sample whatever its first σ:
+  FlowMatchEuler and FlowMatchHeun start at σ = 1, UniPC at 1 − 1e-6, DPM-Solver++ at σ = shift(0.999)
+  (diffusers' ``use_flow_sigmas`` grid, linspace(1, 1/1000, N + 1) in 1 − σ, its first point dropped).
+  All of them step to σ = 0 themselves (the last step is x̂0 for the multistep ones), so no denoise
+  follows. NFE: N steps cost N evaluations (FlowMatchHeun 2N − 1: Heun steps, the last one Euler).
+  The budget is mapped to N like the fixed-step peers above.
 """
 
 from __future__ import annotations
@@ -45,19 +56,30 @@ from torch import Tensor
 
 from ..grids import time_grid
 from ..integrate import scipy_rk45
-from ..score import CountingScore, ScoreFn
-from ..sde import SDE, VPSDE, broadcast_to_rows
+from ..score import CountingScore, ScoreFn, data_prediction_of
+from ..sde import SDE, VPSDE, RectifiedFlow, broadcast_to_rows
 
-__all__ = ["Peer", "PeerRun", "TimedScore", "PEERS", "available_peers", "EDMDenoiser"]
+__all__ = ["Peer", "PeerRun", "TimedScore", "PEERS", "FLOW_PEERS", "available_peers", "EDMDenoiser", "FlowVelocity"]
 
 
 class TimedScore:
     """Wraps a score and accumulates the wall time spent inside it (to split solver overhead from
-    network time)."""
+    network time). A score with a data prediction x̂0 (``VelocityScore``, ``GaussianMixture``, a loaded
+    flow model) keeps it, timed the same way, so that solves from a rectified flow's u = 1 can use it."""
 
     def __init__(self, score: ScoreFn) -> None:
         self.score = score
         self.seconds = 0.0
+        inner = data_prediction_of(score)
+        if inner is not None:
+
+            def data_prediction(x: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
+                start = time.perf_counter()
+                out = inner(x, t, **cond)
+                self.seconds += time.perf_counter() - start
+                return out
+
+            self.data_prediction = data_prediction
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         start = time.perf_counter()
@@ -87,6 +109,7 @@ class Peer:
     solve: Callable[..., tuple[Tensor, dict[str, Any]]]
     vp_only: bool = False
     summary: str = ""
+    flow_only: bool = False  # a flow-matching scheduler: RectifiedFlow processes only
 
     def available(self) -> tuple[bool, str]:
         """(True, "") if the peer's package imports, else (False, one-line note)."""
@@ -100,6 +123,8 @@ class Peer:
         return True, ""
 
     def supports(self, sde: SDE) -> bool:
+        if self.flow_only:
+            return isinstance(sde, RectifiedFlow)
         return not self.vp_only or type(sde) is VPSDE
 
     def run(self, score: ScoreFn, sde: SDE, x_T: Tensor, budget: float, t_end: float, seed: int = 0) -> PeerRun:
@@ -370,6 +395,95 @@ def _diffusers_sasolver(counted, sde, x_T, budget, t_end, seed):
     return _denoise(counted, sde, x, 1.0 / n_train), {"steps": n, "spacing": "trailing", "orders": "p = c = 2"}
 
 
+# ---------------------------------------------------------------------------------------------
+# diffusers flow-matching schedulers (RectifiedFlow)
+# ---------------------------------------------------------------------------------------------
+
+
+class FlowVelocity:
+    """The velocity v(x, σ) = ε̂ − x̂0 = (x − x̂0)/σ of a flow-matching network, rebuilt from fastsde's
+    counted score on a RectifiedFlow: x̂0 from the score's ``data_prediction`` at u = u(σ) (one counted
+    evaluation). σ is a float (one noise level for the batch); the result has x's dtype."""
+
+    def __init__(self, counted: CountingScore, sde: SDE) -> None:
+        if not isinstance(sde, RectifiedFlow):
+            raise ValueError(f"a flow-matching peer needs a RectifiedFlow process, got {sde!r}")
+        if not counted.has_data_prediction:
+            raise ValueError(
+                "a flow-matching peer needs a score with data_prediction (VelocityScore, GaussianMixture, a flow model)"
+            )
+        self.counted = counted
+        self.sde = sde
+
+    def __call__(self, x: Tensor, sigma: float) -> Tensor:
+        if not 0.0 < sigma <= 1.0:
+            raise ValueError(f"the velocity is evaluated at 0 < σ ≤ 1, got σ = {sigma!r}")
+        u = float(self.sde.t_from_sigma(torch.tensor(sigma, dtype=torch.float64)).clamp(max=1.0))
+        x0 = self.counted.data_prediction(x, _times(u, x))
+        return ((x - x0) / sigma).to(x.dtype)
+
+
+def _flow_shift_kwargs(sde: RectifiedFlow, static: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(scheduler kwargs, set_timesteps kwargs) giving the process's shift: ``static`` names the scheduler's
+    static-shift argument; μ (dynamic shifting) goes to set_timesteps."""
+    if sde.shift_terminal is not None:
+        raise ValueError("the flow-matching peers do not take shift_terminal")
+    if sde.mu is None:
+        return {static: sde.effective_shift}, {}
+    return {"use_dynamic_shifting": True, "time_shift_type": sde.time_shift_type}, {"mu": sde.mu}
+
+
+def _flow_match(cls_name: str, nfe_per_step: Callable[[int], int]):
+    """FlowMatchEulerDiscreteScheduler / FlowMatchHeunDiscreteScheduler with N steps from σ = 1 to 0."""
+
+    def solve(counted, sde, x_T, budget, t_end, seed):
+        import diffusers
+
+        vel = FlowVelocity(counted, sde)
+        n = _steps_for(budget, nfe_per_step)
+        cls = getattr(diffusers, cls_name)
+        if cls_name == "FlowMatchHeunDiscreteScheduler":
+            if sde.mu is not None or sde.shift_terminal is not None:
+                raise ValueError("FlowMatchHeunDiscreteScheduler has a static shift only")
+            sched, set_kw = cls(shift=sde.effective_shift), {}
+        else:
+            kw, set_kw = _flow_shift_kwargs(sde, "shift")
+            sched = cls(**kw)
+        sched.set_timesteps(n, **set_kw)
+        x = x_T
+        for tau in sched.timesteps:
+            sigma = float(tau) / sched.config.num_train_timesteps
+            x = sched.step(vel(x, sigma), tau, x).prev_sample
+        return x.to(x_T.dtype), {"steps": n, "shift": sde.effective_shift}
+
+    return solve
+
+
+def _flow_multistep(cls_name: str, **kwargs: Any):
+    """A diffusers multistep scheduler with ``use_flow_sigmas=True, prediction_type="flow_prediction"``
+    and final σ = 0, N steps (N evaluations)."""
+
+    def solve(counted, sde, x_T, budget, t_end, seed):
+        import diffusers
+
+        vel = FlowVelocity(counted, sde)
+        n = max(int(budget), 1)
+        shift_kw, set_kw = _flow_shift_kwargs(sde, "flow_shift")
+        sched = getattr(diffusers, cls_name)(
+            use_flow_sigmas=True, prediction_type="flow_prediction", final_sigmas_type="zero", **shift_kw, **kwargs
+        )
+        sched.set_timesteps(n, **set_kw)
+        gen = torch.Generator().manual_seed(int(seed))
+        step_kw = {"generator": gen} if kwargs.get("algorithm_type", "").startswith("sde-") else {}
+        x = x_T
+        for i, tau in enumerate(sched.timesteps):
+            sigma = float(sched.sigmas[i])
+            x = sched.step(vel(x, sigma), tau, x, **step_kw).prev_sample
+        return x.to(x_T.dtype), {"steps": n, "first_sigma": float(sched.sigmas[0]), "flow_shift": sde.effective_shift}
+
+    return solve
+
+
 def _one(n: int) -> int:
     return n
 
@@ -430,6 +544,60 @@ PEERS: dict[str, Peer] = {
         Peer("torchdiffeq_dopri5", "torchdiffeq", False, "tol", _torchdiffeq_dopri5),
     )
 }
+
+
+#: the diffusers flow-matching peers (RectifiedFlow only); also in PEERS
+FLOW_PEERS: dict[str, Peer] = {
+    p.name: p
+    for p in (
+        Peer(
+            "diffusers_flow_euler",
+            "diffusers",
+            False,
+            "nfe",
+            _flow_match("FlowMatchEulerDiscreteScheduler", _one),
+            summary="FlowMatchEulerDiscreteScheduler, N steps σ = 1 → 0",
+            flow_only=True,
+        ),
+        Peer(
+            "diffusers_flow_heun",
+            "diffusers",
+            False,
+            "nfe",
+            _flow_match("FlowMatchHeunDiscreteScheduler", _heun_nfe),
+            summary="FlowMatchHeunDiscreteScheduler (static shift), N steps, 2N − 1 NFE",
+            flow_only=True,
+        ),
+        Peer(
+            "diffusers_dpmsolver_2m_flow",
+            "diffusers",
+            False,
+            "nfe",
+            _flow_multistep("DPMSolverMultistepScheduler", algorithm_type="dpmsolver++", solver_order=2),
+            summary="DPM-Solver++(2M), use_flow_sigmas, flow_prediction, final σ = 0",
+            flow_only=True,
+        ),
+        Peer(
+            "diffusers_unipc_flow",
+            "diffusers",
+            False,
+            "nfe",
+            _flow_multistep("UniPCMultistepScheduler"),
+            summary="UniPC (order 2, bh2, corrector), use_flow_sigmas, flow_prediction, final σ = 0",
+            flow_only=True,
+        ),
+        Peer(
+            "diffusers_dpmsolver_2m_sde_flow",
+            "diffusers",
+            True,
+            "nfe",
+            _flow_multistep("DPMSolverMultistepScheduler", algorithm_type="sde-dpmsolver++", solver_order=2),
+            summary="SDE-DPM-Solver++(2M), use_flow_sigmas, flow_prediction, final σ = 0",
+            flow_only=True,
+        ),
+    )
+}
+PEERS.update(FLOW_PEERS)
 
 
 def available_peers(names: list[str] | None = None) -> tuple[list[Peer], list[str]]:
