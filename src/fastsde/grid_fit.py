@@ -42,7 +42,7 @@ from torch import Tensor
 from .grids import GRIDS, default_grid, explicit_times, time_grid
 from .iia import _data_shape, _describe, check_key, model_fingerprint
 from .noise import NoiseSource, Stream
-from .score import CountingScore, ScoreFn
+from .score import CountingScore, ScoreFn, data_prediction_of
 from .sde import SDE, broadcast_to_rows
 from .solvers import get_solver
 from .solvers.base import SolverContext
@@ -286,6 +286,11 @@ class _Recorder:
             self.calls.append((float(t[0]), x, out))
         return out
 
+    @property
+    def data_prediction(self) -> Any:
+        """The wrapped score's data prediction (what a teacher needs from m = 0), or None."""
+        return data_prediction_of(self.score)
+
 
 def _run(spec, sde: SDE, score: CountingScore, x: Tensor, t_end: float, opts: dict[str, Any], callback=None) -> Tensor:
     ctx = SolverContext(
@@ -318,8 +323,11 @@ def _teacher(score: ScoreFn, sde: SDE, x_T: Tensor, fine: Tensor, teacher: str) 
     den = []
     for i in range(fine.numel() - 1):
         ti, xi = float(fine[i].to(x_T.dtype)), states[i]
-        hit = next((out for t, x, out in rec.calls if t == ti and torch.equal(x, xi)), None)
         tt = torch.full((n,), ti, dtype=x_T.dtype, device=x_T.device)
+        if float(sde.mean_coeff(tt[:1].to(torch.float64))[0]) == 0.0:  # m = 0 (a rectified flow's u = 1)
+            den.append(counted.data_prediction(xi, tt))  # the score is −x there: x̂0 only from the model
+            continue
+        hit = next((out for t, x, out in rec.calls if t == ti and torch.equal(x, xi)), None)
         if hit is None:  # a teacher that did not evaluate at its own grid point: one more evaluation
             hit = counted(xi, tt)
         den.append(sde.denoise(xi, tt, hit))
