@@ -62,3 +62,13 @@ def test_a_score_returning_another_device_is_refused():
 
     with pytest.raises(ValueError, match=r"got float64 on meta"):
         fastsde.sample(score, SDE, (4, 2), solver="ddim", steps=5, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("solver", ["ddim", "adaptive_sde_dpm_2m"])
+def test_sampling_under_inference_mode_works(solver):
+    """Inference tensors keep no write counter: the guard steps aside, the samples are the usual ones."""
+    kw = dict(solver=solver, dtype=torch.float64, seed=2, **({"steps": 5} if solver == "ddim" else {}))
+    ref = fastsde.sample(GM.score, SDE, (4, 2), **kw)
+    with torch.inference_mode():
+        res = fastsde.sample(GM.score, SDE, (4, 2), **kw)
+    assert torch.equal(res.samples, ref.samples)

@@ -206,7 +206,7 @@ class CountingScore:
         """One counted evaluation of fn (the score or its data prediction) at the rows of x."""
         kw = self.cond_rows(x, rows, ids)
         args = (x, t, rows) if self.pass_rows else (x, t)
-        versions = (x._version, t._version)  # bumped by any in-place write (no copy, no synchronisation)
+        versions = (_version(x), _version(t))  # bumped by any in-place write (no copy, no synchronisation)
         if self.needs_grad:
             with torch.enable_grad():
                 out = fn(*args, **kw)
@@ -214,8 +214,8 @@ class CountingScore:
         else:
             out = fn(*args, **kw)
         _check_output(out, x)
-        if (x._version, t._version) != versions:
-            which = "x" if x._version != versions[0] else "t"
+        if (_version(x), _version(t)) != versions:
+            which = "x" if _version(x) != versions[0] else "t"
             raise ValueError(
                 f"score(x, t) modified its input {which} in place; the solver's state is {which}, so the "
                 f"samples would be wrong: work on a copy ({which} = {which}.clone()) or use out-of-place operations"
@@ -263,6 +263,12 @@ class CountingScore:
     def network_evals(self) -> float:
         """Mean network evaluations per sample: NFE × the score's network evaluations per call."""
         return self.nfe * self.network_evals_per_call
+
+
+def _version(t: Tensor) -> int | None:
+    """A tensor's in-place write counter; None for an inference tensor (``torch.inference_mode``), which
+    keeps none, so a write into it cannot be detected."""
+    return None if t.is_inference() else t._version
 
 
 def _check_output(out: Any, x: Tensor) -> None:
