@@ -187,25 +187,31 @@ def check_run(
     return shape, spec, t_end, denoise
 
 
-def check_device(device: Any) -> torch.device:
-    """``device`` as a torch.device this machine has (cpu, an available cuda index, mps), before any
-    compute; 'meta' and unknown or absent devices are a ValueError naming what is available."""
+def available_devices() -> list[str]:
+    """The devices this machine has (cpu, each cuda index, mps), for checks and error messages."""
     have = ["cpu"]
     if torch.cuda.is_available():
         have += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     mps = getattr(torch.backends, "mps", None)
     if mps is not None and mps.is_available():
         have.append("mps")
+    return have
+
+
+def check_device(device: Any, what: str = "device") -> torch.device:
+    """``device`` as a torch.device this machine has (cpu, an available cuda index, mps), before any
+    compute; 'meta' and unknown or absent devices are a ValueError naming ``what`` and what is available."""
+    have = available_devices()
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
-        raise ValueError(f"device must be a torch device available here ({', '.join(have)}), got {device!r}") from None
+        raise ValueError(f"{what} must be a torch device available here ({', '.join(have)}), got {device!r}") from None
     ok = dev.type == "cpu" or (
         dev.type == "cuda" and len(have) > 1 and (dev.index is None or f"cuda:{dev.index}" in have)
     )
     ok = ok or (dev.type == "mps" and "mps" in have)
     if not ok:
-        raise ValueError(f"device {str(dev)!r} is not available on this machine; available: {', '.join(have)}")
+        raise ValueError(f"{what} {str(dev)!r} is not available on this machine; available: {', '.join(have)}")
     return dev
 
 

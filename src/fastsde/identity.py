@@ -33,7 +33,7 @@ from torch import Tensor
 from .noise import NoiseSource, Stream
 from .sde import SDE
 
-__all__ = ["content_digests", "has_module", "probe", "probe_matches", "PROBE_ROWS"]
+__all__ = ["content_digests", "has_module", "probe", "probe_outputs", "probe_matches", "PROBE_ROWS"]
 
 #: how deep the walk follows attributes, and how many entries a digest map keeps (the rest fold into one)
 MAX_DEPTH = 6
@@ -135,9 +135,14 @@ def _plain(obj: Any, depth: int = 0) -> bool:
     return all(_plain(v, depth + 1) for v in obj)
 
 
-def _walk(obj: Any, path: str, depth: int, seen: set[int], out: dict[str, str], found: list[bool]) -> None:
+def _walk(obj: Any, path: str, depth: int, seen: set[int], out: dict[str, str] | None, found: list[bool]) -> None:
+    """Visit what is reachable from ``obj``: digest it into ``out`` by path, and set ``found[0]`` on
+    meeting a module. With ``out`` None nothing is hashed and the walk stops at the first module."""
+    if out is None and found[0]:
+        return
     if isinstance(obj, (Tensor, np.ndarray, np.generic)) or _plain(obj):
-        out[path] = _digest_leaf(obj.item() if isinstance(obj, np.generic) else obj)
+        if out is not None:
+            out[path] = _digest_leaf(obj.item() if isinstance(obj, np.generic) else obj)
         return
     if isinstance(obj, (type, types.ModuleType, types.BuiltinFunctionType, SDE, torch.dtype, torch.device)):
         return  # no state of the score's own (the process is recorded on its own)
@@ -148,24 +153,19 @@ def _walk(obj: Any, path: str, depth: int, seen: set[int], out: dict[str, str], 
     seen.add(id(obj))
     if isinstance(obj, torch.nn.Module):
         found[0] = True
-        out[path] = _digest_module(obj)
+        if out is not None:
+            out[path] = _digest_module(obj)
         return
     for name, child in _children(obj):
         sep = "" if name.startswith("[") else "."
         _walk(child, f"{path}{sep}{name}", depth + 1, seen, out, found)
 
 
-def _content(score: Any) -> tuple[dict[str, str], bool]:
-    out: dict[str, str] = {}
-    found = [False]
-    _walk(score, "score", 0, set(), out, found)
-    return out, found[0]
-
-
 def content_digests(score: Any) -> dict[str, str]:
     """{where: short sha256} of every module, tensor and plain parameter reachable from ``score``
     (see the module docstring); at most MAX_ENTRIES entries, the rest folded into one."""
-    out, _ = _content(score)
+    out: dict[str, str] = {}
+    _walk(score, "score", 0, set(), out, [False])
     if len(out) <= MAX_ENTRIES:
         return dict(sorted(out.items()))
     keys = sorted(out)
@@ -178,8 +178,38 @@ def content_digests(score: Any) -> dict[str, str]:
 
 
 def has_module(score: Any) -> bool:
-    """Whether an ``nn.Module`` is reachable from ``score`` (then its weights identify it exactly)."""
-    return _content(score)[1]
+    """Whether an ``nn.Module`` is reachable from ``score`` (then its weights identify it exactly): the
+    walk of :func:`content_digests`, hashing nothing and stopping at the first module."""
+    found = [False]
+    _walk(score, "score", 0, set(), None, found)
+    return found[0]
+
+
+def probe_outputs(
+    score: Callable[..., Tensor],
+    sde: SDE,
+    dims: tuple[int, ...],
+    t_end: float,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    *,
+    seed: int = PROBE_SEED,
+    rows: int = PROBE_ROWS,
+    cond: dict[str, Tensor] | None = None,
+) -> Any:
+    """σ(t)·score(σ(t)·z, t) at ``rows`` fixed inputs (keyed noise of ``seed``) and the times
+    PROBE_FRACTIONS of [t_end, T], as float64 on the CPU: a score's fingerprint by its outputs (run
+    folders, IIA tables, fitted grids). ``cond``: conditioning rows for the probe's rows."""
+    frac = torch.tensor(PROBE_FRACTIONS[:rows], dtype=torch.float64)
+    t = (t_end + frac * (sde.T - t_end)).to(dtype=dtype, device=device)
+    z = NoiseSource.from_seed(seed, rows).normal(dims, Stream.USER, 0, dtype=dtype, device=device)
+    sig = sde.marginal_std(t).reshape(-1, *([1] * len(dims)))
+    kw = {} if cond is None else {k: v[:rows] for k, v in cond.items()}
+    with torch.no_grad():
+        out = score(sig * z, t, **kw)
+    if not isinstance(out, Tensor) or out.shape != z.shape:
+        return out  # not a score's output: the caller (or the run's own first call) says what is wrong
+    return (sig * out).to(torch.float64).cpu()
 
 
 def probe(
@@ -191,21 +221,16 @@ def probe(
     device: torch.device | str = "cpu",
     cond: dict[str, Tensor] | None = None,
 ) -> list[float]:
-    """σ(t)·score(σ(t)·z, t) at PROBE_ROWS fixed inputs, sketched to PROBE_PROJECTIONS numbers per row
-    (float64; NaN stays NaN). ``cond``: conditioning rows for the probe's rows (the run's first ones)."""
+    """:func:`probe_outputs` sketched to PROBE_PROJECTIONS numbers per row (float64; NaN stays NaN), for
+    a run folder's manifest; [] for a score whose output is not shaped like its input."""
     rows = PROBE_ROWS if cond is None else min(PROBE_ROWS, *(int(v.shape[0]) for v in cond.values()))
-    frac = torch.tensor(PROBE_FRACTIONS[:rows], dtype=torch.float64)
-    t = (t_end + frac * (float(sde.T) - t_end)).to(dtype=dtype, device=device)
-    noise = NoiseSource.from_seed(PROBE_SEED, rows)
-    z = noise.normal(dims, Stream.USER, 0, dtype=dtype, device=device)
-    sig = sde.marginal_std(t).reshape(-1, *([1] * len(dims)))
-    kw = {} if cond is None else {k: v[:rows] for k, v in cond.items()}
-    with torch.no_grad():
-        out = score(sig * z, t, **kw)
-    if not isinstance(out, Tensor) or out.shape != z.shape:
-        return []  # the run's own first call names what is wrong with such a score
-    flat = (sig * out).to("cpu", torch.float64).reshape(rows, -1)
-    proj = noise.normal((flat.shape[1], PROBE_PROJECTIONS), Stream.USER, 1, dtype=torch.float64)[0]
+    out = probe_outputs(score, sde, dims, t_end, dtype, device, rows=rows, cond=cond)
+    if not isinstance(out, Tensor) or out.shape != (rows, *dims):
+        return []
+    flat = out.reshape(rows, -1)
+    proj = NoiseSource.from_seed(PROBE_SEED, rows).normal(
+        (flat.shape[1], PROBE_PROJECTIONS), Stream.USER, 1, dtype=torch.float64
+    )[0]
     return [float(v) for v in (flat @ proj / math.sqrt(flat.shape[1])).reshape(-1)]
 
 

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from .grids import explicit_times
+from .identity import PROBE_FRACTIONS, probe_outputs
 from .noise import NoiseSource, Stream
 from .score import CountingScore, ScoreFn
 from .sde import SDE
@@ -52,7 +53,6 @@ FORMAT = "fastsde-iia/1"
 #: Fixed inputs of the model probe (user scores): rows, the noise seed and the times as fractions of [t_end, T].
 PROBE_ROWS = 4
 PROBE_SEED = 20240
-PROBE_FRACTIONS = (0.02, 0.1, 0.4, 0.9)
 #: Relative L2 difference of the probe outputs that still counts as the same model.
 PROBE_TOL = {torch.float64: 1e-6}
 PROBE_TOL_DEFAULT = 1e-3
@@ -139,14 +139,8 @@ def _weights_hash(model: Any) -> str:
 
 
 def _probe(score: ScoreFn, sde: SDE, shape: tuple[int, ...], t_end: float, dtype, device) -> Tensor:
-    """σ(t)·score on fixed inputs x = σ(t)·z at fixed times (float64 result)."""
-    frac = torch.tensor(PROBE_FRACTIONS, dtype=torch.float64)
-    t = (t_end + frac * (sde.T - t_end)).to(dtype=dtype, device=device)
-    z = NoiseSource.from_seed(PROBE_SEED, PROBE_ROWS).normal(shape, Stream.USER, 0, dtype=dtype, device=device)
-    sig = sde.marginal_std(t).reshape(-1, *([1] * len(shape)))
-    with torch.no_grad():
-        out = score(sig * z, t)
-    return (sig * out).to(torch.float64).cpu()
+    """σ(t)·score on fixed inputs x = σ(t)·z at fixed times (float64 result; ``fastsde.identity``)."""
+    return probe_outputs(score, sde, shape, t_end, dtype, device, seed=PROBE_SEED, rows=PROBE_ROWS)
 
 
 def model_fingerprint(

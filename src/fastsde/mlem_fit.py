@@ -502,6 +502,7 @@ def fit_mlem(
     opt = torch.optim.Adam([theta], lr=lr)
     first = objective(theta.detach())
     best = (first[0], theta.detach().clone())
+
     def elapsed() -> dict[str, float]:
         """Wall and CPU time so far (per history entry: the fit's cost per iteration, load or not)."""
         return {

@@ -166,10 +166,6 @@ class CountingScore:
         check_finite: bool = True,
         ids: Tensor | None = None,
     ) -> Tensor:
-        if t.dim() != 1 or t.shape[0] != x.shape[0]:
-            raise ValueError(
-                f"t must be a 1-D tensor with one time per row of x ({x.shape[0]}), got shape {tuple(t.shape)}"
-            )
         return self._evaluate(self.score, x, t, rows, check_finite, ids)
 
     @property
@@ -194,16 +190,16 @@ class CountingScore:
                 f"{type(self.score).__name__} has no data_prediction(x, t): a solve from m(t) = 0 needs one "
                 "(VelocityScore and GaussianMixture have it)"
             )
-        if t.dim() != 1 or t.shape[0] != x.shape[0]:
-            raise ValueError(
-                f"t must be a 1-D tensor with one time per row of x ({x.shape[0]}), got shape {tuple(t.shape)}"
-            )
         return self._evaluate(data_prediction_of(self.score), x, t, rows, check_finite, ids)
 
     def _evaluate(
         self, fn: Callable[..., Tensor], x: Tensor, t: Tensor, rows: Tensor | None, check_finite: bool, ids
     ) -> Tensor:
         """One counted evaluation of fn (the score or its data prediction) at the rows of x."""
+        if t.dim() != 1 or t.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"t must be a 1-D tensor with one time per row of x ({x.shape[0]}), got shape {tuple(t.shape)}"
+            )
         kw = self.cond_rows(x, rows, ids)
         args = (x, t, rows) if self.pass_rows else (x, t)
         versions = (_version(x), _version(t))  # bumped by any in-place write (no copy, no synchronisation)

@@ -75,38 +75,16 @@ def check_memory(what: str, count: int, shape: tuple[int, ...], itemsize: int, h
         )
 
 
-def available_devices() -> list[str]:
-    """The devices this machine has, for error messages."""
-    import torch
-
-    names = ["cpu"]
-    if torch.cuda.is_available():
-        names += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        names.append("mps")
-    return names
-
-
 def check_device(name: str, flag: str = "--device") -> Any:
-    """``--device`` as a torch.device that exists here: cpu, an available cuda index, or mps; 'meta' and
-    other backends are refused (they would fail, or compute nothing, only after the work)."""
-    import torch
+    """``--device`` as a torch.device that exists here (``fastsde.api.check_device``: cpu, an available
+    cuda index, or mps; 'meta' and other backends are refused: they would fail, or compute nothing, only
+    after the work), a CLIError naming the flag otherwise."""
+    from ..api import check_device as library_check
 
-    have = ", ".join(available_devices())
     try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError, ValueError):
-        raise CLIError(f"{flag} must be a torch device available here ({have}), got {name!r}") from None
-    if device.type == "cpu":
-        return device
-    if device.type == "cuda" and torch.cuda.is_available():
-        if device.index is None or device.index < torch.cuda.device_count():
-            return device
-    elif device.type == "mps" and getattr(torch.backends, "mps", None) is not None:
-        if torch.backends.mps.is_available():
-            return device
-    raise CLIError(f"{flag} {name}: not available on this machine; available: {have}")
+        return library_check(name, flag)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
 
 
 def _writable_folder(folder: Path, flag: str, shown: str) -> None:

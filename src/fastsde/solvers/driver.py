@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from enum import IntEnum
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -158,48 +159,23 @@ def _no_data_prediction(t_start: float) -> ValueError:
     )
 
 
-def integrate(
-    ctx,
-    x: Tensor,
-    stepper: Stepper,
-    controller: FixedGrid | Adaptive,
-    *,
-    coordinate: Coordinate | None = None,
-    brownian: str = "fresh",
-    corrector=None,
-    compact: bool = True,
-    max_nfe: int | None = None,
-    on_budget: str = "raise",
-    reuse_rejected: bool = False,
-    desc: str = "",
-    budget_hint: str = "raise max_nfe, loosen the tolerances",
-    max_nonfinite: int | None = MAX_NONFINITE,
-) -> Tensor:
+def integrate(ctx, x: Tensor, stepper: Stepper, controller: FixedGrid | Adaptive, **options: Any) -> Tensor:
     """Step x from the coordinate's start to its end; returns x at the end (partial rows where they
-    stopped). Statistics go to ``ctx.stats``. An adaptive sample with ``max_nonfinite`` attempts in
-    a row whose error was not finite, or whose step shrank below ten floating-point spacings of its
-    coordinate after a non-finite attempt, stops with status "nonfinite" (None: never).
+    stopped). ``options``: the keywords of :func:`_integrate` (coordinate, brownian, corrector, compact,
+    max_nfe, on_budget, reuse_rejected, desc, budget_hint, max_nonfinite). Statistics go to
+    ``ctx.stats``. An adaptive sample with ``max_nonfinite`` attempts in a row whose error was not
+    finite, or whose step shrank below ten floating-point spacings of its coordinate after a non-finite
+    attempt, stops with status "nonfinite" (None: never).
 
     From m = 0 with a method without its own exact first move (``stepper.shared_first_move``): on a
     fixed grid move 0 is :func:`first_move` (1 evaluation instead of the method's move); an adaptive
     solve first moves every sample to :func:`first_time` (1 evaluation, counted in the budget and the
     statistics, ``ctx.stats["first_move"]``), then runs from there (``ctx.t_start`` is t1 meanwhile, so
     the method's state starts there)."""
-    kw = dict(
-        coordinate=coordinate,
-        brownian=brownian,
-        corrector=corrector,
-        compact=compact,
-        max_nfe=max_nfe,
-        on_budget=on_budget,
-        reuse_rejected=reuse_rejected,
-        desc=desc,
-        budget_hint=budget_hint,
-        max_nonfinite=max_nonfinite,
-    )
     if not (controller.adaptive and stepper.shared_first_move):
-        return _integrate(ctx, x, stepper, controller, **kw)
-    assert coordinate is not None
+        return _integrate(ctx, x, stepper, controller, **options)
+    coordinate = options.get("coordinate")
+    assert coordinate is not None, "an adaptive solve needs its coordinate"
     t_start = ctx.t_start
     eta = stepper.singular_eta()
     t1 = first_time(ctx.sde, float(t_start), float(coordinate.t_end), float(controller.rtol), x.dtype)
@@ -208,8 +184,7 @@ def integrate(
     ctx.t_start = t1
     stepper.from_zero_mean = False
     try:
-        kw["coordinate"] = coordinate.restarted(t1)
-        out = _integrate(ctx, x, stepper, controller, nfe0=nfe0, **kw)
+        out = _integrate(ctx, x, stepper, controller, nfe0=nfe0, **{**options, "coordinate": coordinate.restarted(t1)})
     finally:
         ctx.t_start = t_start
     ctx.stats["accepted"] = ctx.stats["accepted"] + 1
