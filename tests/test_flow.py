@@ -613,3 +613,57 @@ def test_fit_grid_from_pure_noise(shift):
     assert grid.record["loss_refined"] < 0.7 * grid.record["loss_default"]  # measured: 0.51 (shift 1), 0.13 (shift 3)
     res = fastsde.sample(gm, sde, (8, 2), solver="dpmpp_2m", steps=6, grid=grid, seed=1, dtype=torch.float64)
     assert bool(torch.isfinite(res.samples).all()) and res.nfe == 6.0
+
+
+# -- t_end = 0: the grid runs to σ = 0 and its last move is the denoise --------------------------------
+
+
+@pytest.mark.parametrize("grid", ["uniform", "quadratic"])
+@pytest.mark.parametrize("sde", [fastsde.RectifiedFlow(shift=3.0), fastsde.VPSDE()], ids=repr)
+def test_zero_end_evaluates_the_first_points_of_the_grid_to_zero(sde, grid):
+    """t_end=0 with N points: the score is evaluated at the first N points of the N + 1-point grid from T to
+    0 (the last of them by the denoise), N NFE as for any t_end; the samples are those of the run to that
+    last interior point with the denoise there, except that lower_order_final no longer touches it."""
+    from fastsde.grids import time_grid
+
+    gm = mixture_2d(sde)
+    seen: list[float] = []
+
+    def score(x, t):
+        seen.append(float(t[0]))
+        return gm.score(x, t)
+
+    score.data_prediction = gm.data_prediction
+    n = 7
+    res = fastsde.sample(score, sde, (16, 2), solver="euler", steps=n, grid=grid, t_end=0, dtype=F64)
+    full = time_grid(sde, grid, n + 1, sde.T, 0.0)
+    assert res.nfe == n and res.options["t_last"] == float(full[-2])
+    if float(sde.mean_coeff(torch.tensor([sde.T], dtype=F64))[0]) != 0.0:  # from m = 0 move 0 is x̂0-based
+        torch.testing.assert_close(torch.tensor(seen, dtype=F64), full[:-1], rtol=1e-12, atol=0)
+    same = fastsde.sample(gm, sde, (16, 2), solver="euler", steps=n, grid=grid, t_end=float(full[-2]), dtype=F64)
+    torch.testing.assert_close(res.samples, same.samples, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "sde, kwargs, word",
+    [
+        (fastsde.VESDE(), {"solver": "euler"}, r"needs σ\(0\) = 0"),
+        (fastsde.RectifiedFlow(), {"solver": "euler", "denoise": False}, "denoise=True"),
+        (fastsde.RectifiedFlow(), {"solver": "adaptive"}, "fixed-grid"),
+        (fastsde.VPSDE(), {"solver": "dpmpp_2m", "grid": "logsnr"}, "grid one of"),
+        (fastsde.RectifiedFlow(), {"solver": "euler", "grid": [1.0, 0.5, 0.0], "steps": 3}, "explicit grid"),
+    ],
+    ids=str,
+)
+def test_zero_end_refusals_before_compute(sde, kwargs, word):
+    calls = []
+    gm = mixture_2d(sde)
+
+    def score(x, t):
+        calls.append(1)
+        return gm.score(x, t)
+
+    score.data_prediction = gm.data_prediction
+    with pytest.raises(ValueError, match=word):
+        fastsde.sample(score, sde, (4, 2), t_end=0, dtype=F64, **kwargs)
+    assert not calls

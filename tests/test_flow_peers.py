@@ -143,3 +143,22 @@ def test_timed_score_keeps_the_data_prediction_and_counts_it():
     torch.testing.assert_close(vel(x, 1.0), x - gm.data_prediction(x, t))
     half = torch.full((4,), 0.5, dtype=F64)
     torch.testing.assert_close(vel(x, 0.5), (x - gm.data_prediction(x, half)) / 0.5)
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+@pytest.mark.parametrize("n", [4, 10])
+def test_dpmsolver_2m_flow_peer_equals_dpmpp_2m_to_zero(shift, n):
+    """``t_end=0`` is diffusers' ``final_sigmas_type="zero"``: the uniform grid of n + 1 points runs to 0,
+    the denoise at its last interior point is the move to σ = 0, and the move before it stays second
+    order; from diffusers' first σ (0.999) that is its DPM-Solver++(2M), with no explicit grid or option."""
+    sde = fastsde.RectifiedFlow(shift=shift)
+    gm = mixture_2d(sde)
+    x_T = _x_T(32)
+    run = PEERS["diffusers_dpmsolver_2m_flow"].run(gm.score, sde, x_T, n, sde.default_t_end)
+    res = fastsde.sample(
+        gm.score, sde, x_T.shape, solver="dpmpp_2m", steps=n, t_start=0.999, t_end=0, x_init=x_T,
+        x_init_noised=True, dtype=F64,
+    )  # fmt: skip
+    assert run.nfe == res.nfe == n
+    assert res.options["t_end"] == 0.0 and res.options["t_last"] == pytest.approx(0.999 / n, rel=1e-12)
+    torch.testing.assert_close(run.samples, res.samples, rtol=0, atol=1e-5)  # diffusers' σ are float32

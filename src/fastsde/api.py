@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .grids import time_grid
 from .guidance import ClassifierGuidance, with_null_rows
 from .levels import Levels, LevelScores
 from .noise import NoiseSource, Stream, as_noise_source
@@ -178,13 +179,49 @@ def check_run(
     t_end = sde.default_t_end if t_end is None else as_python_number(t_end)
     if isinstance(t_end, bool) or not isinstance(t_end, (int, float)):
         raise ValueError(f"t_end must be a number, got {t_end!r}")
-    sde.check_time("t_end", t_end)
+    if t_end == 0:
+        check_zero_end(sde)
+    else:
+        sde.check_time("t_end", t_end)
     if not t_end < sde.T:
         raise ValueError(f"t_end must be < T = {sde.T:g}, got {t_end!r}")
     denoise = as_python_number(denoise)
     if not isinstance(denoise, bool):
         raise ValueError(f"denoise must be True or False, got {denoise!r}")
+    if t_end == 0 and not denoise:
+        raise ValueError("t_end=0 makes the denoise the grid's last move (to x̂0 at σ = 0): it needs denoise=True")
     return shape, spec, t_end, denoise
+
+
+#: the named grids that reach t = 0 (λ and σ/m are infinite there for the others)
+ZERO_END_GRIDS = ("uniform", "quadratic")
+
+
+def check_zero_end(sde: SDE) -> None:
+    """``t_end=0`` is a solve to σ = 0: only for a process whose σ(0) is 0 (VP, sub-VP, a rectified flow)."""
+    sigma0 = float(sde.marginal_std(torch.zeros(1, dtype=torch.float64))[0])
+    if sigma0 != 0.0:
+        raise ValueError(
+            f"t_end=0 (a grid to σ = 0 whose last move is the denoise) needs σ(0) = 0, but σ(0) = {sigma0:g} for "
+            f"{sde!r}: give t_end > 0"
+        )
+
+
+def zero_end_time(sde: SDE, spec: SolverSpec, opts: dict[str, Any], t_start: float) -> float:
+    """Where a ``t_end=0`` run's solver stops: the last interior point of the named grid of steps + 1
+    points from t_start to 0. The solver covers the grid's first ``steps`` points (the same points, as the
+    uniform and quadratic grids are self-similar) and the denoise there is the exact data-prediction move
+    to σ = 0: diffusers' ``final_sigmas_type="zero"`` and k-diffusion's σ-schedules ending in 0. N points
+    cost N NFE as for any t_end, but no evaluation is spent at a tiny t_end."""
+    grid = opts.get("grid")
+    if not {"steps", "grid", "rho"} <= set(opts):
+        raise ValueError(f"t_end=0 needs a fixed-grid solver (one with steps= and grid=), not {spec.name!r}")
+    if not isinstance(grid, str) or grid not in ZERO_END_GRIDS:
+        raise ValueError(
+            f"t_end=0 needs grid one of {list(ZERO_END_GRIDS)} (the others have λ = ∞ at t = 0; an explicit grid "
+            f"ends at a t_end > 0), got grid={grid!r}"
+        )
+    return float(time_grid(sde, grid, int(opts["steps"]) + 1, t_start, 0.0, opts["rho"])[-2])
 
 
 def available_devices() -> list[str]:
@@ -310,7 +347,10 @@ def sample(
         solver: a solver name (see ``fastsde.SOLVERS``) or a SolverSpec; default ``DEFAULT_SOLVER``.
         seed: one int, one int per sample, or a NoiseSource; sample i's noise depends only on its seed
             (the samples are the same bits at any batch size only where README "Seeds" says so).
-        t_end: end time of the solve (default: the process's ε).
+        t_end: end time of the solve (default: the process's ε). ``t_end=0`` (where σ(0) = 0, with a
+            fixed-grid solver on grid "uniform" or "quadratic"): the grid of steps + 1 points runs to 0 and
+            its last move is the denoise, taken at its last interior point (diffusers' and k-diffusion's
+            final step to σ = 0); best at few NFE.
         denoise: apply the Tweedie denoise at t_end (1 NFE, counted).
         callback: called with a StepInfo after each step; return False to stop early.
         progress: show a tqdm progress bar.
@@ -356,9 +396,11 @@ def sample(
         if isinstance(score, Levels)
         else CountingScore(score, n, defer_finite=defer_finite_checks(device), cond=cond_kw)
     )
+    t_last = float(t_end) if t_end != 0 else zero_end_time(sde, spec, opts, t0)
     ctx = SolverContext(
-        sde=sde, score=counted, noise=noise, t_start=t0, t_end=float(t_end), callback=callback, progress=progress
-    )
+        sde=sde, score=counted, noise=noise, t_start=t0, t_end=t_last, callback=callback, progress=progress,
+        denoise_is_final_move=t_end == 0,
+    )  # fmt: skip
     start = time.perf_counter()
     with torch.no_grad():
         if x_init is None:
@@ -375,6 +417,8 @@ def sample(
             counted.flush()  # deferred NaN/Inf checks (accelerators)
     wall = time.perf_counter() - start
     start_record = {} if t_start is None else {"t_start": t0, "x_init_noised": x_init_noised}
+    if t_end == 0:
+        start_record["t_last"] = t_last  # where the denoise (the move to σ = 0) was taken
     multilevel = None
     if isinstance(counted, LevelScores):
         multilevel = counted.accounting(denoised=denoise and not ctx.stopped)

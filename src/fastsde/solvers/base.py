@@ -301,6 +301,9 @@ class SolverContext:
     progress: bool = False
     stats: dict[str, Any] = field(default_factory=dict)
     stopped: bool = False
+    #: the run ends at t = 0 (``t_end=0``): the front door's denoise is its last move, so the solver's
+    #: last move to ``t_end`` (the grid's last interior point) is not the run's final one
+    denoise_is_final_move: bool = False
 
     def times(self, value: float | Tensor, x: Tensor) -> Tensor:
         """A per-row time vector for x."""

@@ -386,7 +386,7 @@ def _integrate(
                 h=hs,
                 index=index,
                 attempt=counter,
-                final=last,
+                final=last if not ctx.denoise_is_final_move else torch.zeros_like(last),
                 moves=moves,
                 rows=None if full else rows,
                 score=score,
