@@ -33,7 +33,7 @@ from fastsde.metrics.mixture import mixture_frechet
 from fastsde.noise import Stream, as_noise_source
 from fastsde.problems import mixture_nd
 from fastsde.sde import PROCESSES
-from fastsde.solvers.base import StepInfo
+from fastsde.solvers.core.context import StepInfo
 
 
 def floats(text: str) -> list[float]:

@@ -1,7 +1,7 @@
 """Fit the time grids shipped for the `digits` model (issue 19): for each deterministic few-NFE solver
 and each budget of 4-10 NFE, `fastsde.fit_grid` on seed 100 (n = 128 prior draws, an M = 60 `lms`
 teacher, one refinement sweep of 6 golden-section steps per node), written to
-src/fastsde/fitted_grids/digits-<solver>-<steps>.safetensors (`fastsde.shipped_grid`). Seed 100 is
+src/fastsde/_assets/fitted_grids/digits-<solver>-<steps>.safetensors (`fastsde.shipped_grid`). Seed 100 is
 held out from the bench's seeds 0 and 1, on which the grids are judged (`fastsde bench --problem
 digits --samplers unipc_fitted,...`).
 
@@ -21,13 +21,13 @@ from pathlib import Path
 import torch
 
 import fastsde
+from fastsde.artifacts.grid import grid_file_name
 from fastsde.bench.runner import steps_for_budget
-from fastsde.grid_fit import grid_file_name
 
 MODEL, FIT_SEED, N_FIT = "digits", 100, 128
 SOLVERS = ("unipc", "ipndm", "deis", "dpmpp_2m", "dpmpp_3m")
 BUDGETS = (4, 5, 6, 8, 10)
-OUT = Path(__file__).resolve().parents[1] / "src" / "fastsde" / "fitted_grids"
+OUT = Path(__file__).resolve().parents[1] / "src" / "fastsde" / "_assets" / "fitted_grids"
 
 
 def main() -> None:

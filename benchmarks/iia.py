@@ -30,8 +30,8 @@ from typing import Any
 import torch
 
 import fastsde
+from fastsde.artifacts.iia_table import shipped_table
 from fastsde.bench.peers import PEERS
-from fastsde.iia import shipped_table
 from fastsde.noise import NoiseSource, Stream
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,8 +20,8 @@ import torch
 
 import fastsde
 from fastsde.data import load_digits
-from fastsde.likelihood import default_likelihood_t_end
-from fastsde.likelihood_data import prepare_data
+from fastsde.likelihood.dataset import prepare_data
+from fastsde.likelihood.pf_ode import default_likelihood_t_end
 from fastsde.sde import process_by_name
 
 

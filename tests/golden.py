@@ -156,7 +156,7 @@ def load() -> dict[str, torch.Tensor]:
 def spread(perturbations: int = 6) -> None:
     """Print, per path-sensitive case, the largest relative move of its statistics when the
     controller's error estimate is multiplied by (1 + k·2⁻⁵²), k = 1..perturbations."""
-    from fastsde.solvers.controllers import Adaptive
+    from fastsde.solvers.core.controllers import Adaptive
 
     error = Adaptive.error
     k = [0]

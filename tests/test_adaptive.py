@@ -11,8 +11,9 @@ import torch
 import fastsde
 from fastsde.noise import NoiseSource, Stream
 from fastsde.problems import mixture_2d, mixture_nd
-from fastsde.solvers.adaptive import AdaptiveBudgetError, BrownianMemory, BrownianTree
-from fastsde.solvers.base import SolverContext
+from fastsde.solvers.adaptive import BrownianMemory, BrownianTree
+from fastsde.solvers.core.context import SolverContext
+from fastsde.solvers.core.driver import BudgetError
 
 F64 = torch.float64
 
@@ -298,7 +299,7 @@ def test_nan_region_is_rejected_and_run_finishes():
 def test_transient_nan_is_rejected_and_run_finishes(solver):
     """Every 7th call returns NaN for all rows: those attempts are rejected, h shrinks, the run
     finishes with finite samples. (With the Brownian tree, a path that itself crosses a NaN
-    region cannot finish; the budget then ends the run with AdaptiveBudgetError.)"""
+    region cannot finish; the budget then ends the run with BudgetError.)"""
     sde = fastsde.VPSDE()
     gm = mixture_2d(sde)
     calls = [0]
@@ -317,7 +318,7 @@ def test_transient_nan_is_rejected_and_run_finishes(solver):
 def test_budget_error_and_partial_results():
     sde = fastsde.VPSDE()
     gm = mixture_2d(sde)
-    with pytest.raises(AdaptiveBudgetError, match=r"^5 of 5 samples did not reach t_end = 0.001 within max_nfe = 20"):
+    with pytest.raises(BudgetError, match=r"^5 of 5 samples did not reach t_end = 0.001 within max_nfe = 20"):
         fastsde.sample(gm, sde, (5, 2), solver="adaptive", seed=0, dtype=F64, max_nfe=20)
     res = fastsde.sample(gm, sde, (5, 2), solver="adaptive", seed=0, dtype=F64, max_nfe=20, on_budget="partial")
     assert res.stats["status"] == ["budget"] * 5

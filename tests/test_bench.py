@@ -443,8 +443,8 @@ def test_adaptive_variant_is_swept_over_tolerances(tmp_path):
 def test_fitted_grid_variants_run_the_shipped_grid_and_skip_elsewhere(tmp_path, capsys):
     """On a shipped model, `unipc_fitted` is `unipc` on the grid shipped for it (budgets without a
     grid skipped); on a mixture it is skipped with a note."""
+    from fastsde.artifacts.grid import shipped_grid
     from fastsde.bench.runner import BenchConfig, Problem, _run_sampler, fastsde_samplers
-    from fastsde.grid_fit import shipped_grid
 
     model = fastsde.load_model("digits")
     prob = Problem(
@@ -454,7 +454,7 @@ def test_fitted_grid_variants_run_the_shipped_grid_and_skip_elsewhere(tmp_path, 
     s = next(v for v in fastsde_samplers()[0] if v.name == "unipc_fitted")
     cfg = BenchConfig(problem="digits", budgets=[5, 37], n=4, seed=0, progress=False)
     x_T = model.sde.prior_sample(as_noise_source(0, 4).normal(prob.dims, Stream.PRIOR, 0, dtype=torch.float32))
-    recs = _run_sampler("fastsde", s, prob, cfg, x_T, torch.zeros_like(x_T), fastsde)
+    recs = _run_sampler("fastsde", s, prob, cfg, x_T, torch.zeros_like(x_T))
     assert [r["budget"] for r in recs] == [5] and recs[0]["error"] is None
     grid = shipped_grid("digits", "unipc", 5)
     assert json.loads(recs[0]["options"])["grid"] == grid.times.tolist()

@@ -163,13 +163,13 @@ def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("inputs")
     pkg = Path(fastsde.__file__).parent
     d = {"root": root}
-    grid = sorted((pkg / "fitted_grids").glob("digits-dpmpp_2m-*.safetensors"))[0]
-    table = sorted((pkg / "iia_tables").glob("digits-dpmpp_2m-*.safetensors"))[0]
+    grid = sorted((pkg / "_assets" / "fitted_grids").glob("digits-dpmpp_2m-*.safetensors"))[0]
+    table = sorted((pkg / "_assets" / "iia_tables").glob("digits-dpmpp_2m-*.safetensors"))[0]
     d["grid"] = grid.read_bytes()
     d["table"] = table.read_bytes()
     mlem = root / "schedule.safetensors"
     meta = {
-        "format": fastsde.mlem_fit.FORMAT,
+        "format": fastsde.artifacts.mlem.FORMAT,
         "p_min": 0.01,
         "key": {"levels": ["digits-small", "digits"], "costs": [1.0, 2.0], "steps": 4},
         "fit": {},
@@ -774,7 +774,7 @@ def test_closed_stdout_descriptor_in_a_real_process(tmp_path):
 def test_label_quality_is_measured_against_the_labels_digits():
     """--label 3: the headline FD compares with held-out 3s (a set of labels: held-out digits of those
     labels), and its floor is that of real 3s; real train 3s score near that floor."""
-    from fastsde.cli.sample import compute_quality, quality_line
+    from fastsde.cli.common import compute_quality, quality_line
     from fastsde.data import digits_labels, load_digits
 
     x, y = load_digits("train"), digits_labels("train")

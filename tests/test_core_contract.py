@@ -21,7 +21,7 @@ from torch import Tensor
 import fastsde
 from fastsde.problems import mixture_2d
 from fastsde.score import GaussianMixture, NonFiniteScoreError
-from fastsde.solvers.base import StepInfo
+from fastsde.solvers.core.context import StepInfo
 
 F64 = torch.float64
 SOLVER_NAMES = sorted(fastsde.SOLVERS)
@@ -250,7 +250,7 @@ def _bad_cases(solver: str, sde: fastsde.SDE) -> list[tuple[dict[str, Any], str]
         (dict(t_end=sde.T * 1.5), r"t_end must lie in .*got " + re.escape(repr(sde.T * 1.5))),
         (dict(t_end=sde.T), r"t_end must be < T"),
         (dict(t_end=math.nan), r"t_end must be a finite number, got nan"),
-        (dict(t_end=sde.t_min / 2 if sde.t_min > 0 else 0.0), r"t_end must lie in "),
+        (dict(t_end=sde.t_min / 2 if sde.t_min > 0 else -1e-9), r"t_end must lie in "),  # 0 itself: t_end=0
         (dict(t_end=-1e-3), r"t_end must lie in .*got -0.001"),
         (dict(denoise=1), r"denoise must be True or False, got 1"),
     ]

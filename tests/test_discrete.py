@@ -9,9 +9,8 @@ import pytest
 import torch
 
 import fastsde
-from fastsde.models import sde_from_config
 from fastsde.score import default_time_input
-from fastsde.sde import DiscreteVPSDE, process_by_name, process_name
+from fastsde.sde import DiscreteVPSDE, process_by_name, process_name, sde_from_config
 
 torch.set_num_threads(1)
 diffusers = pytest.importorskip("diffusers")

@@ -31,8 +31,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 import fastsde
-from fastsde import mlem_fit
 from fastsde.files import FileFormatError
+from fastsde.fitting import mlem as mlem_fit
 from fastsde.problems import mixture_2d
 
 torch.set_num_threads(1)
@@ -587,8 +587,8 @@ def classifier_files() -> tuple[bytes, bytes]:
 
     root = resources.files("fastsde")
     return (
-        root.joinpath("data/digits_classifier.safetensors").read_bytes(),
-        root.joinpath("data/digits_classifier.json").read_bytes(),
+        root.joinpath("_assets/data/digits_classifier.safetensors").read_bytes(),
+        root.joinpath("_assets/data/digits_classifier.json").read_bytes(),
     )
 
 

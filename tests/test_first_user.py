@@ -15,7 +15,7 @@ import torch
 import fastsde
 from fastsde.cli import main
 from fastsde.problems import mixture_2d
-from fastsde.solvers.driver import NonFiniteSolveError
+from fastsde.solvers.core.driver import NonFiniteSolveError
 
 # -- item 2: a NaN score stops a sample after a bounded run, and says so -------------------------
 
@@ -185,9 +185,9 @@ def _one_error_line(capsys, *needles: str) -> str:
     "args, needles",
     [
         (["--option", "max_nfe=20"], ["did not reach t_end", "--option max_nfe=N", "--option on_budget=partial"]),
-        (["--solver", "ode", "--option", "max_steps=3"], ["did not reach t_end", "--rtol"]),
+        (["--solver", "ode", "--option", "max_nfe=20"], ["did not reach t_end", "--rtol"]),
         (["--solver", "em", "--steps", "12", "--option", "steps=10"], ["steps is given twice"]),
-        (["--solver", "em", "--option", "t_end=0"], ["t_end must lie in (0, 1]"]),
+        (["--solver", "em", "--option", "t_end=-0.5"], ["t_end must lie in (0, 1]"]),
         (["--solver", "em", "--t-end", "2"], ["t_end must lie in (0, 1]"]),
         (["--solver", "em", "--device", "cuda:0"], ["--device"]),
         (["--solver", "em", "--device", "gpu!"], ["--device must be a torch device"]),

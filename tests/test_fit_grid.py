@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import fastsde
-from fastsde.grid_fit import gits_dp, move_costs, path_cost
+from fastsde.fitting.grid import gits_dp, move_costs, path_cost
 
 F64 = torch.float64
 
@@ -235,7 +235,7 @@ SHIPPED = fastsde.shipped_grids()
 def test_shipped_grids_are_keyed_to_their_model_and_used_by_it():
     """Each shipped grid names its model, solver and steps in its file name and key, runs on the
     model it was fitted for (fingerprint checked), and is refused by another shipped model."""
-    from fastsde.grid_fit import grid_file_name, shipped_grid
+    from fastsde.artifacts.grid import grid_file_name, shipped_grid
 
     model = fastsde.load_model("digits")
     small = fastsde.load_model("digits-small")
@@ -260,8 +260,8 @@ def test_shipped_grids_are_keyed_to_their_model_and_used_by_it():
 def test_cli_sample_with_the_shipped_grid(tmp_path, capsys):
     """`--grid fitted` takes the shipped grid for --model/--solver/--steps; without --steps, or with a
     step count nothing is shipped for, it is a one-line error naming what is shipped (exit 2)."""
+    from fastsde.artifacts.grid import shipped_grid
     from fastsde.cli import main
-    from fastsde.grid_fit import shipped_grid
 
     args = ["sample", "--solver", "unipc", "--n", "4", "--no-metric", "--grid", "fitted"]
     assert main([*args, "--steps", "5", "--out", str(tmp_path / "s.npz")]) == 0

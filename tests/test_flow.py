@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fastsde
-from fastsde.likelihood import default_likelihood_t_end
+from fastsde.likelihood.pf_ode import default_likelihood_t_end
 from fastsde.problems import mixture_2d
 
 F64 = torch.float64

@@ -17,7 +17,7 @@ import fastsde
 from fastsde.noise import NoiseSource, Stream
 from fastsde.problems import mixture_2d
 from fastsde.solvers.base import SolverSpec
-from fastsde.solvers.controllers import FixedGrid
+from fastsde.solvers.core.controllers import FixedGrid
 
 F64 = torch.float64
 NEW = ["dpmpp_3m_sde", "er_sde", "sa_solver"]

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 import fastsde
+from fastsde.artifacts.iia_table import IIATable, read_shipped, shipped_tables
 from fastsde.cli import main
-from fastsde.iia import IIATable, iia_step_errors, read_shipped, shipped_tables
+from fastsde.fitting.iia import iia_step_errors
 from fastsde.problems import mixture_2d, mixture_nd
 from fastsde.score import GaussianMixture
 

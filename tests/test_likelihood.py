@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import fastsde
-from fastsde.integrate import IntegrationError
-from fastsde.likelihood import bpd_offset, default_likelihood_t_end, dequantize
+from fastsde.likelihood.pf_ode import bpd_offset, default_likelihood_t_end, dequantize
 from fastsde.problems import mixture_2d, mixture_nd
+from fastsde.solvers.ode import IntegrationError
 
 F64 = torch.float64
 

@@ -194,7 +194,7 @@ def test_auto_schedule_follows_the_budget_and_reports_its_calibration():
 
 def test_auto_rule_is_the_water_filling_solution():
     """p = min(1, w/(μ√c̄)) with the budget met exactly on the uncapped entries."""
-    from fastsde.levels import allocate
+    from fastsde.solvers.mlem_schedule import allocate
 
     w = torch.tensor([[0.1, 0.01], [2.0, 0.05], [0.0, 0.3]], dtype=F64)
     c = torch.tensor([4.0, 20.0], dtype=F64)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 import fastsde
-from fastsde import mlem_fit as mf
+from fastsde.fitting import mlem as mf
 from fastsde.noise import NoiseSource, Stream
 from fastsde.problems import mixture_2d
 from fastsde.solvers import SOLVERS
@@ -34,7 +34,7 @@ LEVELS = fastsde.Levels([level(1), level(2), level(3)], costs=[1.0, 4.0, 16.0])
 
 def make_path(n: int, steps: int, base: str = "em", seed: int = 3):
     opts = SOLVERS["mlem"].resolve(SDE, {"steps": steps, "base": base}, SDE.default_t_end)
-    grid = mf._grid(SDE, opts, SDE.default_t_end)
+    grid = mf.schedule_grid(SDE, opts, SDE.default_t_end)
     src = NoiseSource.from_seed(seed, n)
     x_T = SDE.prior_sample(src.normal((2,), Stream.PRIOR, 0, dtype=F64))
     return mf._Path(LEVELS, SDE, grid, base, 0.0, x_T, src), grid, src
@@ -132,8 +132,8 @@ def test_sampling_with_a_learned_schedule_records_it(fitted):
     cfg = res.config()
     json.dumps(cfg)
     assert cfg["multilevel"]["rule"] == "learned" and cfg["p"]["kind"] == "learned"
-    sched = fitted.probabilities(mf._grid(SDE, SOLVERS["mlem"].resolve(SDE, {"steps": 20}, 1e-3), 1e-3)[:-1])
-    expected = fastsde.levels.expected_cost(sched, LEVELS.costs) + LEVELS.costs[-1]  # with the denoise
+    sched = fitted.probabilities(mf.schedule_grid(SDE, SOLVERS["mlem"].resolve(SDE, {"steps": 20}, 1e-3), 1e-3)[:-1])
+    expected = fastsde.solvers.mlem_schedule.expected_cost(sched, LEVELS.costs) + LEVELS.costs[-1]  # with the denoise
     assert cfg["multilevel"]["expected_cost"] == pytest.approx(expected, rel=1e-9)
 
 

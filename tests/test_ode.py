@@ -10,8 +10,9 @@ import torch
 from scipy.integrate import solve_ivp
 
 import fastsde
-from fastsde.integrate import IntegrationError, Status, _measured_shrink, dopri5, scipy_rk45
 from fastsde.problems import mixture_2d as make_mixture
+from fastsde.solvers.ode import IntegrationError, Status, dopri5, scipy_rk45
+from fastsde.solvers.ode import scipy_measured_shrink as _measured_shrink
 
 F64 = torch.float64
 
@@ -158,7 +159,7 @@ def test_dopri5_rejects_nonfinite_and_shrinks():
 def test_dopri5_budget_and_underflow_end_with_status():
     y0 = torch.ones(3, 1, dtype=F64)
     sol = dopri5(_decay, y0, 0.0, 10.0, rtol=1e-10, atol=1e-12, max_steps=5)
-    assert torch.all(sol.status == Status.MAX_STEPS) and torch.all(sol.t < 10.0)
+    assert torch.all(sol.status == Status.BUDGET) and torch.all(sol.t < 10.0)
     with pytest.raises(IntegrationError, match="3 of 3 samples did not reach"):
         sol.raise_if_unfinished()
 
@@ -168,7 +169,7 @@ def test_dopri5_budget_and_underflow_end_with_status():
         return torch.where(bad[:, None], torch.full_like(out, float("nan")), out)
 
     sol = dopri5(wall, y0, 0.0, 1.0)  # stopped as NaN, not as a step-size problem (issue 21)
-    assert sol.status.tolist() == [Status.SUCCESS, Status.NONFINITE, Status.SUCCESS]
+    assert sol.status.tolist() == [Status.DONE, Status.NONFINITE, Status.DONE]
     assert 0.49 < float(sol.t[1]) <= 0.5
     assert "1 of 3 samples did not reach the end time (1 NaN/Inf however small the step)" in sol.failure_message()
 
@@ -293,14 +294,14 @@ def test_ode_budget_error_and_partial():
     assert torch.all(res.stats["accepted"] + res.stats["rejected"] == 3)
 
 
-def test_ode_old_budget_spellings_still_work():
-    """max_steps (attempts) and partial are the older spellings of max_nfe and on_budget."""
+def test_ode_removed_budget_spellings_are_refused():
+    """max_steps and partial (the spellings before max_nfe and on_budget) were removed in 0.2 (CHANGELOG):
+    an unknown option, named, before any compute."""
     sde = fastsde.VESDE()
     gm = make_mixture(sde)
-    with pytest.warns(DeprecationWarning):
-        old = fastsde.sample(gm, sde, (5, 2), solver="ode", dtype=F64, max_steps=3, partial=True, denoise=False)
-    new = fastsde.sample(gm, sde, (5, 2), solver="ode", dtype=F64, max_nfe=20, on_budget="partial", denoise=False)
-    assert torch.equal(old.samples, new.samples) and old.stats["status"] == new.stats["status"]
+    for old in (dict(max_steps=3), dict(partial=True)):
+        with pytest.raises(ValueError, match=f"unknown option.*{next(iter(old))}.*valid options"):
+            fastsde.sample(gm, sde, (5, 2), solver="ode", dtype=F64, **old)
 
 
 def test_ode_callback_sees_steps_and_can_stop():
@@ -324,9 +325,9 @@ def test_ode_callback_sees_steps_and_can_stop():
         (dict(rtol=0.0), "rtol"),
         (dict(atol=-1e-3), "atol"),
         (dict(method="dopri"), "method must be one of"),
-        (dict(max_steps=0), "max_steps"),
+        (dict(max_nfe=0), "max_nfe"),
         (dict(h_init=0.0), "h_init"),
-        (dict(partial="yes"), "partial"),
+        (dict(on_budget="yes"), "on_budget"),
         (dict(tol=1e-3), "valid options"),
     ],
 )

@@ -20,8 +20,8 @@ import torch
 import fastsde
 from fastsde.noise import NoiseSource
 from fastsde.score import CountingScore
-from fastsde.solvers.base import SolverContext
-from fastsde.solvers.correctors import Langevin, Underdamped, ulmc_coefficients
+from fastsde.solvers.core.context import SolverContext
+from fastsde.solvers.core.correctors import Langevin, Underdamped, ulmc_coefficients
 
 F64 = torch.float64
 MU, S_DATA = 0.7, 0.4  # data N(MU, S_DATA²) per coordinate

@@ -59,7 +59,7 @@ def _expect_ok_or_value_error(call, *names: str) -> fastsde.SampleResult | None:
             assert any(n in msg for n in names), f"{msg!r} names none of {names}"
         return None
     except RuntimeError as exc:  # the driver's IntegrationError family: budget / step / non-finite
-        from fastsde.solvers.driver import IntegrationError
+        from fastsde.solvers.core.driver import IntegrationError
 
         assert isinstance(exc, IntegrationError), f"unexpected {type(exc).__name__}: {exc}"
         return None

@@ -14,7 +14,7 @@ import torch
 
 import fastsde
 from fastsde.identity import content_digests, probe, probe_matches
-from fastsde.sharding import LOCK, MANIFEST, PROGRESS, RunLock, read_manifest
+from fastsde.shards import LOCK, MANIFEST, PROGRESS, RunLock, read_manifest
 
 F64 = torch.float64
 SDE = fastsde.VPSDE()
@@ -166,7 +166,7 @@ def test_a_consistently_edited_manifest_still_cannot_return_wrong_rows(tmp_path)
 
     def edit(m):
         m["settings"]["n"] = 5
-        m["fingerprint"] = fastsde.sharding._fingerprint(m["settings"])
+        m["fingerprint"] = fastsde.shards.fingerprint(m["settings"])
         m["num_shards"] = 2
         m["shards"] = m["shards"][:2]
 

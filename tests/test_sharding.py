@@ -93,7 +93,7 @@ def test_adaptive_solver_agrees_to_rounding(tmp_path):
 
 def test_manifest_records_the_run(tmp_path):
     run = run_dir(tmp_path, 10, 4, solver="dpmpp_2m", steps=6, seed=5, dtype=F64)
-    manifest = json.loads((tmp_path / fastsde.sharding.MANIFEST).read_text())
+    manifest = json.loads((tmp_path / fastsde.shards.MANIFEST).read_text())
     assert manifest == run.manifest and manifest["complete"]
     s = manifest["settings"]
     assert s["solver"] == "dpmpp_2m" and s["options"]["steps"] == 6 and s["options"]["grid"] == "logsnr"
@@ -107,7 +107,7 @@ def test_manifest_records_the_run(tmp_path):
     assert manifest["summary"]["samples_done"] == 10 and manifest["summary"]["nfe"] == 6.0
     # another mixture is another model
     other = fastsde.problems.mixture_2d(SDE, scale=2.0)
-    assert fastsde.sharding.score_identity(other.score) != s["model"]
+    assert fastsde.shards.score_identity(other.score) != s["model"]
 
 
 def test_rerun_resumes_and_computes_nothing(tmp_path):
@@ -203,7 +203,7 @@ def test_sigkill_mid_shard_then_rerun(tmp_path):
     killed = worker(tmp_path, n, size, 25)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert sorted(p.name for p in tmp_path.glob("shard-*.npz")) == ["shard-00000.npz", "shard-00001.npz"]
-    manifest = fastsde.sharding.read_manifest(tmp_path)  # the manifest with the progress lines merged
+    manifest = fastsde.shards.read_manifest(tmp_path)  # the manifest with the progress lines merged
     assert [e["status"] for e in manifest["shards"]] == ["done", "done", "pending", "pending", "pending"]
     with pytest.raises(ValueError, match="incomplete"):
         fastsde.load_samples(tmp_path)

@@ -3,15 +3,15 @@ evaluations."""
 
 from . import problems
 from .api import SampleResult, sample
+from .artifacts import FittedGrid, IIATable, MLEMSchedule, load_grid, load_iia, load_mlem, shipped_grid, shipped_grids
 from .files import FileFormatError
-from .grid_fit import FittedGrid, fit_grid, load_grid, shipped_grid, shipped_grids
+from .fitting import fit_grid, fit_iia, fit_mlem
 from .grids import time_grid
 from .guidance import CFGScore, ClassifierGuidance
-from .iia import IIATable, fit_iia, load_iia
 from .levels import Levels
-from .likelihood import LikelihoodResult, bits_per_dim, log_likelihood
-from .likelihood_data import DatasetLikelihood, dataset_likelihood, differentiable_score
-from .mlem_fit import MLEMSchedule, fit_mlem, load_mlem
+from .likelihood.dataset import DatasetLikelihood, dataset_likelihood, differentiable_score
+from .likelihood.pf_ode import LikelihoodResult, bits_per_dim, log_likelihood
+from .likelihood.sharded import likelihood_to_dir, load_likelihood
 from .models import list_models, load_model
 from .noise import NoiseSource
 from .score import (
@@ -24,10 +24,10 @@ from .score import (
     VelocityScore,
 )
 from .sde import EDM, SDE, VESDE, VPSDE, DiscreteVPSDE, RectifiedFlow, SubVPSDE
-from .sharding import ShardRun, load_samples, sample_to_dir
-from .sharding_likelihood import likelihood_to_dir, load_likelihood
+from .sharding import load_samples, sample_to_dir
+from .shards import ShardRun
 from .solvers import SOLVERS, get_solver
-from .solvers.driver import BudgetError, IntegrationError, NonFiniteSolveError
+from .solvers.core.driver import BudgetError, IntegrationError, NonFiniteSolveError
 
 __version__ = "0.1.0"
 

@@ -16,22 +16,28 @@ from torch import Tensor
 
 from .grids import time_grid
 from .guidance import ClassifierGuidance, with_null_rows
-from .levels import Levels, LevelScores
 from .noise import NoiseSource, Stream, as_noise_source
-from .score import CountingScore, ScoreFn, check_cond, data_prediction_of
-from .sde import EDM, SDE
+from .score import (
+    ScoreFn,
+    check_cond,
+    check_score_for_run,
+    counter_for,
+    data_prediction_of,
+    is_hierarchy,
+    scores_of,
+)
+from .sde import SDE
 from .solvers import SolverSpec, get_solver
-from .solvers.base import SolverContext, StepInfo, as_python_number
+from .solvers.core.context import SolverContext, StepInfo
+from .solvers.core.options import as_python_number
 
 __all__ = [
     "DEFAULT_SOLVER",
     "SampleResult",
     "sample",
     "check_shape",
-    "check_score_and_process",
     "check_dtype",
     "check_t_start",
-    "score_process",
 ]
 
 
@@ -102,42 +108,6 @@ def _recordable(value: Any) -> Any:
 DEFAULT_SOLVER = "adaptive_sde_dpm_2m"
 
 
-def score_process(score: Any) -> SDE | None:
-    """The process a score adapter was built for (its ``sde``; for a bound method such as
-    ``LoadedModel.score``, its owner's), or None for a plain function."""
-    for obj in (score, getattr(score, "__self__", None)):
-        sde = getattr(obj, "sde", None)
-        if isinstance(sde, SDE):
-            return sde
-    return None
-
-
-def check_score_and_process(score: Any, sde: Any) -> None:
-    """The front doors' first checks: a fastsde process, a callable score, and, for a score that
-    carries its process (the adapters, the exact mixture, a loaded model), the same process: a
-    score built for one process and integrated under another is silently wrong (e.g. a denoiser
-    read as EDM sampled under VP gives N(0, I) data a std of 4)."""
-    if not isinstance(sde, SDE):
-        raise ValueError(f"sde must be a fastsde process (VPSDE, SubVPSDE, VESDE, EDM), got {sde!r}")
-    if not callable(score):
-        raise ValueError(f"score must be callable as score(x, t), got {score!r}")
-    own = score_process(score)
-    if own is not None and own is not sde and not _same_marginals(own, sde):
-        hint = " (DenoiserScore without sde= assumes EDM)" if getattr(score, "process_defaulted", False) else ""
-        raise ValueError(
-            f"the score was built for {own!r}{hint} but is sampled under {sde!r}: "
-            "build the score with the process you sample under"
-        )
-
-
-def _same_marginals(a: SDE, b: SDE) -> bool:
-    """Whether a score built for process a is the score under process b: the same kind and settings,
-    or two EDM processes (m = 1 and σ(t) = t whatever σ_min and σ_max)."""
-    if type(a) is not type(b):
-        return False
-    return isinstance(a, EDM) or a.config() == b.config()
-
-
 def check_dtype(dtype: Any) -> torch.dtype:
     """A floating torch dtype (None: torch's default); an integer or bool dtype would round every
     step and return garbage."""
@@ -170,12 +140,20 @@ def check_run(
     """The checks of a sampling call before any compute (``sample``, ``sample_to_dir``): the score
     (or each level of a ``Levels``) against the process, the shape, the solver, t_end and denoise.
     Returns (shape, solver spec, t_end, denoise) as Python values."""
-    if isinstance(score, Levels):  # a hierarchy for solver="mlem": each level checked like a score
-        score.check(sde, get_solver(solver).name)
-    else:
-        check_score_and_process(score, sde)
+    check_score_for_run(score, sde, get_solver(solver).name)
     shape = check_shape(shape)
     spec = get_solver(solver)
+    t_end = check_t_end(sde, t_end)
+    denoise = as_python_number(denoise)
+    if not isinstance(denoise, bool):
+        raise ValueError(f"denoise must be True or False, got {denoise!r}")
+    if t_end == 0 and not denoise:
+        raise ValueError("t_end=0 makes the denoise the grid's last move (to x̂0 at σ = 0): it needs denoise=True")
+    return shape, spec, t_end, denoise
+
+
+def check_t_end(sde: SDE, t_end: Any) -> float | int:
+    """t_end as a number in the process's range below T (None: its default); 0 where σ(0) = 0."""
     t_end = sde.default_t_end if t_end is None else as_python_number(t_end)
     if isinstance(t_end, bool) or not isinstance(t_end, (int, float)):
         raise ValueError(f"t_end must be a number, got {t_end!r}")
@@ -185,12 +163,7 @@ def check_run(
         sde.check_time("t_end", t_end)
     if not t_end < sde.T:
         raise ValueError(f"t_end must be < T = {sde.T:g}, got {t_end!r}")
-    denoise = as_python_number(denoise)
-    if not isinstance(denoise, bool):
-        raise ValueError(f"denoise must be True or False, got {denoise!r}")
-    if t_end == 0 and not denoise:
-        raise ValueError("t_end=0 makes the denoise the grid's last move (to x̂0 at σ = 0): it needs denoise=True")
-    return shape, spec, t_end, denoise
+    return t_end
 
 
 #: the named grids that reach t = 0 (λ and σ/m are infinite there for the others)
@@ -280,7 +253,7 @@ def check_singular_start(score: Any, sde: SDE, spec: Any, t0: float, options: An
     moves by the score from T."""
     if float(sde.mean_coeff(torch.tensor([t0], dtype=torch.float64))[0]) != 0.0:
         return
-    finest = score.scores[-1] if isinstance(score, Levels) else score
+    finest = scores_of(score)[-1]
     if data_prediction_of(finest) is None:
         why = ""
         if isinstance(finest, ClassifierGuidance):
@@ -297,9 +270,9 @@ def check_singular_start(score: Any, sde: SDE, spec: Any, t0: float, options: An
         )
 
 
-def check_t_start(sde: SDE, t_start: Any, t_end: float, x_init: Any, solver: str) -> float:
+def check_t_start(sde: SDE, t_start: Any, t_end: float, x_init: Any, solver: str | SolverSpec) -> float:
     """t_start as a float with T ≥ t_start > t_end; a t_start below T needs the image it starts from
-    (x_init), and an IIA table (fitted on the grid from T) cannot start elsewhere."""
+    (x_init), and a solver whose artifact is fitted on the grid from T (an IIA table) cannot start elsewhere."""
     if t_start is None:
         return float(sde.T)
     t_start = as_python_number(t_start)
@@ -312,11 +285,27 @@ def check_t_start(sde: SDE, t_start: Any, t_end: float, x_init: Any, solver: str
         raise ValueError(
             "t_start needs x_init: the clean image to noise to t_start (or the noised state with x_init_noised=True)"
         )
-    if solver.startswith("iia_") and t_start != sde.T:
+    spec = get_solver(solver)
+    from_T = [cls for cls in spec.artifact_options().values() if cls.starts_at_T]
+    if from_T and t_start != sde.T:
         raise ValueError(
-            f"{solver} uses a table fitted on the grid from T = {sde.T:g}: it cannot start at t_start = {t_start:g}"
+            f"{spec.name} uses a {from_T[0].noun} fitted on the grid from T = {sde.T:g}: it cannot start at "
+            f"t_start = {t_start:g}"
         )
     return float(t_start)
+
+
+def check_artifacts(
+    spec: SolverSpec, opts: dict[str, Any], score: Any, shape: tuple[int, ...], cond: Any, dtype, device
+) -> None:
+    """The fitted artifacts among the run's options (``spec.artifacts``: a fitted grid, an IIA table, an
+    ML-EM schedule) against the run's model, before any compute; their keys were checked against the
+    solver's options by ``spec.resolve``. A fitted grid is checked only against one plain score
+    without ``cond`` (``plain_score_only``)."""
+    for artifact in spec.artifacts(opts):
+        if artifact.plain_score_only and (is_hierarchy(score) or cond is not None):
+            continue
+        artifact.check_model(score, shape[1:], dtype, device)
 
 
 def sample(
@@ -385,17 +374,11 @@ def sample(
         )
     check_singular_start(score, sde, spec, t0, opts)
     cond_kw = check_cond(with_null_rows(score, cond, n), n, device)  # CFG's per-sample null rows follow too
-    if cond_kw is not None and isinstance(score, Levels) and opts.get("p") == "auto":
+    if cond_kw is not None and is_hierarchy(score) and opts.get("p") == "auto":
         raise ValueError("p='auto' calibrates on pilot samples that have no conditioning: give p explicitly with cond=")
 
-    grid = opts.get("grid")
-    if hasattr(grid, "check_model") and not isinstance(score, Levels) and cond_kw is None:
-        grid.check_model(score, shape[1:], dtype, device)  # a fitted grid: the model it was fitted for
-    counted = (
-        score.counting(n, cond_kw)
-        if isinstance(score, Levels)
-        else CountingScore(score, n, defer_finite=defer_finite_checks(device), cond=cond_kw)
-    )
+    check_artifacts(spec, opts, score, shape, cond_kw, dtype, device)  # the models they were fitted for
+    counted = counter_for(score, n, cond_kw, defer_finite_checks(device))
     t_last = float(t_end) if t_end != 0 else zero_end_time(sde, spec, opts, t0)
     ctx = SolverContext(
         sde=sde, score=counted, noise=noise, t_start=t0, t_end=t_last, callback=callback, progress=progress,
@@ -413,15 +396,13 @@ def sample(
         if denoise and not ctx.stopped:
             t = ctx.times(ctx.t_end, x)
             x = sde.denoise(x, t, counted(x, t))
-        if isinstance(counted, CountingScore):
-            counted.flush()  # deferred NaN/Inf checks (accelerators)
+        counted.flush()  # deferred NaN/Inf checks (accelerators)
     wall = time.perf_counter() - start
     start_record = {} if t_start is None else {"t_start": t0, "x_init_noised": x_init_noised}
     if t_end == 0:
         start_record["t_last"] = t_last  # where the denoise (the move to σ = 0) was taken
-    multilevel = None
-    if isinstance(counted, LevelScores):
-        multilevel = counted.accounting(denoised=denoise and not ctx.stopped)
+    multilevel = counted.accounting(denoised=denoise and not ctx.stopped)  # None for one score
+    if multilevel is not None:
         ctx.stats["nfe_per_level_per_sample"] = counted.nfe_per_level_per_sample
     return SampleResult(
         samples=x,

@@ -36,7 +36,7 @@ NPZ_KEYS = ("x", "images", "train_images")
 
 
 def _digits_npz() -> dict[str, np.ndarray]:
-    with resources.files("fastsde").joinpath("data/digits.npz").open("rb") as fh:
+    with resources.files("fastsde").joinpath("_assets", "data", "digits.npz").open("rb") as fh:
         with np.load(fh) as z:
             return {k: z[k] for k in z.files}
 

@@ -345,7 +345,7 @@ class Fields:
 
     def process(self, key: str) -> Any:
         """A process config (``sde.config()``) rebuilt as the SDE it describes."""
-        from .models import sde_from_config
+        from .sde import sde_from_config
 
         cfg = self.obj(key)
         try:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .score import data_prediction_of, scores_of
 from .sde import SDE
 
 __all__ = ["CFGScore", "ClassifierGuidance", "with_null_rows"]
@@ -139,7 +140,6 @@ class CFGScore:
         prediction on 2n rows; None where the wrapped score has none. The score is affine in x̂0 with
         coefficients that do not depend on the model (s = (m·x̂0 − x)/σ²), so this is the x̂0 of the guided
         score where m > 0, and what a solve from m = 0 (a rectified flow's pure noise) needs."""
-        from .score import data_prediction_of
 
         inner = data_prediction_of(self.score)
         if inner is None:
@@ -253,9 +253,7 @@ def with_null_rows(
     evaluates; for a ``fastsde.Levels``, that of each level that is a CFGScore (levels must agree on a key).
     ``cond`` unchanged for any other score, for a null_cond of one row, and where ``cond`` already carries
     the key. A ValueError (before any compute) for null rows that fit neither one row nor n."""
-    from .levels import Levels
-
-    guided = [f for f in (score.scores if isinstance(score, Levels) else [score]) if isinstance(f, CFGScore)]
+    guided = [f for f in scores_of(score) if isinstance(f, CFGScore)]
     if not guided or cond is None:
         return cond
     as_dict = {"cond": cond} if isinstance(cond, Tensor) else cond

@@ -6,7 +6,7 @@ For VE the network input is scaled by c_in = 1/√(1 + σ²) inside ``EpsNetwork
 inputs up to σ_max; VP inputs are already unit scale and pass through unchanged, so a VP network is a plain
 UNet2DModel usable with ``DiffusersUNetScore``. The score is s = −ε̂/σ(t).
 
-Package data: ``fastsde/models/<name>.safetensors`` (EMA weights) + ``<name>.json`` (config and training record).
+Package data: ``fastsde/_assets/weights/<name>.safetensors`` (EMA weights) + ``<name>.json`` (config and training record).
 """
 
 from __future__ import annotations
@@ -24,31 +24,19 @@ import torch
 from torch import Tensor, nn
 
 from .score import DiffusersUNetScore, NoisePredictionScore, VelocityScore
-from .sde import PROCESSES, SDE, TABULATED_PROCESSES, VESDE, VPSDE, RectifiedFlow
+from .sde import SDE, VESDE, VPSDE, RectifiedFlow, sde_from_config
 
 __all__ = [
     "EpsNetwork",
     "LoadedModel",
     "build_network",
-    "sde_from_config",
     "load_model",
     "load_diffusers_folder",
     "list_models",
 ]
 
+
 #: by the "type" of sde.config()
-_SDES = {cls.__name__: cls for cls in [*PROCESSES.values(), *TABULATED_PROCESSES.values(), RectifiedFlow]}
-
-
-def sde_from_config(cfg: dict[str, Any]) -> SDE:
-    """Rebuild a process from its ``sde.config()`` dict."""
-    cfg = dict(cfg)
-    kind = cfg.pop("type", None)
-    if kind not in _SDES:
-        raise ValueError(f"unknown sde type {kind!r}; expected one of {sorted(_SDES)}")
-    return _SDES[kind](**cfg)
-
-
 class EpsNetwork(nn.Module):
     """A UNet2DModel as a noise predictor ε̂(x, label) with label = 999·t (and VE input scaling)."""
 
@@ -144,6 +132,8 @@ class LoadedModel:
     network that is not an EpsNetwork (a diffusers folder's UNet); None builds it from ``network``.
     """
 
+    #: the mark the artifact layer reads (``artifacts.artifact.loaded_model``), which cannot import this module
+    is_loaded_model = True
     name: str
     network: nn.Module
     sde: SDE
@@ -205,7 +195,7 @@ class LoadedModel:
 
 
 def _models_dir():
-    return resources.files("fastsde").joinpath("models")
+    return resources.files("fastsde").joinpath("_assets", "weights")
 
 
 def list_models() -> list[str]:

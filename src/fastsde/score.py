@@ -24,6 +24,12 @@ __all__ = [
     "Cond",
     "CountingScore",
     "check_cond",
+    "check_score_and_process",
+    "score_process",
+    "scores_of",
+    "is_hierarchy",
+    "check_score_for_run",
+    "counter_for",
     "network_evals_per_call",
     "NonFiniteScoreError",
     "GaussianMixture",
@@ -233,6 +239,14 @@ class CountingScore:
         elif check_finite and not bool(torch.isfinite(out).all()):
             _raise_nonfinite(torch.isfinite(out.reshape(out.shape[0], -1)).all(dim=1), t)
         return out
+
+    #: the per-level counts of a hierarchy's counter (:class:`~fastsde.levels.LevelScores`); one score has none
+    nfe_per_level: Tensor | None = None
+    nfe_per_level_per_sample: Tensor | None = None
+
+    def accounting(self, denoised: bool) -> dict[str, Any] | None:
+        """The multilevel record of a hierarchy's counter; None for one score (the same protocol)."""
+        return None
 
     def flush(self) -> None:
         """Look at the deferred NaN/Inf checks (one synchronisation); raise for the first bad call."""
@@ -586,3 +600,70 @@ class VelocityScore:
         """x̂0 = x − σ·v (finite at u = 1)."""
         v = self.velocity(x, t, **cond)
         return x - broadcast_to_rows(self.sde.marginal_std(t).to(x.dtype), x) * v
+
+
+# -- the front doors' checks of a score against its process ------------------------------------
+
+
+def score_process(score: Any) -> SDE | None:
+    """The process a score adapter was built for (its ``sde``; for a bound method such as
+    ``LoadedModel.score``, its owner's), or None for a plain function."""
+    for obj in (score, getattr(score, "__self__", None)):
+        sde = getattr(obj, "sde", None)
+        if isinstance(sde, SDE):
+            return sde
+    return None
+
+
+def check_score_and_process(score: Any, sde: Any) -> None:
+    """The front doors' first checks: a fastsde process, a callable score, and, for a score that
+    carries its process (the adapters, the exact mixture, a loaded model), the same process: a
+    score built for one process and integrated under another is silently wrong (e.g. a denoiser
+    read as EDM sampled under VP gives N(0, I) data a std of 4)."""
+    if not isinstance(sde, SDE):
+        raise ValueError(f"sde must be a fastsde process (VPSDE, SubVPSDE, VESDE, EDM), got {sde!r}")
+    if not callable(score):
+        raise ValueError(f"score must be callable as score(x, t), got {score!r}")
+    own = score_process(score)
+    if own is not None and own is not sde and not _same_marginals(own, sde):
+        hint = " (DenoiserScore without sde= assumes EDM)" if getattr(score, "process_defaulted", False) else ""
+        raise ValueError(
+            f"the score was built for {own!r}{hint} but is sampled under {sde!r}: "
+            "build the score with the process you sample under"
+        )
+
+
+def _same_marginals(a: SDE, b: SDE) -> bool:
+    """Whether a score built for process a is the score under process b: the same kind and settings,
+    or two EDM processes (m = 1 and σ(t) = t whatever σ_min and σ_max)."""
+    if type(a) is not type(b):
+        return False
+    return isinstance(a, EDM) or a.config() == b.config()
+
+
+def scores_of(score: Any) -> list[Any]:
+    """The score callables behind ``score``: the levels of a hierarchy (``fastsde.Levels``, marked by
+    ``is_hierarchy``), else ``[score]``; how layers below the hierarchy look inside one."""
+    return list(score.scores) if getattr(score, "is_hierarchy", False) else [score]
+
+
+def is_hierarchy(score: Any) -> bool:
+    """Whether ``score`` is a hierarchy of scores (``fastsde.Levels``, marked by ``is_hierarchy``)."""
+    return bool(getattr(score, "is_hierarchy", False))
+
+
+def check_score_for_run(score: Any, sde: Any, solver: str) -> None:
+    """The score of a sampling run against its process: a hierarchy checks each level and that the
+    solver takes levels (its own ``check``); one score by :func:`check_score_and_process`."""
+    if is_hierarchy(score):
+        score.check(sde, solver)
+    else:
+        check_score_and_process(score, sde)
+
+
+def counter_for(score: Any, n: int, cond: Any = None, defer_finite: bool = False) -> Any:
+    """The counting wrapper of a run: a hierarchy's own (``score.counting``: one CountingScore per level,
+    the same protocol: nfe, nfe_per_sample, calls, compute, flush, accounting) or a CountingScore."""
+    if is_hierarchy(score):
+        return score.counting(n, cond)
+    return CountingScore(score, n, defer_finite=defer_finite, cond=cond)

@@ -12,11 +12,22 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["SDE", "VPSDE", "SubVPSDE", "VESDE", "EDM", "DiscreteVPSDE", "RectifiedFlow", "broadcast_to_rows"]
+__all__ = [
+    "SDE",
+    "VPSDE",
+    "SubVPSDE",
+    "VESDE",
+    "EDM",
+    "DiscreteVPSDE",
+    "RectifiedFlow",
+    "broadcast_to_rows",
+    "sde_from_config",
+]
 
 
 def broadcast_to_rows(v: Tensor, x: Tensor) -> Tensor:
@@ -371,7 +382,7 @@ class RectifiedFlow(SDE):
     u = 1. A solve from u = 1 therefore takes x̂0 there from the score's ``data_prediction``
     (VelocityScore, GaussianMixture, CFGScore over one of them) and every solver runs it: euler, ddim
     and dpmpp_2m take their own first move (exact in x̂0, ``singular_start``), every other solver the
-    driver's shared one (``solvers.driver.first_move``); log_likelihood integrates the velocity
+    driver's shared one (``solvers.core.driver.first_move``); log_likelihood integrates the velocity
     (σ̇/σ)·(x − x̂0) up to u = 1.
     ``default_t_end`` is 1e-3 (diffusers' last inference time for dynamic shifting, in u).
     """
@@ -723,3 +734,13 @@ def per_row(value: float | Tensor, n: int, dtype: torch.dtype, device) -> Tensor
         v = value.to(device=device, dtype=dtype)
         return v.expand(n).clone() if v.dim() == 0 else v.clone()
     return torch.full((n,), float(value), dtype=dtype, device=device)
+
+
+def sde_from_config(cfg: dict[str, Any]) -> SDE:
+    """Rebuild a process from its ``sde.config()`` dict."""
+    kinds = {cls.__name__: cls for cls in [*PROCESSES.values(), *TABULATED_PROCESSES.values(), RectifiedFlow]}
+    cfg = dict(cfg)
+    kind = cfg.pop("type", None)
+    if kind not in kinds:
+        raise ValueError(f"unknown sde type {kind!r}; expected one of {sorted(kinds)}")
+    return kinds[kind](**cfg)

@@ -55,9 +55,9 @@ import torch
 from torch import Tensor
 
 from ..grids import time_grid
-from ..integrate import scipy_rk45
 from ..score import CountingScore, ScoreFn, data_prediction_of
 from ..sde import SDE, VPSDE, RectifiedFlow, broadcast_to_rows
+from ..solvers.ode import scipy_rk45
 
 __all__ = ["Peer", "PeerRun", "TimedScore", "PEERS", "FLOW_PEERS", "available_peers", "EDMDenoiser", "FlowVelocity"]
 

@@ -118,17 +118,13 @@ def mixture_problem(process: str, cfg: BenchConfig) -> Problem:
 def digits_problem(cfg: BenchConfig) -> Problem:
     """The shipped digits model, judged by ``fastsde.metrics.digits.digits_quality`` (classifier-feature
     Fréchet distance to the held-out split; its floor is the real-data FD at the same n)."""
-    import fastsde
+    from ..models import load_model
 
-    if not hasattr(fastsde, "load_model"):
-        raise ValueError(
-            "problem 'digits' needs fastsde.load_model (the shipped digits models), which this build lacks"
-        )
     try:
         from ..metrics.digits import digits_quality, floor_for, floor_sd_for
     except ImportError as exc:
         raise ValueError(f"problem 'digits' needs fastsde.metrics.digits, which this build lacks ({exc})") from None
-    model = fastsde.load_model("digits")
+    model = load_model("digits")
     sde = model.sde
     process = process_name(sde)
     return Problem(
@@ -356,8 +352,6 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
     """Run the benchmark; returns a JSON-able dict (config, notes, per-process floors, records,
     converged NFE)."""
     cfg.check()
-    import fastsde
-
     fs, notes = fastsde_samplers()
     peers, peer_notes = available_peers() if cfg.peers else ([], [])
     fs, peers = _select(cfg.samplers, fs, peers)
@@ -405,7 +399,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
             bar = tqdm(total=len(jobs), desc=f"{prob.name}/{prob.process}", leave=False)
         prob_records: list[dict] = []
         for source, s in jobs:
-            prob_records += _run_sampler(source, s, prob, cfg, x_T, ref, fastsde)
+            prob_records += _run_sampler(source, s, prob, cfg, x_T, ref)
             if bar is not None:
                 bar.update(1)
         if bar is not None:
@@ -536,7 +530,7 @@ def read_results(path: str | Path) -> dict[str, Any]:
     return f.data
 
 
-def _run_sampler(source: str, s: Any, prob: Problem, cfg: BenchConfig, x_T: Tensor, ref: Tensor, fastsde) -> list[dict]:
+def _run_sampler(source: str, s: Any, prob: Problem, cfg: BenchConfig, x_T: Tensor, ref: Tensor) -> list[dict]:
 
     sde = prob.sde
     out: list[dict] = []
@@ -554,7 +548,7 @@ def _run_sampler(source: str, s: Any, prob: Problem, cfg: BenchConfig, x_T: Tens
     limit = max(cfg.budgets)
     if settings:  # warm-up on a few rows, discarded: first calls pay imports and caches, not the sampler
         try:
-            _solve(source, s, prob, cfg, x_T[: min(8, cfg.n)], settings[0][1], fastsde)
+            _solve(source, s, prob, cfg, x_T[: min(8, cfg.n)], settings[0][1])
         except Exception:  # noqa: BLE001 - the real run records the error
             pass
     for budget, setting in settings:
@@ -569,7 +563,7 @@ def _run_sampler(source: str, s: Any, prob: Problem, cfg: BenchConfig, x_T: Tens
             "error": None,
         }
         try:
-            x, nfe, calls, wall, inside, rec["options"] = _solve(source, s, prob, cfg, x_T, setting, fastsde)
+            x, nfe, calls, wall, inside, rec["options"] = _solve(source, s, prob, cfg, x_T, setting)
             rec.update(
                 nfe=float(nfe),
                 calls=int(calls),
@@ -593,14 +587,15 @@ def _fitted_grid(prob: Problem, s: Any, steps: int):
     False when none is shipped; None for every other sampler."""
     if getattr(s, "fixed", {}).get("grid") != FITTED:
         return None
-    from ..grid_fit import shipped_grid
+    from ..artifacts.grid import shipped_grid
 
     grid = shipped_grid(prob.model, s.solver, steps) if prob.model else None
     return grid if grid is not None else False
 
 
-def _solve(source: str, s: Any, prob: Problem, cfg: BenchConfig, x_T: Tensor, setting: float, fastsde):
+def _solve(source: str, s: Any, prob: Problem, cfg: BenchConfig, x_T: Tensor, setting: float):
     """One run from x_T: (samples, NFE, calls, wall, time inside the score, options as JSON)."""
+    from ..api import _recordable, sample
     from ..solvers import SOLVERS
 
     if source == "fastsde":
@@ -611,11 +606,9 @@ def _solve(source: str, s: Any, prob: Problem, cfg: BenchConfig, x_T: Tensor, se
             t_end = prob.sde.default_t_end
             opts["grid"] = fitted.times
             fitted.check_run(prob.sde, s.solver, SOLVERS[s.solver].resolve(prob.sde, dict(opts), t_end), t_end)
-        res = fastsde.sample(
+        res = sample(
             timed, prob.sde, tuple(x_T.shape), solver=s.solver, seed=cfg.seed, x_init=x_T, dtype=prob.dtype, **opts
         )
-        from ..api import _recordable
-
         options = json.dumps({k: _recordable(v) for k, v in res.options.items() if k != "sde"}, default=str)
         return res.samples, res.nfe, res.calls, res.wall_time, timed.seconds, options
     pr = s.run(prob.score, prob.sde, x_T, setting, prob.sde.default_t_end, seed=cfg.seed)

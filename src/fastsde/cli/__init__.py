@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run one subcommand. Exit status: 0 done, 2 bad input or a solve that could not finish (one
     line on stderr, no traceback), 130 interrupted (Ctrl-C), 141 output pipe closed (``| head``)."""
     from ..score import NonFiniteScoreError
-    from ..solvers.driver import IntegrationError
+    from ..solvers.core.driver import IntegrationError
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)

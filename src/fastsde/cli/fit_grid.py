@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     import fastsde
-    from fastsde.grid_fit import grid_file_name
+    from fastsde.artifacts.grid import grid_file_name
 
     from .checks import check_device, check_int, check_out_dir, reading
 

@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     import fastsde
-    from fastsde.iia import iia_solver_name, table_name
+    from fastsde.artifacts.iia_table import iia_base, iia_solver_name, table_name
 
     from .checks import check_int, check_out_dir, reading
 
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     if args.variant is not None and args.variant not in ("iia", "biia"):
         raise CLIError(f"--variant must be iia or biia, got {args.variant!r}")
     out = check_out_dir(args.out)
-    base = iia[len("iia_") :]
+    base = iia_base(iia)
     options = {}
     if args.variant is not None:
         if iia != "iia_heun":
@@ -145,7 +145,7 @@ def table_for_sample(model: str, solver: str, options: dict, path: str | None):
     """The table `fastsde sample` uses for an iia_ solver: --table PATH, else the one shipped for the
     model, solver and steps; without one, a CLIError that names the command that makes it."""
     import fastsde
-    from fastsde.iia import shipped_table, table_name
+    from fastsde.artifacts.iia_table import iia_base, shipped_table, table_name
 
     if path is not None:
         return fastsde.load_iia(path)
@@ -154,7 +154,7 @@ def table_for_sample(model: str, solver: str, options: dict, path: str | None):
     shipped = model != "mixture" and model in fastsde.list_models()  # a folder has no shipped table
     table = shipped_table(model, solver, steps, variant) if shipped else None
     if table is None:
-        base = solver[len("iia_") :]
+        base = iia_base(solver)
         extra = f" --variant {variant}" if variant and variant != "iia" else ""
         name = table_name(model_tag(model), solver, steps, variant)
         raise CLIError(

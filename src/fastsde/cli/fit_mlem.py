@@ -4,7 +4,8 @@ model folders) and one run (steps, base), and write the schedule file.
     fastsde fit-mlem --levels digits-small,digits,digits-large --steps 1000 --out mlem-digits.safetensors
     fastsde sample --solver mlem --levels digits-small,digits,digits-large --steps 1000 --p mlem-digits.safetensors
 
-The objective, its gradient and the file's key are described in ``fastsde.mlem_fit``.
+The objective and its gradient are described in ``fastsde.fitting.mlem``, the file's key in
+``fastsde.artifacts.mlem``.
 """
 
 from __future__ import annotations

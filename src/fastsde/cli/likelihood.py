@@ -1,7 +1,7 @@
 """``fastsde likelihood``: bits/dim of a data set under a model, through the probability-flow ODE.
 
 The command reads the data and the model and prints; the work (data preparation, dequantisation,
-the batched loop) is ``fastsde.likelihood_data.dataset_likelihood``.
+the batched loop) is ``fastsde.likelihood.dataset.dataset_likelihood``.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 from ..sde import PROCESSES
 from . import CLIError
 from .checks import MAX_SHARDS, check_memory, reading
+from .common import DEFAULT_SHARD_SIZE, likelihood_options
 
 #: Exact models for trying the command without a trained network: the 2-D mixture under a process.
 MIXTURES = tuple(f"mixture2d-{name}" for name in PROCESSES)
@@ -104,7 +105,7 @@ def _check_limits(args: argparse.Namespace) -> None:
         raise CLIError(f"--shard-size must be a positive integer with --out DIR, got {args.shard_size}")
     if args.out is not None:
         check_out_dir(args.out)
-        if args.n is not None and -(-args.n // (args.shard_size or 1000)) > MAX_SHARDS:
+        if args.n is not None and -(-args.n // (args.shard_size or DEFAULT_SHARD_SIZE)) > MAX_SHARDS:
             raise CLIError(f"--n {args.n} makes more than {MAX_SHARDS} shards; raise --shard-size")
 
 
@@ -112,7 +113,7 @@ def _load_model(name: str):
     """(score, sde, sample shape) for a model name."""
     import fastsde
 
-    from ..likelihood_data import differentiable_score
+    from ..likelihood.dataset import differentiable_score
     from ..sde import process_by_name
 
     if name in MIXTURES:
@@ -132,25 +133,14 @@ def _read_data(path: Path, key: str | None):
     return read_array(path, key, prefer=_NPZ_KEYS, key_hint="--key")
 
 
-#: Flags passed on as they are to ``dataset_likelihood`` and ``likelihood_to_dir``.
-LIKELIHOOD_FLAGS = (
-    "levels", "offset", "seed", "passes", "batch_size", "trace", "probes", "probe", "rtol", "atol", "method", "max_steps"
-)  # fmt: skip
-
-
-def likelihood_options(args: argparse.Namespace, dtype: Any) -> dict[str, Any]:
-    """The keywords that ``dataset_likelihood`` and ``likelihood_to_dir`` both take, from the flags."""
-    return {**{name: getattr(args, name) for name in LIKELIHOOD_FLAGS}, "dtype": dtype, "levels_option": "--levels"}
-
-
 def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
     from ..data import load_digits
-    from ..integrate import IntegrationError
-    from ..likelihood_data import dataset_likelihood
+    from ..likelihood.dataset import dataset_likelihood
     from ..score import NonFiniteScoreError
+    from ..solvers.ode import IntegrationError
 
     torch.set_num_threads(1)
     _positive("n", args.n)
@@ -184,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
     arr = np.asarray(arr)[: args.n]
     if arr.ndim < 1 or arr.shape[0] < 1:
         raise CLIError(f"--data: no rows to evaluate (array of shape {arr.shape})")
-    if args.out is not None and -(-arr.shape[0] // (args.shard_size or 1000)) > MAX_SHARDS:
+    if args.out is not None and -(-arr.shape[0] // (args.shard_size or DEFAULT_SHARD_SIZE)) > MAX_SHARDS:
         raise CLIError(f"--data: {arr.shape[0]} rows make more than {MAX_SHARDS} shards; raise --shard-size")
     rows = min(arr.shape[0], args.batch_size)
     check_memory("--batch-size", rows * args.probes, shape, 8, " (a batch of rows times --probes)")

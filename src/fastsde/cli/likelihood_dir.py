@@ -1,5 +1,5 @@
 """`fastsde likelihood --out DIR`: bits/dim over a data set as resumable shards
-(fastsde.sharding_likelihood), also under ``torchrun``; every rank prints its shards, rank 0 the
+(fastsde.likelihood.sharded), also under ``torchrun``; every rank prints its shards, rank 0 the
 result over all rows."""
 
 from __future__ import annotations
@@ -9,27 +9,16 @@ from pathlib import Path
 from typing import Any
 
 from . import CLIError
-from .likelihood import likelihood_options
-
-#: rows per shard file when --shard-size is not given
-DEFAULT_SHARD_SIZE = 1000
+from .common import DEFAULT_SHARD_SIZE, likelihood_options, report_shard
 
 
 def run_sharded(args: argparse.Namespace, score: Any, sde: Any, arr: Any, shape: tuple[int, ...], dtype: Any):
     """Evaluate into the folder --out, resuming what is done there; the DatasetLikelihood over all
     rows on rank 0, None on the other ranks."""
-    from ..sharding import ShardInfo
-    from ..sharding_likelihood import likelihood_to_dir, load_likelihood
+    from ..likelihood.sharded import likelihood_to_dir, load_likelihood
+    from ..shards import MANIFEST
 
     out = Path(args.out)
-
-    def report(info: ShardInfo) -> None:
-        print(
-            f"rank {info.rank}: shard {info.shard + 1}/{info.num_shards} [{info.start}, {info.stop}) "
-            f"NFE {info.nfe:.1f}  {info.wall_time:.2f} s",
-            flush=True,
-        )
-
     run = likelihood_to_dir(
         score,
         sde,
@@ -38,14 +27,14 @@ def run_sharded(args: argparse.Namespace, score: Any, sde: Any, arr: Any, shape:
         out,
         shard_size=args.shard_size or DEFAULT_SHARD_SIZE,
         model=args.model,
-        on_shard=report,
+        on_shard=report_shard,
         **likelihood_options(args, dtype),
     )
     if run.rank != 0:
         return None
     print(
         f"{run.num_shards} shards, computed {len(run.computed)} on rank 0, {len(run.skipped)} already done, "
-        f"world size {run.world_size}; wrote {out / 'manifest.json'}"
+        f"world size {run.world_size}; wrote {out / MANIFEST}"
     )
     if not run.complete:
         raise CLIError(f"the likelihood run in {str(out)!r} is incomplete; rerun the same command to finish it")

@@ -12,13 +12,14 @@ import argparse
 import ast
 import json
 import math
-import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import CLIError
+from .common import DEFAULT_SHARD_SIZE, cli_hint, command_line, compute_quality, is_run_dir, quality_line
 
 _DEFAULT_OUT = "samples.png"
 
@@ -203,19 +204,9 @@ def _device(name: str):
     return check_device(name)
 
 
-def _cli_hint(message: str) -> str:
-    """A library error's advice in the command line's terms."""
-    return (
-        message.replace("on_budget='partial'", "--option on_budget=partial")
-        .replace("raise max_nfe", "raise --option max_nfe=N")
-        .replace("loosen eps_rel / eps_abs", "loosen --eps-rel / --eps-abs")
-        .replace("loosen rtol/atol", "loosen --rtol / --atol")
-    )
-
-
 def shipped_grid_for(model: str, solver: str, steps: Any) -> Any:
     """The shipped fitted grid for ``--grid fitted``, or a one-line error naming what is shipped."""
-    from fastsde.grid_fit import shipped_grid, shipped_grids
+    from fastsde.artifacts.grid import shipped_grid, shipped_grids
 
     if steps is None:
         raise CLIError("--grid fitted needs --steps (the shipped grids are fitted per step count)")
@@ -297,8 +288,6 @@ def check_sizes(args: argparse.Namespace, opts: dict[str, Any], sharded: bool) -
             raise CLIError(f"--shard-size must be a positive integer with --out DIR/, got {args.shard_size}")
         checks.check_int("--shard-size", args.shard_size, 1, None, " with --out DIR/")
     if sharded:
-        from .sample_dir import DEFAULT_SHARD_SIZE
-
         size = args.shard_size or DEFAULT_SHARD_SIZE
         shards = -(-args.n // size)
         if shards > checks.MAX_SHARDS:
@@ -319,8 +308,6 @@ def check_memory(args: argparse.Namespace, shape: tuple[int, ...], dtype: Any, s
 
     itemsize = dtype.itemsize if hasattr(dtype, "itemsize") else 8
     if sharded:
-        from .sample_dir import DEFAULT_SHARD_SIZE
-
         size = min(args.n, args.shard_size or DEFAULT_SHARD_SIZE)
         checks.check_memory("--shard-size", size, shape, itemsize, "; lower --shard-size")
     else:
@@ -331,16 +318,63 @@ def check_memory(args: argparse.Namespace, shape: tuple[int, ...], dtype: Any, s
             )
 
 
-def run(args: argparse.Namespace) -> int:
+@dataclass
+class _Request:
+    """What `fastsde sample` was asked for, checked before any model is loaded."""
+
+    sharded: bool
+    device: Any
+    solver: str
+    spec: Any
+    opts: dict[str, Any]
+    keywords: dict[str, Any]
+    level_names: list[str]
+    out: Path
+    mixture: bool
+
+
+@dataclass
+class _Model:
+    """The loaded model: its process, score, sample shape and dtype, and where they came from (the
+    ML-EM levels, the exact mixture, or a shipped / trained model), with the per-sample labels."""
+
+    sde: Any
+    score: Any
+    shape: tuple[int, ...]
+    dtype: Any
+    levels: Any = None
+    gm: Any = None
+    model: Any = None
+    labels: Any = None
+
+
+@dataclass
+class _Drawn:
+    """The samples of an in-memory run and what they cost."""
+
+    samples: Any
+    nfe_per_sample: Any
+    statuses: list[str]
+    calls: int
+    wall: float
+    net_evals: float
+    level_rows: list[Any]
+    cost_sum: float
+    multilevel: dict[str, Any]
+
+    @property
+    def nfe(self) -> float:
+        return float(self.nfe_per_sample.mean())
+
+
+def _check_request(args: argparse.Namespace) -> _Request:
+    """Every check before any model is loaded: sizes, seed, device, solver and its options, output."""
     import fastsde
 
-    from ..score import NonFiniteScoreError
-    from ..solvers.driver import IntegrationError
-    from .checks import check_out_dir, reading
-    from .sample_dir import is_run_dir
+    from .checks import check_out_dir
+    from .sample_levels import check_args
 
     sharded = is_run_dir(args.out)
-    # every check before any model is loaded: sizes, seed, device, solver and its options, output
     if args.n < 1:
         raise CLIError(f"--n must be a positive integer, got {args.n}")
     if args.batch_size is not None and args.batch_size < 1:
@@ -354,8 +388,6 @@ def run(args: argparse.Namespace) -> int:
     opts = solver_options(args)
     check_sizes(args, opts, sharded)
     keywords = {k: opts.pop(k) for k in _SAMPLE_KEYWORDS if k in opts}
-    from .sample_levels import check_args
-
     if args.model is not None and not args.model.strip():
         raise CLIError("--model must name a model, got ''")
     level_names = check_args(args, solver, opts)
@@ -372,82 +404,104 @@ def run(args: argparse.Namespace) -> int:
     if args.guidance is not None and not math.isfinite(args.guidance):
         raise CLIError(f"--guidance must be a finite number, got {args.guidance}")
     if sharded:  # under torchrun a bare cuda is this rank's GPU (LOCAL_RANK), for the network too
-        from ..sharding import device_for_rank
+        from ..shards import device_for_rank
 
         device = device_for_rank(device)
+    return _Request(sharded, device, solver, spec, opts, keywords, level_names, out, mixture)
 
+
+def _load_model(args: argparse.Namespace, req: _Request) -> _Model:
+    """The model asked for (the levels, the exact mixture, or a shipped / trained model), the labels
+    and guidance of a class-conditional one, and the dtype; the memory the run holds checked."""
     import torch
 
-    levels = None
-    if level_names:
+    import fastsde
+
+    from .checks import reading
+
+    if req.level_names:
         from .sample_levels import load_levels
 
         with reading("--levels", args.levels, "a list of loadable models"):
-            levels = load_levels(level_names, device)
-        sde, score, shape, dtype = levels.sde, levels, tuple(levels.models[0].shape), torch.float32
-    elif mixture:
+            levels = load_levels(req.level_names, req.device)
+        m = _Model(levels.sde, levels, tuple(levels.models[0].shape), torch.float32, levels=levels)
+    elif req.mixture:
         sde = fastsde.VPSDE()
         gm = fastsde.problems.mixture_2d(sde)
-        score, shape, dtype = gm.score, tuple(gm.shape), torch.float64
+        m = _Model(sde, gm.score, tuple(gm.shape), torch.float64, gm=gm)
     else:
         with reading("--model", args.model, "a model (a shipped name or a folder written by `fastsde train`)"):
             model = fastsde.load_model(args.model)
-            model.network.to(device)
-        sde, score, shape, dtype = model.sde, model.score, tuple(model.shape), torch.float32
-    labels = None
+            model.network.to(req.device)
+        m = _Model(model.sde, model.score, tuple(model.shape), torch.float32, model=model)
     if args.label is not None or args.guidance is not None:
-        classes = 0 if levels is not None or mixture else model.num_classes
+        classes = 0 if m.model is None else m.model.num_classes
         if not classes:
             raise CLIError(f"--label and --guidance need a class-conditional model (digits-cond), not {args.model!r}")
         if args.label is None:
             raise CLIError("--guidance needs --label (the classes to guide towards)")
-        if not sharded or args.n <= MAX_LABELLED:
-            labels = parse_labels(args.label, args.n, classes)
+        if not req.sharded or args.n <= MAX_LABELLED:
+            m.labels = parse_labels(args.label, args.n, classes)
         else:
             raise CLIError(f"--label: at most {MAX_LABELLED} labelled samples in one run, got --n {args.n}")
         if args.guidance is not None:
-            score = model.guided(args.guidance)
+            m.score = m.model.guided(args.guidance)
     if args.dtype is not None:
-        dtype = getattr(torch, args.dtype)
-    check_memory(args, shape, dtype, sharded, png=not sharded and out.suffix.lower() == ".png")
-    if solver.startswith("iia_"):
+        m.dtype = getattr(torch, args.dtype)
+    check_memory(args, m.shape, m.dtype, req.sharded, png=not req.sharded and req.out.suffix.lower() == ".png")
+    return m
+
+
+def _solver_files(args: argparse.Namespace, req: _Request) -> None:
+    """--table (an iia_ solver's IIA table) and --grid (a fitted time grid) into the solver options."""
+    import fastsde
+
+    from .checks import reading
+
+    opts = req.opts
+    if "table" in req.spec.artifact_options():
         from .fit_iia import table_for_sample
 
         with reading("--table", args.table, "an IIA table file (fastsde fit-iia)"):
-            opts["table"] = table_for_sample(args.model, solver, opts, args.table)
+            opts["table"] = table_for_sample(args.model, req.solver, opts, args.table)
     elif args.table is not None:
         raise CLIError("--table applies to the iia_ solvers only")
     if getattr(args, "grid", None) is not None:
         if "grid" in opts:
             raise CLIError(f"grid is given twice (--grid {args.grid} and --option grid=...); give it once")
         if args.grid == "fitted":
-            fitted = shipped_grid_for(args.model, solver, opts.get("steps"))
+            fitted = shipped_grid_for(args.model, req.solver, opts.get("steps"))
         else:
             with reading("--grid", args.grid, "a fitted grid file (fastsde fit-grid)"):
                 fitted = fastsde.load_grid(args.grid)
         opts["grid"] = fitted
         opts.setdefault("steps", int(fitted.steps))
-        check_sizes(args, opts, sharded)
-    # validate options (names and values) and the sample keywords before any compute
-    t_end = keywords.get("t_end", sde.default_t_end)
-    if isinstance(t_end, bool) or not isinstance(t_end, (int, float)):
-        raise CLIError(f"t_end must be a number, got {t_end!r}")
-    sde.check_time("t_end", t_end)
-    if not t_end < sde.T:
-        raise CLIError(f"t_end must be < T = {sde.T:g}, got {t_end!r}")
+        check_sizes(args, opts, req.sharded)
+
+
+def _check_keywords(req: _Request, sde: Any) -> tuple[float, dict[str, Any]]:
+    """The options (names and values) and the sample keywords, before any compute: (t_end, the
+    solver's resolved options)."""
+    keywords = req.keywords
+    from ..api import check_t_end
+
+    try:
+        t_end = check_t_end(sde, keywords.get("t_end"))
+    except ValueError as err:
+        raise CLIError(str(err)) from None
     if not isinstance(keywords.get("denoise", True), bool):
         raise CLIError(f"denoise must be true or false, got {keywords['denoise']!r}")
-    resolved = spec.resolve(sde, dict(opts), t_end)
-    progress = sys.stderr.isatty() if args.progress is None else args.progress
-    if sharded:
-        from .sample_dir import run_sharded
+    return t_end, req.spec.resolve(sde, dict(req.opts), t_end)
 
-        if labels is not None:
-            keywords["cond"] = {"class_labels": labels}
 
-        return run_sharded(
-            args, score, sde, shape, dtype, device, solver, opts, keywords, progress, gm if mixture else None
-        )
+def _draw(args: argparse.Namespace, req: _Request, m: _Model, progress: bool) -> _Drawn:
+    """The samples in memory, in batches of --batch-size (each the rows lo..hi of the run's noise)."""
+    import torch
+
+    import fastsde
+
+    from ..score import NonFiniteScoreError
+    from ..solvers.core.driver import IntegrationError
 
     n = args.n
     batch = args.batch_size or n
@@ -458,20 +512,20 @@ def run(args: argparse.Namespace) -> int:
         hi = min(n, lo + batch)
         try:
             res = fastsde.sample(
-                score,
-                sde,
-                (hi - lo, *shape),
-                solver=solver,
+                m.score,
+                m.sde,
+                (hi - lo, *m.shape),
+                solver=req.solver,
                 seed=fastsde.NoiseSource.from_seed(args.seed, hi - lo, start=lo),  # = rows lo..hi of the run
-                dtype=dtype,
-                device=device,
+                dtype=m.dtype,
+                device=req.device,
                 progress=progress,
-                cond=None if labels is None else {"class_labels": labels[lo:hi]},
-                **keywords,
-                **opts,
+                cond=None if m.labels is None else {"class_labels": m.labels[lo:hi]},
+                **req.keywords,
+                **req.opts,
             )
         except (IntegrationError, NonFiniteScoreError) as exc:
-            raise CLIError(_cli_hint(str(exc))) from None
+            raise CLIError(cli_hint(str(exc))) from None
         chunks.append(res.samples.cpu())
         nfe_rows.append(res.nfe_per_sample)
         statuses += res.stats.get("status", ["done"] * (hi - lo))
@@ -482,53 +536,66 @@ def run(args: argparse.Namespace) -> int:
             cost_sum += float(res.cost) * (hi - lo)
             multilevel = res.multilevel or {}
     wall = time.perf_counter() - start
-    samples = torch.cat(chunks)
-    nfe_per_sample = torch.cat(nfe_rows)
-    nfe = float(nfe_per_sample.mean())
-    unfinished = sum(1 for st in statuses if st not in ("done", "stopped"))
-    if unfinished:
-        print(
-            f"fastsde sample: warning: {unfinished} of {n} samples did not reach t_end (on_budget=partial); "
-            f"they are written as they stopped and counted in {record_path(out).name}",
-            file=sys.stderr,
-        )
+    return _Drawn(
+        torch.cat(chunks), torch.cat(nfe_rows), statuses, calls, wall, net_evals, level_rows, cost_sum, multilevel
+    )
 
-    quality = {} if args.no_metric else compute_quality(samples, gm if mixture else None, labels)
-    network_evals = net_evals / n
 
+def _record(
+    args: argparse.Namespace, req: _Request, m: _Model, drawn: _Drawn, t_end: float, resolved: dict[str, Any]
+) -> dict[str, Any]:
+    """The JSON record written next to the output: every setting, the cost and the quality."""
+    import torch
+
+    import fastsde
+
+    n = args.n
     record = {
         "fastsde": fastsde.__version__,
-        "command": "fastsde " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:])),
+        "command": command_line(args),
         "model": args.model,
-        "sde": sde.config(),
-        "solver": solver,
+        "sde": m.sde.config(),
+        "solver": req.solver,
         "options": {k: _jsonable(v) for k, v in resolved.items()},
         "t_end": float(t_end),
-        "denoise": keywords.get("denoise", True),
+        "denoise": req.keywords.get("denoise", True),
         "seed": args.seed,
         "n": n,
-        "batch_size": batch,
-        "dtype": str(dtype).removeprefix("torch."),
-        "device": str(device),
-        "nfe": nfe,
-        "calls": calls,
-        "wall_s": round(wall, 3),
-        "unfinished": unfinished,
-        "quality": quality,
-        "output": out.name,
+        "batch_size": args.batch_size or n,
+        "dtype": str(m.dtype).removeprefix("torch."),
+        "device": str(req.device),
+        "nfe": drawn.nfe,
+        "calls": drawn.calls,
+        "wall_s": round(drawn.wall, 3),
+        "unfinished": _unfinished(drawn),
+        "quality": {} if args.no_metric else compute_quality(drawn.samples, m.gm, m.labels),
+        "output": req.out.name,
     }
-    if labels is not None:
-        record["labels"] = labels.tolist()
+    if m.labels is not None:
+        record["labels"] = m.labels.tolist()
         record["guidance"] = args.guidance
-        record["network_evals"] = network_evals
-    if levels is not None:
-        per_level = [float(v) for v in torch.cat(level_rows).mean(0)]
-        record["levels"] = {"models": levels.names, "flops": levels.flops, "costs": levels.costs}
+        record["network_evals"] = drawn.net_evals / n
+    if m.levels is not None:
+        per_level = [float(v) for v in torch.cat(drawn.level_rows).mean(0)]
+        multilevel = drawn.multilevel
+        record["levels"] = {"models": m.levels.names, "flops": m.levels.flops, "costs": m.levels.costs}
         record["multilevel"] = {k: _jsonable(v) if not isinstance(v, dict) else v for k, v in multilevel.items()}
         record["multilevel"]["nfe_per_level"] = per_level
-        record["multilevel"]["compute"] = cost_sum / n
+        record["multilevel"]["compute"] = drawn.cost_sum / n
+    return record
+
+
+def _unfinished(drawn: _Drawn) -> int:
+    """Samples that did not reach t_end (on_budget=partial)."""
+    return sum(1 for st in drawn.statuses if st not in ("done", "stopped"))
+
+
+def _write(args: argparse.Namespace, req: _Request, m: _Model, drawn: _Drawn, record: dict[str, Any]) -> None:
+    """The output (an .npz, the mixture's scatter or a PNG grid) and its JSON record, each whole or
+    not at all."""
     from ..files import write_atomic, write_json_atomic
 
+    out, samples, n = req.out, drawn.samples, args.n
     if out.suffix.lower() == ".npz":
         import numpy as np
 
@@ -537,84 +604,80 @@ def run(args: argparse.Namespace) -> int:
                 np.savez_compressed(
                     fh,
                     samples=samples.double().numpy(),
-                    nfe_per_sample=nfe_per_sample.numpy(),
+                    nfe_per_sample=drawn.nfe_per_sample.numpy(),
                     seed=np.array(args.seed, dtype=np.uint64),
                     model=np.array(args.model),
-                    solver=np.array(solver),
+                    solver=np.array(req.solver),
                     options=np.array(json.dumps(record["options"])),
-                    status=np.array(statuses),
+                    status=np.array(drawn.statuses),
                     record=np.array(json.dumps(record)),
                 )
 
         write_atomic(out, write_npz)
-    elif mixture:
+    elif req.mixture:
         from ..plots import save_mixture_scatter
 
-        write_atomic(out, lambda p: save_mixture_scatter(samples, gm, p, title=f"{solver}: {n} samples, NFE {nfe:.1f}"))
+        title = f"{req.solver}: {n} samples, NFE {drawn.nfe:.1f}"
+        write_atomic(out, lambda p: save_mixture_scatter(samples, m.gm, p, title=title))
     else:
         from ..plots import save_image_grid
 
         write_atomic(out, lambda p: save_image_grid(samples, p, ncol=min(8, n) if n <= 64 else None))
     write_json_atomic(record_path(out), record)
 
-    print(f"model {args.model}  solver {solver}  options {opts or '{}'}  n {n}")
-    print(f"NFE {nfe:.1f} per sample  ({calls} batched calls)  wall {wall:.2f} s")
-    if labels is not None:
+
+def _report(args: argparse.Namespace, req: _Request, m: _Model, drawn: _Drawn, record: dict[str, Any]) -> None:
+    """The lines `fastsde sample` prints after an in-memory run."""
+    n = args.n
+    print(f"model {args.model}  solver {req.solver}  options {req.opts or '{}'}  n {n}")
+    print(f"NFE {drawn.nfe:.1f} per sample  ({drawn.calls} batched calls)  wall {drawn.wall:.2f} s")
+    if m.labels is not None:
         guided = f"guidance w = {args.guidance:g}" if args.guidance is not None else "no guidance"
-        print(f"labels {args.label}  {guided}  network evaluations {network_evals:.1f} per sample")
-    if levels is not None:
+        print(f"labels {args.label}  {guided}  network evaluations {record['network_evals']:.1f} per sample")
+    if m.levels is not None:
         from .sample_levels import report
 
-        for line in report(levels, per_level, cost_sum / n, keywords.get("denoise", True), multilevel):
-            print(line)
-    if quality:
-        print(quality_line(quality, n))
-    print(f"wrote {out} and {record_path(out).name}")
-    return 0
-
-
-def compute_quality(samples, gm=None, labels=None) -> dict[str, float]:
-    """The quality metric of the samples: FD to the exact mixture ``gm``, or for 1x8x8 samples the
-    digits FD with its real-data floor and the classifier's confidence (with ``labels``, also the
-    accuracy of the requested labels and the per-class FD, the FD measured against the held-out
-    digits of the requested labels only); {} otherwise."""
-    if gm is not None:
-        from ..metrics.mixture import mixture_frechet
-
-        return {"fd": float(mixture_frechet(samples, gm).value)}
-    if labels is not None and tuple(samples.shape[1:]) == (1, 8, 8) and samples.shape[0] >= 2:
-        from ..metrics.digits import class_conditional_quality
-
-        return class_conditional_quality(samples, labels, against_labels=True)
-    if tuple(samples.shape[1:]) == (1, 8, 8) and samples.shape[0] >= 2:
-        from ..metrics.digits import digits_quality
-
-        return digits_quality(samples)
-    return {}
-
-
-def quality_line(quality: dict[str, float], n: int) -> str:
-    """The printed quality line (see QUALITY_HELP)."""
-    if "floor" in quality:
-        fd, floor = quality["fd"], quality["floor"]
-        ratio = fd / floor if math.isfinite(fd) and floor > 0 else math.inf
-        if "classes" in quality:
-            labels = ",".join(str(c) for c in quality["classes"])
-            plural = "s" if len(quality["classes"]) > 1 else ""
-            against = f"against the {quality['reference']} held-out digits of label{plural} {labels}"
-        else:
-            against = "against the 300 held-out digits"
-        return (
-            f"quality: FD {fd:.3f} {against} (real-data floor at n={n}: {floor:.3f} ± {quality['floor_sd']:.3f}, "
-            f"ratio {ratio:.2f})  confidence {quality['confidence']:.3f}  (lower FD is better; "
-            "see fastsde sample --help)"
-        ) + (
-            f"\nclass-conditional: accuracy {quality['accuracy']:.3f} of the requested labels  "
-            f"per-class FD {quality['class_fd']:.2f} (against the held-out images of each class)"
-            if "accuracy" in quality
-            else ""
+        multilevel = record["multilevel"]
+        lines = report(
+            m.levels,
+            multilevel["nfe_per_level"],
+            drawn.cost_sum / n,
+            req.keywords.get("denoise", True),
+            drawn.multilevel,
         )
-    return f"quality: mixture FD {quality['fd']:.4f} (Fréchet distance to the exact mixture, lower is better)"
+        for line in lines:
+            print(line)
+    if record["quality"]:
+        print(quality_line(record["quality"], n))
+    print(f"wrote {req.out} and {record_path(req.out).name}")
+
+
+def run(args: argparse.Namespace) -> int:
+    req = _check_request(args)
+    m = _load_model(args, req)
+    _solver_files(args, req)
+    t_end, resolved = _check_keywords(req, m.sde)
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    if req.sharded:
+        from .sample_dir import run_sharded
+
+        if m.labels is not None:
+            req.keywords["cond"] = {"class_labels": m.labels}
+        return run_sharded(
+            args, m.score, m.sde, m.shape, m.dtype, req.device, req.solver, req.opts, req.keywords, progress, m.gm
+        )
+    drawn = _draw(args, req, m, progress)
+    unfinished = _unfinished(drawn)
+    if unfinished:
+        print(
+            f"fastsde sample: warning: {unfinished} of {args.n} samples did not reach t_end (on_budget=partial); "
+            f"they are written as they stopped and counted in {record_path(req.out).name}",
+            file=sys.stderr,
+        )
+    record = _record(args, req, m, drawn, t_end, resolved)
+    _write(args, req, m, drawn, record)
+    _report(args, req, m, drawn, record)
+    return 0
 
 
 def _jsonable(value: Any) -> Any:

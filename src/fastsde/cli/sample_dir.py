@@ -6,20 +6,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
 from . import CLIError
-
-#: samples per shard file when --shard-size is not given
-DEFAULT_SHARD_SIZE = 1000
-
-
-def is_run_dir(path: str) -> bool:
-    """--out names a run folder: it ends in a path separator or is an existing folder."""
-    return path.endswith(("/", "\\")) or Path(path).is_dir()
+from .common import DEFAULT_SHARD_SIZE, cli_hint, command_line, compute_quality, quality_line, report_shard
 
 
 def run_sharded(
@@ -39,21 +31,12 @@ def run_sharded(
     import fastsde
 
     from ..score import NonFiniteScoreError
-    from ..sharding import ShardInfo
-    from ..solvers.driver import IntegrationError
-    from .sample import _cli_hint, compute_quality, quality_line
+    from ..shards import MANIFEST
+    from ..solvers.core.driver import IntegrationError
 
     out = Path(args.out)
     shard_size = args.shard_size or DEFAULT_SHARD_SIZE
-    command = "fastsde " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:]))
-
-    def report(info: ShardInfo) -> None:
-        late = f"  ({info.unfinished} did not reach t_end)" if info.unfinished else ""
-        print(
-            f"rank {info.rank}: shard {info.shard + 1}/{info.num_shards} [{info.start}, {info.stop}) "
-            f"NFE {info.nfe:.1f}  {info.wall_time:.2f} s{late}",
-            flush=True,
-        )
+    command = command_line(args)
 
     try:
         run = fastsde.sample_to_dir(
@@ -69,12 +52,12 @@ def run_sharded(
             device=device,
             batch_size=args.batch_size,
             progress=progress,
-            on_shard=report,
+            on_shard=report_shard,
             **keywords,
             **opts,
         )
     except (IntegrationError, NonFiniteScoreError) as exc:
-        raise CLIError(_cli_hint(str(exc))) from None
+        raise CLIError(cli_hint(str(exc))) from None
     if run.rank != 0:
         return 0
     summary = run.manifest.get("summary", {})
@@ -118,5 +101,5 @@ def run_sharded(
             quality = compute_quality(fastsde.load_samples(out), gm, labels)
             if quality:
                 print(quality_line(quality, args.n))
-    print(f"wrote {out / fastsde.sharding.MANIFEST} and {run.num_shards} shard file(s)")
+    print(f"wrote {out / MANIFEST} and {run.num_shards} shard file(s)")
     return 0

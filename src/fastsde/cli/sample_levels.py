@@ -37,12 +37,12 @@ def parse_levels(text: str) -> list[str]:
 def parse_p(text: str, corrections: int) -> Any:
     """--p: 'auto', one probability in (0, 1] for every correction, one per correction, or the file
     of a learned schedule (``fastsde fit-mlem``)."""
-    from ..levels import check_p
+    from ..solvers.mlem_schedule import check_p
 
     if text.strip() == "auto":
         return "auto"
     if text.endswith(".safetensors") or Path(text).is_file():  # a learned schedule (fastsde fit-mlem)
-        from ..mlem_fit import load_mlem
+        from ..artifacts.mlem import load_mlem
         from .checks import reading
 
         with reading("--p", text, "an ML-EM schedule file (fastsde fit-mlem)"):

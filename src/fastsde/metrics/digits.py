@@ -48,7 +48,7 @@ __all__ = [
     "write_floor",
 ]
 
-_ASSET = "data/digits_classifier"
+_ASSET = "_assets/data/digits_classifier"
 FLOOR_SIZES: tuple[int, ...] = (16, 32, 64, 100, 128, 200, 256, 300, 400, 500, 750, 1000, 1497)
 FLOOR_SUBSETS = 1000
 

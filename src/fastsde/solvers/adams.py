@@ -15,54 +15,14 @@ corrector moves a sample (the method restarts at first order there).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from functools import cache
-
-import numpy as np
 import torch
 from torch import Tensor
 
 from ..sde import broadcast_to_rows
-from .stepper import State, Step, Stepper, StepResult
+from .core.common import gauss_legendre, lagrange_integrals
+from .core.stepper import State, Step, Stepper, StepResult
 
 __all__ = ["EDMAdams", "gauss_legendre", "lagrange_integrals"]
-
-
-@cache
-def _leggauss(points: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    u, w = np.polynomial.legendre.leggauss(points)
-    return tuple(float(v) for v in u), tuple(float(v) for v in w)
-
-
-def gauss_legendre(points: int, like: Tensor) -> tuple[Tensor, Tensor]:
-    """Gauss–Legendre nodes and weights on [−1, 1] (float64, on like's device)."""
-    u, w = _leggauss(points)
-    return (
-        torch.tensor(u, dtype=torch.float64, device=like.device),
-        torch.tensor(w, dtype=torch.float64, device=like.device),
-    )
-
-
-def lagrange_integrals(
-    nodes: Tensor, lo: Tensor, hi: Tensor, points: int, to_node: Callable[[Tensor], Tensor] | None = None
-) -> Tensor:
-    """∫_lo^hi ℓ_j(to_node(u)) du for the Lagrange basis ℓ_j of ``nodes`` (n, k), per row, by
-    ``points``-point Gauss–Legendre in u (exact when to_node is the identity and 2·points > k − 1).
-
-    ``nodes`` must be distinct per row (float64); returns (n, k) float64."""
-    n, k = nodes.shape
-    u, w = gauss_legendre(points, nodes)
-    mid, half = 0.5 * (lo + hi), 0.5 * (hi - lo)
-    us = mid[:, None] + half[:, None] * u[None, :]  # (n, G)
-    s = us if to_node is None else to_node(us.reshape(-1)).reshape(n, points)
-    out = []
-    for j in range(k):
-        basis = torch.ones_like(s)
-        for m in range(k):
-            if m != j:
-                basis = basis * (s - nodes[:, m : m + 1]) / (nodes[:, j : j + 1] - nodes[:, m : m + 1])
-        out.append(half * (basis * w[None, :]).sum(dim=1))
-    return torch.stack(out, dim=1)
 
 
 class EDMAdams(Stepper):

@@ -52,10 +52,10 @@ import torch
 from torch import Tensor
 
 from ..sde import broadcast_to_rows
-from .adaptive import adaptive_options, adaptive_plan
-from .base import SolverContext, SolverSpec
-from .controllers import Coordinate
-from .stepper import Step, Stepper, StepResult, embedded
+from .base import SolverSpec
+from .core.common import adaptive_options, adaptive_plan, log_snr_coordinate
+from .core.context import SolverContext
+from .core.stepper import Step, Stepper, StepResult, embedded
 
 __all__ = ["ADAPTIVE_SDE_DPM", "SDEDPMPair"]
 
@@ -105,11 +105,6 @@ class SDEDPMPair(Stepper):
         x0_m = sde.denoise(u, tm_d, s.score(u, tm_d))
         low = a_t * x + b_t * x0_s + n_t
         return embedded(low, low + c2 * (x0_m - x0_s), self.options["extrapolate"], x0_hat=x0_s)
-
-
-def log_snr_coordinate(ctx: SolverContext) -> Coordinate:
-    """The controller's coordinate c = λ (half log-SNR) from t_start to t_end."""
-    return Coordinate.log_snr(ctx.sde, ctx.t_start, ctx.t_end)
 
 
 def _build(ctx: SolverContext, opts: dict[str, Any]) -> dict[str, Any]:

@@ -44,11 +44,12 @@ import torch
 from torch import Tensor
 
 from ..sde import broadcast_to_rows
-from .adaptive import adaptive_options, adaptive_plan
-from .adaptive_sde_dpm import log_snr_coordinate
-from .base import Option, SolverContext, SolverSpec, positive_or_inf
+from .base import SolverSpec
+from .core.common import adaptive_options, adaptive_plan, log_snr_coordinate
+from .core.context import SolverContext
+from .core.options import Option, positive_or_inf
+from .core.stepper import State, Step, Stepper, StepResult
 from .dpmpp_2m_sde import SDEDPMCoefficients
-from .stepper import State, Step, Stepper, StepResult
 
 __all__ = ["ADAPTIVE_SDE_DPM_2M", "SDEDPM2MPredictorCorrector"]
 

@@ -15,9 +15,10 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..sde import SDE, VESDE, VPSDE, broadcast_to_rows, grid_beta
-from .base import SolverSpec, fixed_grid, grid_options
-from .ddim import posterior_step
-from .stepper import Step, Stepper, StepResult
+from .base import SolverSpec, fixed_grid
+from .core.common import posterior_step
+from .core.options import grid_options
+from .core.stepper import Step, Stepper, StepResult
 
 __all__ = ["ANCESTRAL", "Ancestral", "ancestral_move"]
 

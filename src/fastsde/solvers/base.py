@@ -1,27 +1,39 @@
 """What every solver shares: its declaration (name, options, declarations, how it is built), the
 context it runs in, and option validators.
 
-A solver is a stepper (``solvers.stepper``) run by the driver (``solvers.driver``) under a
-controller (``solvers.controllers``). The stepper draws randomness only from the noise source,
+A solver is a stepper (``solvers.core.stepper``) run by the driver (``solvers.core.driver``) under a
+controller (``solvers.core.controllers``). The stepper draws randomness only from the noise source,
 evaluates the score only through the counting wrapper, and the driver returns the state at
 ``ctx.t_end``; the front door applies the final denoise.
 """
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 from torch import Tensor
 
-from ..grids import GRIDS, check_explicit_grid, check_grid_choice, default_grid, explicit_times, time_grid
-from ..noise import NoiseSource
-from ..score import CountingScore
-from ..sde import SDE, per_row
+from ..artifacts import FittedArtifact, FittedGrid
+from ..grids import check_explicit_grid, explicit_times
+from ..sde import SDE
+from .core.context import SolverContext, StepInfo, solver_grid
+from .core.controllers import FixedGrid
+from .core.driver import integrate
+from .core.options import (
+    Option,
+    as_python_number,
+    boolean,
+    grid_options,
+    nonnegative_float,
+    one_of,
+    optional,
+    positive_float,
+    positive_int,
+    positive_or_inf,
+    unit_interval,
+)
 
 __all__ = [
     "Option",
@@ -44,115 +56,6 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------------------------
-# Options
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Option:
-    """One solver option: its default (a value, or a function of the process) and its check."""
-
-    default: Any
-    check: Callable[[str, Any], None]
-    doc: str = ""
-
-    def default_for(self, sde: SDE) -> Any:
-        return self.default(sde) if callable(self.default) else self.default
-
-
-def as_python_number(v: Any) -> Any:
-    """numpy (or any numbers.Integral / numbers.Real) scalars as Python int / float, numpy's bool as
-    bool; everything else unchanged, so that options accept ``np.int64(10)`` as they accept ``10``
-    (a bool stays a bool, which the integer and number checks refuse)."""
-    if isinstance(v, np.bool_):
-        return bool(v)
-    if isinstance(v, bool) or type(v) in (int, float) or not isinstance(v, numbers.Real):
-        return v
-    if isinstance(v, numbers.Integral):
-        return int(v)
-    return float(v)
-
-
-#: the most grid points (steps) a fixed-grid solver takes: far beyond any use (EM's default is 1000),
-#: while a typo such as 1e11 would allocate the grid and its per-step state before failing
-MAX_STEPS = 10**6
-
-
-def positive_int(minimum: int = 1, maximum: int | None = None) -> Callable[[str, Any], None]:
-    def check(name: str, v: Any) -> None:
-        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-            raise ValueError(f"{name} must be an integer >= {minimum}, got {v!r}")
-        if maximum is not None and v > maximum:
-            raise ValueError(f"{name} must be an integer <= {maximum} (the limit fastsde sets), got {v!r}")
-
-    return check
-
-
-def _finite_number(name: str, v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise ValueError(f"{name} must be a finite number, got {v!r}")
-    return float(v)
-
-
-def positive_float(name: str, v: Any) -> None:
-    if _finite_number(name, v) <= 0:
-        raise ValueError(f"{name} must be > 0, got {v!r}")
-
-
-def nonnegative_float(name: str, v: Any) -> None:
-    if _finite_number(name, v) < 0:
-        raise ValueError(f"{name} must be >= 0, got {v!r}")
-
-
-def unit_interval(name: str, v: Any) -> None:
-    x = _finite_number(name, v)
-    if not 0 < x <= 1:
-        raise ValueError(f"{name} must lie in (0, 1], got {v!r}")
-
-
-def one_of(*choices: Any) -> Callable[[str, Any], None]:
-    def check(name: str, v: Any) -> None:
-        if v not in choices:
-            raise ValueError(f"{name} must be one of {list(choices)}, got {v!r}")
-
-    return check
-
-
-def optional(check: Callable[[str, Any], None]) -> Callable[[str, Any], None]:
-    """The check of an option whose None means "chosen for you"; any other value must pass ``check``."""
-
-    def check_optional(name: str, v: Any) -> None:
-        if v is not None:
-            check(name, v)
-
-    return check_optional
-
-
-def positive_or_inf(name: str, v: Any) -> None:
-    """A positive number; math.inf for no limit."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) or not v > 0:
-        raise ValueError(f"{name} must be a number > 0 (math.inf for no cap), got {v!r}")
-
-
-def boolean(name: str, v: Any) -> None:
-    if not isinstance(v, bool):
-        raise ValueError(f"{name} must be True or False, got {v!r}")
-
-
-def grid_options(steps: int, family: str = "sde") -> dict[str, Option]:
-    """The options of every fixed-grid solver: number of grid points, grid kind, ρ."""
-    return {
-        "steps": Option(steps, positive_int(2, MAX_STEPS), "grid points from T to t_end, both included"),
-        "grid": Option(
-            lambda sde: default_grid(sde, family),
-            check_grid_choice,
-            f"time grid: one of {', '.join(GRIDS)}, or explicit times (a tensor, or fastsde.fit_grid's result)",
-        ),
-        "rho": Option(7.0, positive_float, "ρ of the EDM grid"),
-    }
-
-
-# ---------------------------------------------------------------------------------------------
 # Declaration and context
 # ---------------------------------------------------------------------------------------------
 
@@ -161,11 +64,13 @@ def grid_options(steps: int, family: str = "sde") -> dict[str, Option]:
 class SolverSpec:
     """A registered solver: its name, options and declarations, and how it is built.
 
-    ``build(ctx, options)`` returns the keyword arguments of :func:`~fastsde.solvers.driver.integrate`
+    ``build(ctx, options)`` returns the keyword arguments of :func:`~fastsde.solvers.core.driver.integrate`
     (stepper, controller, and the driver's settings); ``stepper`` is the stepper class, whose
     declarations (order, error order, NFE per step, stochasticity, coordinate) the solver reports.
     ``adaptive``: the step size is controlled per sample (``nfe_per_step`` is then None);
     ``tolerance``: the option a tolerance sweep varies (None for fixed-step solvers).
+    ``artifact``: (option, class) of the fitted artifact (``fastsde.artifacts``) the solver takes, e.g.
+    ``("table", IIATable)``; every fixed-grid solver also takes a fitted grid in ``grid``.
     """
 
     name: str
@@ -177,6 +82,8 @@ class SolverSpec:
     tolerance: str | None = None
     #: Extra cross-option checks, run after each option is checked: check(options, sde, t_end).
     check: Callable[[dict, SDE, float], None] | None = None
+    #: The fitted artifact the solver takes: (its option, its class); None: none.
+    artifact: tuple[str, type[FittedArtifact]] | None = None
 
     # -- declarations --------------------------------------------------------------------------
 
@@ -222,7 +129,7 @@ class SolverSpec:
     def first_move_saving(self, opts: Mapping[str, Any], sde: SDE | None) -> int:
         """Evaluations the shared first move from m(T) = 0 saves over the method's own first move
         (``declared_move_nfe`` − 1; 0 when the run is not from m = 0 or the method moves from there itself)."""
-        from .stepper import starts_at_zero_mean
+        from .core.stepper import starts_at_zero_mean
 
         if sde is None or self.stepper.singular_start or not starts_at_zero_mean(sde, float(sde.T)):
             return 0
@@ -261,72 +168,36 @@ class SolverSpec:
         if times is not None:  # an explicit grid: its length now; its ends when the run's start is known
             if times.numel() != resolved["steps"]:
                 check_explicit_grid(times, resolved["steps"], float(times[0]), float(times[-1]))
-            if hasattr(resolved["grid"], "check_run"):  # a fitted grid: keyed to the run it was fitted for
-                resolved["grid"].check_run(sde, self.name, resolved, t_end)
         if self.check is not None:
             self.check(resolved, sde, t_end)
+        for artifact in self.artifacts(resolved):  # each keyed to the run it was fitted for
+            artifact.check_run(sde, self.name, resolved, t_end)
         return resolved
+
+    # -- fitted artifacts ----------------------------------------------------------------------
+
+    def artifact_options(self) -> dict[str, type[FittedArtifact]]:
+        """The options that take a fitted artifact, with its class: a fitted grid in a fixed-grid
+        solver's ``grid``, and the solver's declared ``artifact``."""
+        out: dict[str, type[FittedArtifact]] = {}
+        if "grid" in self.options and "steps" in self.options:
+            out["grid"] = FittedGrid
+        if self.artifact is not None:
+            out[self.artifact[0]] = self.artifact[1]
+        return out
+
+    def artifacts(self, options: Mapping[str, Any]) -> list[FittedArtifact]:
+        """The fitted artifacts among these (resolved) options: a fitted grid first, then the declared one."""
+        return [options[k] for k, cls in self.artifact_options().items() if isinstance(options.get(k), cls)]
 
     def run(self, ctx: SolverContext, x: Tensor, **options: Any) -> Tensor:
         """Build the stepper and controller for these (resolved) options and run the driver."""
-        from .driver import integrate
-
         plan = self.build(ctx, dict(options))
         return integrate(ctx, x, desc=self.name, **plan)
 
 
-@dataclass
-class StepInfo:
-    """What a callback sees after each step (or attempted step, for adaptive solvers)."""
-
-    step: int
-    t: Tensor  # per-sample time after the step
-    h: Tensor  # per-sample step size used
-    x: Tensor
-    nfe: float  # mean NFE per sample so far
-    accepted: Tensor | None = None  # per-sample acceptance, adaptive solvers only
-    x0_hat: Tensor | None = None
-
-
-@dataclass
-class SolverContext:
-    """Everything a solver may touch besides its own options."""
-
-    sde: SDE
-    score: CountingScore
-    noise: NoiseSource
-    t_start: float
-    t_end: float
-    callback: Callable[[StepInfo], Any] | None = None
-    progress: bool = False
-    stats: dict[str, Any] = field(default_factory=dict)
-    stopped: bool = False
-    #: the run ends at t = 0 (``t_end=0``): the front door's denoise is its last move, so the solver's
-    #: last move to ``t_end`` (the grid's last interior point) is not the run's final one
-    denoise_is_final_move: bool = False
-
-    def times(self, value: float | Tensor, x: Tensor) -> Tensor:
-        """A per-row time vector for x."""
-        return per_row(value, x.shape[0], x.dtype, x.device)
-
-    def report(self, info: StepInfo) -> bool:
-        """Pass a step to the callback; False means the user asked to stop."""
-        if self.callback is None:
-            return True
-        if self.callback(info) is False:
-            self.stopped = True
-            return False
-        return True
-
-
-def solver_grid(ctx: SolverContext, opts: Mapping[str, Any]) -> Tensor:
-    """The grid named by a fixed-step solver's options."""
-    return time_grid(ctx.sde, opts["grid"], opts["steps"], ctx.t_start, ctx.t_end, opts["rho"])
-
-
 def fixed_grid(stepper_cls: type) -> Callable[[SolverContext, dict[str, Any]], dict[str, Any]]:
     """The build function of a fixed-grid solver: its stepper on the grid its options name."""
-    from .controllers import FixedGrid
 
     def build(ctx: SolverContext, opts: dict[str, Any]) -> dict[str, Any]:
         return dict(stepper=stepper_cls(ctx, opts), controller=FixedGrid(solver_grid(ctx, opts)))

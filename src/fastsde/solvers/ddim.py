@@ -19,33 +19,12 @@ from typing import Any
 
 from torch import Tensor
 
-from ..sde import SDE, broadcast_to_rows
-from .base import Option, SolverSpec, fixed_grid, grid_options
-from .stepper import Step, Stepper, StepResult, denoised
+from .base import SolverSpec, fixed_grid
+from .core.common import posterior_step
+from .core.options import Option, grid_options
+from .core.stepper import Step, Stepper, StepResult, denoised
 
 __all__ = ["DDIM", "DDIMStepper", "posterior_step"]
-
-
-def posterior_step(sde: SDE, x: Tensor, x0: Tensor, t: Tensor, t_next: Tensor, eta: float, z: Tensor | None) -> Tensor:
-    """DDIM's move t → s = t_next in data-prediction form for x_t = m·x0 + σ·z:
-
-    x_s = m_s·x̂0 + √(σ_s² − c²)·ε̂ + c·z, ε̂ = (x_t − m_t·x̂0)/σ_t, c = η·σ_s·√(1 − e^{−2h}),
-
-    with h = λ_s − λ_t the step in half log-SNR (e^{−2h} = σ̃_s²/σ̃_t²). η = 1 is the exact DDPM
-    posterior q(x_s | x_t, x0 = x̂0); η = 0 is deterministic.
-    """
-    m_t = broadcast_to_rows(sde.mean_coeff(t), x)
-    m_s = broadcast_to_rows(sde.mean_coeff(t_next), x)
-    sig_t = broadcast_to_rows(sde.marginal_std(t), x)
-    sig_s = broadcast_to_rows(sde.marginal_std(t_next), x)
-    eps = (x - m_t * x0) / sig_t
-    if eta == 0.0 or z is None:
-        return m_s * x0 + sig_s * eps
-    h = broadcast_to_rows(sde.log_snr(t_next) - sde.log_snr(t), x)
-    frac = -(-2.0 * h).expm1()  # 1 − σ̃_s²/σ̃_t² ∈ [0, 1)
-    c = eta * sig_s * frac.sqrt()
-    keep = sig_s * (1.0 - eta * eta * frac).clamp_min(0.0).sqrt()
-    return m_s * x0 + keep * eps + c * z
 
 
 class DDIMStepper(Stepper):

@@ -23,9 +23,11 @@ from typing import Any
 
 from torch import Tensor
 
-from .adams import EDMAdams, lagrange_integrals
-from .base import Option, SolverSpec, fixed_grid, grid_options, one_of
-from .stepper import Step
+from .adams import EDMAdams
+from .base import SolverSpec, fixed_grid
+from .core.common import lagrange_integrals
+from .core.options import Option, grid_options, one_of
+from .core.stepper import Step
 
 __all__ = ["DEIS", "DEISStepper"]
 

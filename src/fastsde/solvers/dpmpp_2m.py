@@ -18,23 +18,12 @@ import torch
 from torch import Tensor
 
 from ..sde import broadcast_to_rows
-from .base import Option, SolverSpec, boolean, fixed_grid, grid_options
-from .stepper import State, Step, Stepper, StepResult, denoised
+from .base import SolverSpec, fixed_grid
+from .core.common import LOWER_ORDER_FINAL_BELOW, first_order_moves
+from .core.options import Option, boolean, grid_options
+from .core.stepper import State, Step, Stepper, StepResult, denoised
 
 __all__ = ["DPMPP_2M", "DPMSolverPP2M", "first_order_moves", "LOWER_ORDER_FINAL_BELOW"]
-
-#: Fewer moves than this make the last move first order when lower_order_final is on.
-LOWER_ORDER_FINAL_BELOW = 15
-
-
-def first_order_moves(s: Step, has_history: Tensor, lower_order_final: bool) -> Tensor:
-    """Rows whose move is first order: no history yet (the first move, or after a corrector moved the
-    sample), or the last move of a grid of fewer than LOWER_ORDER_FINAL_BELOW moves when
-    ``lower_order_final`` is on (diffusers' rule; not applied by adaptive controllers)."""
-    first = ~has_history
-    if lower_order_final and s.moves is not None and s.moves < LOWER_ORDER_FINAL_BELOW:
-        first = first | s.final
-    return first
 
 
 class DPMSolverPP2M(Stepper):

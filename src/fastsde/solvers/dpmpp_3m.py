@@ -35,13 +35,13 @@ import torch
 from torch import Tensor
 
 from ..sde import broadcast_to_rows
-from .adaptive import _growth_check
-from .base import (
+from .base import SolverSpec, fixed_grid
+from .core.common import LOWER_ORDER_FINAL_BELOW, _growth_check
+from .core.context import SolverContext
+from .core.controllers import Adaptive, Coordinate
+from .core.options import (
     Option,
-    SolverContext,
-    SolverSpec,
     boolean,
-    fixed_grid,
     grid_options,
     one_of,
     optional,
@@ -50,9 +50,7 @@ from .base import (
     positive_or_inf,
     unit_interval,
 )
-from .controllers import Adaptive, Coordinate
-from .dpmpp_2m import LOWER_ORDER_FINAL_BELOW
-from .stepper import State, Step, Stepper, StepResult
+from .core.stepper import State, Step, Stepper, StepResult
 
 __all__ = ["DPMPP_3M", "ADAPTIVE_DPMPP_3M", "DPMSolverPP3M"]
 

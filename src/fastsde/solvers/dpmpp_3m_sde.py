@@ -37,11 +37,11 @@ import torch
 from torch import Tensor
 
 from ..sde import broadcast_to_rows
-from .base import Option, SolverSpec, boolean, fixed_grid, grid_options, nonnegative_float, one_of
-from .dpmpp_2m import LOWER_ORDER_FINAL_BELOW
+from .base import SolverSpec, fixed_grid
+from .core.common import LOWER_ORDER_FINAL_BELOW, shared_rows
+from .core.options import Option, boolean, grid_options, nonnegative_float, one_of
+from .core.stepper import Step, Stepper, StepResult
 from .dpmpp_3m import DPMSolverPP3M
-from .sa_solver import shared_rows
-from .stepper import Step, Stepper, StepResult
 
 __all__ = ["DPMPP_3M_SDE", "DPMSolverPP3MSDE"]
 

@@ -11,19 +11,13 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ..sde import SDE, broadcast_to_rows
-from .base import SolverSpec, fixed_grid, grid_options
-from .stepper import Step, Stepper, StepResult, denoised
+from ..sde import broadcast_to_rows
+from .base import SolverSpec, fixed_grid
+from .core.common import edm_direction
+from .core.options import grid_options
+from .core.stepper import Step, Stepper, StepResult, denoised
 
 __all__ = ["EULER", "Euler", "edm_direction"]
-
-
-def edm_direction(sde: SDE, s: Step, x_tilde: Tensor, t: Tensor) -> Tensor:
-    """d = dx̃/dσ̃ = (x̃ − x̂0)/σ̃ at time t (one NFE)."""
-    m = broadcast_to_rows(sde.mean_coeff(t), x_tilde)
-    x = m * x_tilde
-    x0 = sde.denoise(x, t, s.score(x, t))
-    return (x_tilde - x0) / broadcast_to_rows(sde.edm_sigma(t), x_tilde)
 
 
 class Euler(Stepper):

@@ -7,7 +7,8 @@ model outputs the base step already computed (no extra NFE):
     x_{i+1} = Φ_i(x_i) + Σ_j β_{i,j} · g_{i,j}
 
 with per-step coefficients β fitted once by least squares against the base solver run on fine
-sub-steps of each step (``fastsde.fit_iia``) and stored in a keyed table (``fastsde.iia.IIATable``).
+sub-steps of each step (``fastsde.fit_iia``) and stored in a keyed table
+(``fastsde.artifacts.iia_table.IIATable``, which also names the directions).
 With β = 0 (or ``table=None``) the output is the base solver's, bit for bit: the base stepper itself
 takes the step, and its evaluations are recorded on the way (a recording wrapper around
 ``Step.score``), so the directions never cost a call.
@@ -23,8 +24,9 @@ Directions (fastsde's reading of the paper; x̂ data prediction, ε̂ = (x − m
   choice) lets the first step be corrected too; the differences are the paper's IIA-DDIM terms.
 
 Directions that do not exist yet (no history on the first step, or after a corrector moved the
-sample) are zero. A table is checked against the run: process, solver, options, grid, steps and t_end
-when the options are resolved (before any compute), the model fingerprint when the stepper starts.
+sample) are zero. A table is checked against the run (it is the solver's declared artifact,
+``SolverSpec.artifact``): process, solver, options, grid, steps and t_end when the options are resolved,
+the model fingerprint by the front door, both before any compute.
 """
 
 from __future__ import annotations
@@ -36,15 +38,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..artifacts.iia_table import IIATable, iia_directions
 from ..sde import SDE, broadcast_to_rows
-from .base import Option, SolverContext, SolverSpec, boolean, grid_options, one_of, solver_grid
-from .controllers import FixedGrid
+from .base import SolverSpec
+from .core.context import SolverContext, solver_grid
+from .core.controllers import FixedGrid
+from .core.options import Option, boolean, grid_options, one_of
+from .core.stepper import State, Step, Stepper, StepResult
 from .ddim import DDIM, DDIMStepper
 from .dpmpp_2m import DPMPP_2M, DPMSolverPP2M
 from .heun import HEUN, Heun
-from .stepper import State, Step, Stepper, StepResult
 
-__all__ = ["IIA_HEUN", "IIA_DDIM", "IIA_DPMPP_2M", "IIAStepper", "IIAHeun", "IIADDIM", "IIADPMPP2M", "IIA_BASES"]
+__all__ = ["IIA_HEUN", "IIA_DDIM", "IIA_DPMPP_2M", "IIAStepper", "IIAHeun", "IIADDIM", "IIADPMPP2M"]
 
 #: A fitting hook: (x, step, base proposal, directions) -> coefficients (rows, m) or (m,).
 FitHook = Callable[[Tensor, Step, Tensor, list[Tensor | None]], Tensor]
@@ -68,12 +73,15 @@ class IIAStepper(Stepper):
 
     base_cls: type[Stepper]
     base_spec: SolverSpec
+    #: the IIA solver's name, which names its directions (the columns of its table)
+    solver: str
     #: the options of the base solver this stepper passes on (the rest are fixed at their defaults)
     base_keys: tuple[str, ...] = ("steps", "grid", "rho")
 
     @classmethod
     def directions(cls, options: Mapping[str, Any]) -> tuple[str, ...]:
-        raise NotImplementedError
+        """The directions :meth:`build` returns, in order (named by the table format)."""
+        return iia_directions(cls.solver, options)
 
     @classmethod
     def declared_order(cls, options: Mapping[str, Any]) -> float:
@@ -96,8 +104,6 @@ class IIAStepper(Stepper):
         self.fit_hook: FitHook | None = None
 
     def init(self, x: Tensor) -> tuple[State, Tensor | None]:
-        if self.table is not None:
-            self.table.check_model(self.ctx.score.score, tuple(x.shape[1:]), x.dtype, x.device)
         state, bad = self.base.init(x)
         return {**state, **self.history_init(x)}, bad
 
@@ -158,14 +164,9 @@ class IIAHeun(IIAStepper):
 
     base_cls = Heun
     base_spec = HEUN
+    solver = "iia_heun"
     order = 2.0
     nfe_per_step = 2
-
-    @classmethod
-    def directions(cls, options: Mapping[str, Any]) -> tuple[str, ...]:
-        if options.get("variant", "iia") == "biia":
-            return ("d", "d_next")
-        return ("xt-D", "Dn-D", "prev:xt-D", "prev:Dn-D")
 
     def history_init(self, x: Tensor) -> State:
         z = torch.zeros_like(x)
@@ -195,10 +196,6 @@ class IIAHeun(IIAStepper):
 class _PredictionHistory(IIAStepper):
     """Directions x̂_i, x̂_i − x̂_{i−1}, ε̂_i − ε̂_{i−1} from the step's one evaluation."""
 
-    @classmethod
-    def directions(cls, options: Mapping[str, Any]) -> tuple[str, ...]:
-        return ("x0", "x0-prev", "eps-prev")
-
     def history_init(self, x: Tensor) -> State:
         z = torch.zeros_like(x)
         return {**super().history_init(x), "iia_x0": z, "iia_eps": z.clone()}
@@ -220,6 +217,7 @@ class IIADDIM(_PredictionHistory):
 
     base_cls = DDIMStepper
     base_spec = DDIM
+    solver = "iia_ddim"
     order = 1.0
 
 
@@ -228,25 +226,14 @@ class IIADPMPP2M(_PredictionHistory):
 
     base_cls = DPMSolverPP2M
     base_spec = DPMPP_2M
+    solver = "iia_dpmpp_2m"
     base_keys = ("steps", "grid", "rho", "lower_order_final")
     order = 2.0
 
 
 def _table(name: str, v: Any) -> None:
-    from ..iia import IIATable
-
     if v is not None and not isinstance(v, IIATable):
-        raise ValueError(
-            f"{name} must be an IIA table (fastsde.fit_iia(...) or fastsde.load_iia(path)) or None, got {v!r}"
-        )
-
-
-def _check_table(solver: str) -> Callable[[dict, SDE, float], None]:
-    def check(opts: dict, sde: SDE, t_end: float) -> None:
-        if opts["table"] is not None:
-            opts["table"].check_run(sde, solver, opts, t_end)
-
-    return check
+        raise ValueError(f"{name} must be an {IIATable.kind} ({IIATable.made_by}) or None, got {v!r}")
 
 
 def _build(stepper_cls: type[IIAStepper]) -> Callable[[SolverContext, dict[str, Any]], dict[str, Any]]:
@@ -268,7 +255,7 @@ IIA_HEUN = SolverSpec(
         "table": _TABLE,
     },
     summary="EDM's Heun + fitted per-step coefficients (IIA-EDM / BIIA-EDM), 2N−1 NFE with denoise",
-    check=_check_table("iia_heun"),
+    artifact=("table", IIATable),
 )
 
 IIA_DDIM = SolverSpec(
@@ -277,7 +264,7 @@ IIA_DDIM = SolverSpec(
     stepper=IIADDIM,
     options={**grid_options(10, "sde"), "table": _TABLE},
     summary="deterministic DDIM + fitted per-step coefficients (IIA-DDIM), N NFE with denoise",
-    check=_check_table("iia_ddim"),
+    artifact=("table", IIATable),
 )
 
 IIA_DPMPP_2M = SolverSpec(
@@ -290,8 +277,5 @@ IIA_DPMPP_2M = SolverSpec(
         "table": _TABLE,
     },
     summary="DPM-Solver++(2M) + fitted per-step coefficients (IIA), N NFE with denoise",
-    check=_check_table("iia_dpmpp_2m"),
+    artifact=("table", IIATable),
 )
-
-#: base solver name -> IIA solver name
-IIA_BASES: dict[str, str] = {"heun": "iia_heun", "ddim": "iia_ddim", "dpmpp_2m": "iia_dpmpp_2m"}

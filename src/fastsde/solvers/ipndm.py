@@ -31,8 +31,9 @@ import torch
 from torch import Tensor
 
 from .adams import EDMAdams
-from .base import Option, SolverSpec, fixed_grid, grid_options, one_of
-from .stepper import Step
+from .base import SolverSpec, fixed_grid
+from .core.options import Option, grid_options, one_of
+from .core.stepper import Step
 
 __all__ = ["IPNDM", "IPNDMStepper"]
 

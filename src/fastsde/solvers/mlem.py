@@ -26,24 +26,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..levels import LevelScores, auto_schedule, check_p, expected_cost, resolve_schedule, summarise
+from ..artifacts.mlem import MLEMSchedule
+from ..levels import LevelScores
 from ..noise import Stream
 from ..sde import broadcast_to_rows
-from .base import (
-    Option,
-    SolverContext,
-    SolverSpec,
-    grid_options,
-    one_of,
-    positive_float,
-    positive_int,
-    solver_grid,
-    unit_interval,
-)
-from .controllers import FixedGrid
+from .base import SolverSpec
+from .core.context import SolverContext, solver_grid
+from .core.controllers import FixedGrid
+from .core.options import Option, grid_options, one_of, positive_float, positive_int, unit_interval
+from .core.stepper import State, Step, Stepper, StepResult
 from .ddim import DDIMStepper, _eta
 from .em import EulerMaruyama
-from .stepper import State, Step, Stepper, StepResult
+from .mlem_schedule import auto_schedule, check_p, expected_cost, resolve_schedule, summarise
 
 __all__ = ["MLEM", "MultilevelEM"]
 
@@ -69,12 +63,9 @@ class MultilevelEM(Stepper):
                     "fastsde.Levels([...], costs=[...]) as the score, or leave p out"
                 )
         # constants and callables are checked in full now, before any compute
-        self.learned = p if _is_learned(p) else None
-        if self.learned is not None:
-            if self.counted is None or self.learned.corrections != self.k - 1:
-                raise ValueError(
-                    f"p is a learned schedule for {self.learned.corrections + 1} levels, the run has {self.k}"
-                )
+        self.learned = p if isinstance(p, MLEMSchedule) else None
+        if self.learned is not None:  # its key was checked against the run by the front door
+            self.learned.check_levels(self.k)
             self.schedule = self.learned.probabilities(self.grid[:-1])
         else:
             self.schedule = None if isinstance(p, str) else resolve_schedule(p, self.k - 1, self.grid[:-1])
@@ -85,8 +76,6 @@ class MultilevelEM(Stepper):
         if self.counted is None:
             return {}, None
         opts, levels = self.options, self.counted.spec
-        if self.learned is not None:  # the key first: a schedule fitted for another run is refused
-            self.learned.check_run(levels, self.sde, opts, self.ctx.t_end, tuple(x.shape[1:]), x.dtype, x.device)
         probed = levels.probe(self.sde, x, self.ctx.t_end, self.counted.levels[-1].cond)
         record: dict[str, Any] = {"base": opts["base"], "probe_rows_per_level": probed}
         if self.schedule is None:
@@ -145,12 +134,6 @@ class MultilevelEM(Stepper):
         return self.base.step(x, inner)
 
 
-def _is_learned(p: Any) -> bool:
-    from ..mlem_fit import MLEMSchedule
-
-    return isinstance(p, MLEMSchedule)
-
-
 def _build(ctx: SolverContext, opts: dict[str, Any]) -> dict[str, Any]:
     grid = solver_grid(ctx, opts)
     return dict(stepper=MultilevelEM(ctx, opts, grid), controller=FixedGrid(grid))
@@ -179,4 +162,5 @@ MLEM = SolverSpec(
     },
     summary="multilevel Euler–Maruyama over fastsde.Levels: f1 + Σ (B_k/p_k)(f_{k+1} − f_k), fresh draws per move",
     check=_check,
+    artifact=("p", MLEMSchedule),
 )

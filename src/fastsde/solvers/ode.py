@@ -13,12 +13,12 @@ Two coordinates (option ``coordinate``):
   and largest step 1.5 in λ (``h_init``, ``h_max``; see MAX_STEP for why a cap), no evaluation
   for the first step. One step in t near t_end spans orders of magnitude of σ; one step in λ a
   factor e^h. On EDM and VE (m = 1) u = x and λ = −log σ.
-- "time": dx/dt = f(x, t) − ½ g(t)² s(x, t) in t on x (the method before issue 19, kept bit for bit).
+- "time": dx/dt = f(x, t) − ½ g(t)² s(x, t) in t on x (Score SDE's own formulation).
 
 - method "rk45": fastsde's torch integrator with one time and step size per sample; finished
   samples leave the batch, so each sample pays only for its own steps (NFE = 1 + 6 × attempted
   steps, + 1 for scipy's first-step selection in t, + 1 for the final denoise). Step control:
-  scipy's rules per sample plus ``fastsde.integrate``'s start-up rule for repeated rejections of
+  scipy's rules per sample plus ``dopri5``'s start-up rule for repeated rejections of
   the first step; in λ, a step within 25 % of the rest of the way takes the rest.
 - method "scipy": scipy's ``solve_ivp`` RK45 on the whole batch flattened into one float64 vector,
   the reference code's procedure (the batch shares its steps; NFE = nfev, + 1 for the denoise); in
@@ -29,36 +29,79 @@ evaluations without reaching t_end is a BudgetError naming how many did not fini
 ``on_budget="partial"`` (then they are returned where they stopped and ``ctx.stats["status"]`` says
 so). ``max_steps`` (attempts per sample) and ``partial`` are the older spellings of the same budget
 and policy.
+
+**dopri5** (the batched RK45 also used by the likelihood):
+
+Adaptive Dormand–Prince RK45 with one time and one step size per sample.
+
+Solves dy/dt = F(y, t, rows) for a batch of independent initial-value problems, each row with its
+own time t and step size h, so an easy sample takes few steps and never waits for a hard one:
+finished (or failed) rows are dropped from the evaluation and ``rows`` tells F (and through it
+CountingScore) which samples the evaluated rows belong to.
+
+The step control follows scipy's ``solve_ivp(method="RK45")`` per row: the RMS error norm
+err / (atol + rtol·max(|y|, |y_new|)), accept if it is below 1, safety 0.9, step factor limits
+0.2..10, exponent −1/5, no growth on the step that follows a rejection, FSAL, and scipy's
+initial-step selection (one extra evaluation). So per sample NFE = 2 + 6 × (accepted + rejected
+steps), counted as scipy's ``nfev`` counts.
+
+One addition (``measured_exponent``, on by default) concerns the start only. The first step is a
+guess (Hairer's heuristic), and the shrink 0.9·err^(−1/5) after a rejection assumes the error scales
+as h⁵. Near a singularity, such as a likelihood solve starting at t_end → 0 of a diffusion, the
+error scales like a low power of h (h^1.65 for the shipped digits model) and scipy rejects the guess
+three or four times in a row. So when a row that has not yet accepted a step is rejected a second
+time and its error fell more slowly than h⁵, the exponent measured from the two attempts, p =
+log(err₁/err₂)/log(h₁/h₂) clamped to [1, 5], gives the shrink 0.9·err^(−1/p) instead, if that is
+smaller. The acceptance test is unchanged, so no step is accepted that scipy's rules would reject;
+after the first accepted step the control is scipy's exactly (repeated rejections there are mostly
+noise in the error estimate, not a wrong exponent). ``measured_exponent=False`` gives scipy's rules
+throughout.
+
+A proposal with a non-finite value (the score returned NaN or Inf, say) is rejected and the step
+shrunk by the minimum factor. A step budget (``max_steps`` attempts per sample) or a step size
+below the floating-point spacing ends a row with a status rather than an exception, so one bad
+sample never discards the batch; callers decide whether to raise (``ODESolution.raise_if_unfinished``).
+
+``scipy_rk45`` runs scipy's solver on the flattened batch in float64 (the batch shares its steps,
+as in the Score-SDE reference code) for cross-checks.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..noise import NoiseSource
+from ..score import CountingScore
 from ..sde import per_row
-from .base import (
-    Option,
-    SolverContext,
-    SolverSpec,
-    StepInfo,
-    boolean,
-    one_of,
-    optional,
-    positive_float,
-    positive_int,
-    positive_or_inf,
-)
-from .controllers import Adaptive, Coordinate
-from .driver import first_time, integrate, take_first_move
-from .stepper import State, Step, Stepper, StepResult, starts_at_zero_mean
+from .base import SolverSpec
+from .core.context import SolverContext, StepInfo
+from .core.controllers import Adaptive, Coordinate
+from .core.controllers import _measured_shrink as measured_shrink
+from .core.driver import IntegrationError, Status, first_time, integrate, take_first_move
+from .core.options import Option, one_of, optional, positive_float, positive_int, positive_or_inf
+from .core.stepper import State, Step, Stepper, StepResult, starts_at_zero_mean
 
-__all__ = ["ODE", "DormandPrince", "DormandPrinceLogSNR", "select_initial_step", "scipy_law", "DOPRI_NFE_START"]
+__all__ = [
+    "ODE",
+    "DormandPrince",
+    "DormandPrinceLogSNR",
+    "select_initial_step",
+    "scipy_law",
+    "DOPRI_NFE_START",
+    "ODESolution",
+    "StepReport",
+    "IntegrationError",
+    "Status",
+    "dopri5",
+    "scipy_rk45",
+    "scipy_measured_shrink",
+]
 
 #: F(y, t, rows) -> dy/dt for the rows of y; t holds one float64 time per row, rows the sample indices.
 Field = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -277,7 +320,7 @@ def scipy_law(
 ) -> Adaptive:
     """scipy's RK45 step control per sample (RMS norm of err / (atol + rtol·max(|y|, |y_new|)),
     accept below 1, safety 0.9, factors 0.2..10, exponent 1/5, no growth after a rejection), plus
-    the measured-exponent start-up rule of ``fastsde.integrate`` when ``measured_exponent``."""
+    the measured-exponent start-up rule of ``dopri5`` when ``measured_exponent``."""
     return Adaptive(
         rtol=rtol,
         atol=atol,
@@ -312,20 +355,8 @@ def pf_ode_field(ctx: SolverContext) -> Field:
     return field
 
 
-def budget_from_steps(max_nfe: int, max_steps: int | None, on_budget: str, partial: bool | None) -> tuple[int, str]:
-    """The older spellings: ``max_steps`` attempts per sample is max_nfe = 2 + 6·max_steps;
-    ``partial=True`` is on_budget="partial"."""
-    if max_steps is not None:
-        warnings.warn("max_steps is deprecated: use max_nfe (= 2 + 6·max_steps)", DeprecationWarning, stacklevel=4)
-        max_nfe = DOPRI_NFE_START + DormandPrince.nfe_per_step * max_steps
-    if partial is not None:
-        warnings.warn("partial is deprecated: use on_budget='partial'", DeprecationWarning, stacklevel=4)
-        on_budget = "partial" if partial else "raise"
-    return max_nfe, on_budget
-
-
 def _build(ctx: SolverContext, opts: dict[str, Any]) -> dict[str, Any]:
-    max_nfe, on_budget = budget_from_steps(opts["max_nfe"], opts["max_steps"], opts["on_budget"], opts["partial"])
+    max_nfe, on_budget = opts["max_nfe"], opts["on_budget"]
     if opts.get("coordinate", "logsnr") == "logsnr":
         stepper: DormandPrince = DormandPrinceLogSNR(ctx, opts)
         coord = Coordinate.log_snr(ctx.sde, ctx.t_start, ctx.t_end)
@@ -349,7 +380,6 @@ def _build(ctx: SolverContext, opts: dict[str, Any]) -> dict[str, Any]:
 def _run_scipy(ctx: SolverContext, x: Tensor, rtol: float, atol: float, coordinate: str = "time") -> Tensor:
     """scipy's solve_ivp on the flattened batch (the reference procedure; shared steps), in t on x
     or in λ on u = x/m."""
-    from ..integrate import scipy_rk45
 
     dtype, n = x.dtype, x.shape[0]
     if coordinate == "logsnr":
@@ -402,22 +432,220 @@ ODE = _ODESpec(
         "coordinate": Option(
             "logsnr",
             one_of("logsnr", "time"),
-            "logsnr: steps in λ = log(m/σ) on x/m, error on the data scale; time: steps in t on x (before issue 19)",
+            "logsnr: steps in λ = log(m/σ) on x/m, error on the data scale; time: steps in t on x (Score SDE's)",
         ),
         "max_nfe": Option(
             DOPRI_NFE_START + 6 * 10_000, positive_int(8), "per-sample budget of solver NFE (rk45; 10 000 attempts)"
         ),
         "on_budget": Option("raise", one_of("raise", "partial"), "what happens when max_nfe is reached"),
-        "max_steps": Option(None, optional(positive_int(1)), "deprecated: step attempts per sample (sets max_nfe)"),
         "h_init": Option(
             None,
             optional(positive_float),
             "first step (default: 1.5 in λ for logsnr, no NFE; scipy's selection, 1 NFE, for time)",
         ),
         "h_max": Option(None, optional(positive_or_inf), "largest step (default: 1.5 in λ for logsnr, none for time)"),
-        "partial": Option(None, optional(boolean), "deprecated: True is on_budget='partial'"),
     },
     summary="adaptive Dormand–Prince RK45 on the probability-flow ODE in log-SNR (data scale), per-sample steps",
     adaptive=True,
     tolerance="rtol",
 )
+
+
+# -- dopri5: batched RK45 on any field (the likelihood's solver), per-sample steps ------------------
+
+SAFETY = 0.9
+MIN_FACTOR = 0.2
+
+
+@dataclass
+class ODESolution:
+    """The state of every sample when the solve ended.
+
+    ``y`` and ``t`` hold the last accepted state and time (t1 for finished rows); the counters are
+    per sample. ``nfev`` counts evaluations of F each sample received.
+    """
+
+    y: Tensor
+    t: Tensor
+    status: Tensor
+    accepted: Tensor
+    rejected: Tensor
+    nfev: Tensor
+    h_initial: Tensor
+
+    @property
+    def finished(self) -> Tensor:
+        return self.status == Status.DONE
+
+    def failure_message(self) -> str:
+        """A one-line summary of the samples that did not finish ('' if all did)."""
+        n = self.status.shape[0]
+        parts = []
+        labels = {Status.BUDGET: "max steps"}  # dopri5's budget is max_steps attempts per sample
+        for st in (Status.BUDGET, Status.STEP_TOO_SMALL, Status.NONFINITE_START, Status.NONFINITE, Status.STOPPED):
+            k = int((self.status == st).sum())
+            if k:
+                label = (
+                    "NaN/Inf however small the step"
+                    if st == Status.NONFINITE
+                    else labels.get(st, st.name.lower().replace("_", " "))
+                )
+                parts.append(f"{k} {label}")
+        if not parts:
+            return ""
+        bad = int((~self.finished).sum())
+        worst = self.t[~self.finished]
+        return (
+            f"{bad} of {n} samples did not reach the end time ({', '.join(parts)}); "
+            f"they stopped at t in [{float(worst.min()):.6g}, {float(worst.max()):.6g}]. "
+            "Raise max_steps, loosen rtol/atol, or ask for partial results"
+        )
+
+    def raise_if_unfinished(self) -> None:
+        msg = self.failure_message()
+        if msg:
+            raise IntegrationError(msg)
+
+
+@dataclass
+class StepReport:
+    """One batched step attempt: which rows tried a step, with what h, and which were accepted.
+
+    ``t`` and ``y`` are the full-batch current times and states (after the step).
+    """
+
+    step: int
+    rows: Tensor
+    h: Tensor
+    accepted: Tensor
+    t: Tensor
+    y: Tensor
+    nfev: Tensor
+
+
+def scipy_measured_shrink(
+    shrink: Tensor, err: Tensor, h: Tensor, prev_err: Tensor, prev_h: Tensor, again: Tensor
+) -> Tensor:
+    """The start-up shrink of :func:`dopri5`'s measured-exponent rule at scipy's safety and minimum factor."""
+    return measured_shrink(shrink, err, h, prev_err, prev_h, again, SAFETY, MIN_FACTOR)
+
+
+def dopri5(
+    fun: Field,
+    y0: Tensor,
+    t0: float | Tensor,
+    t1: float,
+    *,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    max_steps: int = 10_000,
+    h_init: float | None = None,
+    on_step: Callable[[StepReport], bool | None] | None = None,
+    measured_exponent: bool = True,
+) -> ODESolution:
+    """Integrate dy/dt = fun(y, t, rows) from t0 to t1 (forwards or backwards), each row on its own.
+
+    Args:
+        fun: the vector field; called on the unfinished rows only, with their float64 times and
+            sample indices.
+        y0: (n, ...) initial states; the solve runs in their dtype.
+        t0, t1: start time (one number, or one per row) and end time.
+        rtol, atol: tolerances of the scipy-style RMS error norm.
+        max_steps: step attempts (accepted + rejected) allowed per sample.
+        h_init: first step size (positive); default scipy's per-sample selection (1 extra NFE).
+        on_step: called after each batched step attempt; returning False stops the solve.
+        measured_exponent: after two rejections in a row before a row's first accepted step, shrink
+            with the error exponent measured from them when it is below 5 (see the module
+            docstring); False: scipy's rules exactly.
+    """
+    n = y0.shape[0]
+    t0 = t0 if isinstance(t0, Tensor) and t0.dim() > 0 else float(t0)
+    t1 = float(t1)
+    counter = CountingScore(fun, n, pass_rows=True)
+
+    def field(y: Tensor, t: Tensor, rows: Tensor) -> Tensor:
+        return counter(y, t, rows, check_finite=False)
+
+    def report(info: StepInfo) -> bool | None:
+        assert on_step is not None
+        rows = (info.h > 0).nonzero().squeeze(1)
+        rep = StepReport(
+            step=info.step + 1,
+            rows=rows,
+            h=info.h[rows].to(torch.float64),
+            accepted=info.accepted[rows],
+            t=info.t.to(torch.float64),
+            y=info.x,
+            nfev=counter.nfe_per_sample.to(torch.int64),
+        )
+        return on_step(rep)
+
+    ctx = SolverContext(
+        sde=None,
+        score=counter,
+        noise=NoiseSource([0] * n),
+        t_start=t0,
+        t_end=t1,
+        callback=report if on_step is not None else None,
+    )
+    if not isinstance(t0, Tensor) and t0 == t1:
+        zeros = torch.zeros(n, dtype=torch.int64, device=y0.device)
+        t = torch.full((n,), t1, dtype=torch.float64, device=y0.device)
+        done = torch.full((n,), int(Status.DONE), dtype=torch.int64, device=y0.device)
+        return ODESolution(y0.clone(), t, done, zeros, zeros, zeros, t * 0)
+    direction = -1.0 if bool((torch.as_tensor(t0) > t1).all()) else 1.0
+    stepper = DormandPrince(ctx, {}, field, direction)
+    y = integrate(
+        ctx,
+        y0,
+        stepper,
+        scipy_law(rtol, atol, h_init, measured_exponent),
+        coordinate=Coordinate.time(t0, t1),
+        compact=True,
+        max_nfe=DOPRI_NFE_START + DormandPrince.nfe_per_step * max_steps,
+        on_budget="partial",
+    )
+    st = ctx.stats
+    status = torch.tensor([int(Status[s.upper()]) for s in st["status"]], dtype=torch.int64, device=y0.device)
+    h_initial = st.get("h_initial", torch.full((n,), float(h_init or 0.0), dtype=torch.float64))
+    return ODESolution(
+        y=y,
+        t=st["t_final"].to(y0.device),
+        status=status,
+        accepted=st["accepted"].to(y0.device),
+        rejected=st["rejected"].to(y0.device),
+        nfev=counter.nfe_per_sample.to(torch.int64).to(y0.device),
+        h_initial=h_initial.to(y0.device),
+    )
+
+
+def scipy_rk45(
+    fun: Field, y0: Tensor, t0: float, t1: float, *, rtol: float = 1e-5, atol: float = 1e-5
+) -> tuple[Tensor, int, int]:
+    """scipy's ``solve_ivp(method="RK45")`` on the whole batch flattened into one float64 vector.
+
+    The batch shares one step size (the Score-SDE reference procedure). ``fun`` receives the state
+    in y0's dtype and ``rows=None``. Returns (y at t1, nfev, number of accepted steps). Raises an
+    IntegrationError if scipy fails.
+    """
+    import numpy as np
+    from scipy.integrate import solve_ivp
+
+    shape, dtype, device = y0.shape, y0.dtype, y0.device
+    n = shape[0]
+
+    def rhs(t: float, yflat: np.ndarray) -> np.ndarray:
+        y = torch.from_numpy(yflat).reshape(shape).to(device=device, dtype=dtype)
+        tt = torch.full((n,), float(t), dtype=torch.float64, device=device)
+        out = fun(y, tt, None)
+        return out.detach().to("cpu", torch.float64).reshape(-1).numpy()
+
+    start = y0.detach().to("cpu", torch.float64).reshape(-1).numpy()
+    sol = solve_ivp(rhs, (float(t0), float(t1)), start, method="RK45", rtol=rtol, atol=atol)
+    if sol.status != 0:
+        raise IntegrationError(f"scipy solve_ivp failed at t = {float(sol.t[-1]):.6g}: {sol.message}")
+    y = torch.from_numpy(sol.y[:, -1].copy()).reshape(shape).to(device=device, dtype=dtype)
+    steps = len(sol.t) - 1
+    if not math.isfinite(float(sol.y[:, -1].sum())):
+        raise IntegrationError("scipy solve_ivp returned non-finite values")
+    return y, int(sol.nfev), steps

@@ -3,7 +3,7 @@
 A deterministic probability-flow predictor (``predictor``: "ddim" / "euler" (the same first-order
 exponential-integrator move), "heun", "dpmpp_2m", "dpmpp_3m" on a fixed grid, or "ode", the adaptive
 Dormand–Prince solver) interleaved with Langevin dynamics at the noise level the predictor has
-reached, run by the driver's corrector (``solvers.correctors``, the same objects as ``pc`` and
+reached, run by the driver's corrector (``solvers.core.correctors``, the same objects as ``pc`` and
 ``adaptive`` use):
 
 - ``corrector="underdamped"`` (DPUM, default): per call a fresh velocity, friction γ = friction/σ_t,
@@ -36,25 +36,17 @@ import torch
 
 from ..grids import time_grid
 from ..sde import SDE
-from .base import (
-    Option,
-    SolverContext,
-    SolverSpec,
-    boolean,
-    grid_options,
-    one_of,
-    positive_float,
-    positive_int,
-    positive_or_inf,
-)
-from .correctors import Corrector, Langevin, Underdamped
+from .base import SolverSpec
+from .core.context import SolverContext
+from .core.correctors import Corrector, Langevin, Underdamped
+from .core.options import Option, boolean, grid_options, one_of, positive_float, positive_int, positive_or_inf
+from .core.stepper import Stepper
 from .ddim import DDIM
 from .dpmpp_2m import DPMPP_2M
 from .dpmpp_3m import DPMPP_3M
 from .euler import EULER
 from .heun import HEUN
 from .ode import ODE
-from .stepper import Stepper
 
 __all__ = ["ODE_CORRECTOR", "ODECorrector", "PREDICTOR_SOLVERS", "make_corrector"]
 

@@ -22,7 +22,7 @@ sub-VP works too); α = 1 for VE and EDM.
 
 Predictors (``predictor``): "reverse_diffusion" (default), "ancestral", "em" (the moves of those
 solvers). Predictor noise is Stream.STEP with counter k; corrector noise is Stream.CORRECTOR with
-counter k·M + j. The corrector is the driver's :class:`~fastsde.solvers.correctors.Langevin`, placed
+counter k·M + j. The corrector is the driver's :class:`~fastsde.solvers.core.correctors.Langevin`, placed
 at T and after every move that does not end at t_end.
 """
 
@@ -35,22 +35,14 @@ from torch import Tensor
 
 from ..sde import SDE, VPSDE, SubVPSDE, grid_beta
 from .ancestral import ancestral_move
-from .base import (
-    Option,
-    SolverContext,
-    SolverSpec,
-    boolean,
-    grid_options,
-    one_of,
-    positive_float,
-    positive_int,
-    solver_grid,
-)
-from .controllers import FixedGrid
-from .correctors import Langevin
+from .base import SolverSpec
+from .core.context import SolverContext, solver_grid
+from .core.controllers import FixedGrid
+from .core.correctors import Langevin
+from .core.options import Option, boolean, grid_options, one_of, positive_float, positive_int
+from .core.stepper import Step, Stepper, StepResult
 from .em import em_move
 from .reverse_diffusion import reverse_diffusion_move
-from .stepper import Step, Stepper, StepResult
 
 __all__ = ["PC", "Predictor", "PREDICTORS"]
 

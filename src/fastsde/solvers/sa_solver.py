@@ -43,9 +43,10 @@ import torch
 from torch import Tensor
 
 from ..sde import SDE, broadcast_to_rows
-from .base import Option, SolverSpec, boolean, fixed_grid, grid_options, one_of
-from .dpmpp_2m import LOWER_ORDER_FINAL_BELOW
-from .stepper import State, Step, Stepper, StepResult
+from .base import SolverSpec, fixed_grid
+from .core.common import LOWER_ORDER_FINAL_BELOW, shared_rows
+from .core.options import Option, boolean, grid_options, one_of
+from .core.stepper import State, Step, Stepper, StepResult
 
 __all__ = ["SA_SOLVER", "SASolver", "exp_lagrange_weights", "shared_rows", "SA_TAU_WINDOW"]
 
@@ -85,15 +86,6 @@ def exp_lagrange_weights(v: Tensor, big_h: Tensor, rescale: bool = False) -> Ten
     powers = torch.arange(k, dtype=v.dtype, device=v.device)
     vander = v[:, :, None] ** powers[None, None, :]  # V[n, j, i] = v_j^i
     return torch.linalg.solve(vander.transpose(1, 2), psi[:, :, None]).squeeze(2)
-
-
-def shared_rows(fn: Callable[[Tensor], Tensor], key: Tensor) -> Tensor:
-    """fn(key) row by row, computed once when every row of key is the same (a fixed grid: every
-    sample shares its coefficients)."""
-    if key.shape[0] > 1 and bool((key == key[:1]).all()):
-        out = fn(key[:1])
-        return out.expand(key.shape[0], *out.shape[1:])
-    return fn(key)
 
 
 class SASolver(Stepper):

@@ -34,8 +34,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ..noise import Stream
-from ..sde import broadcast_to_rows
+from ...noise import Stream
+from ...sde import broadcast_to_rows
 
 __all__ = ["Corrector", "Langevin", "Underdamped", "ulmc_coefficients"]
 

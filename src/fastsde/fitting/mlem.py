@@ -1,9 +1,8 @@
-"""A learned ML-EM schedule: p_k(t) fitted once by stochastic gradient (``fastsde fit-mlem``).
+"""Fitting a learned ML-EM schedule (``fit_mlem``, ``fastsde fit-mlem``): p_k(t) for ``solver="mlem"``
+by stochastic gradient; the schedule itself is :class:`~fastsde.artifacts.mlem.MLEMSchedule`.
 
-The schedule is p_k(u) = p_min + (1 − p_min)·sigmoid(Σ_d θ_{k,d}·u^d), u ∈ [0, 1] the position in
-log-SNR from T (u = 0) to t_end (u = 1): a few numbers per correction, smooth in time. The objective
-is the paper's trade-off (Jacot 2026, §4 of the method): the pathwise mean squared error per
-dimension of ML-EM's samples to the coupled reference (EM with the finest level on the same grid,
+The objective is the paper's trade-off (Jacot 2026, §4 of the method): the pathwise mean squared error
+per dimension of ML-EM's samples to the coupled reference (EM with the finest level on the same grid,
 same x_T, same Brownian path) plus λ × the expected compute per sample relative to that reference's,
 
     J(θ) = E‖X̂₀(θ) − X₀^ref‖²/d + λ·E[cost(θ)]/cost_ref.
@@ -23,204 +22,44 @@ The expected cost is differentiated exactly. The fit starts from the ``p="auto"`
 theory rule's allocation), so by default the learned schedule aims at the same trade-off and keeps
 the best θ of the iterations on a fixed set of evaluation draws. Unbiased: every drawn correction
 keeps the weight 1/p_k.
-
-A schedule is keyed like an IIA table (process, base, steps, grid, t_end, costs and a fingerprint
-of every level) and saved as safetensors + JSON; a run whose key differs is refused, naming the field.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .iia import read_key_common
-from .noise import NoiseSource, Stream, check_seed
-from .sde import SDE, broadcast_to_rows
+from ..artifacts.artifact import model_fingerprint
+from ..artifacts.mlem import MLEMSchedule, powers, probabilities, schedule_grid, unit_time
+from ..levels import Levels
+from ..noise import NoiseSource, Stream, check_seed
+from ..sde import SDE, broadcast_to_rows
+from ..solvers import SOLVERS
+from ..solvers.core.common import posterior_step
+from ..solvers.mlem_schedule import auto_schedule
 
-__all__ = ["MLEMSchedule", "fit_mlem", "load_mlem"]
+__all__ = ["fit_mlem"]
 
-FORMAT = "fastsde-mlem-schedule-1"
 #: the seed offset of the fit's evaluation draws (the training draws use seed + 1 + iteration)
 EVAL_OFFSET = 7_919
 #: the forward-difference step of the tangent, relative to the state's scale
 FD_STEP = 1e-4
 
 
-def _unit_time(sde: SDE, t: Tensor, t_end: float) -> Tensor:
-    """u(t) ∈ [0, 1]: the position of t in log-SNR from T (0) to t_end (1)."""
-    ends = torch.tensor([sde.T, t_end], dtype=torch.float64)
-    lo, hi = sde.log_snr(ends).tolist()
-    return ((sde.log_snr(t.to(torch.float64)) - lo) / (hi - lo)).clamp(0.0, 1.0)
-
-
-def _powers(u: Tensor, degree: int) -> Tensor:
-    return torch.stack([u**d for d in range(degree + 1)], dim=-1)  # (..., degree + 1)
-
-
-@dataclass
-class MLEMSchedule:
-    """A learned p_k(t) for ``solver="mlem"`` (pass it as ``p=``); callable as p(t) -> (K−1,).
-
-    ``theta``: (K−1, degree+1) float64, the logit polynomial of each correction in u.
-    ``key``: the run it was fitted for. ``fit``: how it was fitted (objective before/after, λ,
-    iterations, fit compute)."""
-
-    theta: Tensor
-    p_min: float
-    key: dict[str, Any]
-    fit: dict[str, Any] = field(default_factory=dict)
-    probes: list[Tensor | None] = field(default_factory=list)
-
-    @property
-    def corrections(self) -> int:
-        return int(self.theta.shape[0])
-
-    def _sde(self) -> SDE:
-        from .models import sde_from_config
-
-        return sde_from_config(self.key["process"])
-
-    def probabilities(self, t: Tensor) -> Tensor:
-        """(m, K−1) probabilities at the times t (m,)."""
-        u = _unit_time(self._sde(), t.reshape(-1), float(self.key["t_end"]))
-        return probabilities(self.theta, _powers(u, self.theta.shape[1] - 1), self.p_min)
-
-    def __call__(self, t: float) -> Tensor:
-        return self.probabilities(torch.tensor([float(t)], dtype=torch.float64))[0]
-
-    def config(self) -> dict[str, Any]:
-        """JSON-ready description (what res.config() records for p)."""
-        return {
-            "kind": "learned",
-            "theta": [[float(v) for v in row] for row in self.theta],
-            "p_min": self.p_min,
-            "steps": self.key["steps"],
-            "base": self.key["base"],
-            "lambda": self.fit.get("lambda"),
-        }
-
-    def __repr__(self) -> str:
-        return f"MLEMSchedule({self.corrections + 1} levels, steps={self.key['steps']}, base={self.key['base']!r})"
-
-    # -- checks --------------------------------------------------------------------------------
-
-    def check_run(self, levels: Any, sde: SDE, options: dict[str, Any], t_end: float, shape, dtype, device) -> None:
-        """ValueError naming the first key field that differs from the run (before any compute)."""
-        from .iia import _same, model_fingerprint
-
-        run = run_key(levels, sde, options, t_end, shape, dtype, device, probes=False)
-        for name in ("process", "base", "eta", "steps", "t_end", "grid", "costs", "shape"):
-            if not _same(self.key.get(name), run[name]):
-                raise ValueError(
-                    f"ML-EM schedule does not match this run: {name} is {self.key.get(name)!r} in the schedule, "
-                    f"{run[name]!r} in the run; fit one for this run (fastsde.fit_mlem or `fastsde fit-mlem`)"
-                )
-        for i, (mine, f) in enumerate(zip(self.key["levels"], levels.scores)):
-            theirs, probe = model_fingerprint(f, sde, tuple(shape), t_end, dtype, device)
-            same = mine.get("kind") == theirs["kind"]
-            if same and theirs["kind"] == "shipped":
-                same = (mine.get("name"), mine.get("weights_sha256")) == (theirs["name"], theirs["weights_sha256"])
-            elif same and probe is not None and i < len(self.probes) and self.probes[i] is not None:
-                ref = self.probes[i]
-                same = float((probe - ref).norm() / ref.norm().clamp_min(1e-300)) <= 1e-4
-            if not same:
-                raise ValueError(
-                    f"ML-EM schedule does not match this run: levels[{i}] is not the model it was fitted for"
-                )
-
-    # -- files ---------------------------------------------------------------------------------
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write safetensors + JSON metadata to a temporary name, then rename (whole or not at all)."""
-        from .files import save_tensors_with_meta
-
-        tensors = {"theta": self.theta.to(torch.float64)}
-        for i, p in enumerate(self.probes):
-            if p is not None:
-                tensors[f"probe{i}"] = p.to(torch.float64)
-        meta = {"format": FORMAT, "p_min": self.p_min, "key": self.key, "fit": self.fit}
-        return save_tensors_with_meta(path, tensors, meta)
-
-
-def load_mlem(path: str | os.PathLike) -> MLEMSchedule:
-    """Read a schedule written by :meth:`MLEMSchedule.save` (safetensors; nothing is unpickled), every
-    field checked (a FileFormatError naming file and field): p_min in (0, 1], θ finite of shape
-    (levels − 1, degree + 1), one positive finite cost and one model fingerprint per level, the key."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"no ML-EM schedule at {str(p)!r}")
-    return _from_bytes(p.read_bytes(), str(p))
-
-
-def _from_bytes(data: bytes, where: str) -> MLEMSchedule:
-    """A schedule from a file's bytes, every field checked before it can steer a run."""
-    from .files import Fields, check_tensor, read_tensors_with_meta
-    from .iia import read_model_key
-
-    tensors, f = read_tensors_with_meta(data, where, FORMAT, "an ML-EM schedule file", "theta")
-    p_min = f.number("p_min", low=0.0, low_open=True, high=1.0)
-    key = read_key_common(f, tensors, model=False)[0]
-    base = key.string("base", choices=("em", "ddim"))
-    eta = key.number("eta", low=0.0, high=1.0)
-    if base == "em" and eta != 0.0:
-        raise key.error("eta", "0 with base 'em' (eta applies to base 'ddim' only)", eta)
-    grid = key.string("grid")
-    if len(grid) != 64:
-        raise key.error("grid", "a SHA-256 hex digest of the grid times", grid)
-    levels = key.items("levels", min_length=2)
-    key.numbers("costs", length=len(levels), low=0.0, low_open=True)
-    shape = key.integers("shape", min_length=1, low=1, high=1 << 20)
-    probes = []
-    for i, item in enumerate(levels):
-        model, probe = read_model_key(Fields(where, item, f"key.levels[{i}]"), f"probe{i}", tensors)
-        if model["kind"] == "probe" and list(model["shape"]) != shape:
-            raise key.error(f"levels[{i}].shape", f"the schedule's shape {shape}", model["shape"])
-        probes.append(probe)
-    theta = check_tensor(where, tensors, "theta", (len(levels) - 1, None))
-    if not 1 <= theta.shape[1] <= 16:
-        raise f.error("theta", "1 to 16 columns (the logit polynomial's degree + 1)", theta)
-    return MLEMSchedule(theta=theta, p_min=p_min, key=key.data, fit=f.obj("fit", {}).data, probes=probes)
-
-
-def probabilities(theta: Tensor, basis: Tensor, p_min: float) -> Tensor:
-    """p = p_min + (1 − p_min)·sigmoid(basis·θᵀ): (m, K−1) from θ (K−1, D) and basis (m, D)."""
-    return p_min + (1.0 - p_min) * torch.sigmoid(basis @ theta.T)
-
-
-def _grid(sde: SDE, options: dict[str, Any], t_end: float) -> Tensor:
-    from .grids import time_grid
-
-    return time_grid(sde, options["grid"], int(options["steps"]), sde.T, t_end, options["rho"])
-
-
-def run_key(levels: Any, sde: SDE, options: dict[str, Any], t_end: float, shape, dtype, device, probes: bool = True):
-    """The key of an ML-EM run (and, with ``probes``, each level's probe outputs)."""
-    from .iia import _grid_hash, model_fingerprint
-
-    key = {
-        "process": sde.config(),
-        "base": options["base"],
-        "eta": float(options["eta"]),
-        "steps": int(options["steps"]),
-        "t_end": float(t_end),
-        "grid": _grid_hash(_grid(sde, options, t_end)),
-        "costs": [float(c) for c in levels.costs],
-        "shape": list(shape),
-    }
-    if probes:
-        prints = [model_fingerprint(f, sde, tuple(shape), t_end, dtype, device) for f in levels.scores]
-        key["levels"] = [p[0] for p in prints]
-        return key, [p[1] for p in prints]
-    return key
+def _run_key(levels: Any, sde: SDE, options: dict[str, Any], t_end: float, shape, dtype, device):
+    """The key of an ML-EM run (the run's and the levels' parts, each level's fingerprint) and each
+    level's probe outputs."""
+    key = {**MLEMSchedule.run_key(sde, "mlem", options, t_end), **MLEMSchedule.levels_key(levels, shape)}
+    prints = [model_fingerprint(f, sde, tuple(shape), t_end, dtype, device) for f in levels.scores]
+    key["levels"] = [p[0] for p in prints]
+    return key, [p[1] for p in prints]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,8 +88,6 @@ class _Path:
         return t, tn
 
     def move(self, x: Tensor, t: Tensor, tn: Tensor, score: Tensor, z: Tensor | None) -> Tensor:
-        from .solvers.ddim import posterior_step
-
         if self.base == "em":
             h = broadcast_to_rows(t - tn, x)
             out = x - h * self.sde.reverse_drift(x, t, score)
@@ -414,6 +251,97 @@ def _sample_dims(
     return dims
 
 
+@dataclass
+class _Objective:
+    """J(θ) on the fit's fixed evaluation draws, and the stochastic gradient step on it. ``costs``: each
+    level's cost; ``cost_ref``: the coupled reference's cost per sample."""
+
+    path: _Path
+    ref: Tensor
+    basis: Tensor
+    p_min: float
+    costs: Tensor
+    cost_ref: float
+    lam: float
+    eval_draws: NoiseSource
+
+    @property
+    def moves(self) -> int:
+        return int(self.basis.shape[0])
+
+    def expected(self, p: Tensor) -> Tensor:
+        """The expected cost per sample of the schedule p (moves, K−1), the final denoise included."""
+        c = self.costs
+        pad = torch.zeros(self.moves, 1, dtype=torch.float64)
+        need = 1.0 - (1.0 - p) * (1.0 - torch.cat([p[:, 1:], pad], dim=1))
+        return c[0] * self.moves + (need * c[1:]).sum() + c[-1]
+
+    def __call__(self, th: Tensor) -> tuple[float, float, float]:
+        """(J, MSE, expected cost) of θ on the evaluation draws."""
+        with torch.no_grad():
+            p = probabilities(th, self.basis, self.p_min)
+            x, _, _ = self.path.run(p, None, self.eval_draws)
+            x0 = self.path.denoise(x)
+            err = float((x0 - self.ref).to(torch.float64).pow(2).flatten(1).mean(1).mean())
+            cost = float(self.expected(p))
+        return err + self.lam * cost / self.cost_ref, err, cost
+
+    def step(self, theta: Tensor, opt: torch.optim.Optimizer, seed: int, it: int) -> None:
+        """One Adam step of iteration ``it`` on fresh draws: the MSE's gradient (likelihood ratio, every
+        parameter; pathwise, along a random direction) plus the expected cost's, exact."""
+        n, p_min, basis = self.path.x_T.shape[0], self.p_min, self.basis
+        p = probabilities(theta, basis, p_min)
+        P = theta.numel()
+        jac = torch.zeros(P, self.moves, theta.shape[0], dtype=torch.float64)
+        # ∂p/∂θ analytically: p = p_min + (1 − p_min)σ(a), ∂p/∂θ_kd = (1 − p_min)σ(1 − σ)·u^d
+        sig = torch.sigmoid(basis @ theta.detach().T)
+        dsig = (1.0 - p_min) * sig * (1.0 - sig)
+        for k in range(theta.shape[0]):
+            for dd in range(theta.shape[1]):
+                jac[k * theta.shape[1] + dd, :, k] = dsig[:, k] * basis[:, dd]
+        draws = NoiseSource.from_seed(seed + 1 + it, n)
+        v = torch.randn(P, generator=torch.Generator().manual_seed(seed * 1_000_003 + it), dtype=torch.float64)
+        direction = torch.einsum("m,mjk->jk", v, jac)
+        x, lrs, tan = self.path.run(p.detach(), jac, draws, direction)
+        x0, tan0 = self.path.final(x, tan)
+        resid = (x0 - self.ref).to(torch.float64).flatten(1)
+        F = resid.pow(2).mean(1)  # (n,)
+        baseline = (F.sum() - F) / (n - 1)
+        g_lr = ((F - baseline)[:, None] * lrs).mean(0)  # (P,): the draws' part, every parameter
+        slope = float((2.0 * resid * tan0.to(torch.float64).flatten(1)).mean(1).mean())
+        g_mse = (g_lr + slope * v).reshape(theta.shape)  # + the weights' part along v (forward gradient)
+        cost_term = self.lam * self.expected(p) / self.cost_ref
+        opt.zero_grad()
+        cost_term.backward()
+        theta.grad += g_mse
+        opt.step()
+
+
+def _elapsed(clock: tuple[float, float]) -> dict[str, float]:
+    """Wall and CPU time since ``clock`` (per history entry: the fit's cost per iteration, load or not)."""
+    return {
+        "seconds": round(time.perf_counter() - clock[0], 2),
+        "cpu_seconds": round(time.process_time() - clock[1], 2),
+    }
+
+
+def _descend(obj: _Objective, theta: Tensor, iters: int, lr: float, seed: int, progress: bool, clock) -> tuple:
+    """Adam on θ for ``iters`` iterations: (J at the start, (best J, best θ), the history)."""
+    opt = torch.optim.Adam([theta], lr=lr)
+    first = obj(theta.detach())
+    best = (first[0], theta.detach().clone())
+    history = [{"iter": 0, "objective": first[0], "mse": first[1], "cost": first[2], **_elapsed(clock)}]
+    for it in range(1, iters + 1):
+        obj.step(theta, opt, seed, it)
+        now = obj(theta.detach())
+        history.append({"iter": it, "objective": now[0], "mse": now[1], "cost": now[2], **_elapsed(clock)})
+        if progress:
+            print(f"fit-mlem iter {it}: objective {now[0]:.4g} (mse {now[1]:.3g}, cost {now[2]:.4g})", flush=True)
+        if now[0] < best[0]:
+            best = (now[0], theta.detach().clone())
+    return first, best, history
+
+
 def fit_mlem(
     levels: Any,
     sde: SDE,
@@ -448,9 +376,6 @@ def fit_mlem(
         degree: of the logit polynomial in u (degree + 1 numbers per correction).
     Returns the schedule with the best objective on fixed evaluation draws over the iterations
     (the starting point included)."""
-    from .levels import Levels, auto_schedule
-    from .solvers import SOLVERS
-
     if not isinstance(levels, Levels) or len(levels) < 2:
         raise ValueError(f"fit_mlem needs fastsde.Levels of at least 2 levels, got {levels!r}")
     _check_fit(n, iters, lr, lam, degree, 1e-3)
@@ -461,11 +386,11 @@ def fit_mlem(
     shape = _sample_dims(levels, shape, float(sde.T), dtype, device)
     opts = SOLVERS["mlem"].resolve(sde, {**options, "steps": steps, "base": base, "p": "auto", "budget": budget}, t_end)
     p_min = float(opts["p_min"])
-    grid = _grid(sde, opts, t_end)
+    grid = schedule_grid(sde, opts, t_end)
     moves = grid.shape[0] - 1
-    start, cpu_start = time.perf_counter(), time.process_time()
+    clock = (time.perf_counter(), time.process_time())
 
-    key, probes = run_key(levels, sde, opts, t_end, shape, dtype, device)
+    key, probes = _run_key(levels, sde, opts, t_end, shape, dtype, device)
     src = NoiseSource.from_seed(seed, n)
     x_T = sde.prior_sample(src.normal(shape, Stream.PRIOR, 0, dtype=dtype, device=device))
     path = _Path(levels, sde, grid, opts["base"], float(opts["eta"]), x_T, src)
@@ -479,71 +404,10 @@ def fit_mlem(
     cost_ref = float(c[-1]) * (moves + 1)
     if lam is None:
         lam = float(calib.get("shadow_price", 0.0)) * cost_ref
-    u = _unit_time(sde, grid[:-1], t_end)
-    basis = _powers(u, degree)
+    basis = powers(unit_time(sde, grid[:-1], t_end), degree)
     theta = _init_theta(auto, basis, p_min).requires_grad_(True)
-
-    def expected(p: Tensor) -> Tensor:
-        pad = torch.zeros(moves, 1, dtype=torch.float64)
-        need = 1.0 - (1.0 - p) * (1.0 - torch.cat([p[:, 1:], pad], dim=1))
-        return c[0] * moves + (need * c[1:]).sum() + c[-1]
-
-    eval_draws = NoiseSource.from_seed(seed + EVAL_OFFSET, n)
-
-    def objective(th: Tensor) -> tuple[float, float, float]:
-        with torch.no_grad():
-            p = probabilities(th, basis, p_min)
-            x, _, _ = path.run(p, None, eval_draws)
-            x0 = path.denoise(x)
-            err = float((x0 - ref).to(torch.float64).pow(2).flatten(1).mean(1).mean())
-            cost = float(expected(p))
-        return err + lam * cost / cost_ref, err, cost
-
-    opt = torch.optim.Adam([theta], lr=lr)
-    first = objective(theta.detach())
-    best = (first[0], theta.detach().clone())
-
-    def elapsed() -> dict[str, float]:
-        """Wall and CPU time so far (per history entry: the fit's cost per iteration, load or not)."""
-        return {
-            "seconds": round(time.perf_counter() - start, 2),
-            "cpu_seconds": round(time.process_time() - cpu_start, 2),
-        }
-
-    history = [{"iter": 0, "objective": first[0], "mse": first[1], "cost": first[2], **elapsed()}]
-    for it in range(1, iters + 1):
-        p = probabilities(theta, basis, p_min)
-        P = theta.numel()
-        jac = torch.zeros(P, moves, theta.shape[0], dtype=torch.float64)
-        # ∂p/∂θ analytically: p = p_min + (1 − p_min)σ(a), ∂p/∂θ_kd = (1 − p_min)σ(1 − σ)·u^d
-        sig = torch.sigmoid(basis @ theta.detach().T)
-        dsig = (1.0 - p_min) * sig * (1.0 - sig)
-        for k in range(theta.shape[0]):
-            for dd in range(theta.shape[1]):
-                jac[k * theta.shape[1] + dd, :, k] = dsig[:, k] * basis[:, dd]
-        draws = NoiseSource.from_seed(seed + 1 + it, n)
-        v = torch.randn(P, generator=torch.Generator().manual_seed(seed * 1_000_003 + it), dtype=torch.float64)
-        direction = torch.einsum("m,mjk->jk", v, jac)
-        x, lrs, tan = path.run(p.detach(), jac, draws, direction)
-        x0, tan0 = path.final(x, tan)
-        resid = (x0 - ref).to(torch.float64).flatten(1)
-        F = resid.pow(2).mean(1)  # (n,)
-        baseline = (F.sum() - F) / (n - 1)
-        g_lr = ((F - baseline)[:, None] * lrs).mean(0)  # (P,): the draws' part, every parameter
-        slope = float((2.0 * resid * tan0.to(torch.float64).flatten(1)).mean(1).mean())
-        g_mse = (g_lr + slope * v).reshape(theta.shape)  # + the weights' part along v (forward gradient)
-        cost_term = lam * expected(p) / cost_ref
-        opt.zero_grad()
-        cost_term.backward()
-        theta.grad += g_mse
-        opt.step()
-        now = objective(theta.detach())
-        history.append({"iter": it, "objective": now[0], "mse": now[1], "cost": now[2], **elapsed()})
-        if progress:
-            print(f"fit-mlem iter {it}: objective {now[0]:.4g} (mse {now[1]:.3g}, cost {now[2]:.4g})", flush=True)
-        if now[0] < best[0]:
-            best = (now[0], theta.detach().clone())
-    evals = path.evals
+    obj = _Objective(path, ref, basis, p_min, c, cost_ref, lam, NoiseSource.from_seed(seed + EVAL_OFFSET, n))
+    first, best, history = _descend(obj, theta, iters, lr, seed, progress, clock)
     fit = {
         "n": n,
         "seed": seed,
@@ -556,8 +420,8 @@ def fit_mlem(
         "objective_start": first[0],
         "objective_best": best[0],
         "history": history,
-        "fit_compute": float((evals * c).sum()),
+        "fit_compute": float((path.evals * c).sum()),
         "tangent_evaluations": [float(v) for v in path.tangent_evals],
-        "seconds": round(time.perf_counter() - start, 2),
+        "seconds": round(time.perf_counter() - clock[0], 2),
     }
     return MLEMSchedule(theta=best[1], p_min=p_min, key=key, fit=fit, probes=probes)

@@ -2,7 +2,7 @@
 stochasticity and time coordinate, makes its state, and takes one step at a time.
 
 A stepper never loops, never counts NFE and never draws noise except through the :class:`Step` it is
-handed: the driver (``solvers.driver``) owns the loop, the controller the step sizes, the Brownian
+handed: the driver (``solvers.core.driver``) owns the loop, the controller the step sizes, the Brownian
 path the noise of a retried step, and the counting wrapper the evaluations.
 """
 
@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ..noise import Stream
-from ..sde import SDE
+from ...noise import Stream
+from ...sde import SDE
 
 if TYPE_CHECKING:
-    from .base import SolverContext
+    from .context import SolverContext
 
 __all__ = ["Step", "StepResult", "Stepper", "State", "embedded", "denoised"]
 
@@ -134,7 +134,7 @@ class Stepper:
     stochastic: bool = False
     #: whether the method's own first move from m = 0 (a rectified flow's u = 1) is exact in the score's
     #: data prediction x̂0 (see :func:`denoised`); the driver takes the first move of every other method
-    #: there (:func:`~fastsde.solvers.driver.first_move`)
+    #: there (:func:`~fastsde.solvers.core.driver.first_move`)
     singular_start: bool = False
 
     @classmethod
@@ -170,7 +170,7 @@ class Stepper:
         return getattr(self, "from_zero_mean", False) and not self.singular_start
 
     def singular_eta(self) -> float:
-        """The η of the shared first move from m = 0 (see :func:`~fastsde.solvers.driver.first_move`):
+        """The η of the shared first move from m = 0 (see :func:`~fastsde.solvers.core.driver.first_move`):
         0 for a deterministic method (its samples stay a function of x_T), 1 for a stochastic one (the
         h → ∞ limit of its own first-order move: the DDPM posterior draw m_s·x̂0 + σ_s·z)."""
         return 1.0 if self.declared_stochastic(self.options) else 0.0

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..sde import SDE
+from ...sde import SDE
 
 __all__ = ["Coordinate", "FixedGrid", "Adaptive", "error_norm"]
 

@@ -2,13 +2,13 @@
 the data per shard with the dequantisation noise and probes of those global indices, so
 ``load_likelihood(DIR)`` equals ``fastsde.dataset_likelihood`` on the whole data set (to rounding:
 the adaptive RK45 solve of a batch depends on its composition); the folder, resuming, refusals and
-torchrun behave as for ``fastsde.sample_to_dir`` (fastsde.sharding)."""
+torchrun are the shard engine's (``fastsde.shards``), as for ``fastsde.sample_to_dir``."""
 
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,27 +16,77 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .api import check_score_and_process
-from .identity import content_digests
-from .likelihood import bits_per_dim, bpd_offset
-from .likelihood_data import DatasetLikelihood, _as_levels, _positive_int, evaluate_passes
-from .noise import NoiseSource, check_seed
-from .sde import SDE
-from .sharding import (
+from ..identity import content_digests
+from ..noise import NoiseSource, check_seed
+from ..score import check_score_and_process
+from ..sde import SDE
+from ..shards import (
     ShardInfo,
     ShardRun,
-    _fingerprint,
-    _ranges,
-    _read_shard,
-    _run_shards,
-    _shard_name,
     device_for_rank,
     model_probe,
     read_manifest,
+    read_shards,
+    run_shards,
     score_identity,
 )
+from .dataset import DatasetLikelihood, LevelRows, _positive_int, evaluate_passes, level_rows
+from .pf_ode import LikelihoodSettings, bits_per_dim, default_trace
 
 __all__ = ["likelihood_to_dir", "load_likelihood"]
+
+
+@dataclass(frozen=True)
+class _LikelihoodJob:
+    """What every shard of a likelihood run evaluates with: the model, the checked rows of the
+    whole data set, the run's seed and the settings."""
+
+    score: Any
+    sde: SDE
+    rows: LevelRows
+    seed: int
+    settings: LikelihoodSettings
+
+    def run_settings(self, shape: tuple[int, ...], shard_size: int, model: str | None) -> dict[str, Any]:
+        """What identifies the run in its manifest (the data by its sha256)."""
+        arr, s = self.rows.arr, self.settings
+        digest = hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
+        return {
+            "kind": "likelihood",
+            "model": score_identity(self.score, model),
+            "model_content": content_digests(self.score),
+            "sde": self.sde.config(),
+            "data": {"sha256": digest, "shape": list(arr.shape), "dtype": str(arr.dtype)},
+            "levels": self.rows.levels,
+            "offset": float(self.rows.offset),
+            "trace": s.trace,
+            "probes": s.probes,
+            "probe": s.probe,
+            "rtol": float(s.rtol),
+            "atol": float(s.atol),
+            "method": s.method,
+            "max_steps": s.max_steps,
+            "passes": s.passes,
+            "seed": self.seed,
+            "n": arr.shape[0],
+            "shape": list(shape),
+            "dtype": str(s.dtype).removeprefix("torch."),
+            "shard_size": shard_size,
+        }
+
+    def shard(self, k: int, a: int, b: int) -> tuple[dict[str, np.ndarray], Tensor, list[str]]:
+        """Rows [a, b) with the noise of those global indices: per-row log p, bits/dim and NFE per
+        pass, and each pass's mean bits/dim."""
+        noise = NoiseSource.from_seed(self.seed, b - a, start=a)
+        res = evaluate_passes(self.score, self.sde, self.rows.rows(a, b), noise, self.settings)
+        logp, nfe = res.logp, res.nfe
+        arrays = {
+            "logp": logp.numpy(),
+            "bpd": bits_per_dim(logp, self.rows.dims, self.rows.offset).numpy(),
+            "nfe_passes": nfe.numpy(),
+            "pass_bpd": np.array(res.pass_bpd, dtype=np.float64),
+        }
+        return arrays, nfe.mean(dim=0), ["done"] * (b - a)
 
 
 def likelihood_to_dir(
@@ -73,73 +123,27 @@ def likelihood_to_dir(
     seed = check_seed(seed, "seed")
     for name, value in (("passes", passes), ("batch_size", batch_size), ("probes", probes), ("shard_size", shard_size)):
         _positive_int(name, value)
-    arr, lv, _note = _as_levels(data, shape, levels, levels_option)  # once, on the whole data set
-    if offset is None:
-        offset = bpd_offset(lv) if lv is not None else 0.0
-    d = math.prod(shape)
-    trace = trace or ("exact" if d <= 16 else "hutchinson")
-    n = arr.shape[0]
-    digest = hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
-    settings = {
-        "kind": "likelihood",
-        "model": score_identity(score, model),
-        "model_content": content_digests(score),
-        "sde": sde.config(),
-        "data": {"sha256": digest, "shape": list(arr.shape), "dtype": str(arr.dtype)},
-        "levels": lv,
-        "offset": float(offset),
-        "trace": trace,
-        "probes": probes,
-        "probe": probe,
-        "rtol": float(rtol),
-        "atol": float(atol),
-        "method": method,
-        "max_steps": max_steps,
-        "passes": passes,
-        "seed": seed,
-        "n": n,
-        "shape": list(shape),
-        "dtype": str(dtype).removeprefix("torch."),
-        "shard_size": shard_size,
-    }
-    fp = _fingerprint(settings)
-    ranges = _ranges(n, shard_size)
+    rows = level_rows(data, shape, levels, offset, levels_option)  # once, on the whole data set
+    settings = LikelihoodSettings(
+        trace=trace or default_trace(rows.dims),
+        probes=probes,
+        probe=probe,
+        rtol=rtol,
+        atol=atol,
+        method=method,
+        max_steps=max_steps,
+        passes=passes,
+        batch_size=batch_size,
+        dtype=dtype,
+    )
+    job = _LikelihoodJob(score, sde, rows, seed, settings)
+    run_settings = job.run_settings(shape, shard_size, model)
     dev = device_for_rank("cpu")
-
-    def compute(k: int, a: int, b: int) -> tuple[dict[str, np.ndarray], Tensor, list[str]]:
-        noise = NoiseSource.from_seed(seed, b - a, start=a)
-        res = evaluate_passes(
-            score,
-            sde,
-            arr[a:b],
-            lv,
-            noise,
-            d,
-            offset,
-            passes=passes,
-            batch_size=batch_size,
-            trace=trace,
-            probes=probes,
-            probe=probe,
-            rtol=rtol,
-            atol=atol,
-            method=method,
-            max_steps=max_steps,
-            dtype=dtype,
-        )
-        logp, nfe = res.logp, res.nfe
-        arrays = {
-            "logp": logp.numpy(),
-            "bpd": bits_per_dim(logp, d, offset).numpy(),
-            "nfe_passes": nfe.numpy(),
-            "pass_bpd": np.array(res.pass_bpd, dtype=np.float64),
-        }
-        return arrays, nfe.mean(dim=0), ["done"] * (b - a)
 
     def probe_record() -> dict[str, Any] | None:
         return model_probe(score, sde, shape, sde.default_t_end, dtype, dev)
 
-    return _run_shards(Path(out_dir), settings, fp, ranges, dev, compute, on_shard, probe_record)
+    return run_shards(Path(out_dir), run_settings, dev, job.shard, on_shard, probe_record)
 
 
 def load_likelihood(out_dir: str | Path, *, allow_incomplete: bool = False) -> DatasetLikelihood:
@@ -148,23 +152,17 @@ def load_likelihood(out_dir: str | Path, *, allow_incomplete: bool = False) -> D
     ValueError naming the missing shards unless ``allow_incomplete`` (then the rows done, in order)."""
     out = Path(out_dir)
     manifest = read_manifest(out)
-    settings, fp = manifest["settings"], manifest["fingerprint"]
+    settings = manifest["settings"]
     if settings.get("kind") != "likelihood":
         raise ValueError(f"{str(out)!r} holds a sampling run: read it with load_samples")
-    n, size, shape = settings["n"], settings["shard_size"], tuple(settings["shape"])
-    ranges = _ranges(n, size)
-    parts: list[dict[str, Any]] = []
-    missing = []
-    for k, (a, b) in enumerate(ranges):
-        data = _read_shard(out / _shard_name(k, len(ranges)), fp, k, a, b, settings)
-        if data is None:
-            missing.append(k)
-        else:
-            parts.append(data)
+    shape = tuple(settings["shape"])
+    shards = read_shards(out, manifest)
+    parts: list[dict[str, Any]] = [data for _, _, _, data in shards if data is not None]
+    missing = [k for k, _, _, data in shards if data is None]
     if (missing and not allow_incomplete) or not parts:
         shown = ", ".join(str(k) for k in missing[:10]) + (", ..." if len(missing) > 10 else "")
         raise ValueError(
-            f"the likelihood run in {str(out)!r} is incomplete: {len(missing)} of {len(ranges)} shards missing "
+            f"the likelihood run in {str(out)!r} is incomplete: {len(missing)} of {len(shards)} shards missing "
             f"({shown}); rerun the same command to resume it, or pass allow_incomplete=True"
         )
     logp = torch.from_numpy(np.concatenate([p["logp"] for p in parts]))

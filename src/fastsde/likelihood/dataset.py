@@ -6,8 +6,9 @@ reads integer arrays) is dequantised with keyed uniform noise and mapped to the 
 stored as floats) it is mapped back to levels and dequantised, else it is used as given. The bits/dim
 offset is log2(levels) − 1 (7 for 8-bit data), as Score SDE reports it; continuous data gets none.
 
-``dataset_likelihood`` runs ``log_likelihood`` over the rows in batches, for one or more passes (each
-with fresh dequantisation noise and Hutchinson probes), and averages log p per sample over passes.
+``dataset_likelihood`` runs the PF-ODE likelihood (``fastsde.likelihood.pf_ode``) over the rows in
+batches, for one or more passes (each with fresh dequantisation noise and Hutchinson probes), and
+averages log p per sample over passes. Its options travel as one ``LikelihoodSettings``.
 """
 
 from __future__ import annotations
@@ -15,25 +16,28 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .data import integer_levels
-from .likelihood import bits_per_dim, bpd_offset, dequantize, log_likelihood
-from .noise import NoiseSource, as_noise_source
-from .score import NoisePredictionScore, ScoreFn
-from .sde import SDE
+from ..data import integer_levels
+from ..noise import NoiseSource, as_noise_source
+from ..score import NoisePredictionScore, ScoreFn
+from ..sde import SDE
+from .pf_ode import LikelihoodSettings, bits_per_dim, bpd_offset, default_trace, dequantize, pf_ode_likelihood
 
 __all__ = [
     "DatasetLikelihood",
+    "LevelRows",
     "PreparedData",
     "dataset_likelihood",
     "differentiable_score",
+    "evaluate_passes",
     "grid_levels",
+    "level_rows",
     "prepare_data",
 ]
 
@@ -205,6 +209,38 @@ def _positive_int(name: str, v: Any) -> None:
 
 
 @dataclass
+class LevelRows:
+    """The checked rows of a data set (``_as_levels``): ``arr`` (n, *shape) as integer levels with
+    their number ``levels``, or floats used as given (``levels`` None); ``offset`` the bits/dim
+    offset; ``note`` what was done."""
+
+    arr: np.ndarray
+    levels: int | None
+    offset: float
+    note: str
+
+    @property
+    def dims(self) -> int:
+        """Values per row (D)."""
+        return math.prod(self.arr.shape[1:])
+
+    def rows(self, start: int, stop: int) -> LevelRows:
+        """Rows [start, stop) of these."""
+        return replace(self, arr=self.arr[start:stop])
+
+
+def level_rows(
+    data: Any, shape: tuple[int, ...], levels: int | None, offset: float | None, levels_option: str = "levels"
+) -> LevelRows:
+    """The rows of ``data`` checked against the sample ``shape`` (see ``prepare_data``), with the
+    bits/dim ``offset`` (default: that of their levels; 0 for continuous data)."""
+    arr, lv, note = _as_levels(data, shape, levels, levels_option)
+    if offset is None:
+        offset = bpd_offset(lv) if lv is not None else 0.0  # continuous data: no dequantisation offset
+    return LevelRows(arr, lv, offset, note)
+
+
+@dataclass
 class PassResult:
     """What ``evaluate_passes`` returns: log p per row averaged over passes, NFE (passes, n), calls,
     the mean bits/dim of each pass."""
@@ -218,53 +254,30 @@ class PassResult:
 def evaluate_passes(
     score: ScoreFn,
     sde: SDE,
-    arr: np.ndarray,
-    lv: int | None,
+    rows: LevelRows,
     noise: NoiseSource,
-    d: int,
-    offset: float,
-    *,
-    passes: int,
-    batch_size: int,
-    trace: str,
-    probes: int,
-    probe: str,
-    rtol: float,
-    atol: float,
-    method: str,
-    max_steps: int,
-    dtype: torch.dtype,
+    settings: LikelihoodSettings,
     bar: Any = None,
 ) -> PassResult:
-    """``log_likelihood`` of prepared rows (``_as_levels``) in batches, for each pass with fresh
-    dequantisation noise and probes of the rows' own seeds (``noise``, one per row): the loop of
-    ``dataset_likelihood`` and of each shard of ``likelihood_to_dir``. ``bar``: a tqdm bar to advance."""
+    """The PF-ODE likelihood of the rows in batches of ``settings.batch_size``, for each of
+    ``settings.passes`` passes with fresh dequantisation noise and probes of the rows' own seeds
+    (``noise``, one per row): the loop of ``dataset_likelihood`` and of each shard of
+    ``likelihood_to_dir``. ``bar``: a tqdm bar to advance."""
+    arr, d, offset = rows.arr, rows.dims, rows.offset
     n = arr.shape[0]
     logps, nfes, calls, pass_bpd = [], [], 0, []
-    for p in range(passes):
-        x = _model_space(arr, lv, noise, dtype, p)
+    for p in range(settings.passes):
+        x = _model_space(arr, rows.levels, noise, settings.dtype, p)
+        pass_settings = replace(settings, pass_index=p)
         pass_logps, pass_nfes = [], []
-        for lo in range(0, n, batch_size):
-            rows = list(range(lo, min(n, lo + batch_size)))
-            out = log_likelihood(
-                score,
-                sde,
-                x[rows[0] : rows[-1] + 1],
-                trace=trace,
-                seed=noise.subset(rows),
-                rtol=rtol,
-                atol=atol,
-                probes=probes,
-                probe=probe,
-                method=method,
-                max_steps=max_steps,
-                pass_index=p,
-            )
+        for lo in range(0, n, settings.batch_size):
+            batch = list(range(lo, min(n, lo + settings.batch_size)))
+            out = pf_ode_likelihood(score, sde, x[batch[0] : batch[-1] + 1], noise.subset(batch), pass_settings)
             pass_logps.append(out.logp.detach().cpu().to(torch.float64))
             pass_nfes.append(out.nfe_per_sample.to(torch.float64))
             calls += out.calls
             if bar is not None:
-                bar.update(len(rows))
+                bar.update(len(batch))
                 bar.set_postfix(bpd=f"{float(bits_per_dim(torch.cat(pass_logps), d, offset).mean()):.4f}")
         logps.append(torch.cat(pass_logps))
         nfes.append(torch.cat(pass_nfes))
@@ -307,12 +320,21 @@ def dataset_likelihood(
     _positive_int("passes", passes)
     _positive_int("batch_size", batch_size)
     shape = tuple(shape)
-    arr, lv, note = _as_levels(data, shape, levels, levels_option)
-    if offset is None:
-        offset = bpd_offset(lv) if lv is not None else 0.0  # continuous data: no dequantisation offset
-    d = math.prod(shape)
-    trace = trace or ("exact" if d <= 16 else "hutchinson")
-    n = arr.shape[0]
+    rows = level_rows(data, shape, levels, offset, levels_option)
+    d = rows.dims
+    settings = LikelihoodSettings(
+        trace=trace or default_trace(d),
+        probes=probes,
+        probe=probe,
+        rtol=rtol,
+        atol=atol,
+        method=method,
+        max_steps=max_steps,
+        passes=passes,
+        batch_size=batch_size,
+        dtype=dtype,
+    )
+    n = rows.arr.shape[0]
     noise = as_noise_source(seed, n)
 
     bar = None
@@ -322,26 +344,7 @@ def dataset_likelihood(
         bar = tqdm(total=n * passes, desc="likelihood", unit="sample")
     start = time.perf_counter()
     try:
-        passes_out = evaluate_passes(
-            score,
-            sde,
-            arr,
-            lv,
-            noise,
-            d,
-            offset,
-            passes=passes,
-            batch_size=batch_size,
-            trace=trace,
-            probes=probes,
-            probe=probe,
-            rtol=rtol,
-            atol=atol,
-            method=method,
-            max_steps=max_steps,
-            dtype=dtype,
-            bar=bar,
-        )
+        passes_out = evaluate_passes(score, sde, rows, noise, settings, bar)
     finally:
         if bar is not None:
             bar.close()
@@ -349,13 +352,13 @@ def dataset_likelihood(
     logp = passes_out.logp
     return DatasetLikelihood(
         logp=logp,
-        bpd=bits_per_dim(logp, d, offset),
+        bpd=bits_per_dim(logp, d, rows.offset),
         pass_bpd=passes_out.pass_bpd,
         nfe_per_sample=passes_out.nfe,
         calls=passes_out.calls,
         wall_time=wall,
-        offset=offset,
-        note=note,
-        trace=trace,
+        offset=rows.offset,
+        note=rows.note,
+        trace=settings.trace,
         shape=shape,
     )

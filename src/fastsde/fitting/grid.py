@@ -1,5 +1,5 @@
-"""Fitted time grids (``fit_grid``): the N times that minimise a solver's error against a fine
-teacher solve from the same noise, keyed to the run and saved like IIA tables.
+"""Fitting time grids (``fit_grid``): the N times that minimise a solver's error against a fine
+teacher solve from the same noise, keyed to the run (a :class:`~fastsde.artifacts.grid.FittedGrid`).
 
 The fit (after GITS, Chen et al. 2024, with fastsde's choices):
 
@@ -30,189 +30,26 @@ with the key and the fitting record as JSON metadata; never pickle.
 from __future__ import annotations
 
 import math
-import os
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .grids import GRIDS, default_grid, explicit_times, time_grid
-from .iia import _data_shape, _describe, check_key, model_fingerprint
-from .noise import NoiseSource, Stream
-from .score import CountingScore, ScoreFn, data_prediction_of
-from .sde import SDE, broadcast_to_rows
-from .solvers import get_solver
-from .solvers.base import SolverContext
+from ..artifacts.artifact import data_shape, model_fingerprint
+from ..artifacts.grid import FittedGrid
+from ..grids import GRIDS, default_grid, explicit_times, time_grid
+from ..noise import NoiseSource, Stream
+from ..score import CountingScore, ScoreFn, check_score_and_process, data_prediction_of
+from ..sde import SDE, broadcast_to_rows
+from ..solvers import get_solver
+from ..solvers.core.context import SolverContext
 
-__all__ = [
-    "FittedGrid",
-    "fit_grid",
-    "load_grid",
-    "shipped_grid",
-    "shipped_grids",
-    "grid_file_name",
-    "gits_dp",
-    "path_cost",
-    "move_costs",
-]
+__all__ = ["fit_grid", "gits_dp", "path_cost", "move_costs"]
 
-FORMAT = "fastsde-grid/1"
-#: The key fields checked against a run, in order.
-KEY_FIELDS = ("process", "solver", "options", "steps", "t_end")
-#: Options that do not enter the key: the grid itself and its construction.
-NOT_KEYED = ("steps", "grid", "rho")
 #: Options set to their deterministic member for the refinement (fastsde's stochastic fixed-grid solvers).
 DETERMINISTIC = {"eta": 0.0, "s_churn": 0.0}
 GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
-
-
-# ---------------------------------------------------------------------------------------------
-# The grid object
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class FittedGrid:
-    """Fitted times (float64, decreasing from T to t_end) with the key of the run they were fitted
-    for and how they were fitted (``record``: teacher, M, n, seed, metric, gamma, losses of the
-    default, DP and refined grids, fit NFE per sample, seconds)."""
-
-    times: Tensor
-    key: dict[str, Any]
-    record: dict[str, Any] = field(default_factory=dict)
-    probe: Tensor | None = None
-
-    @property
-    def solver(self) -> str:
-        return self.key["solver"]
-
-    @property
-    def steps(self) -> int:
-        return int(self.key["steps"])
-
-    def __repr__(self) -> str:
-        ts = ", ".join(f"{v:.4g}" for v in self.times.tolist())
-        return f"FittedGrid({self.solver}, steps={self.steps}, [{ts}], model={_describe(self.key['model'])})"
-
-    def config(self) -> dict[str, Any]:
-        """How a run records this grid: its times and what they were fitted for."""
-        return {
-            "times": self.times.tolist(),
-            "fitted_for": {"solver": self.solver, "steps": self.steps, "model": _describe(self.key["model"])},
-        }
-
-    def _mismatch(self, name: str, mine: Any, theirs: Any) -> ValueError:
-        return ValueError(
-            f"fitted grid does not match this run: {name} is {mine!r} in the grid, {theirs!r} in the run; "
-            "fit a grid for this run (fastsde.fit_grid or `fastsde fit-grid`), or pass its .times to use it anyway"
-        )
-
-    def check_run(self, sde: SDE, solver: str, options: dict[str, Any], t_end: float) -> None:
-        """ValueError naming the first key field (process, solver, options, steps, t_end) that differs.
-        An IIA solver runs on the grid of its base solver (fit the grid, then the table on it)."""
-        from .solvers.iia import IIA_BASES
-
-        base = {v: k for k, v in IIA_BASES.items()}.get(solver)
-        if base is not None and self.solver == base:
-            solver = base  # run_key keeps the base solver's options: the table and variant drop out
-        check_key(self.key, run_key(sde, solver, options, t_end), KEY_FIELDS, self._mismatch)
-
-    def check_model(self, score: ScoreFn, shape: tuple[int, ...], dtype, device) -> None:
-        """ValueError when the score is not the model the grid was fitted for (as IIA tables)."""
-        from .iia import IIATable
-
-        # the same fingerprint rule as an IIA table's, with this object's wording
-        table = IIATable(torch.zeros(self.steps - 1, 0), self.key, (), {}, self.probe)
-        try:
-            table.check_model(score, shape, dtype, device)
-        except ValueError as exc:
-            raise ValueError(str(exc).replace("IIA table", "fitted grid").replace("the table", "the grid")) from None
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the grid (safetensors + JSON metadata) whole or not at all."""
-        from .files import save_tensors_with_meta
-
-        tensors = {"times": self.times.to(torch.float64)}
-        if self.probe is not None:
-            tensors["probe"] = self.probe.to(torch.float64)
-        return save_tensors_with_meta(path, tensors, {"format": FORMAT, "key": self.key, "record": self.record})
-
-
-def load_grid(path: str | os.PathLike) -> FittedGrid:
-    """Read a grid written by :meth:`FittedGrid.save` (safetensors; nothing is unpickled)."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"no fitted grid at {str(p)!r}")
-    return _from_bytes(p.read_bytes(), str(p))
-
-
-def _from_bytes(data: bytes, name: str) -> FittedGrid:
-    """A grid from a file's bytes, every field checked (a FileFormatError naming file and field):
-    the key's fields, and ``times`` finite, strictly decreasing, one per grid point (key.steps), from
-    at most the process's T down to key.t_end."""
-    from .files import check_tensor, read_tensors_with_meta
-    from .iia import read_key_common
-
-    tensors, f = read_tensors_with_meta(data, name, FORMAT, "a fitted grid file", "times")
-    key, sde, steps, t_end, probe = read_key_common(f, tensors)
-    solver = key.string("solver")
-    try:
-        get_solver(solver)
-    except ValueError:
-        raise key.error("solver", "a fastsde solver name", solver) from None
-    key.obj("options")
-    times = check_tensor(name, tensors, "times", (steps,))
-    if not bool((times[:-1] > times[1:]).all()):
-        raise f.error("times", "strictly decreasing times", times.tolist())
-    if float(times[0]) > float(sde.T) * (1 + 1e-12) or not math.isclose(float(times[-1]), t_end, rel_tol=1e-9):
-        raise f.error("times", f"times from at most T = {float(sde.T):g} down to key.t_end = {t_end:g}", times.tolist())
-    record = f.obj("record", {}).data
-    return FittedGrid(times, key.data, record, probe)
-
-
-# ---------------------------------------------------------------------------------------------
-# Shipped grids (fitted for the shipped models by benchmarks/fit_digits_grids.py)
-# ---------------------------------------------------------------------------------------------
-
-
-def grid_file_name(model: str, solver: str, steps: int) -> str:
-    """File name of a shipped grid: <model>-<solver>-<steps>.safetensors."""
-    return f"{model}-{solver}-{int(steps)}.safetensors"
-
-
-def _grids_dir():
-    from importlib import resources
-
-    return resources.files("fastsde").joinpath("fitted_grids")
-
-
-def shipped_grids() -> list[str]:
-    """File names of the fitted grids shipped in the package."""
-    d = _grids_dir()
-    return sorted(p.name for p in d.iterdir() if p.name.endswith(".safetensors")) if d.is_dir() else []
-
-
-def shipped_grid(model: str, solver: str, steps: int) -> FittedGrid | None:
-    """The grid shipped for this shipped model, fixed-grid solver (at its default options) and
-    number of grid points, or None when none is shipped (see :func:`shipped_grids`)."""
-    f = _grids_dir().joinpath(grid_file_name(model, solver, steps))
-    return _from_bytes(f.read_bytes(), f.name) if f.is_file() else None
-
-
-def run_key(sde: SDE, solver: str, options: dict[str, Any], t_end: float) -> dict[str, Any]:
-    """The key of a run, the model aside: process, solver, its other options, steps, t_end."""
-    spec = get_solver(solver)
-    opts = {k: options[k] for k in spec.options if k not in NOT_KEYED and k in options}
-    return {
-        "process": sde.config(),
-        "solver": spec.name,
-        "options": opts,
-        "steps": int(options["steps"]),
-        "t_end": float(t_end),
-    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,8 +231,6 @@ def _refine(
 
 
 def _check(score: Any, sde: Any, n: Any, seed: Any, M: Any, gamma: Any, sweeps: Any, iters: Any, metric: Any) -> None:
-    from .api import check_score_and_process
-
     check_score_and_process(score, sde)
     for name, v, lo in (("n", n, 1), ("M", M, 2), ("sweeps", sweeps, 0), ("refine_iters", iters, 1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
@@ -458,7 +293,7 @@ def fit_grid(
     if steps - 1 > M:
         raise ValueError(f"steps = {steps} needs a fine grid of at least {steps - 1} intervals, got M = {M}")
     family = opts["grid"] if opts["grid"] in GRIDS else default_grid(sde)
-    dims = _data_shape(score, shape)
+    dims = data_shape(score, shape)
     start = time.perf_counter()
 
     noise = NoiseSource.from_seed(seed, n)
@@ -489,7 +324,7 @@ def fit_grid(
             times, _, loss_refined = _refine(spec, sde, counted, x_T, target, times, run_opts, sweeps, refine_iters)
     seconds = time.perf_counter() - start
     fingerprint, probe = model_fingerprint(score, sde, dims, t_end, dtype, device)
-    key = {**run_key(sde, spec.name, opts, t_end), "model": fingerprint}
+    key = {**FittedGrid.run_key(sde, spec.name, opts, t_end), "model": fingerprint}
     evaluations = float(t_count.nfe_per_sample.sum() + counted.nfe_per_sample.sum())
     record = {
         "teacher": teacher,
