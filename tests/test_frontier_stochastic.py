@@ -16,8 +16,8 @@ from test_weak_order import variance_error
 import fastsde
 from fastsde.noise import NoiseSource, Stream
 from fastsde.problems import mixture_2d
-from fastsde.solvers.base import SolverSpec
 from fastsde.solvers.core.controllers import FixedGrid
+from fastsde.solvers.core.spec import SolverSpec
 
 F64 = torch.float64
 NEW = ["dpmpp_3m_sde", "er_sde", "sa_solver"]

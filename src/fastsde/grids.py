@@ -5,7 +5,7 @@
 - ``logsnr``: uniform in the half log-SNR λ = log(m/σ) (DPM-Solver).
 - ``quadratic``: uniform in √t (DDIM's quadratic skip, for continuous time).
 - an explicit grid: a decreasing 1-D tensor (or sequence) of times from t_start to t_end, or an
-  object with ``.times`` (a :class:`~fastsde.grid_fit.FittedGrid`); checked, never rebuilt. Its ends
+  object with ``.times`` (a :class:`~fastsde.artifacts.grid.FittedGrid`); checked, never rebuilt. Its ends
   must match t_start and t_end to the precision of its dtype (a float32 tensor holds 1e-3 as
   1.0000000475e-3) and are then set to them exactly.
 """

@@ -34,8 +34,7 @@ from torch import Tensor
 
 from .files import Fields, FileFormatError, read_json, save_tensors_with_meta, write_atomic, write_json_atomic
 from .models import EpsNetwork, build_network, network_flops
-from .sde import sde_from_config
-from .sde import SDE, RectifiedFlow
+from .sde import SDE, RectifiedFlow, sde_from_config
 
 __all__ = ["TrainConfig", "Trainer", "dsm_loss", "STATE_FORMAT"]
 

@@ -7,7 +7,7 @@ from .adaptive import ADAPTIVE
 from .adaptive_sde_dpm import ADAPTIVE_SDE_DPM
 from .adaptive_sde_dpm_2m import ADAPTIVE_SDE_DPM_2M
 from .ancestral import ANCESTRAL
-from .base import SolverSpec
+from .core.spec import SolverSpec
 from .ddim import DDIM
 from .deis import DEIS
 from .dpmpp_2m import DPMPP_2M

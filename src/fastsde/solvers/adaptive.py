@@ -45,11 +45,11 @@ from torch import Tensor
 
 from ..brownian import BrownianMemory, BrownianTree
 from ..sde import EDM, broadcast_to_rows
-from .base import SolverSpec
 from .core.common import adaptive_options, adaptive_plan
 from .core.context import SolverContext
 from .core.controllers import Coordinate
 from .core.options import Option, boolean
+from .core.spec import SolverSpec
 from .core.stepper import Step, Stepper, StepResult, embedded
 
 __all__ = [

@@ -52,9 +52,9 @@ import torch
 from torch import Tensor
 
 from ..sde import broadcast_to_rows
-from .base import SolverSpec
 from .core.common import adaptive_options, adaptive_plan, log_snr_coordinate
 from .core.context import SolverContext
+from .core.spec import SolverSpec
 from .core.stepper import Step, Stepper, StepResult, embedded
 
 __all__ = ["ADAPTIVE_SDE_DPM", "SDEDPMPair"]

@@ -44,10 +44,10 @@ import torch
 from torch import Tensor
 
 from ..sde import broadcast_to_rows
-from .base import SolverSpec
 from .core.common import adaptive_options, adaptive_plan, log_snr_coordinate
 from .core.context import SolverContext
 from .core.options import Option, positive_or_inf
+from .core.spec import SolverSpec
 from .core.stepper import State, Step, Stepper, StepResult
 from .dpmpp_2m_sde import SDEDPMCoefficients
 

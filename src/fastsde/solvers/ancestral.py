@@ -15,9 +15,9 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..sde import SDE, VESDE, VPSDE, broadcast_to_rows, grid_beta
-from .base import SolverSpec, fixed_grid
 from .core.common import posterior_step
 from .core.options import grid_options
+from .core.spec import SolverSpec, fixed_grid
 from .core.stepper import Step, Stepper, StepResult
 
 __all__ = ["ANCESTRAL", "Ancestral", "ancestral_move"]

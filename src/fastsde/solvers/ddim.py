@@ -19,9 +19,9 @@ from typing import Any
 
 from torch import Tensor
 
-from .base import SolverSpec, fixed_grid
 from .core.common import posterior_step
 from .core.options import Option, grid_options
+from .core.spec import SolverSpec, fixed_grid
 from .core.stepper import Step, Stepper, StepResult, denoised
 
 __all__ = ["DDIM", "DDIMStepper", "posterior_step"]

@@ -18,9 +18,9 @@ import torch
 from torch import Tensor
 
 from ..sde import broadcast_to_rows
-from .base import SolverSpec, fixed_grid
 from .core.common import LOWER_ORDER_FINAL_BELOW, first_order_moves
 from .core.options import Option, boolean, grid_options
+from .core.spec import SolverSpec, fixed_grid
 from .core.stepper import State, Step, Stepper, StepResult, denoised
 
 __all__ = ["DPMPP_2M", "DPMSolverPP2M", "first_order_moves", "LOWER_ORDER_FINAL_BELOW"]

@@ -38,9 +38,9 @@ import torch
 from torch import Tensor
 
 from ..sde import SDE, broadcast_to_rows
-from .base import SolverSpec, fixed_grid
 from .core.common import first_order_moves
 from .core.options import Option, boolean, grid_options, nonnegative_float, one_of
+from .core.spec import SolverSpec, fixed_grid
 from .core.stepper import State, Step, Stepper, StepResult
 
 __all__ = ["DPMPP_2M_SDE", "SDEDPMSolverPP2M", "SDEDPMCoefficients"]

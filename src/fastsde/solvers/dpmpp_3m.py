@@ -35,7 +35,6 @@ import torch
 from torch import Tensor
 
 from ..sde import broadcast_to_rows
-from .base import SolverSpec, fixed_grid
 from .core.common import LOWER_ORDER_FINAL_BELOW, _growth_check
 from .core.context import SolverContext
 from .core.controllers import Adaptive, Coordinate
@@ -50,6 +49,7 @@ from .core.options import (
     positive_or_inf,
     unit_interval,
 )
+from .core.spec import SolverSpec, fixed_grid
 from .core.stepper import State, Step, Stepper, StepResult
 
 __all__ = ["DPMPP_3M", "ADAPTIVE_DPMPP_3M", "DPMSolverPP3M"]

@@ -37,9 +37,9 @@ import torch
 from torch import Tensor
 
 from ..sde import broadcast_to_rows
-from .base import SolverSpec, fixed_grid
 from .core.common import LOWER_ORDER_FINAL_BELOW, shared_rows
 from .core.options import Option, boolean, grid_options, nonnegative_float, one_of
+from .core.spec import SolverSpec, fixed_grid
 from .core.stepper import Step, Stepper, StepResult
 from .dpmpp_3m import DPMSolverPP3M
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..sde import SDE, broadcast_to_rows
-from .base import SolverSpec, fixed_grid
 from .core.options import grid_options
+from .core.spec import SolverSpec, fixed_grid
 from .core.stepper import Step, Stepper, StepResult
 
 __all__ = ["EM", "EulerMaruyama", "em_move"]

@@ -39,9 +39,9 @@ import torch
 from torch import Tensor
 
 from ..sde import broadcast_to_rows
-from .base import SolverSpec, fixed_grid
 from .core.common import shared_rows
 from .core.options import Option, grid_options, one_of
+from .core.spec import SolverSpec, fixed_grid
 from .core.stepper import State, Step, Stepper, StepResult
 
 __all__ = ["ER_SDE", "ERSDESolver", "PHI", "phi_integrals"]

@@ -12,9 +12,9 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..sde import broadcast_to_rows
-from .base import SolverSpec, fixed_grid
 from .core.common import edm_direction
 from .core.options import grid_options
+from .core.spec import SolverSpec, fixed_grid
 from .core.stepper import Step, Stepper, StepResult, denoised
 
 __all__ = ["EULER", "Euler", "edm_direction"]

@@ -26,9 +26,9 @@ import torch
 from torch import Tensor
 
 from ..sde import SDE, broadcast_to_rows
-from .base import SolverSpec, fixed_grid
 from .core.common import edm_direction
 from .core.options import Option, grid_options, nonnegative_float
+from .core.spec import SolverSpec, fixed_grid
 from .core.stepper import Step, Stepper, StepResult
 
 __all__ = ["HEUN", "Heun"]

@@ -40,10 +40,10 @@ from torch import Tensor
 
 from ..artifacts.iia_table import IIATable, iia_directions
 from ..sde import SDE, broadcast_to_rows
-from .base import SolverSpec
 from .core.context import SolverContext, solver_grid
 from .core.controllers import FixedGrid
 from .core.options import Option, boolean, grid_options, one_of
+from .core.spec import SolverSpec
 from .core.stepper import State, Step, Stepper, StepResult
 from .ddim import DDIM, DDIMStepper
 from .dpmpp_2m import DPMPP_2M, DPMSolverPP2M

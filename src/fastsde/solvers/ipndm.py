@@ -31,8 +31,8 @@ import torch
 from torch import Tensor
 
 from .adams import EDMAdams
-from .base import SolverSpec, fixed_grid
 from .core.options import Option, grid_options, one_of
+from .core.spec import SolverSpec, fixed_grid
 from .core.stepper import Step
 
 __all__ = ["IPNDM", "IPNDMStepper"]

@@ -25,9 +25,9 @@ from typing import Any
 from torch import Tensor
 
 from .adams import EDMAdams
-from .base import SolverSpec, fixed_grid
 from .core.common import lagrange_integrals
 from .core.options import Option, grid_options, one_of
+from .core.spec import SolverSpec, fixed_grid
 from .core.stepper import Step
 
 __all__ = ["LMS", "LinearMultistep"]

@@ -30,10 +30,10 @@ from ..artifacts.mlem import MLEMSchedule
 from ..levels import LevelScores
 from ..noise import Stream
 from ..sde import broadcast_to_rows
-from .base import SolverSpec
 from .core.context import SolverContext, solver_grid
 from .core.controllers import FixedGrid
 from .core.options import Option, grid_options, one_of, positive_float, positive_int, unit_interval
+from .core.spec import SolverSpec
 from .core.stepper import State, Step, Stepper, StepResult
 from .ddim import DDIMStepper, _eta
 from .em import EulerMaruyama

@@ -79,12 +79,12 @@ from torch import Tensor
 from ..noise import NoiseSource
 from ..score import CountingScore
 from ..sde import per_row
-from .base import SolverSpec
 from .core.context import SolverContext, StepInfo
 from .core.controllers import Adaptive, Coordinate
 from .core.controllers import _measured_shrink as measured_shrink
 from .core.driver import IntegrationError, Status, first_time, integrate, take_first_move
 from .core.options import Option, one_of, optional, positive_float, positive_int, positive_or_inf
+from .core.spec import SolverSpec
 from .core.stepper import State, Step, Stepper, StepResult, starts_at_zero_mean
 
 __all__ = [

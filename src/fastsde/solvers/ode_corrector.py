@@ -36,10 +36,10 @@ import torch
 
 from ..grids import time_grid
 from ..sde import SDE
-from .base import SolverSpec
 from .core.context import SolverContext
 from .core.correctors import Corrector, Langevin, Underdamped
 from .core.options import Option, boolean, grid_options, one_of, positive_float, positive_int, positive_or_inf
+from .core.spec import SolverSpec
 from .core.stepper import Stepper
 from .ddim import DDIM
 from .dpmpp_2m import DPMPP_2M

@@ -35,11 +35,11 @@ from torch import Tensor
 
 from ..sde import SDE, VPSDE, SubVPSDE, grid_beta
 from .ancestral import ancestral_move
-from .base import SolverSpec
 from .core.context import SolverContext, solver_grid
 from .core.controllers import FixedGrid
 from .core.correctors import Langevin
 from .core.options import Option, boolean, grid_options, one_of, positive_float, positive_int
+from .core.spec import SolverSpec
 from .core.stepper import Step, Stepper, StepResult
 from .em import em_move
 from .reverse_diffusion import reverse_diffusion_move

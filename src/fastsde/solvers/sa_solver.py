@@ -43,9 +43,9 @@ import torch
 from torch import Tensor
 
 from ..sde import SDE, broadcast_to_rows
-from .base import SolverSpec, fixed_grid
 from .core.common import LOWER_ORDER_FINAL_BELOW, shared_rows
 from .core.options import Option, boolean, grid_options, one_of
+from .core.spec import SolverSpec, fixed_grid
 from .core.stepper import State, Step, Stepper, StepResult
 
 __all__ = ["SA_SOLVER", "SASolver", "exp_lagrange_weights", "shared_rows", "SA_TAU_WINDOW"]

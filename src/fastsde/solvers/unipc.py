@@ -42,9 +42,9 @@ from torch import Tensor
 
 from ..grids import GRIDS, check_grid_choice, default_grid
 from ..sde import SDE, broadcast_to_rows
-from .base import SolverSpec, fixed_grid
 from .core.common import LOWER_ORDER_FINAL_BELOW
 from .core.options import Option, boolean, grid_options, one_of
+from .core.spec import SolverSpec, fixed_grid
 from .core.stepper import State, Step, Stepper, StepResult, starts_at_zero_mean
 
 __all__ = ["UNIPC", "UniPC", "unipc_b"]

@@ -5,7 +5,7 @@ end. It owns per-sample time, step size and status (:class:`Status`), compaction
 leave the score calls), the per-sample NFE budget with one policy for running out (``on_budget``:
 raise :class:`BudgetError`, or return partial results with a per-sample status), the score-reuse
 cache after a rejection, the Brownian path, the corrector after accepted steps, progress (driven by
-t), the callback (a :class:`~fastsde.solvers.base.StepInfo` after each batched attempt; returning
+t), the callback (a :class:`~fastsde.solvers.core.context.StepInfo` after each batched attempt; returning
 False stops) and one stats schema for every solver:
 
     accepted, rejected, nonfinite_rejections (per sample), status (per-sample names),

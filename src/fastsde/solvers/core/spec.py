@@ -15,13 +15,13 @@ from typing import Any
 
 from torch import Tensor
 
-from ..artifacts import FittedArtifact, FittedGrid
-from ..grids import check_explicit_grid, explicit_times
-from ..sde import SDE
-from .core.context import SolverContext, StepInfo, solver_grid
-from .core.controllers import FixedGrid
-from .core.driver import integrate
-from .core.options import (
+from ...artifacts import FittedArtifact, FittedGrid
+from ...grids import check_explicit_grid, explicit_times
+from ...sde import SDE
+from .context import SolverContext, StepInfo, solver_grid
+from .controllers import FixedGrid
+from .driver import integrate
+from .options import (
     Option,
     as_python_number,
     boolean,
@@ -129,7 +129,7 @@ class SolverSpec:
     def first_move_saving(self, opts: Mapping[str, Any], sde: SDE | None) -> int:
         """Evaluations the shared first move from m(T) = 0 saves over the method's own first move
         (``declared_move_nfe`` − 1; 0 when the run is not from m = 0 or the method moves from there itself)."""
-        from .core.stepper import starts_at_zero_mean
+        from .stepper import starts_at_zero_mean
 
         if sde is None or self.stepper.singular_start or not starts_at_zero_mean(sde, float(sde.T)):
             return 0
