@@ -33,8 +33,9 @@ from fastsde.problems import mixture_nd
 DETERMINISTIC = ["euler", "dpmpp_2m", "dpmpp_3m", "unipc", "ipndm", "deis", "heun"]
 STOCHASTIC = ["dpmpp_2m_sde", "er_sde", "sa_solver"]
 GRIDS = ["uniform", "quadratic"]  # "logsnr" is refused from u = 1 (λ = −∞)
-#: each grid run to the process's t_end (then the denoise there) and with t_end = 0 ("→0": the grid of
-#: N + 1 points runs to σ = 0 and the denoise at its last interior point is the last move)
+#: each grid run to the process's default_t_end, 1e-3 (then the denoise there), and with t_end = 0 ("→0":
+#: the grid of N + 1 points runs to σ = 0 and the denoise at its last interior point is the last move;
+#: the default below 15 points since issue 31's second pass)
 VARIANTS = [(g, None) for g in GRIDS] + [(g, 0.0) for g in GRIDS]
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,7 +62,7 @@ def run_problem(name, score, sde, x_T, budgets, quality, dtype, seed=0):
                 try:
                     res = fastsde.sample(
                         score, sde, tuple(x_T.shape), solver=solver, seed=seed, x_init=x_T, dtype=dtype,
-                        steps=steps, grid=grid, t_end=t_end,
+                        steps=steps, grid=grid, t_end=sde.default_t_end if t_end is None else t_end,
                     )  # fmt: skip
                 except Exception as exc:  # noqa: BLE001 - recorded, not fatal
                     recs.append({**rec, "error": f"{type(exc).__name__}: {exc}"})

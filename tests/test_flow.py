@@ -199,7 +199,9 @@ def test_euler_equals_diffusers_flow_match_euler(sched_kw, set_kw):
     # fastsde: N grid points, uniform in u (the shifted schedule), then the final denoise (diffusers' last
     # step to σ = 0 is x − σ·v = x̂0): N evaluations each
     score = fastsde.VelocityScore(net, sde)
-    res = fastsde.sample(score, sde, x_T.shape, solver="euler", steps=steps, x_init=x_T, dtype=F64)
+    res = fastsde.sample(
+        score, sde, x_T.shape, solver="euler", steps=steps, x_init=x_T, dtype=F64, t_end=sde.default_t_end
+    )
     assert res.nfe == steps
     torch.testing.assert_close(res.samples, want, rtol=0, atol=2e-5)
     grid = fastsde.time_grid(sde, "uniform", steps, 1.0, sde.default_t_end)
@@ -667,3 +669,46 @@ def test_zero_end_refusals_before_compute(sde, kwargs, word):
     with pytest.raises(ValueError, match=word):
         fastsde.sample(score, sde, (4, 2), t_end=0, dtype=F64, **kwargs)
     assert not calls
+
+
+def test_unipc_own_first_move_and_its_corrector_from_pure_noise():
+    """UniPC from u = 1 (λ = −∞) moves itself: x1 = σ1·x + m1·x̂0(x, 1) (its UniP-1 move, e^{−h} = 0),
+    then corrects that point with the h → ∞ limit of UniC-1 once x̂0(x1) is known,
+    x1c = σ1·x + m1·(x̂0(x, 1) + x̂0(x1, t1))/2, and moves on from x1c in first order (the point at
+    λ = −∞ has r = −∞ and drops out of the predictor); the denoise at the last point ends the run."""
+    sde = fastsde.RectifiedFlow(shift=3.0)
+    gm = mixture_2d(sde)
+    x = torch.randn(32, 2, generator=torch.Generator().manual_seed(3), dtype=F64)
+    res = fastsde.sample(gm, sde, x.shape, solver="unipc", steps=3, t_end=0, x_init=x, dtype=F64)
+    t = [torch.full((32,), v, dtype=F64) for v in (1.0, 2 / 3, 1 / 3)]
+    m = [sde.mean_coeff(v)[:, None] for v in t]
+    s = [sde.marginal_std(v)[:, None] for v in t]
+    d0 = gm.data_prediction(x, t[0])
+    x1 = s[1] * x + m[1] * d0
+    d1 = gm.data_prediction(x1, t[1])
+    x1c = s[1] * x + m[1] * (d0 + d1) / 2
+    h = sde.log_snr(t[2]) - sde.log_snr(t[1])
+    x2 = s[2] / s[1] * x1c + m[2] * (-torch.expm1(-h))[:, None] * d1
+    torch.testing.assert_close(res.samples, gm.data_prediction(x2, t[2]), rtol=0, atol=1e-12)
+    assert res.nfe == 3
+
+
+@pytest.mark.parametrize(
+    "sde, kwargs, want",
+    [
+        (fastsde.RectifiedFlow(shift=3.0), {"solver": "unipc", "steps": 6}, 0.0),
+        (fastsde.RectifiedFlow(shift=3.0), {"solver": "euler", "steps": 14, "grid": "quadratic"}, 0.0),
+        (fastsde.RectifiedFlow(shift=3.0), {"solver": "unipc", "steps": 15}, 1e-3),  # longer runs keep it
+        (fastsde.RectifiedFlow(shift=3.0), {"solver": "unipc", "steps": 6, "denoise": False}, 1e-3),
+        (fastsde.RectifiedFlow(shift=3.0), {"solver": "adaptive_sde_dpm_2m"}, 1e-3),
+        (fastsde.VPSDE(), {"solver": "unipc", "steps": 6}, 1e-3),  # m(T) > 0: not a flow's pure noise
+    ],
+    ids=str,
+)
+def test_default_t_end_of_short_flow_runs_is_zero(sde, kwargs, want):
+    """A rectified flow's fixed-grid run of fewer than 15 points on uniform / quadratic ends at σ = 0 by
+    default (t_end=0); anything else keeps the process's default_t_end."""
+    gm = mixture_2d(sde)
+    res = fastsde.sample(gm, sde, (8, 2), dtype=F64, **kwargs)
+    assert res.options["t_end"] == want
+    assert ("t_last" in res.options) == (want == 0.0)

@@ -201,7 +201,7 @@ def sample_to_dir(
         cond: per-sample conditioning as for ``fastsde.sample`` (one row per sample of the whole run);
             each shard gets its rows, and a digest of it is part of the run's identity.
     """
-    shape, spec, t_end, denoise = check_run(score, sde, shape, solver, t_end, denoise)
+    shape, spec, t_end, denoise = check_run(score, sde, shape, solver, t_end, denoise, options)
     cond_kw = check_cond(with_null_rows(score, cond, shape[0]), shape[0])  # CFG's per-sample null rows too
     seed = check_seed(seed, "seed")
     shard_size = as_python_number(shard_size)

@@ -45,7 +45,7 @@ from ..sde import SDE, broadcast_to_rows
 from .core.common import LOWER_ORDER_FINAL_BELOW
 from .core.options import Option, boolean, grid_options, one_of
 from .core.spec import SolverSpec, fixed_grid
-from .core.stepper import State, Step, Stepper, StepResult, starts_at_zero_mean
+from .core.stepper import State, Step, Stepper, StepResult, denoised, starts_at_zero_mean
 
 __all__ = ["UNIPC", "UniPC", "unipc_b"]
 
@@ -107,6 +107,9 @@ class UniPC(Stepper):
 
     order = 3.0
     coordinate = "logsnr"
+    #: from m = 0 (λ = −∞) its first move is x_s = (σ_s/σ_t)·x + m_s·x̂0, exact in x̂0 (e^{−h} = 0); the
+    #: corrector of that move is the h → ∞ limit of UniC-1, x_s = (σ_s/σ_t)·x + m_s·(x̂0(t) + x̂0(s))/2
+    singular_start = True
 
     @classmethod
     def declared_order(cls, options: Mapping[str, Any]) -> float:
@@ -185,24 +188,34 @@ class UniPC(Stepper):
     def step(self, x: Tensor, s: Step) -> StepResult:
         sde, dt = self.sde, x.dtype
         order = int(self.options["order"])
-        d_t = sde.denoise(x, s.t, s.score0())
+        singular = self.singular_move(s)
+        d_t = denoised(sde, s, x, s.t, True) if singular else sde.denoise(x, s.t, s.score0())
         known, p_last = s.get("known"), s.get("p_last")
         ds = [s.get(f"D{k}") for k in range(1, order + 1)]
         ts = [s.get(f"t{k}") for k in range(1, order + 1)]
+        # a point at λ = −∞ (the start of a solve from m = 0) enters no polynomial: its r = −∞ and its
+        # term vanishes in the limit; it stays the corrector's start (d_s) of the move that left it
+        finite = [known > k for k in range(order)]
+        finite = [ok & torch.isfinite(sde.log_snr(torch.where(ok, t_k, s.t64))) for ok, t_k in zip(finite, ts)]
 
-        def hist(first: int, count: int) -> list[tuple[Tensor, Tensor, Tensor]]:
-            return [(ds[k], ts[k], known > k) for k in range(first, first + count)]
+        def hist(first: int, count: int) -> tuple[list[tuple[Tensor, Tensor, Tensor]], Tensor]:
+            points = [(ds[k], ts[k], finite[k]) for k in range(first, first + count)]
+            usable = sum((ok.to(torch.int64) for _, _, ok in points), torch.zeros_like(known))
+            return points, usable
 
         x_here = x
         if self.options["corrector"]:
             x_last = s.get("x_last")
             t_prev = torch.where(p_last > 0, ts[0], s.t_next64)
-            corrected = self._move(x_last, t_prev, s.t64, ds[0], hist(1, order - 1), p_last, d_t)
+            points, usable = hist(1, order - 1)
+            p_corr = torch.minimum(p_last, usable + 1)
+            corrected = self._move(x_last, t_prev, s.t64, ds[0], points, p_corr, d_t)
             x_here = torch.where(broadcast_to_rows(p_last > 0, x), corrected, x_here)
-        p_now = torch.clamp(known + 1, max=order)
+        points, usable = hist(0, order - 1)
+        p_now = torch.clamp(torch.minimum(known, usable) + 1, max=order)
         if self.options["lower_order_final"] and s.moves is not None and s.moves < LOWER_ORDER_FINAL_BELOW:
             p_now = torch.minimum(p_now, (s.moves - s.index + 1).to(p_now.device))
-        x_next = self._move(x_here, s.t64, s.t_next64, d_t, hist(0, order - 1), p_now, None)
+        x_next = self._move(x_here, s.t64, s.t_next64, d_t, points, p_now, None)
         state: State = {"known": torch.clamp(known + 1, max=order), "p_last": p_now, "x_last": x_here}
         for k in range(1, order + 1):
             state[f"D{k}"] = d_t if k == 1 else ds[k - 2]
