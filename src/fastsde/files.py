@@ -23,6 +23,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .sde import sde_from_config
+
 __all__ = [
     "atomic_path",
     "write_atomic",
@@ -345,7 +347,6 @@ class Fields:
 
     def process(self, key: str) -> Any:
         """A process config (``sde.config()``) rebuilt as the SDE it describes."""
-        from .sde import sde_from_config
 
         cfg = self.obj(key)
         try:

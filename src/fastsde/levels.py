@@ -19,8 +19,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .models import list_models, load_model
 from .noise import NoiseSource, Stream
-from .score import CountingScore, ScoreFn
+from .score import CountingScore, ScoreFn, check_score_and_process, score_process
 from .sde import SDE, per_row
 
 __all__ = [
@@ -84,7 +85,6 @@ class Levels:
             raise ValueError(f"agree_tol must be a number > 0 or None, got {agree_tol!r}")
         self.agree_tol = None if agree_tol is None else float(agree_tol)
         self.scores = scores
-        from .score import score_process
 
         procs = [(i, score_process(f)) for i, f in enumerate(scores)]
         procs = [(i, p) for i, p in procs if p is not None]
@@ -104,7 +104,6 @@ class Levels:
         :func:`forward_flops`) relative to the cheapest; ``load`` goes to :func:`fastsde.load_model` (e.g. ``dtype``).
         ``self.models`` holds the loaded models and ``self.flops`` the FLOPs. Unknown names, fewer
         than two, or models of different processes are a ValueError before any sampling."""
-        from .models import list_models, load_model
 
         if isinstance(names, str):
             names = [s.strip() for s in names.split(",") if s.strip()]
@@ -145,7 +144,6 @@ class Levels:
 
     def check(self, sde: SDE, solver: str) -> None:
         """The front door's checks: each level's process is ``sde``, and the solver takes levels."""
-        from .score import check_score_and_process
 
         if solver != "mlem":
             raise ValueError(

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .files import Fields, FileFormatError
+from .guidance import CFGScore
 from .score import DiffusersUNetScore, NoisePredictionScore, VelocityScore
 from .sde import SDE, VESDE, VPSDE, RectifiedFlow, sde_from_config
 
@@ -184,7 +186,6 @@ class LoadedModel:
 
     def guided(self, scale: float):
         """This model's score under classifier-free guidance of ``scale`` (w = 1: the conditional model)."""
-        from .guidance import CFGScore
 
         if self.null_cond is None:
             raise ValueError(f"model {self.name!r} is not class-conditional: it has no null label to guide against")
@@ -213,7 +214,6 @@ MAX_PARAMS = 2e9
 def check_model_config(path: str | os.PathLike, cfg: Any) -> dict[str, Any]:
     """A fastsde model config (``<name>.json`` or a train folder's config.json), every field typed
     and ranged; a FileFormatError naming the file and field. Returns ``cfg``."""
-    from .files import Fields
 
     f = Fields(str(path), cfg)
     f.string("format", None, choices=("fastsde-unet-eps/1",))
@@ -261,7 +261,6 @@ def check_model_config(path: str | os.PathLike, cfg: Any) -> dict[str, Any]:
 def _read_config(name: str) -> dict[str, Any]:
     """The config of one shipped model, checked field by field; a broken file is a FileFormatError
     naming the model and the file (the other models are not read, so they still load)."""
-    from .files import FileFormatError
 
     path = _models_dir().joinpath(f"{name}.json")
     try:
@@ -323,7 +322,6 @@ def load_model(name: str | os.PathLike = "digits", dtype: torch.dtype | str = to
 
 def _read_json(label: str, path: Path) -> dict[str, Any]:
     """A JSON object from a model's file; a missing or broken file is a FileFormatError naming it."""
-    from .files import FileFormatError
 
     if not path.is_file():
         raise FileFormatError(str(path), None, "missing", message=f"model {label!r}: {path} is missing")
@@ -340,7 +338,6 @@ def _read_json(label: str, path: Path) -> dict[str, Any]:
 
 def _load_folder(folder: Path, dtype: torch.dtype) -> LoadedModel:
     """A model folder: fastsde's (config.json with unet/sde/shape + model.safetensors) or diffusers'."""
-    from .files import FileFormatError
 
     label = str(folder)
     unet_dir = folder / "unet" if (folder / "unet" / "config.json").is_file() else folder  # a pipeline folder
@@ -366,8 +363,6 @@ def _assemble(label: str, cfg: dict[str, Any], cfg_name: str, weights_path, dtyp
     """Build the network a checked fastsde config describes and load its safetensors weights into it
     (every weight a finite floating tensor of the shape the config gives it)."""
     from safetensors.torch import load
-
-    from .files import FileFormatError
 
     def bad(field: str | None, expected: str, message: str) -> FileFormatError:
         return FileFormatError(str(weights_path), field, expected, message=f"model {label!r}: {message}")
@@ -420,7 +415,6 @@ def _scheduler_config(label: str, folder: Path) -> dict[str, Any]:
 
 def _check_diffusers_config(label: str, path: Path, cfg: dict[str, Any]) -> None:
     """The fields of a diffusers UNet config that fastsde reads itself (diffusers checks the rest)."""
-    from .files import Fields, FileFormatError
 
     f = Fields(str(path), cfg)
     try:
@@ -475,8 +469,6 @@ def load_diffusers_folder(folder: str | os.PathLike, dtype: torch.dtype | str = 
     unet = unet.eval().requires_grad_(False)
     prediction = sched_cfg.get("prediction_type", "epsilon")
     if prediction not in ("epsilon", "sample", "v_prediction"):
-        from .files import FileFormatError
-
         raise FileFormatError(
             label, "prediction_type", "one of ['epsilon', 'sample', 'v_prediction']", prediction
         ).within(f"model {label!r}: its scheduler config")

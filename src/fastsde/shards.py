@@ -46,6 +46,7 @@ from torch import Tensor
 from .api import check_device
 from .files import Fields, write_atomic, write_json_atomic
 from .identity import has_module, probe, probe_matches
+from .levels import Levels
 from .sde import SDE
 
 __all__ = [
@@ -139,7 +140,6 @@ def score_identity(score: Any, model: str | None = None) -> str:
     score's qualified name with a digest of the tensors it holds (so two mixtures differ)."""
     if model is not None:
         return str(model)
-    from .levels import Levels
 
     if isinstance(score, Levels):  # ML-EM: every level, coarse to fine, and its cost
         parts = [f"{score_identity(f)}@{c:.6g}" for f, c in zip(score.scores, score.costs)]
@@ -171,7 +171,6 @@ def model_probe(
     identify it exactly."""
     if has_module(score):
         return None
-    from .levels import Levels
 
     scores = score.scores if isinstance(score, Levels) else [score]
     values: list[float] = []

@@ -32,8 +32,16 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from .files import Fields, FileFormatError, read_json, save_tensors_with_meta, write_atomic, write_json_atomic
-from .models import EpsNetwork, build_network, network_flops
+from .files import (
+    Fields,
+    FileFormatError,
+    read_json,
+    read_tensors_with_meta,
+    save_tensors_with_meta,
+    write_atomic,
+    write_json_atomic,
+)
+from .models import MAX_CHANNELS, MAX_LAYERS, MAX_SIZE, EpsNetwork, build_network, check_model_config, network_flops
 from .sde import SDE, RectifiedFlow, sde_from_config
 
 __all__ = ["TrainConfig", "Trainer", "dsm_loss", "STATE_FORMAT"]
@@ -338,7 +346,6 @@ def _read_param_groups(f: Fields, fresh: list[dict[str, Any]]) -> list[dict[str,
 
 def _read_state(path: Path, old_meta: Path) -> tuple[dict[str, Tensor], Fields]:
     """(tensors, record) of train_state.safetensors; the record of the older layout from train_state.json."""
-    from .files import read_tensors_with_meta
 
     data = path.read_bytes()
     try:
@@ -388,7 +395,6 @@ def _load_weights(where: str, net: torch.nn.Module, weights: dict[str, Tensor], 
 
 def _read_train_config(f: Fields) -> TrainConfig:
     """A TrainConfig from a checkpoint's record, every field typed and ranged."""
-    from .models import MAX_CHANNELS, MAX_LAYERS, MAX_SIZE, check_model_config
 
     known = {fl.name for fl in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(f.data) - known)

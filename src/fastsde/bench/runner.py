@@ -36,10 +36,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..files import write_atomic
+from ..api import _recordable, sample
+from ..artifacts.grid import shipped_grid
+from ..files import Fields, read_json, write_atomic, write_text_atomic
+from ..metrics.mixture import mixture_frechet, mixture_frechet_floor
+from ..models import load_model
 from ..noise import Stream, as_noise_source
+from ..problems import mixture_2d, mixture_nd
 from ..score import ScoreFn
 from ..sde import PROCESSES, SDE, process_by_name, process_name
+from ..solvers import SOLVERS
 from .peers import PEERS, Peer, TimedScore, available_peers
 
 __all__ = ["BenchConfig", "Problem", "run_bench", "merge_results", "write_outputs", "converged_nfe", "read_results"]
@@ -95,8 +101,6 @@ class Problem:
 
 
 def mixture_problem(process: str, cfg: BenchConfig) -> Problem:
-    from ..metrics.mixture import mixture_frechet, mixture_frechet_floor
-    from ..problems import mixture_2d, mixture_nd
 
     sde = process_by_name(process)
     gm = mixture_2d(sde) if cfg.dim == 2 else mixture_nd(sde, dim=cfg.dim)
@@ -118,7 +122,6 @@ def mixture_problem(process: str, cfg: BenchConfig) -> Problem:
 def digits_problem(cfg: BenchConfig) -> Problem:
     """The shipped digits model, judged by ``fastsde.metrics.digits.digits_quality`` (classifier-feature
     Fréchet distance to the held-out split; its floor is the real-data FD at the same n)."""
-    from ..models import load_model
 
     try:
         from ..metrics.digits import digits_quality, floor_for, floor_sd_for
@@ -162,7 +165,6 @@ class FastsdeSampler:
         """The options of one sweep point: the step count, or the solver's declared tolerance option
         with its absolute partner (atol = rtol for ``ode``; eps_abs = 0.78·eps_rel, the bench's
         choice for the mixed tolerance of the adaptive SDE solvers)."""
-        from ..solvers import SOLVERS
 
         if self.budget_kind == "nfe":
             return {"steps": int(setting)}
@@ -183,7 +185,6 @@ def _budget_kind(spec: Any) -> str | None:
 def fastsde_samplers() -> tuple[list[FastsdeSampler], list[str]]:
     """The registered fastsde solvers the bench can drive (discovered at run time); kind and
     stochasticity come from each solver's declarations, for the variant's options."""
-    from ..solvers import SOLVERS
 
     out, notes = [], []
     for name, spec in SOLVERS.items():
@@ -245,7 +246,6 @@ VARIANTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
 def _variant_is_default(s: FastsdeSampler, sde: SDE) -> bool:
     """True when a variant's fixed options are its base solver's defaults on this process (the
     variant would repeat the base row: the Karras grid is the default on EDM, the log-SNR grid elsewhere)."""
-    from ..solvers import SOLVERS
 
     options = SOLVERS[s.solver].options
     return all(options[k].default_for(sde) == v for k, v in s.fixed.items())
@@ -254,7 +254,6 @@ def _variant_is_default(s: FastsdeSampler, sde: SDE) -> bool:
 def fastsde_nfe(name: str, sde: SDE, steps: int, options: dict[str, Any] | None = None) -> float:
     """NFE per sample of a fixed-step fastsde solver at ``steps`` grid points, the final denoise
     included, from its declarations (no dry run)."""
-    from ..solvers import SOLVERS
 
     return float(SOLVERS[name].fixed_nfe({**(options or {}), "steps": steps}, denoise=True))
 
@@ -473,7 +472,6 @@ def merge_results(results: list[dict[str, Any]]) -> dict[str, Any]:
 def read_results(path: str | Path) -> dict[str, Any]:
     """The results.json written by :func:`write_outputs`, every field that merging, tables and plots
     read checked (a FileFormatError naming the file and the field, e.g. ``records[3].nfe``)."""
-    from ..files import Fields, read_json
 
     path = Path(path)
     if not path.is_file():
@@ -587,7 +585,6 @@ def _fitted_grid(prob: Problem, s: Any, steps: int):
     False when none is shipped; None for every other sampler."""
     if getattr(s, "fixed", {}).get("grid") != FITTED:
         return None
-    from ..artifacts.grid import shipped_grid
 
     grid = shipped_grid(prob.model, s.solver, steps) if prob.model else None
     return grid if grid is not None else False
@@ -595,8 +592,6 @@ def _fitted_grid(prob: Problem, s: Any, steps: int):
 
 def _solve(source: str, s: Any, prob: Problem, cfg: BenchConfig, x_T: Tensor, setting: float):
     """One run from x_T: (samples, NFE, calls, wall, time inside the score, options as JSON)."""
-    from ..api import _recordable, sample
-    from ..solvers import SOLVERS
 
     if source == "fastsde":
         timed = TimedScore(prob.score)
@@ -782,7 +777,6 @@ def plot(result: dict[str, Any], out: Path) -> list[Path]:
 
 def write_outputs(result: dict[str, Any], out: Path) -> list[Path]:
     """results.json, results.csv, table.md and the PNG plots under ``out``."""
-    from ..files import write_text_atomic
 
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "results.json", out / "results.csv", out / "table.md"]

@@ -33,6 +33,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..data import digits_labels, load_digits
+from ..files import Fields, FileFormatError, check_tensor
+
 __all__ = [
     "DigitsClassifier",
     "FLOOR_SIZES",
@@ -115,8 +118,6 @@ def read_classifier(
     the file and field): the network's weights, finite held-out mean (64,) and covariance (64, 64),
     and the floor tables (sample size -> positive finite FD) the metric interpolates."""
     from safetensors.torch import load
-
-    from ..files import Fields, FileFormatError, check_tensor
 
     try:
         tensors = load(weights)
@@ -202,7 +203,6 @@ def compute_floor(
     size n come from ``numpy.random.default_rng([seed, n])``, whatever the other sizes. A size equal to
     the whole train split has a single subset (sd 0).
     """
-    from ..data import load_digits
 
     if subsets < 2:
         raise ValueError(f"subsets must be >= 2 to give an sd, got {subsets}")
@@ -291,7 +291,6 @@ def _check_classes(classes: Any) -> tuple[int, ...] | None:
 @lru_cache(maxsize=16)
 def _heldout_subset_stats(classes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """(feature mean, covariance, covariance^½, image count) of the held-out digits of ``classes``."""
-    from ..data import digits_labels, load_digits
 
     feats, _ = digits_features(load_digits("heldout"))
     rows = np.isin(digits_labels("heldout").numpy(), classes)
@@ -306,7 +305,6 @@ def class_floor(
     """(mean, sd) over random subsets of n train digits of ``classes`` (without replacement; at most
     all of them) of their FD against the held-out digits of ``classes``: the real-data floor of a
     per-label FD. Deterministic (``numpy.random.default_rng([seed, n, *classes])``)."""
-    from ..data import digits_labels, load_digits
 
     if n < 2:
         raise ValueError(f"the floor needs n >= 2 samples, got {n}")
@@ -328,7 +326,6 @@ def class_floor(
 @lru_cache(maxsize=1)
 def _heldout_class_stats() -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Per class of the held-out split: (feature mean, covariance, covariance^½) (21–35 images each)."""
-    from ..data import digits_labels, load_digits
 
     feats, _ = digits_features(load_digits("heldout"))
     labels = digits_labels("heldout").numpy()
@@ -395,8 +392,6 @@ def build_assets(epochs: int = 40, seed: int = 0) -> dict[str, Any]:
     from pathlib import Path
 
     from safetensors.torch import save_file
-
-    from ..data import digits_labels, load_digits
 
     torch.manual_seed(seed)
     xtr, ytr = load_digits("train"), digits_labels("train")
