@@ -295,7 +295,7 @@ def test_ode_budget_error_and_partial():
 
 
 def test_ode_removed_budget_spellings_are_refused():
-    """max_steps and partial (the spellings before max_nfe and on_budget) were removed in 0.2 (CHANGELOG):
+    """max_steps and partial (the spellings before max_nfe and on_budget) were removed after 0.1.0 (CHANGELOG.md):
     an unknown option, named, before any compute."""
     sde = fastsde.VESDE()
     gm = make_mixture(sde)
