@@ -28,6 +28,7 @@ from .score import (
 )
 from .sde import SDE
 from .solvers import SolverSpec, get_solver
+from .solvers.core.common import LOWER_ORDER_FINAL_BELOW
 from .solvers.core.context import SolverContext, StepInfo
 from .solvers.core.options import as_python_number
 from .solvers.core.stepper import starts_at_zero_mean
@@ -154,10 +155,16 @@ def check_run(
     denoise = as_python_number(denoise)
     if not isinstance(denoise, bool):
         raise ValueError(f"denoise must be True or False, got {denoise!r}")
-    t_end = check_t_end(sde, t_end) if t_end is not None else default_t_end(sde, spec, options or {}, denoise)
+    return shape, spec, run_t_end(sde, spec, t_end, denoise, options or {}), denoise
+
+
+def run_t_end(sde: SDE, spec: SolverSpec, t_end: Any, denoise: bool, options: Mapping[str, Any]) -> float | int:
+    """The t_end of a run: the given one checked (:func:`check_t_end`), or for None the run's default
+    (:func:`default_t_end`); t_end=0 needs the denoise, which is then its last move."""
+    t_end = check_t_end(sde, t_end) if t_end is not None else default_t_end(sde, spec, options, denoise)
     if t_end == 0 and not denoise:
         raise ValueError("t_end=0 makes the denoise the grid's last move (to x̂0 at σ = 0): it needs denoise=True")
-    return shape, spec, t_end, denoise
+    return t_end
 
 
 def check_t_end(sde: SDE, t_end: Any) -> float | int:
@@ -185,7 +192,7 @@ def default_t_end(sde: SDE, spec: SolverSpec, options: Mapping[str, Any], denois
     t_end = sde.default_t_end
     if not denoise or spec.adaptive or spec.artifact is not None or not starts_at_zero_mean(sde, float(sde.T)):
         return t_end
-    if float(sde.marginal_std(torch.zeros(1, dtype=torch.float64))[0]) != 0.0:
+    if noise_at_zero(sde) != 0.0:
         return t_end
     try:
         resolved = spec.resolve(sde, dict(options), t_end)
@@ -196,18 +203,23 @@ def default_t_end(sde: SDE, spec: SolverSpec, options: Mapping[str, Any], denois
     return 0.0 if few and isinstance(grid, str) and grid in ZERO_END_GRIDS else t_end
 
 
-#: below this many grid points a rectified flow's fixed-grid run ends at σ = 0 by default (diffusers'
-#: lower_order_final threshold; see :func:`default_t_end`)
-ZERO_END_BELOW = 15
+#: below this many grid points a rectified flow's fixed-grid run ends at σ = 0 by default: the threshold of
+#: diffusers' lower_order_final rule (see :func:`default_t_end`)
+ZERO_END_BELOW = LOWER_ORDER_FINAL_BELOW
 
 
 #: the named grids that reach t = 0 (λ and σ/m are infinite there for the others)
 ZERO_END_GRIDS = ("uniform", "quadratic")
 
 
+def noise_at_zero(sde: SDE) -> float:
+    """σ(0) of the process: 0 where a grid can run to t = 0 (VP, sub-VP, rectified flow)."""
+    return float(sde.marginal_std(torch.zeros(1, dtype=torch.float64))[0])
+
+
 def check_zero_end(sde: SDE) -> None:
     """``t_end=0`` is a solve to σ = 0: only for a process whose σ(0) is 0 (VP, sub-VP, a rectified flow)."""
-    sigma0 = float(sde.marginal_std(torch.zeros(1, dtype=torch.float64))[0])
+    sigma0 = noise_at_zero(sde)
     if sigma0 != 0.0:
         raise ValueError(
             f"t_end=0 (a grid to σ = 0 whose last move is the denoise) needs σ(0) = 0, but σ(0) = {sigma0:g} for "

@@ -483,15 +483,12 @@ def _check_keywords(req: _Request, sde: Any) -> tuple[float, dict[str, Any]]:
     """The options (names and values) and the sample keywords, before any compute: (t_end, the
     solver's resolved options)."""
     keywords = req.keywords
-    from ..api import check_t_end, default_t_end
+    from ..api import run_t_end
 
     if not isinstance(keywords.get("denoise", True), bool):
         raise CLIError(f"denoise must be true or false, got {keywords['denoise']!r}")
     try:
-        given = keywords.get("t_end")
-        t_end = check_t_end(sde, given) if given is not None else default_t_end(
-            sde, req.spec, dict(req.opts), keywords.get("denoise", True)
-        )  # fmt: skip
+        t_end = run_t_end(sde, req.spec, keywords.get("t_end"), keywords.get("denoise", True), dict(req.opts))
     except ValueError as err:
         raise CLIError(str(err)) from None
     return t_end, req.spec.resolve(sde, dict(req.opts), t_end)

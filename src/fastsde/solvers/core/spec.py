@@ -1,5 +1,6 @@
-"""What every solver shares: its declaration (name, options, declarations, how it is built), the
-context it runs in, and option validators.
+"""What every solver shares: its declaration (name, options, declarations, how it is built) and the
+build function of the fixed-grid solvers. The context is ``solvers.core.context``, the options and
+their checks ``solvers.core.options``.
 
 A solver is a stepper (``solvers.core.stepper``) run by the driver (``solvers.core.driver``) under a
 controller (``solvers.core.controllers``). The stepper draws randomness only from the noise source,
@@ -18,42 +19,16 @@ from torch import Tensor
 from ...artifacts import FittedArtifact, FittedGrid
 from ...grids import check_explicit_grid, explicit_times
 from ...sde import SDE
-from .context import SolverContext, StepInfo, solver_grid
+from .context import SolverContext, solver_grid
 from .controllers import FixedGrid
 from .driver import integrate
 from .options import (
     Option,
     as_python_number,
-    boolean,
-    grid_options,
-    nonnegative_float,
-    one_of,
-    optional,
-    positive_float,
-    positive_int,
-    positive_or_inf,
-    unit_interval,
 )
 from .stepper import starts_at_zero_mean
 
-__all__ = [
-    "Option",
-    "as_python_number",
-    "SolverSpec",
-    "SolverContext",
-    "StepInfo",
-    "positive_int",
-    "positive_float",
-    "nonnegative_float",
-    "unit_interval",
-    "one_of",
-    "optional",
-    "positive_or_inf",
-    "boolean",
-    "grid_options",
-    "solver_grid",
-    "fixed_grid",
-]
+__all__ = ["SolverSpec", "fixed_grid"]
 
 
 # ---------------------------------------------------------------------------------------------
