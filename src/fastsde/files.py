@@ -347,7 +347,6 @@ class Fields:
 
     def process(self, key: str) -> Any:
         """A process config (``sde.config()``) rebuilt as the SDE it describes."""
-
         cfg = self.obj(key)
         try:
             return sde_from_config(cfg.data)

@@ -104,7 +104,6 @@ class Levels:
         :func:`forward_flops`) relative to the cheapest; ``load`` goes to :func:`fastsde.load_model` (e.g. ``dtype``).
         ``self.models`` holds the loaded models and ``self.flops`` the FLOPs. Unknown names, fewer
         than two, or models of different processes are a ValueError before any sampling."""
-
         if isinstance(names, str):
             names = [s.strip() for s in names.split(",") if s.strip()]
         names = list(names)
@@ -144,7 +143,6 @@ class Levels:
 
     def check(self, sde: SDE, solver: str) -> None:
         """The front door's checks: each level's process is ``sde``, and the solver takes levels."""
-
         if solver != "mlem":
             raise ValueError(
                 f"Levels need solver='mlem'; {solver!r} takes one score (pass levels.scores[-1] for the finest)"

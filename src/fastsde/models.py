@@ -186,7 +186,6 @@ class LoadedModel:
 
     def guided(self, scale: float):
         """This model's score under classifier-free guidance of ``scale`` (w = 1: the conditional model)."""
-
         if self.null_cond is None:
             raise ValueError(f"model {self.name!r} is not class-conditional: it has no null label to guide against")
         return CFGScore(self.score, scale, null_cond=self.null_cond, sde=self.sde)
@@ -214,7 +213,6 @@ MAX_PARAMS = 2e9
 def check_model_config(path: str | os.PathLike, cfg: Any) -> dict[str, Any]:
     """A fastsde model config (``<name>.json`` or a train folder's config.json), every field typed
     and ranged; a FileFormatError naming the file and field. Returns ``cfg``."""
-
     f = Fields(str(path), cfg)
     f.string("format", None, choices=("fastsde-unet-eps/1",))
     sde = f.process("sde")
@@ -261,7 +259,6 @@ def check_model_config(path: str | os.PathLike, cfg: Any) -> dict[str, Any]:
 def _read_config(name: str) -> dict[str, Any]:
     """The config of one shipped model, checked field by field; a broken file is a FileFormatError
     naming the model and the file (the other models are not read, so they still load)."""
-
     path = _models_dir().joinpath(f"{name}.json")
     try:
         cfg = json.loads(path.read_bytes().decode("utf-8"))
@@ -322,7 +319,6 @@ def load_model(name: str | os.PathLike = "digits", dtype: torch.dtype | str = to
 
 def _read_json(label: str, path: Path) -> dict[str, Any]:
     """A JSON object from a model's file; a missing or broken file is a FileFormatError naming it."""
-
     if not path.is_file():
         raise FileFormatError(str(path), None, "missing", message=f"model {label!r}: {path} is missing")
     try:
@@ -338,7 +334,6 @@ def _read_json(label: str, path: Path) -> dict[str, Any]:
 
 def _load_folder(folder: Path, dtype: torch.dtype) -> LoadedModel:
     """A model folder: fastsde's (config.json with unet/sde/shape + model.safetensors) or diffusers'."""
-
     label = str(folder)
     unet_dir = folder / "unet" if (folder / "unet" / "config.json").is_file() else folder  # a pipeline folder
     if not (unet_dir / "config.json").is_file():
@@ -415,7 +410,6 @@ def _scheduler_config(label: str, folder: Path) -> dict[str, Any]:
 
 def _check_diffusers_config(label: str, path: Path, cfg: dict[str, Any]) -> None:
     """The fields of a diffusers UNet config that fastsde reads itself (diffusers checks the rest)."""
-
     f = Fields(str(path), cfg)
     try:
         f.string("_class_name")

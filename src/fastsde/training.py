@@ -346,7 +346,6 @@ def _read_param_groups(f: Fields, fresh: list[dict[str, Any]]) -> list[dict[str,
 
 def _read_state(path: Path, old_meta: Path) -> tuple[dict[str, Tensor], Fields]:
     """(tensors, record) of train_state.safetensors; the record of the older layout from train_state.json."""
-
     data = path.read_bytes()
     try:
         return read_tensors_with_meta(data, str(path), STATE_FORMAT, "a training state file", "net.unet.conv_in.weight")
@@ -395,7 +394,6 @@ def _load_weights(where: str, net: torch.nn.Module, weights: dict[str, Tensor], 
 
 def _read_train_config(f: Fields) -> TrainConfig:
     """A TrainConfig from a checkpoint's record, every field typed and ranged."""
-
     known = {fl.name for fl in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(f.data) - known)
     if unknown:

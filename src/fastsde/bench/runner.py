@@ -122,7 +122,6 @@ def mixture_problem(process: str, cfg: BenchConfig) -> Problem:
 def digits_problem(cfg: BenchConfig) -> Problem:
     """The shipped digits model, judged by ``fastsde.metrics.digits.digits_quality`` (classifier-feature
     Fréchet distance to the held-out split; its floor is the real-data FD at the same n)."""
-
     try:
         from ..metrics.digits import digits_quality, floor_for, floor_sd_for
     except ImportError as exc:
@@ -165,7 +164,6 @@ class FastsdeSampler:
         """The options of one sweep point: the step count, or the solver's declared tolerance option
         with its absolute partner (atol = rtol for ``ode``; eps_abs = 0.78·eps_rel, the bench's
         choice for the mixed tolerance of the adaptive SDE solvers)."""
-
         if self.budget_kind == "nfe":
             return {"steps": int(setting)}
         tol = SOLVERS[self.solver].tolerance
@@ -185,7 +183,6 @@ def _budget_kind(spec: Any) -> str | None:
 def fastsde_samplers() -> tuple[list[FastsdeSampler], list[str]]:
     """The registered fastsde solvers the bench can drive (discovered at run time); kind and
     stochasticity come from each solver's declarations, for the variant's options."""
-
     out, notes = [], []
     for name, spec in SOLVERS.items():
         kind = _budget_kind(spec)
@@ -246,7 +243,6 @@ VARIANTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
 def _variant_is_default(s: FastsdeSampler, sde: SDE) -> bool:
     """True when a variant's fixed options are its base solver's defaults on this process (the
     variant would repeat the base row: the Karras grid is the default on EDM, the log-SNR grid elsewhere)."""
-
     options = SOLVERS[s.solver].options
     return all(options[k].default_for(sde) == v for k, v in s.fixed.items())
 
@@ -254,7 +250,6 @@ def _variant_is_default(s: FastsdeSampler, sde: SDE) -> bool:
 def fastsde_nfe(name: str, sde: SDE, steps: int, options: dict[str, Any] | None = None) -> float:
     """NFE per sample of a fixed-step fastsde solver at ``steps`` grid points, the final denoise
     included, from its declarations (no dry run)."""
-
     return float(SOLVERS[name].fixed_nfe({**(options or {}), "steps": steps}, denoise=True))
 
 
@@ -472,7 +467,6 @@ def merge_results(results: list[dict[str, Any]]) -> dict[str, Any]:
 def read_results(path: str | Path) -> dict[str, Any]:
     """The results.json written by :func:`write_outputs`, every field that merging, tables and plots
     read checked (a FileFormatError naming the file and the field, e.g. ``records[3].nfe``)."""
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no bench results at {str(path)!r}")
@@ -592,7 +586,6 @@ def _fitted_grid(prob: Problem, s: Any, steps: int):
 
 def _solve(source: str, s: Any, prob: Problem, cfg: BenchConfig, x_T: Tensor, setting: float):
     """One run from x_T: (samples, NFE, calls, wall, time inside the score, options as JSON)."""
-
     if source == "fastsde":
         timed = TimedScore(prob.score)
         opts = {**s.fixed, **s.options_for(setting, dict(SOLVERS[s.solver].options))}
@@ -777,7 +770,6 @@ def plot(result: dict[str, Any], out: Path) -> list[Path]:
 
 def write_outputs(result: dict[str, Any], out: Path) -> list[Path]:
     """results.json, results.csv, table.md and the PNG plots under ``out``."""
-
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "results.json", out / "results.csv", out / "table.md"]
     write_text_atomic(paths[0], json.dumps(result, indent=1, default=str))

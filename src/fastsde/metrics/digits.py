@@ -203,7 +203,6 @@ def compute_floor(
     size n come from ``numpy.random.default_rng([seed, n])``, whatever the other sizes. A size equal to
     the whole train split has a single subset (sd 0).
     """
-
     if subsets < 2:
         raise ValueError(f"subsets must be >= 2 to give an sd, got {subsets}")
     feats, _ = digits_features(load_digits("train"))
@@ -291,7 +290,6 @@ def _check_classes(classes: Any) -> tuple[int, ...] | None:
 @lru_cache(maxsize=16)
 def _heldout_subset_stats(classes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """(feature mean, covariance, covariance^½, image count) of the held-out digits of ``classes``."""
-
     feats, _ = digits_features(load_digits("heldout"))
     rows = np.isin(digits_labels("heldout").numpy(), classes)
     mu, cov = _stats(feats[rows])
@@ -305,7 +303,6 @@ def class_floor(
     """(mean, sd) over random subsets of n train digits of ``classes`` (without replacement; at most
     all of them) of their FD against the held-out digits of ``classes``: the real-data floor of a
     per-label FD. Deterministic (``numpy.random.default_rng([seed, n, *classes])``)."""
-
     if n < 2:
         raise ValueError(f"the floor needs n >= 2 samples, got {n}")
     feats, _ = digits_features(load_digits("train"))
@@ -326,7 +323,6 @@ def class_floor(
 @lru_cache(maxsize=1)
 def _heldout_class_stats() -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Per class of the held-out split: (feature mean, covariance, covariance^½) (21–35 images each)."""
-
     feats, _ = digits_features(load_digits("heldout"))
     labels = digits_labels("heldout").numpy()
     out = {}

@@ -105,7 +105,6 @@ def first_move(sde: SDE, x: Tensor, x0: Tensor, t: Tensor, t_next: Tensor, eta: 
     stochastic one η = 1, the h → ∞ limit of its own first-order move (SDE-DPM-Solver++ with any η > 0:
     (σ_s/σ_t)·e^{−ηh} → 0, noise std σ_s·√(1 − e^{−2ηh}) → σ_s), i.e. the reverse SDE's DDPM posterior
     q(x_s | x_T, x0 = x̂0). See ``Stepper.singular_eta``."""
-
     return posterior_step(sde, x, x0, t, t_next, eta, z)
 
 

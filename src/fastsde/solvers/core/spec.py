@@ -105,7 +105,6 @@ class SolverSpec:
     def first_move_saving(self, opts: Mapping[str, Any], sde: SDE | None) -> int:
         """Evaluations the shared first move from m(T) = 0 saves over the method's own first move
         (``declared_move_nfe`` − 1; 0 when the run is not from m = 0 or the method moves from there itself)."""
-
         if sde is None or self.stepper.singular_start or not starts_at_zero_mean(sde, float(sde.T)):
             return 0
         return int(self.stepper.declared_move_nfe(opts)) - 1
