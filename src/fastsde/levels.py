@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -261,9 +262,17 @@ class LevelScores:
         return torch.stack([c.nfe_per_sample for c in self.levels], dim=1)
 
     def flush(self) -> None:
-        """Each level's deferred NaN/Inf checks (none are deferred today: the same protocol as one counter)."""
+        """Each level's deferred NaN/Inf checks (the same protocol as one counter)."""
         for counter in self.levels:
             counter.flush()
+
+    @contextmanager
+    def deferring(self) -> Iterator[None]:
+        """Every level's NaN/Inf checks deferred within the block (see ``CountingScore.deferring``)."""
+        with ExitStack() as stack:
+            for counter in self.levels:
+                stack.enter_context(counter.deferring())
+            yield
 
     def accounting(self, denoised: bool) -> dict[str, Any]:
         """The JSON-ready record for res.config(): the stepper's record (schedule, expected cost,

@@ -54,6 +54,8 @@ class SDE(ABC):
     t_min: float = 0.0
     #: Width of the data interval in model space; sets the default absolute tolerance (range/256).
     data_range: float = 2.0
+    #: m(t) = 1 at every t (the variance-exploding processes): no division by m where it is exactly 1
+    unit_mean: bool = False
 
     # -- schedule -------------------------------------------------------------------------
     @abstractmethod
@@ -112,10 +114,10 @@ class SDE(ABC):
         return self.reverse_drift(x, t, score, lam=0.0)
 
     def denoise(self, x: Tensor, t: Tensor, score: Tensor) -> Tensor:
-        """Tweedie's posterior mean x̂0 = (x + σ²·s)/m."""
+        """Tweedie's posterior mean x̂0 = (x + σ²·s)/m (no division where m ≡ 1: ``unit_mean``)."""
         sigma = broadcast_to_rows(self.marginal_std(t), x)
-        m = broadcast_to_rows(self.mean_coeff(t), x)
-        return (x + sigma**2 * score) / m
+        out = x + sigma**2 * score
+        return out if self.unit_mean else out / broadcast_to_rows(self.mean_coeff(t), x)
 
     def prior_sample(self, z: Tensor) -> Tensor:
         """Map standard normal draws z to prior draws."""
@@ -261,6 +263,8 @@ class VESDE(SDE):
     differs only by the σ_min² that the data distribution is taken to be convolved with).
     """
 
+    unit_mean = True
+
     T = 1.0
     default_t_end = 1e-5
 
@@ -311,6 +315,8 @@ class EDM(SDE):
 
     Sampling runs from σ_max down to σ_min; the final denoise takes σ_min to 0.
     """
+
+    unit_mean = True
 
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0) -> None:
         _check_positive("sigma_min", sigma_min)

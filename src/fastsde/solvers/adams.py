@@ -66,6 +66,8 @@ class EDMAdams(Stepper):
         x0 = sde.denoise(x, s.t, s.score0())
         xt = x / broadcast_to_rows(m.to(dt), x)
         d = (xt - x0) / broadcast_to_rows(sig.to(dt), x)
+        if s.history is not None:  # a fixed grid: one order for every row, weights made once per run
+            return self._grid_move(x, s, xt, d, x0, m_next)
         known = s.get("known")
         here = self.node(s.t64)
         ds = [d] + [s.get(f"d{j}") for j in range(1, k_max)]
@@ -86,3 +88,40 @@ class EDMAdams(Stepper):
             state[f"d{j}"] = ds[j - 1]
             state[f"n{j}"] = here if j == 1 else past[j - 2]
         return StepResult(x=broadcast_to_rows(m_next.to(dt), x) * out, state=state, x0_hat=x0)
+
+    def _grid_move(self, x: Tensor, s: Step, xt: Tensor, d: Tensor, x0: Tensor, m_next: Tensor) -> StepResult:
+        """The move of every row on a fixed grid: order min(history + 1, max_order) known on the host, its
+        weights read from a table of the whole grid's (:meth:`_grid_weights`); the state as :meth:`step`."""
+        dt, k_max = x.dtype, self.max_order()
+        order = min(int(s.history) + 1, k_max)
+        ds = [d] + [s.get(f"d{j}") for j in range(1, order)]
+        c = self._grid_weights(s, order)[int(s.k)].to(dt)
+        move = c[0] * ds[0]
+        for j in range(1, order):
+            move = move + c[j] * ds[j]
+        state: State = {"known": torch.clamp(s.get("known") + 1, max=k_max - 1)}
+        for j in range(1, k_max):
+            state[f"d{j}"] = d if j == 1 else s.get(f"d{j - 1}")
+            state[f"n{j}"] = self.node(s.t64) if j == 1 else s.get(f"n{j - 1}")
+        return StepResult(x=broadcast_to_rows(m_next.to(dt), x) * (xt + move), state=state, x0_hat=x0)
+
+    def _grid_weights(self, s: Step, order: int) -> Tensor:
+        """(moves, order) float64 weights of every move i ≥ order − 1 of the grid ``s.grid`` from its
+        points i, i − 1, ..., i − order + 1 (rows before are unused zeros); made once per grid and order."""
+        cache = self.__dict__.setdefault("_weight_tables", {})
+        key = (id(s.grid), order)
+        if key not in cache:
+            grid = s.grid.to(s.t64.device)
+            moves = grid.shape[0] - 1
+            nodes_all, sig_all = self.node(grid), self.sde.edm_sigma(grid)
+            first = order - 1
+            if first >= moves:
+                table = torch.zeros(moves, order, dtype=torch.float64, device=grid.device)
+            else:
+                idx = torch.arange(first, moves, device=grid.device)
+                nodes = torch.stack([nodes_all[idx - j] for j in range(order)], dim=1)
+                w = self.weights(order, nodes, s, sig_all[idx], sig_all[idx + 1])
+                table = torch.cat([torch.zeros(first, order, dtype=torch.float64, device=grid.device), w])
+            cache.clear()  # one grid at a time
+            cache[key] = (s.grid, table)  # the grid is kept so that its id is not reused meanwhile
+        return cache[key][1]

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..sde import broadcast_to_rows
-from .core.common import LOWER_ORDER_FINAL_BELOW, first_order_moves
+from .core.common import LOWER_ORDER_FINAL_BELOW, first_order_moves, where_rows
 from .core.options import Option, boolean, grid_options
 from .core.spec import SolverSpec, fixed_grid
 from .core.stepper import State, Step, Stepper, StepResult, denoised
@@ -47,8 +47,12 @@ class DPMSolverPP2M(Stepper):
         x0 = denoised(sde, s, x, t, self.singular_move(s))
         h_prev, x0_prev = s.get("h"), s.get("x0")
         first = first_order_moves(s, h_prev > 0, self.options["lower_order_final"])
-        half_inv_r = broadcast_to_rows(0.5 * h / h_prev, x)
-        d = torch.where(broadcast_to_rows(first, x), x0, (1.0 + half_inv_r) * x0 - half_inv_r * x0_prev)
+
+        def second_order() -> Tensor:
+            half_inv_r = broadcast_to_rows(0.5 * h / h_prev, x)
+            return (1.0 + half_inv_r) * x0 - half_inv_r * x0_prev
+
+        d = where_rows(first, x0, second_order)
         ratio = broadcast_to_rows(sde.marginal_std(t_next) / sde.marginal_std(t), x)
         weight = broadcast_to_rows(-sde.mean_coeff(t_next) * (-h).expm1(), x)
         return StepResult(x=ratio * x + weight * d, state={"x0": x0, "h": h}, x0_hat=x0)

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from ..sde import SDE, broadcast_to_rows
-from .core.common import first_order_moves
+from .core.common import first_order_moves, where_rows
 from .core.options import Option, boolean, grid_options, nonnegative_float, one_of
 from .core.spec import SolverSpec, fixed_grid
 from .core.stepper import State, Step, Stepper, StepResult
@@ -106,19 +106,25 @@ class SDEDPMSolverPP2M(Stepper):
         coef = SDEDPMCoefficients(sde, s.t, s.t_next, eta)
         x0 = sde.denoise(x, s.t, s.score(x, s.t))
         h_prev, x0_prev = s.get("h"), s.get("x0")
-        has = broadcast_to_rows(h_prev > 0, x)
         if o["corrector"]:  # redo the last move with x̂0 linear between its two ends
-            redone = s.get("base") + broadcast_to_rows(s.get("linear").to(dt), x) * (x0 - x0_prev) / (
-                broadcast_to_rows(h_prev.to(dt), x)
-            )
-            x = torch.where(has, redone, x)
+            has = (s.history > 0) if s.history is not None else h_prev > 0
+
+            def redone() -> Tensor:
+                linear = broadcast_to_rows(s.get("linear").to(dt), x)
+                return s.get("base") + linear * (x0 - x0_prev) / broadcast_to_rows(h_prev.to(dt), x)
+
+            x = where_rows(not has if isinstance(has, bool) else ~has, x, redone)
         first = first_order_moves(s, h_prev > 0, o["lower_order_final"])
-        slope = (x0 - x0_prev) / broadcast_to_rows(h_prev.to(dt), x)
         base = coef.first_order(x, x0)
         if eta > 0.0:
             base = base + broadcast_to_rows(coef.noise_std.to(dt), x) * s.normal(x)
         c = coef.midpoint if o["solver_type"] == "midpoint" else coef.linear
-        out = torch.where(broadcast_to_rows(first, x), base, base + broadcast_to_rows(c.to(dt), x) * slope)
+
+        def second_order() -> Tensor:
+            slope = (x0 - x0_prev) / broadcast_to_rows(h_prev.to(dt), x)
+            return base + broadcast_to_rows(c.to(dt), x) * slope
+
+        out = where_rows(first, base, second_order)
         return StepResult(x=out, state={"x0": x0, "h": coef.h, "base": base, "linear": coef.linear}, x0_hat=x0)
 
 

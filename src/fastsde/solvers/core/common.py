@@ -205,14 +205,27 @@ def lagrange_integrals(
 LOWER_ORDER_FINAL_BELOW = 15
 
 
-def first_order_moves(s: Step, has_history: Tensor, lower_order_final: bool) -> Tensor:
+def first_order_moves(s: Step, has_history: Tensor, lower_order_final: bool) -> Tensor | bool:
     """Rows whose move is first order: no history yet (the first move, or after a corrector moved the
     sample), or the last move of a grid of fewer than LOWER_ORDER_FINAL_BELOW moves when
-    ``lower_order_final`` is on (diffusers' rule; not applied by adaptive controllers)."""
+    ``lower_order_final`` is on (diffusers' rule; not applied by adaptive controllers). On a fixed
+    grid (``s.history`` known on the host) one bool for every row, with no device work."""
+    lof = lower_order_final and s.moves is not None and s.moves < LOWER_ORDER_FINAL_BELOW
+    if s.history is not None:
+        return s.history == 0 or (lof and bool(s.is_final))
     first = ~has_history
-    if lower_order_final and s.moves is not None and s.moves < LOWER_ORDER_FINAL_BELOW:
-        first = first | s.final
-    return first
+    return first | s.final if lof else first
+
+
+def where_rows(mask: Tensor | bool, yes: Tensor, no: Callable[[], Tensor]) -> Tensor:
+    """``yes`` in the rows where ``mask`` holds, ``no()`` elsewhere. A host bool (a fixed grid, where every
+    row takes the same branch: :func:`first_order_moves`) computes only the branch taken."""
+    if mask is True:
+        return yes
+    other = no()
+    if mask is False:
+        return other
+    return torch.where(broadcast_to_rows(mask, yes), yes, other)
 
 
 def posterior_step(sde: SDE, x: Tensor, x0: Tensor, t: Tensor, t_next: Tensor, eta: float, z: Tensor | None) -> Tensor:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from enum import IntEnum
+from functools import partial
 from typing import Any
 
 import torch
@@ -36,7 +37,7 @@ from ...sde import SDE, broadcast_to_rows, per_row
 from .common import posterior_step
 from .context import StepInfo
 from .controllers import Adaptive, Coordinate, FixedGrid
-from .stepper import Step, Stepper, StepResult
+from .stepper import State, Step, Stepper, StepResult
 
 __all__ = [
     "Status",
@@ -171,7 +172,9 @@ def integrate(ctx, x: Tensor, stepper: Stepper, controller: FixedGrid | Adaptive
     solve first moves every sample to :func:`first_time` (1 evaluation, counted in the budget and the
     statistics, ``ctx.stats["first_move"]``), then runs from there (``ctx.t_start`` is t1 meanwhile, so
     the method's state starts there)."""
-    if not (controller.adaptive and stepper.shared_first_move):
+    if not controller.adaptive:
+        return _integrate_fixed(ctx, x, stepper, controller, **options)
+    if not stepper.shared_first_move:
         return _integrate(ctx, x, stepper, controller, **options)
     coordinate = options.get("coordinate")
     assert coordinate is not None, "an adaptive solve needs its coordinate"
@@ -189,6 +192,193 @@ def integrate(ctx, x: Tensor, stepper: Stepper, controller: FixedGrid | Adaptive
     ctx.stats["accepted"] = ctx.stats["accepted"] + 1
     ctx.stats["first_move"] = {"t": t1, "eta": eta, "nfe": 1}
     return out
+
+
+def _integrate_fixed(ctx, x: Tensor, stepper: Stepper, grid: FixedGrid, **options: Any) -> Tensor:
+    """The fixed-grid loop: every sample steps together from grid point k to k + 1, so there is no
+    per-sample status, mask or compaction, and the loop never waits for the device: each step's times
+    are made on the host from the grid, the score's NaN/Inf checks are deferred to the end of the solve
+    (one reduction per evaluation, looked at once; the same error), and the stepper's state is replaced,
+    not merged. The NFE, the noise keys (the grid index) and the results are those of the general loop."""
+    corrector, desc = options.get("corrector"), options.get("desc", "")
+    n, dt, dev = x.shape[0], x.dtype, x.device
+    moves = grid.moves
+    times = grid.grid.tolist()  # float64 on the host: each step's times without reading the device
+    points = _GridPoints(grid.grid, n, dt, dev)
+    nfe0 = ctx.score.nfe_per_sample.clone()
+    state, bad_start = stepper.init(x)
+    if bad_start is not None and bool(bad_start.any()):  # once, before the loop
+        raise NonFiniteSolveError(
+            f"the score returned NaN or Inf at the start, t = {times[0]:g}, for {int(bad_start.sum())} of {n} samples"
+        )
+    if corrector is not None and corrector.at_start:
+        x = corrector(ctx, x, points.t(0), None, torch.zeros(n, dtype=torch.int64), points.t(1))
+        stepper.reset(state, torch.arange(n))
+    bar = _progress_bar(desc) if ctx.progress else None
+    pending_first = stepper.shared_first_move
+    history = 0  # the stepper's own moves since the start or the last corrector reset
+    it = 0
+    try:
+        with ctx.score.deferring():
+            for k in range(moves):
+                step = points.step(ctx, k, moves, state, x, history)
+                if pending_first:
+                    pending_first = False
+                    res = _shared_first_step(ctx, stepper, x, step)
+                else:
+                    res = stepper.step(x, step)
+                    history += 1
+                x = res.x
+                for name, new in res.state.items():
+                    old = state[name]
+                    state[name] = (
+                        new if new.dtype == old.dtype and new.is_contiguous() else new.to(old.dtype).contiguous()
+                    )
+                it += 1
+                if bar is not None:
+                    bar.update(int(100 * (k + 1) / moves) - bar.n)
+                if ctx.callback is not None and not _report_fixed(ctx, it - 1, step, x, res):
+                    break
+                if corrector is not None and _corrects(ctx, corrector, k, moves, times):
+                    key = k + 1 if corrector.key == "point" else k
+                    keys = torch.full((n,), key, dtype=torch.int64)
+                    nxt = points.t(min(k + 2, moves))
+                    x = corrector.correct(ctx, x, points.t(k + 1), None, keys, nxt)
+                    stepper.reset(state, torch.arange(n))
+                    history = 0
+    finally:
+        if bar is not None:
+            bar.close()
+    stopped = ctx.stopped
+    t_final = torch.full((n,), times[it] if stopped else times[-1], dtype=torch.float64)
+    ctx.stats.update(
+        iterations=it,
+        accepted=torch.full((n,), it, dtype=torch.int64),
+        rejected=torch.zeros(n, dtype=torch.int64),
+        nonfinite_rejections=torch.zeros(n, dtype=torch.int64),
+        status=[(Status.STOPPED if stopped and it < moves else Status.DONE).label] * n,
+        t_final=t_final,
+        nfe_solver_per_sample=ctx.score.nfe_per_sample - nfe0,
+        reused_evaluations=torch.zeros(n, dtype=torch.int64),
+    )
+    return x
+
+
+class _GridPoints:
+    """The per-row tensors of a fixed grid's points, made on the host from the grid's times (float64)
+    as the loop reaches them (a move's end point is the next move's start), and each move's :class:`Step`."""
+
+    def __init__(self, grid: Tensor, n: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.grid = grid
+        self.times, self.n, self.dtype, self.device = grid.tolist(), n, dtype, device
+        self._last: tuple[int, tuple[Tensor, Tensor, Tensor]] | None = None
+        self.h = torch.ones(n, dtype=torch.float64, device=device)
+        self.not_final = torch.zeros(n, dtype=torch.bool, device=device)
+        self.final = torch.ones(n, dtype=torch.bool, device=device)
+
+    def point(self, k: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(t in the solve's dtype, t in float64, c = k in float64) of grid point k, one time per row."""
+        if self._last is not None and self._last[0] == k:
+            return self._last[1]
+        v, n, dev = self.times[k], self.n, self.device
+        made = (
+            torch.full((n,), v, dtype=self.dtype, device=dev),
+            torch.full((n,), v, dtype=torch.float64, device=dev),
+            torch.full((n,), float(k), dtype=torch.float64, device=dev),
+        )
+        self._last = (k, made)
+        return made
+
+    def t(self, k: int) -> Tensor:
+        return self.point(k)[0]
+
+    def step(self, ctx, k: int, moves: int, state: State, x: Tensor, history: int) -> Step:
+        """The Step of move k (grid point k to k + 1) for every row, ``history`` moves of the method behind it."""
+        t, t64, c = self.point(k)
+        t_next, t_next64, c_next = self.point(k + 1)
+        index = torch.full((self.n,), k, dtype=torch.int64)
+        last = k + 1 == moves and not ctx.denoise_is_final_move
+        score = ctx.score
+        return Step(
+            t=t,
+            t_next=t_next,
+            t64=t64,
+            t_next64=t_next64,
+            c=c,
+            c_next=c_next,
+            h=self.h,
+            index=index,
+            attempt=index,
+            final=self.final if last else self.not_final,
+            moves=moves,
+            rows=None,
+            score=score,
+            score0=partial(score, x, t),
+            brownian=_no_brownian,
+            normal_fn=partial(_keyed_normal, ctx.noise, k),
+            state=state,
+            data_prediction=score.data_prediction if getattr(score, "has_data_prediction", False) else None,
+            k=k,
+            history=history,
+            is_final=last,
+            grid=self.grid,
+        )
+
+
+def _keyed_normal(noise, counter: int, like: Tensor, stream: int) -> Tensor:
+    """Every row's standard normal draw of ``stream`` keyed by ``counter`` (a fixed grid's index)."""
+    return noise.normal(like.shape[1:], stream, counter, None, dtype=like.dtype, device=like.device)
+
+
+def _no_brownian(points: list[Tensor]) -> list[Tensor]:
+    raise ValueError("this method needs a Brownian path: run it adaptively")
+
+
+def _shared_first_step(ctx, stepper: Stepper, x: Tensor, step: Step) -> StepResult:
+    """Move 0 from m = 0 by :func:`first_move` (the method has no exact first move of its own)."""
+    if step.data_prediction is None:
+        raise _no_data_prediction(ctx.t_start)
+    x0 = step.data_prediction(x, step.t)
+    eta = stepper.singular_eta()
+    z = step.normal(x, Stream.FIRST_MOVE) if eta > 0.0 else None
+    return StepResult(x=first_move(ctx.sde, x, x0, step.t, step.t_next, eta, z), x0_hat=x0)
+
+
+def _corrects(ctx, corrector, k: int, moves: int, times: list[float]) -> bool:
+    """Whether the corrector runs after move k (decided on the host: every row is at the same point)."""
+    if k + 1 == moves and not corrector.at_end:
+        return False
+    key = k + 1 if corrector.key == "point" else k
+    if key % corrector.every:
+        return False
+    if math.isfinite(corrector.sigma_max):
+        sigma = float(ctx.sde.marginal_std(torch.tensor([times[k + 1]], dtype=torch.float64))[0])
+        return sigma <= corrector.sigma_max
+    return True
+
+
+def _report_fixed(ctx, it: int, step: Step, x: Tensor, res: StepResult) -> bool:
+    """Hand the callback move ``it`` of a fixed grid; False when it asked to stop."""
+    info = StepInfo(
+        step=it,
+        t=step.t_next,
+        h=(step.t64 - step.t_next64).to(x.dtype),
+        x=x,
+        nfe=ctx.score.nfe,
+        accepted=None,
+        x0_hat=res.x0_hat,
+    )
+    return ctx.report(info)
+
+
+def _progress_bar(desc: str):
+    """A tqdm bar of the share of the way from start to end in percent (an attempt count or a rate in
+    "it/s" would mislead for adaptive solvers)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=100, desc=desc, leave=False, bar_format="{desc}: {n_fmt}/{total_fmt} % |{bar}| {elapsed}<{remaining}"
+    )
 
 
 def _integrate(

@@ -59,6 +59,15 @@ class Step:
     state: State = field(default_factory=dict)
     #: the counted data prediction x̂0(x, t) of the score (None: the score has none); see :func:`denoised`
     data_prediction: Callable[[Tensor, Tensor], Tensor] | None = None
+    #: on a fixed grid, where every sample steps together, what the host knows without reading the
+    #: device (None when the rows may differ: an adaptive controller): ``k`` the grid index of the move,
+    #: ``history`` how many of the method's own moves lie behind every row since the start or the last
+    #: corrector reset (the driver's shared first move is not one), ``is_final`` whether the move ends at
+    #: t_end with no move after it (``final`` for every row), ``grid`` the grid's times (float64, host)
+    k: int | None = None
+    history: int | None = None
+    is_final: bool | None = None
+    grid: Tensor | None = None
 
     def normal(self, like: Tensor, stream: int = Stream.STEP) -> Tensor:
         """Standard normal noise shaped like ``like``, keyed per sample by this step's index."""
@@ -161,7 +170,9 @@ class Stepper:
 
     def singular_move(self, s: Step) -> bool:
         """Whether this move starts where m = 0 (the first move of a solve from a rectified flow's u = 1)."""
-        return self.from_zero_mean and bool((s.index == 0).any())
+        if not self.from_zero_mean:
+            return False
+        return s.k == 0 if s.k is not None else bool((s.index == 0).any())
 
     @property
     def shared_first_move(self) -> bool:
