@@ -31,6 +31,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -134,14 +135,20 @@ def run_peer(score, sde, x_T, lib: str, name: str, opts: dict, steps: int) -> to
     return x
 
 
-def best_time(fn: Callable[[], torch.Tensor], repeats: int, device: torch.device) -> tuple[float, torch.Tensor]:
-    out = fn()  # warm-up
-    times = []
+def best_times(
+    fns: list[Callable[[], torch.Tensor]], repeats: int, device: torch.device
+) -> list[tuple[float, torch.Tensor]]:
+    """The best wall time of each function over ``repeats`` rounds, the functions interleaved in each round
+    (so that both sides meet the same machine state: at B = 256 the allocator's page faults dominate
+    single runs), after one warm-up round."""
+    outs = [fn() for fn in fns]
+    best = [float("inf")] * len(fns)
     for _ in range(repeats):
-        with Clock(device) as c:
-            out = fn()
-        times.append(c.seconds)
-    return min(times), out
+        for i, fn in enumerate(fns):
+            with Clock(device) as c:
+                outs[i] = fn()
+            best[i] = min(best[i], c.seconds)
+    return list(zip(best, outs))
 
 
 def part_steps(args, device: torch.device) -> list[dict]:
@@ -152,11 +159,13 @@ def part_steps(args, device: torch.device) -> list[dict]:
         x_T = (sde.sigma_max * torch.randn(batch, 3, 32, 32, generator=gen)).to(device)
         for steps in args.steps:
             for solver, opts, lib, name, peer_opts in PAIRS:
-                ours, x_ours = best_time(
-                    lambda: run_fastsde(exact_score, sde, x_T, solver, opts, steps), args.repeats, device
-                )
-                theirs, x_theirs = best_time(
-                    lambda: run_peer(exact_score, sde, x_T, lib, name, peer_opts, steps), args.repeats, device
+                (ours, x_ours), (theirs, x_theirs) = best_times(
+                    [
+                        partial(run_fastsde, exact_score, sde, x_T, solver, opts, steps),
+                        partial(run_peer, exact_score, sde, x_T, lib, name, peer_opts, steps),
+                    ],
+                    args.repeats,
+                    device,
                 )
                 stochastic = fastsde.SOLVERS[solver].is_stochastic(opts)
                 diff = None if stochastic else float((x_ours - x_theirs).abs().max())
@@ -237,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--part", choices=["steps", "network", "all"], default="all")
     p.add_argument("--batch", type=int, nargs="+", default=[16, 256])
     p.add_argument("--steps", type=int, nargs="+", default=[20, 80])
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--network-batch", type=int, default=16)
     p.add_argument("--network-steps", type=int, default=20)
     p.add_argument("--network-solvers", nargs="+", default=["euler", "dpmpp_2m", "unipc"])

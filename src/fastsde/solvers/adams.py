@@ -64,7 +64,7 @@ class EDMAdams(Stepper):
         m, m_next = sde.mean_coeff(s.t64), sde.mean_coeff(s.t_next64)
         sig, sig_next = sde.edm_sigma(s.t64), sde.edm_sigma(s.t_next64)
         x0 = sde.denoise(x, s.t, s.score0())
-        xt = x / broadcast_to_rows(m.to(dt), x)
+        xt = x if sde.unit_mean else x / broadcast_to_rows(m.to(dt), x)
         d = (xt - x0) / broadcast_to_rows(sig.to(dt), x)
         if s.history is not None:  # a fixed grid: one order for every row, weights made once per run
             return self._grid_move(x, s, xt, d, x0, m_next)
@@ -98,12 +98,15 @@ class EDMAdams(Stepper):
         c = self._grid_weights(s, order)[int(s.k)].to(dt)
         move = c[0] * ds[0]
         for j in range(1, order):
-            move = move + c[j] * ds[j]
+            move.add_(c[j] * ds[j])  # in place on the fresh sum: the same additions, fewer allocations
+        out = move.add_(xt)  # xt + move (addition commutes exactly)
         state: State = {"known": torch.clamp(s.get("known") + 1, max=k_max - 1)}
         for j in range(1, k_max):
             state[f"d{j}"] = d if j == 1 else s.get(f"d{j - 1}")
             state[f"n{j}"] = self.node(s.t64) if j == 1 else s.get(f"n{j - 1}")
-        return StepResult(x=broadcast_to_rows(m_next.to(dt), x) * (xt + move), state=state, x0_hat=x0)
+        if not self.sde.unit_mean:
+            out = broadcast_to_rows(m_next.to(dt), x) * out
+        return StepResult(x=out, state=state, x0_hat=x0)
 
     def _grid_weights(self, s: Step, order: int) -> Tensor:
         """(moves, order) float64 weights of every move i ≥ order − 1 of the grid ``s.grid`` from its

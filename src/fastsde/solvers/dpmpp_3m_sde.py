@@ -96,7 +96,7 @@ class DPMSolverPP3MSDE(Stepper):
         d0 = self.sde.denoise(x, s.t, s.score(x, s.t))
         h1, h2 = s.get("h1"), s.get("h2")
         key = torch.stack([s.t64, s.t_next64, h1, h2, s.index.to(s.t64)], dim=1)
-        coef = shared_rows(lambda k: self._coefficients(k, s.moves), key)
+        coef = shared_rows(lambda k: self._coefficients(k, s.moves), key, s.k is not None or None)
         decay, w0, w_phi2, w_g2, frac, r0, r1, r01, std, order = (
             broadcast_to_rows(v.to(dt), x) for v in coef.unbind(1)[:-1]
         )

@@ -134,7 +134,7 @@ class ERSDESolver(Stepper):
         d0 = self.sde.denoise(x, s.t, s.score(x, s.t))
         s1, s2 = s.get("s1"), s.get("s2")
         d1, d2 = s.get("d1"), s.get("d2")
-        coef = shared_rows(self._coefficients, torch.stack([s.t64, s.t_next64, s1, s2], dim=1))
+        coef = shared_rows(self._coefficients, torch.stack([s.t64, s.t_next64, s1, s2], dim=1), s.k is not None or None)
         m_s, m_t, r, ds1, ds2, ds02, c1, c2, std, order = (broadcast_to_rows(v.to(dt), x) for v in coef.unbind(1)[:-1])
         out = r * (x / m_s) + (1.0 - r) * d0
         if int(o["order"]) >= 2:

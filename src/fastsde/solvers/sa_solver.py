@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from ..sde import SDE, broadcast_to_rows
-from .core.common import LOWER_ORDER_FINAL_BELOW, shared_rows
+from .core.common import LOWER_ORDER_FINAL_BELOW, shared_rows, where_rows
 from .core.options import Option, boolean, grid_options, one_of
 from .core.spec import SolverSpec, fixed_grid
 from .core.stepper import State, Step, Stepper, StepResult
@@ -130,10 +130,16 @@ class SASolver(Stepper):
             val = torch.where((sigma >= lo) & (sigma <= hi), val, torch.zeros_like(val))
         return val
 
-    def _weights(self, lam: list[Tensor], origin: Tensor, h: Tensor, a: Tensor, order: Tensor) -> Tensor:
+    def _weights(self, lam: list[Tensor], origin: Tensor, h: Tensor, a: Tensor, order: Tensor | int) -> Tensor:
         """(n, _HISTORY + 1) weights of the values at the nodes lam (scaled (λ − origin)/h, H = a·h):
-        row i uses its first order[i] nodes; the others get 0."""
+        row i uses its first order[i] nodes; the others get 0. An int order (a fixed grid, where the host
+        knows it) is every row's, with no read of the device."""
         out = torch.zeros(h.shape[0], _HISTORY + 1, dtype=h.dtype, device=h.device)
+        if isinstance(order, int):
+            if order > 0:
+                v = torch.stack([(lam[j] - origin) / h for j in range(order)], dim=1)
+                out[:, :order] = exp_lagrange_weights(v, a * h, rescale=self.options["rescale"])
+            return out
         for k in range(1, _HISTORY + 2):
             use = order == k
             if not bool(use.any()):
@@ -142,7 +148,21 @@ class SASolver(Stepper):
             out[use, :k] = exp_lagrange_weights(v, a[use] * h[use], rescale=self.options["rescale"])
         return out
 
-    def _predictor(self, key: Tensor, moves: int | None) -> Tensor:
+    def _host_orders(self, s: Step) -> tuple[int | None, int | None]:
+        """(predictor, corrector) orders of every row on a fixed grid, from the host's history count (the
+        rules of :meth:`_predictor` / :meth:`_corrector`); (None, None) when the rows may differ."""
+        if s.history is None:
+            return None, None
+        o, count, k, moves = self.options, min(int(s.history), _HISTORY), int(s.k), s.moves
+        lof = o["lower_order_final"] and moves is not None and moves < LOWER_ORDER_FINAL_BELOW
+        pred = min(int(o["predictor_order"]), count + 1)
+        corr = min(int(o["corrector_order"]), count + 1)
+        if lof:
+            pred = max(min(pred, moves - k), 1)
+            corr = min(corr, moves - k + 2)
+        return pred, corr if count > 0 else 0
+
+    def _predictor(self, key: Tensor, moves: int | None, host_order: int | None = None) -> Tensor:
         """From (t, t_next, λ_{k−1..k−3}, count, index): columns decay, noise std, 1 + τ², λ_s and the
         predictor's weights (m_t included) of x̂0 at λ_s, λ_{k−1}, …"""
         sde, o = self.sde, self.options
@@ -157,10 +177,10 @@ class SASolver(Stepper):
         m_t, sig_t = sde.mean_coeff(tn), sde.marginal_std(tn)
         decay = sig_t / sde.marginal_std(t) * torch.exp(-(tau**2) * h)
         std = sig_t * torch.sqrt(-torch.expm1(-2.0 * tau**2 * h))
-        w = m_t[:, None] * self._weights([lam_s, l1, l2, l3], lam_s, h, a, order)
+        w = m_t[:, None] * self._weights([lam_s, l1, l2, l3], lam_s, h, a, order if host_order is None else host_order)
         return torch.cat([torch.stack([decay, std, a, lam_s], dim=1), w], dim=1)
 
-    def _corrector(self, key: Tensor, moves: int | None) -> Tensor:
+    def _corrector(self, key: Tensor, moves: int | None, host_order: int | None = None) -> Tensor:
         """From (t, λ_{k−1..k−3}, count, a of the last move, index): the corrector's weights (m_s
         included) of x̂0 at λ_s (the new value), λ_{k−1}, … for the last move λ_{k−1} → λ_s."""
         sde, o = self.sde, self.options
@@ -172,7 +192,9 @@ class SASolver(Stepper):
             order = torch.minimum(order, moves - index + 2)
         order = torch.where(has, order, torch.zeros_like(order))
         h = torch.where(has, lam_s - l1, torch.ones_like(lam_s))
-        return sde.mean_coeff(t)[:, None] * self._weights([lam_s, l1, l2, l3], l1, h, a, order)
+        return sde.mean_coeff(t)[:, None] * self._weights(
+            [lam_s, l1, l2, l3], l1, h, a, order if host_order is None else host_order
+        )
 
     def step(self, x: Tensor, s: Step) -> StepResult:
         o, dt = self.options, x.dtype
@@ -185,14 +207,16 @@ class SASolver(Stepper):
         def combine(w: Tensor) -> Tensor:
             return sum(broadcast_to_rows(w[:, j].to(dt), x) * values[j] for j in range(_HISTORY + 1))
 
+        pred_order, corr_order = self._host_orders(s)
+        same = s.k is not None or None  # a fixed grid: every row shares its coefficients
         # corrector of the last move (its end is x, whose x̂0 is d0), with that move's noise
-        if int(o["corrector_order"]) > 0:
+        if int(o["corrector_order"]) > 0 and corr_order != 0:
             key = torch.stack([s.t64, *lam_past, count, s.get("a"), index], dim=1)
-            w = shared_rows(lambda k: self._corrector(k, s.moves), key)
-            x = torch.where(broadcast_to_rows(count > 0, x), s.get("base") + combine(w), x)
+            w = shared_rows(lambda k: self._corrector(k, s.moves, corr_order), key, same)
+            x = where_rows(count > 0 if corr_order is None else True, s.get("base") + combine(w), lambda: x)
 
         key = torch.stack([s.t64, s.t_next64, *lam_past, count, index], dim=1)
-        coef = shared_rows(lambda k: self._predictor(k, s.moves), key)
+        coef = shared_rows(lambda k: self._predictor(k, s.moves, pred_order), key, same)
         base = broadcast_to_rows(coef[:, 0].to(dt), x) * x
         if self.declared_stochastic(o):
             base = base + broadcast_to_rows(coef[:, 1].to(dt), x) * s.normal(x)

@@ -43,10 +43,13 @@ def log_snr_coordinate(ctx: SolverContext) -> Coordinate:
     return Coordinate.log_snr(ctx.sde, ctx.t_start, ctx.t_end)
 
 
-def shared_rows(fn: Callable[[Tensor], Tensor], key: Tensor) -> Tensor:
+def shared_rows(fn: Callable[[Tensor], Tensor], key: Tensor, same: bool | None = None) -> Tensor:
     """fn(key) row by row, computed once when every row of key is the same (a fixed grid: every
-    sample shares its coefficients)."""
-    if key.shape[0] > 1 and bool((key == key[:1]).all()):
+    sample shares its coefficients). ``same``: known on the host (a fixed grid's ``s.k is not None``);
+    None looks at the rows (one read of the device)."""
+    if same is None:
+        same = key.shape[0] > 1 and bool((key == key[:1]).all())
+    if same and key.shape[0] > 1:
         out = fn(key[:1])
         return out.expand(key.shape[0], *out.shape[1:])
     return fn(key)
@@ -215,6 +218,19 @@ def first_order_moves(s: Step, has_history: Tensor, lower_order_final: bool) -> 
         return s.history == 0 or (lof and bool(s.is_final))
     first = ~has_history
     return first | s.final if lof else first
+
+
+def grid_coefficients(stepper: Stepper, s: Step, make: Callable[[Tensor], Tensor]) -> Tensor:
+    """Row ``s.k`` of a per-grid table of a method's coefficients, made once per run on a fixed grid:
+    ``make(t)`` gets the grid's points in the solve's dtype (on its device) and returns one row per move
+    (the same elementwise formulas the per-row path evaluates each step, so only the last bit of a
+    vectorised exp/log may differ)."""
+    cache = stepper.__dict__.setdefault("_grid_tables", {})
+    key = (id(s.grid), s.t.dtype, make.__name__)
+    if key not in cache:
+        table = make(s.grid.to(device=s.t.device, dtype=s.t.dtype))
+        cache[key] = (s.grid, table)  # the grid is kept so that its id is not reused meanwhile
+    return cache[key][1][int(s.k)]
 
 
 def where_rows(mask: Tensor | bool, yes: Tensor, no: Callable[[], Tensor]) -> Tensor:

@@ -1,0 +1,132 @@
+"""The hot path (issue 32): a fixed-grid solve never reads a tensor on the host inside its loop (on a GPU
+every such read waits for the device), its NaN/Inf checks still fire with the same error, and its
+results are those of the per-row arithmetic."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastsde
+from fastsde.solvers.core.common import first_order_moves, shared_rows
+
+#: the Tensor methods that copy a value to the host (a synchronisation on an accelerator)
+HOST_READS = ("__bool__", "item", "__float__", "__int__", "__index__", "tolist", "numpy")
+
+FIXED = sorted(name for name, spec in fastsde.SOLVERS.items() if not spec.adaptive)
+
+
+@pytest.fixture
+def host_reads(monkeypatch):
+    """Counts every host read of a tensor while the fixture is active."""
+    count = {"n": 0}
+    for name in HOST_READS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            count["n"] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return count
+
+
+def _mixture(sde):
+    return fastsde.GaussianMixture(
+        torch.tensor([0.5, 0.5]), torch.tensor([[-1.0, 0.5], [1.0, -0.5]]), torch.tensor([0.3, 0.3]), sde=sde
+    )
+
+
+@pytest.mark.parametrize("solver", FIXED)
+def test_fixed_grid_loop_reads_nothing_on_the_host(solver, host_reads):
+    """The number of host reads of a whole solve does not grow with its steps: none per step."""
+    sde = fastsde.VPSDE()
+    reads = []
+    for steps in (6, 13):
+        host_reads["n"] = 0
+        fastsde.sample(_mixture(sde), sde, (4, 2), solver, seed=0, steps=steps)
+        reads.append(host_reads["n"])
+    assert reads[0] == reads[1], f"{solver}: {reads[0]} host reads at 6 steps, {reads[1]} at 13"
+
+
+def test_the_read_counter_sees_reads(host_reads):
+    """The fixture counts: a loop that reads once per step is caught (the test above can fail)."""
+    x = torch.ones(3)
+    for _ in range(5):
+        bool(x.any())
+    assert host_reads["n"] == 5
+
+
+def test_fixed_grid_nonfinite_score_raises_with_the_time():
+    """Deferred to the end of the solve, the NaN check still raises NonFiniteScoreError naming the time."""
+    sde = fastsde.VPSDE()
+    mix = _mixture(sde)
+
+    def broken(x, t):
+        out = mix.score(x, t)
+        return torch.where((t < 0.5)[:, None], torch.full_like(out, float("nan")), out)
+
+    with pytest.raises(fastsde.NonFiniteScoreError, match=r"NaN or Inf at t = \[0\.4"):
+        fastsde.sample(broken, sde, (4, 2), "dpmpp_2m", seed=0, steps=6, grid="uniform")
+
+
+def test_fixed_grid_nonfinite_rows_are_counted():
+    """One bad row of four is named as such (the per-row sums keep the rows apart)."""
+    sde = fastsde.VPSDE()
+    mix = _mixture(sde)
+
+    def one_bad_row(x, t):
+        out = mix.score(x, t).clone()
+        out[2, 1] = float("inf")
+        return out
+
+    with pytest.raises(fastsde.NonFiniteScoreError, match=r"\(1 of 4 rows\)"):
+        fastsde.sample(one_bad_row, sde, (4, 2), "euler", seed=0, steps=5)
+
+
+@pytest.mark.parametrize("solver", ["dpmpp_2m", "lms", "deis", "ipndm", "sa_solver", "dpmpp_3m_sde", "er_sde"])
+def test_grid_tables_match_the_per_row_path(solver):
+    """The fixed grid's precomputed coefficients (made once per run on the host's knowledge) give the
+    samples of the per-row arithmetic, here forced by hiding what the host knows from the stepper."""
+    from fastsde.solvers.core import driver
+
+    sde = fastsde.EDM()
+    mix = _mixture(sde)
+    kw = dict(seed=3, steps=9, dtype=torch.float64)
+    fast = fastsde.sample(mix, sde, (5, 2), solver, **kw).samples
+    original = driver._GridPoints.step
+
+    def per_row(self, *args, **kwargs):
+        step = original(self, *args, **kwargs)
+        step.k = step.history = step.is_final = step.grid = None
+        return step
+
+    try:
+        driver._GridPoints.step = per_row
+        slow = fastsde.sample(mix, sde, (5, 2), solver, **kw).samples
+    finally:
+        driver._GridPoints.step = original
+    torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)
+
+
+def test_host_decisions_follow_the_history():
+    """first_order_moves and shared_rows decide on the host when told, and read the rows otherwise."""
+
+    class S:
+        moves, is_final, final = 10, False, torch.zeros(2, dtype=torch.bool)
+
+    s = S()
+    s.history = 0
+    assert first_order_moves(s, None, True) is True
+    s.history, s.is_final = 3, True
+    assert first_order_moves(s, None, True) is True  # the last move of a short grid
+    assert first_order_moves(s, None, False) is False
+    s.history = None
+    got = first_order_moves(s, torch.tensor([True, False]), True)
+    assert got.tolist() == [False, True]
+    key = torch.tensor([[1.0, 2.0], [1.0, 2.0]])
+    calls = []
+    out = shared_rows(lambda k: calls.append(k.shape[0]) or k * 2, key, same=True)
+    assert calls == [1] and out.tolist() == [[2.0, 4.0], [2.0, 4.0]]
+    out = shared_rows(lambda k: calls.append(k.shape[0]) or k * 2, torch.tensor([[1.0], [3.0]]))
+    assert calls == [1, 2] and out.tolist() == [[2.0], [6.0]]
