@@ -14,7 +14,7 @@ from ...noise import NoiseSource
 from ...score import CountingScore
 from ...sde import SDE, per_row
 
-__all__ = ["StepInfo", "SolverContext", "solver_grid"]
+__all__ = ["StepInfo", "SolverContext", "solver_grid", "progress_bar"]
 
 
 @dataclass
@@ -64,3 +64,13 @@ class SolverContext:
 def solver_grid(ctx: SolverContext, opts: Mapping[str, Any]) -> Tensor:
     """The grid named by a fixed-step solver's options."""
     return time_grid(ctx.sde, opts["grid"], opts["steps"], ctx.t_start, ctx.t_end, opts["rho"])
+
+
+def progress_bar(desc: str):
+    """A tqdm bar of the share of the way from start to end in percent (an attempt count or a rate in
+    "it/s" would mislead for adaptive solvers)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=100, desc=desc, leave=False, bar_format="{desc}: {n_fmt}/{total_fmt} % |{bar}| {elapsed}<{remaining}"
+    )

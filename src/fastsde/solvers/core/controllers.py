@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ...sde import SDE
 
-__all__ = ["Coordinate", "FixedGrid", "Adaptive", "error_norm"]
+__all__ = ["Coordinate", "FixedGrid", "Adaptive", "ControllerState", "error_norm"]
 
 
 @dataclass
@@ -102,6 +102,32 @@ def error_norm(ratio: Tensor, norm: str) -> Tensor:
 
 
 @dataclass
+class ControllerState:
+    """An adaptive controller's memory, one entry per sample (on the solve's device): what the next
+    factor depends on besides the current attempt. The controller makes it (:meth:`Adaptive.init_state`)
+    and returns the next one (:meth:`Adaptive.adapt`); the driver only gathers and scatters rows."""
+
+    err_prev: Tensor  # error of the last accepted step, floored at 1e-4 (PI control; 1 before any)
+    after_reject: Tensor  # the last attempt was rejected
+    last_err: Tensor  # error of the last attempt if it was rejected, else 0 (the measured exponent)
+    last_h: Tensor  # step of the last attempt
+
+    def rows(self, idx: Tensor | None) -> ControllerState:
+        """The memory of the samples ``idx`` (None: all, in order)."""
+        if idx is None:
+            return self
+        return ControllerState(*(v[idx] for v in dataclasses.astuple(self)))
+
+    def put(self, idx: Tensor | None, new: ControllerState) -> ControllerState:
+        """This memory with the samples ``idx`` replaced by ``new`` (None: all of them)."""
+        if idx is None:
+            return new
+        for name in ("err_prev", "after_reject", "last_err", "last_h"):
+            getattr(self, name)[idx] = getattr(new, name)
+        return self
+
+
+@dataclass
 class Adaptive:
     """Per-sample error control (see the module docstring); every field is a setting of the law.
 
@@ -157,6 +183,40 @@ class Adaptive:
     def accepts(self, err: Tensor) -> Tensor:
         return err <= 1.0 if self.accept_equal else err < 1.0
 
+    def init_state(self, n: int, device: torch.device | str) -> ControllerState:
+        """The memory before any attempt."""
+        f64 = torch.float64
+        return ControllerState(
+            err_prev=torch.ones(n, dtype=f64, device=device),
+            after_reject=torch.zeros(n, dtype=torch.bool, device=device),
+            last_err=torch.zeros(n, dtype=f64, device=device),
+            last_h=torch.zeros(n, dtype=f64, device=device),
+        )
+
+    def adapt(
+        self,
+        state: ControllerState,
+        err: Tensor,
+        ok: Tensor,
+        finite: Tensor,
+        h: Tensor,
+        act: Tensor,
+        before_first: Tensor,
+    ) -> tuple[Tensor, ControllerState]:
+        """The factor of each attempted row's next step and the memory after this attempt (rows where
+        ``act`` is False keep theirs)."""
+        fac = self.factor(
+            err, ok, finite, h, state.err_prev, state.after_reject, state.last_err, state.last_h, before_first
+        )
+        err_prev = torch.where(ok, err.clamp_min(1e-4), state.err_prev) if self.pi_beta > 0 else state.err_prev
+        new = ControllerState(
+            err_prev=err_prev,
+            after_reject=torch.where(act, ~ok, state.after_reject),
+            last_err=torch.where(ok, torch.zeros_like(err), err),
+            last_h=h,
+        )
+        return fac, new
+
     def factor(
         self,
         err: Tensor,
@@ -191,8 +251,6 @@ def _measured_shrink(
     from the two attempts (clamped to [1, 5]) where it is smaller than ``shrink``. Only rows where
     ``again`` holds and the error fell as the step fell use the measurement."""
     use = again & torch.isfinite(prev_err) & (prev_err > err) & (err > 1.0) & (prev_h > h)
-    if not bool(use.any()):
-        return shrink
     ratio_h = torch.where(use, prev_h / h, torch.full_like(h, 2.0))
     ratio_e = torch.where(use, prev_err / err, torch.full_like(err, 2.0))
     p = (torch.log(ratio_e) / torch.log(ratio_h)).clamp(1.0, 5.0)
