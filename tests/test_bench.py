@@ -322,7 +322,9 @@ def test_bench_cli_end_to_end(tmp_path, capsys):
     assert all(0.0 <= r["outside_share"] <= 1.0 for r in em)
     assert not any(r["sampler"] == "diffusers_ddim" and r["process"] == "ve" for r in recs)
     assert set(res["summary"]) == {"vp", "ve"}
-    assert "NFE to converge" in (out / "table.md").read_text()
+    table = (out / "table.md").read_text()
+    assert "NFE to converge" in table and "ms/sample at converge" in table
+    assert "ms per sample)" in table  # the best of each family: NFE with the wall time it took
 
 
 def test_bench_runs_on_the_edm_process(tmp_path):

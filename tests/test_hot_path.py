@@ -1,6 +1,7 @@
 """The hot path (issue 32): a fixed-grid solve never reads a tensor on the host inside its loop (on a GPU
-every such read waits for the device), its NaN/Inf checks still fire with the same error, and its
-results are those of the per-row arithmetic."""
+every such read waits for the device), the adaptive loop reads once per attempt, the NaN/Inf checks
+still fire with the same error when deferred as on an accelerator, and the fixed grid's precomputed
+coefficients give the results of the per-row arithmetic."""
 
 from __future__ import annotations
 
@@ -14,6 +15,17 @@ from fastsde.solvers.core.common import first_order_moves, shared_rows
 HOST_READS = ("__bool__", "item", "__float__", "__int__", "__index__", "tolist", "numpy")
 
 FIXED = sorted(name for name, spec in fastsde.SOLVERS.items() if not spec.adaptive)
+
+
+@pytest.fixture
+def accelerator_policy(monkeypatch):
+    """The counting wrapper's NaN/Inf policy of an accelerator (deferred, looked at after the solve; on
+    the CPU it reads each check at once, which costs nothing there)."""
+    import fastsde.api
+    from fastsde.score import CountingScore
+
+    monkeypatch.setattr(fastsde.api, "defer_finite_checks", lambda device: True)
+    monkeypatch.setattr(CountingScore, "FLUSH_EVERY", 10**6)
 
 
 @pytest.fixture
@@ -38,7 +50,7 @@ def _mixture(sde):
 
 
 @pytest.mark.parametrize("solver", FIXED)
-def test_fixed_grid_loop_reads_nothing_on_the_host(solver, host_reads):
+def test_fixed_grid_loop_reads_nothing_on_the_host(solver, accelerator_policy, host_reads):
     """The number of host reads of a whole solve does not grow with its steps: none per step."""
     sde = fastsde.VPSDE()
     reads = []
@@ -57,7 +69,7 @@ def test_the_read_counter_sees_reads(host_reads):
     assert host_reads["n"] == 5
 
 
-def test_fixed_grid_nonfinite_score_raises_with_the_time():
+def test_fixed_grid_nonfinite_score_raises_with_the_time(accelerator_policy):
     """Deferred to the end of the solve, the NaN check still raises NonFiniteScoreError naming the time."""
     sde = fastsde.VPSDE()
     mix = _mixture(sde)
@@ -70,7 +82,7 @@ def test_fixed_grid_nonfinite_score_raises_with_the_time():
         fastsde.sample(broken, sde, (4, 2), "dpmpp_2m", seed=0, steps=6, grid="uniform")
 
 
-def test_fixed_grid_nonfinite_rows_are_counted():
+def test_fixed_grid_nonfinite_rows_are_counted(accelerator_policy):
     """One bad row of four is named as such (the per-row sums keep the rows apart)."""
     sde = fastsde.VPSDE()
     mix = _mixture(sde)
@@ -130,3 +142,40 @@ def test_host_decisions_follow_the_history():
     assert calls == [1] and out.tolist() == [[2.0, 4.0], [2.0, 4.0]]
     out = shared_rows(lambda k: calls.append(k.shape[0]) or k * 2, torch.tensor([[1.0], [3.0]]))
     assert calls == [1, 2] and out.tolist() == [[2.0], [6.0]]
+
+
+@pytest.mark.parametrize("solver", ["adaptive", "adaptive_sde_dpm", "adaptive_sde_dpm_2m", "ode"])
+def test_adaptive_loop_reads_the_device_once_per_attempt(solver, host_reads, monkeypatch):
+    """Per attempt the adaptive loop's device work (attempt, judge, commit) reads nothing on the host, and
+    its tally makes exactly one copy to the host (``Tensor.cpu``) and no other read; ``select`` works on
+    host-made bookkeeping only (statuses, counts)."""
+    from fastsde.solvers.core import adaptive_loop
+
+    copies = {"n": 0}
+    original_cpu = torch.Tensor.cpu
+
+    def counted_cpu(self, *args, **kwargs):
+        copies["n"] += 1
+        return original_cpu(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "cpu", counted_cpu)
+    seen = {"attempts": 0}
+    for phase, allowed in (("attempt", 0), ("judge", 0), ("commit", 0), ("tally", 1)):
+        method = getattr(adaptive_loop.AdaptiveSolve, phase)
+
+        def watched(self, *args, _method=method, _phase=phase, _allowed=allowed):
+            before = (host_reads["n"], copies["n"])
+            out = _method(self, *args)
+            reads, cpu = host_reads["n"] - before[0], copies["n"] - before[1]
+            assert reads == 0 and cpu == _allowed, f"{_phase}: {reads} reads, {cpu} copies (allowed {_allowed})"
+            seen["attempts"] += _phase == "tally"
+            return out
+
+        monkeypatch.setattr(adaptive_loop.AdaptiveSolve, phase, watched)
+    sde = fastsde.VPSDE()
+    # a Brownian tree or memory reads per query and reuse_rejected once to find its rows (documented);
+    # the fresh path, GGF's, and a fresh evaluation read none
+    known = fastsde.SOLVERS[solver].options
+    opts = {k: v for k, v in (("brownian", "fresh"), ("reuse_rejected", False)) if k in known}
+    res = fastsde.sample(_mixture(sde), sde, (6, 2), solver, seed=0, **opts)
+    assert seen["attempts"] == res.stats["iterations"] > 0

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -265,14 +264,6 @@ class LevelScores:
         """Each level's deferred NaN/Inf checks (the same protocol as one counter)."""
         for counter in self.levels:
             counter.flush()
-
-    @contextmanager
-    def deferring(self) -> Iterator[None]:
-        """Every level's NaN/Inf checks deferred within the block (see ``CountingScore.deferring``)."""
-        with ExitStack() as stack:
-            for counter in self.levels:
-                stack.enter_context(counter.deferring())
-            yield
 
     def accounting(self, denoised: bool) -> dict[str, Any]:
         """The JSON-ready record for res.config(): the stepper's record (schedule, expected cost,

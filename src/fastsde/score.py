@@ -11,8 +11,7 @@ tensor is passed as the keyword ``cond``).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -145,7 +144,6 @@ class CountingScore:
         self.rows_evaluated = 0
         self.defer_finite = defer_finite
         self._pending: list[tuple[Tensor, Tensor]] = []
-        self._deferring = False
         self.cond = None if cond is None else dict(cond)
         self.needs_grad = bool(getattr(score, "needs_grad", False))
         #: network evaluations per row per call (2 under classifier-free guidance)
@@ -238,29 +236,13 @@ class CountingScore:
             self.cost_per_sample.index_add_(0, idx, ones * self.cost)
         if check_finite:
             sums = row_sums(out)
-            if self._deferring:
-                self._pending.append((sums, t.detach()))
-            elif self.defer_finite:
+            if self.defer_finite:
                 self._pending.append((sums, t.detach()))
                 if len(self._pending) >= self.FLUSH_EVERY:
                     self.flush()
             elif not bool(torch.isfinite(sums).all()):
                 _raise_nonfinite(torch.isfinite(sums), t)
         return out
-
-    @contextmanager
-    def deferring(self) -> Iterator[None]:
-        """Within the block, defer every NaN/Inf check (no host synchronisation per evaluation) and look
-        at them all once when it ends, raising the error of the first bad call; a fixed-grid solve runs
-        in one, so its loop never waits for the device."""
-        outer = self._deferring
-        self._deferring = True
-        try:
-            yield
-        finally:
-            self._deferring = outer
-        if not outer:
-            self.flush()
 
     #: the per-level counts of a hierarchy's counter (:class:`~fastsde.levels.LevelScores`); one score has none
     nfe_per_level: Tensor | None = None

@@ -639,8 +639,27 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return str(v)
 
 
+def _ms_per_sample(records: list[dict[str, Any]], nfe: float | None, n: int) -> float | None:
+    """Wall time per sample (ms) of the run at ``nfe`` (a sampler's converged NFE; the run with the
+    nearest NFE), so that a table shows what fewer evaluations buy in time; None without one."""
+    runs = [r for r in records if math.isfinite(r.get("wall_time", math.nan))]
+    if nfe is None or not runs:
+        return None
+    run = min(runs, key=lambda r: abs(r["nfe"] - nfe))
+    return 1e3 * run["wall_time"] / n
+
+
+def _said(best: tuple[float, str] | None, records: list[dict[str, Any]], n: int) -> str:
+    """A family's best sampler: its converged NFE with the wall time per sample of that run."""
+    if not best:
+        return "none converged"
+    ms = _ms_per_sample([r for r in records if r["sampler"] == best[1]], best[0], n)
+    return f"{best[1]} at {_fmt(best[0], 4)} NFE ({_fmt(ms, 3)} ms per sample)"
+
+
 def markdown_tables(result: dict[str, Any]) -> str:
-    """Per process: converged NFE, quality at each budget, MSE and outside share."""
+    """Per process: converged NFE, quality at each budget, MSE, wall time per sample at the converged NFE
+    (one run, same machine) and outside share."""
     cfg = result["config"]
     budgets = sorted(cfg["budgets"])
     shown = [b for b in budgets if b in SHOWN_BUDGETS] or budgets
@@ -656,9 +675,9 @@ def markdown_tables(result: dict[str, Any]) -> str:
         )
         lines.append("")
         head = "| sampler | source | kind | NFE to converge | (median of 3) | " + " | ".join(f"q@{b}" for b in shown)
-        head += " | MSE@" + str(budgets[-1]) + " | outside share |"
+        head += " | MSE@" + str(budgets[-1]) + " | ms/sample at converge | outside share |"
         lines.append(head)
-        lines.append("|" + "---|" * (7 + len(shown)))
+        lines.append("|" + "---|" * (8 + len(shown)))
         conv = summ["converged"]
         order = sorted(conv, key=lambda k: (conv[k]["stochastic"], conv[k]["nfe"] is None, conv[k]["nfe"] or 0))
         for name in order:
@@ -679,8 +698,11 @@ def markdown_tables(result: dict[str, Any]) -> str:
             )
             robust = converged_nfe(rs, summ["threshold"], median_of_3=True)
             cr = _fmt(robust, 4) if robust is not None else "–"
+            at_conv = _ms_per_sample(rs, c["nfe"], cfg["n"])
             lines.append(
-                f"| {name} | {c['source']} | {kind} | {cn} | {cr} | " + " | ".join(qs) + f" | {mse} | {share} |"
+                f"| {name} | {c['source']} | {kind} | {cn} | {cr} | "
+                + " | ".join(qs)
+                + f" | {mse} | {_fmt(at_conv, 3)} | {share} |"
             )
         lines.append("")
         for fam in (False, True):
@@ -696,10 +718,8 @@ def markdown_tables(result: dict[str, Any]) -> str:
                 best[src] = min(cands) if cands else None
             famname = "stochastic" if fam else "deterministic"
             f, p = best["fastsde"], best["peer"]
-            lines.append(
-                f"- best {famname}: fastsde {f[1] + ' at ' + _fmt(f[0], 4) + ' NFE' if f else 'none converged'}; "
-                f"peers {p[1] + ' at ' + _fmt(p[0], 4) + ' NFE' if p else 'none converged'}"
-            )
+
+            lines.append(f"- best {famname}: fastsde {_said(f, recs, cfg['n'])}; peers {_said(p, recs, cfg['n'])}")
         lines.append("")
     return "\n".join(lines)
 

@@ -187,9 +187,21 @@ class DormandPrince(Stepper):
         bad = ~torch.isfinite(f0.reshape(n, -1)).all(dim=1)
         return {"f": f0, "stale": torch.zeros(n, dtype=torch.bool, device=x.device)}, bad
 
+    #: a corrector has marked rows stale and the step has not yet seen them all cleared (a host flag: the
+    #: stale mask is read only after a corrector moved samples, not on every step)
+    maybe_stale: bool = False
+
     def reset(self, state: State, rows: Tensor) -> None:
         """A corrector moved these samples: their FSAL field value is re-evaluated at the next step."""
         state["stale"][rows.to(state["stale"].device)] = True
+        self.maybe_stale = True
+
+    def any_stale(self, stale: Tensor) -> bool:
+        """Whether some row's field value is stale (one read of the device, only after a corrector)."""
+        if not self.maybe_stale:
+            return False
+        self.maybe_stale = bool(stale.any())
+        return self.maybe_stale
 
     def initial_step(self, x: Tensor, state: State, rows: Tensor, span: Tensor, rtol: float, atol: float) -> Tensor:
         rd = rows.to(x.device)
@@ -213,7 +225,7 @@ class DormandPrince(Stepper):
         (y_new, error, fun at the end (FSAL), valid rows, fresh stale flags)."""
         hy = _bcast(hs, y)
         f0, stale = s.get("f"), s.get("stale")
-        if bool(stale.any()):  # moved by a corrector since f was evaluated (1 more NFE for those rows)
+        if self.any_stale(stale):  # moved by a corrector since f was evaluated (1 more NFE for those rows)
             idx = stale.nonzero().squeeze(1)
             f0 = f0.clone()
             f0[idx] = fun(y[idx], ci[idx], rows[idx])
@@ -284,7 +296,7 @@ class DormandPrinceLogSNR(DormandPrince):
         m_i, m_n = self._m(t_i, x), self._m(t_n, x)
         u = x / m_i
         d_i, stale = s.get("f"), s.get("stale")
-        if bool(stale.any()):  # moved by a corrector since D was evaluated (1 more NFE for those rows)
+        if self.any_stale(stale):  # moved by a corrector since D was evaluated (1 more NFE for those rows)
             idx = stale.nonzero().squeeze(1)
             d_i = d_i.clone()
             d_i[idx] = self._denoised(u[idx], lam_i[idx], rows[idx], t_i[idx])

@@ -161,10 +161,11 @@ def integrate(ctx, x: Tensor, stepper: Stepper, controller: FixedGrid | Adaptive
 
 def _integrate_fixed(ctx, x: Tensor, stepper: Stepper, grid: FixedGrid, **options: Any) -> Tensor:
     """The fixed-grid loop: every sample steps together from grid point k to k + 1, so there is no
-    per-sample status, mask or compaction, and the loop never waits for the device: each step's times
-    are made on the host from the grid, the score's NaN/Inf checks are deferred to the end of the solve
-    (one reduction per evaluation, looked at once; the same error), and the stepper's state is replaced,
-    not merged. The NFE, the noise keys (the grid index) and the results are those of the general loop."""
+    per-sample status, mask or compaction, and the loop itself never reads the device: each step's times
+    are made on the host from the grid, decisions that depend on the step (first order, the corrector's
+    placement) are made on the host, and the stepper's state is replaced, not merged. The score's NaN/Inf
+    check is the counting wrapper's (one reduction per evaluation; read at once on the CPU, where it costs
+    nothing, and every ``CountingScore.FLUSH_EVERY`` evaluations and at the end on an accelerator). The NFE, the noise keys (the grid index) and the results are those of the general loop."""
     corrector, desc = options.get("corrector"), options.get("desc", "")
     n, dt, dev = x.shape[0], x.dtype, x.device
     moves = grid.moves
@@ -184,33 +185,30 @@ def _integrate_fixed(ctx, x: Tensor, stepper: Stepper, grid: FixedGrid, **option
     history = 0  # the stepper's own moves since the start or the last corrector reset
     it = 0
     try:
-        with ctx.score.deferring():
-            for k in range(moves):
-                step = points.step(ctx, k, moves, state, x, history)
-                if pending_first:
-                    pending_first = False
-                    res = _shared_first_step(ctx, stepper, x, step)
-                else:
-                    res = stepper.step(x, step)
-                    history += 1
-                x = res.x
-                for name, new in res.state.items():
-                    old = state[name]
-                    state[name] = (
-                        new if new.dtype == old.dtype and new.is_contiguous() else new.to(old.dtype).contiguous()
-                    )
-                it += 1
-                if bar is not None:
-                    bar.update(int(100 * (k + 1) / moves) - bar.n)
-                if ctx.callback is not None and not _report_fixed(ctx, it - 1, step, x, res):
-                    break
-                if corrector is not None and _corrects(ctx, corrector, k, moves, times):
-                    key = k + 1 if corrector.key == "point" else k
-                    keys = torch.full((n,), key, dtype=torch.int64)
-                    nxt = points.t(min(k + 2, moves))
-                    x = corrector.correct(ctx, x, points.t(k + 1), None, keys, nxt)
-                    stepper.reset(state, torch.arange(n))
-                    history = 0
+        for k in range(moves):
+            step = points.step(ctx, k, moves, state, x, history)
+            if pending_first:
+                pending_first = False
+                res = _shared_first_step(ctx, stepper, x, step)
+            else:
+                res = stepper.step(x, step)
+                history += 1
+            x = res.x
+            for name, new in res.state.items():
+                old = state[name]
+                state[name] = new if new.dtype == old.dtype and new.is_contiguous() else new.to(old.dtype).contiguous()
+            it += 1
+            if bar is not None:
+                bar.update(int(100 * (k + 1) / moves) - bar.n)
+            if ctx.callback is not None and not _report_fixed(ctx, it - 1, step, x, res):
+                break
+            if corrector is not None and _corrects(ctx, corrector, k, moves, times):
+                key = k + 1 if corrector.key == "point" else k
+                keys = torch.full((n,), key, dtype=torch.int64)
+                nxt = points.t(min(k + 2, moves))
+                x = corrector.correct(ctx, x, points.t(k + 1), None, keys, nxt)
+                stepper.reset(state, torch.arange(n))
+                history = 0
     finally:
         if bar is not None:
             bar.close()
