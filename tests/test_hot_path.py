@@ -179,3 +179,24 @@ def test_adaptive_loop_reads_the_device_once_per_attempt(solver, host_reads, mon
     opts = {k: v for k, v in (("brownian", "fresh"), ("reuse_rejected", False)) if k in known}
     res = fastsde.sample(_mixture(sde), sde, (6, 2), solver, seed=0, **opts)
     assert seen["attempts"] == res.stats["iterations"] > 0
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m", "unipc"])
+def test_fixed_grid_step_traces_under_torch_compile(solver, monkeypatch):
+    """The stepper's step, the counted score call inside it included, is traced by torch.compile with
+    fullgraph=True (a graph break raises) and gives the samples of the eager step, bit for bit
+    (aot_eager: the traced graph run without code generation)."""
+    import torch._dynamo
+
+    sde = fastsde.EDM()
+    mix = _mixture(sde)
+    kw = dict(seed=1, steps=6, x_init=80.0 * torch.randn(3, 2, generator=torch.Generator().manual_seed(0)))
+    eager = fastsde.sample(mix, sde, (3, 2), solver, **kw).samples
+    cls = fastsde.SOLVERS[solver].stepper
+    monkeypatch.setattr(cls, "step", torch.compile(cls.step, backend="aot_eager", fullgraph=True))
+    try:  # the step recompiles per grid index (see docs/architecture.md): allow one graph per move
+        with torch._dynamo.config.patch(recompile_limit=64):
+            compiled = fastsde.sample(mix, sde, (3, 2), solver, **kw).samples
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(compiled, eager)

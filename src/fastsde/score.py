@@ -210,7 +210,9 @@ class CountingScore:
             )
         kw = self.cond_rows(x, rows, ids)
         args = (x, t, rows) if self.pass_rows else (x, t)
-        versions = (_version(x), _version(t))  # bumped by any in-place write (no copy, no synchronisation)
+        compiling = torch.compiler.is_compiling()  # traced by torch.compile: no host reads in the graph
+        # bumped by any in-place write (no copy, no synchronisation); a traced graph has no versions
+        versions = None if compiling else (_version(x), _version(t))
         if self.needs_grad:
             with torch.enable_grad():
                 out = fn(*args, **kw)
@@ -218,7 +220,7 @@ class CountingScore:
         else:
             out = fn(*args, **kw)
         _check_output(out, x)
-        if (_version(x), _version(t)) != versions:
+        if versions is not None and (_version(x), _version(t)) != versions:
             which = "x" if _version(x) != versions[0] else "t"
             raise ValueError(
                 f"score(x, t) modified its input {which} in place; the solver's state is {which}, so the "
@@ -236,7 +238,9 @@ class CountingScore:
             self.cost_per_sample.index_add_(0, idx, ones * self.cost)
         if check_finite:
             sums = row_sums(out)
-            if self.defer_finite:
+            if compiling:  # looked at after the compiled step (``flush``)
+                self._pending.append((sums, t.detach()))
+            elif self.defer_finite:
                 self._pending.append((sums, t.detach()))
                 if len(self._pending) >= self.FLUSH_EVERY:
                     self.flush()
