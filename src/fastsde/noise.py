@@ -107,16 +107,27 @@ class NoiseSource:
             raise ValueError(f"n must be a positive int, got {n!r}")
         if int(start) + int(n) > 1 << 62:
             raise ValueError(f"sample indices must stay below 2**62, got start {start} + n {n}")
-        # the per-sample seeds of __init__, computed as one int64 tensor (wrapping arithmetic equals
-        # Python's mod 2**64): no Python loop over the samples
-        idx = torch.arange(int(start), int(start) + int(n), dtype=torch.int64)
-        s = _mix(idx + 0x51ED2705) ^ _signed(base)
         out = cls.__new__(cls)
-        out.seeds = _mix(s * _signed(0x2545F4914F6CDD1D) + 7)
-        return out
+        out._seeds, out._rows = None, (base, int(start), int(n))  # made at the first draw: a solve without
+        return out  # noise (a deterministic solver from a given x_T) never pays for them
+
+    @property
+    def seeds(self) -> Tensor:
+        """The per-sample seeds (int64). From :meth:`from_seed` they are computed at the first use, as one
+        int64 tensor (wrapping arithmetic equals Python's mod 2**64): no Python loop over the samples."""
+        if self._seeds is None:
+            base, start, n = self._rows
+            idx = torch.arange(start, start + n, dtype=torch.int64)
+            s = _mix(idx + 0x51ED2705) ^ _signed(base)
+            self._seeds = _mix(s * _signed(0x2545F4914F6CDD1D) + 7)
+        return self._seeds
+
+    @seeds.setter
+    def seeds(self, value: Tensor) -> None:
+        self._seeds = value
 
     def __len__(self) -> int:
-        return self.seeds.shape[0]
+        return self._rows[2] if self._seeds is None else self._seeds.shape[0]
 
     def subset(self, rows: Tensor | Sequence[int]) -> NoiseSource:
         """The source for a subset of the samples (same numbers for those samples)."""

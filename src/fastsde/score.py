@@ -244,8 +244,10 @@ class CountingScore:
                 self._pending.append((sums, t.detach()))
                 if len(self._pending) >= self.FLUSH_EVERY:
                     self.flush()
-            elif not bool(torch.isfinite(sums).all()):
-                _raise_nonfinite(torch.isfinite(sums), t)
+            elif not math.isfinite(float(sums.sum())):  # one read; the rows only when it is not finite
+                ok = torch.isfinite(sums)
+                if not bool(ok.all()):
+                    _raise_nonfinite(ok, t)
         return out
 
     #: the per-level counts of a hierarchy's counter (:class:`~fastsde.levels.LevelScores`); one score has none

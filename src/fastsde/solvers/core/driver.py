@@ -165,12 +165,15 @@ def _integrate_fixed(ctx, x: Tensor, stepper: Stepper, grid: FixedGrid, **option
     are made on the host from the grid, decisions that depend on the step (first order, the corrector's
     placement) are made on the host, and the stepper's state is replaced, not merged. The score's NaN/Inf
     check is the counting wrapper's (one reduction per evaluation; read at once on the CPU, where it costs
-    nothing, and every ``CountingScore.FLUSH_EVERY`` evaluations and at the end on an accelerator). The NFE, the noise keys (the grid index) and the results are those of the general loop."""
+    nothing, and every ``CountingScore.FLUSH_EVERY`` evaluations and at the end on an accelerator).
+    The NFE, the noise keys (the grid index) and the samples are those of the per-row arithmetic."""
     corrector, desc = options.get("corrector"), options.get("desc", "")
     n, dt, dev = x.shape[0], x.dtype, x.device
     moves = grid.moves
-    times = grid.grid.tolist()  # float64 on the host: each step's times without reading the device
     points = _GridPoints(grid.grid, n, dt, dev)
+    times = points.times  # float64 on the host: each step's times without reading the device
+    # σ at every grid point, on the host, for the corrector's placement (below sigma_max)
+    sigmas = ctx.sde.marginal_std(grid.grid).tolist() if corrector is not None else []
     nfe0 = ctx.score.nfe_per_sample.clone()
     state, bad_start = stepper.init(x)
     if bad_start is not None and bool(bad_start.any()):  # once, before the loop
@@ -202,7 +205,7 @@ def _integrate_fixed(ctx, x: Tensor, stepper: Stepper, grid: FixedGrid, **option
                 bar.update(int(100 * (k + 1) / moves) - bar.n)
             if ctx.callback is not None and not _report_fixed(ctx, it - 1, step, x, res):
                 break
-            if corrector is not None and _corrects(ctx, corrector, k, moves, times):
+            if corrector is not None and _corrects(corrector, k, moves, sigmas):
                 key = k + 1 if corrector.key == "point" else k
                 keys = torch.full((n,), key, dtype=torch.int64)
                 nxt = points.t(min(k + 2, moves))
@@ -228,19 +231,34 @@ def _integrate_fixed(ctx, x: Tensor, stepper: Stepper, grid: FixedGrid, **option
 
 
 class _GridPoints:
-    """The per-row tensors of a fixed grid's points, made on the host from the grid's times (float64)
-    as the loop reaches them (a move's end point is the next move's start), and each move's :class:`Step`."""
+    """The per-row tensors of a fixed grid's points, from the grid's times on the host (float64), and
+    each move's :class:`Step`. Up to ``TABLE_ENTRIES`` rows × points they are made once per run as rows
+    of one table each (no tensor op per step); beyond that as the loop reaches them."""
+
+    #: rows × points up to which the per-point tensors are tabulated at the start (8 MB per float64 table)
+    TABLE_ENTRIES = 1 << 20
 
     def __init__(self, grid: Tensor, n: int, dtype: torch.dtype, device: torch.device) -> None:
         self.grid = grid
         self.times, self.n, self.dtype, self.device = grid.tolist(), n, dtype, device
-        self._last: tuple[int, tuple[Tensor, Tensor, Tensor]] | None = None
+        self._last: tuple[int, tuple[Tensor, Tensor, Tensor, Tensor]] | None = None
         self.h = torch.ones(n, dtype=torch.float64, device=device)
         self.not_final = torch.zeros(n, dtype=torch.bool, device=device)
         self.final = torch.ones(n, dtype=torch.bool, device=device)
+        self._table: list[tuple[Tensor, Tensor, Tensor, Tensor]] | None = None
+        if n * len(self.times) <= self.TABLE_ENTRIES:
+            g = grid.to(device)
+            rows = lambda v: v.unsqueeze(1).expand(-1, n).contiguous().unbind(0)  # noqa: E731
+            c = torch.arange(len(self.times), dtype=torch.float64)
+            self._table = list(
+                zip(rows(g.to(dtype)), rows(g), rows(c.to(device)), rows(c.to(torch.int64)), strict=True)
+            )
 
-    def point(self, k: int) -> tuple[Tensor, Tensor, Tensor]:
-        """(t in the solve's dtype, t in float64, c = k in float64) of grid point k, one time per row."""
+    def point(self, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(t in the solve's dtype, t in float64, c = k in float64, k as int64 on the host) of grid point k,
+        one per row."""
+        if self._table is not None:
+            return self._table[k]
         if self._last is not None and self._last[0] == k:
             return self._last[1]
         v, n, dev = self.times[k], self.n, self.device
@@ -248,6 +266,7 @@ class _GridPoints:
             torch.full((n,), v, dtype=self.dtype, device=dev),
             torch.full((n,), v, dtype=torch.float64, device=dev),
             torch.full((n,), float(k), dtype=torch.float64, device=dev),
+            torch.full((n,), k, dtype=torch.int64),
         )
         self._last = (k, made)
         return made
@@ -257,9 +276,8 @@ class _GridPoints:
 
     def step(self, ctx, k: int, moves: int, state: State, x: Tensor, history: int) -> Step:
         """The Step of move k (grid point k to k + 1) for every row, ``history`` moves of the method behind it."""
-        t, t64, c = self.point(k)
-        t_next, t_next64, c_next = self.point(k + 1)
-        index = torch.full((self.n,), k, dtype=torch.int64)
+        t, t64, c, index = self.point(k)
+        t_next, t_next64, c_next, _ = self.point(k + 1)
         last = k + 1 == moves and not ctx.denoise_is_final_move
         score = ctx.score
         return Step(
@@ -307,17 +325,12 @@ def _shared_first_step(ctx, stepper: Stepper, x: Tensor, step: Step) -> StepResu
     return StepResult(x=first_move(ctx.sde, x, x0, step.t, step.t_next, eta, z), x0_hat=x0)
 
 
-def _corrects(ctx, corrector, k: int, moves: int, times: list[float]) -> bool:
+def _corrects(corrector, k: int, moves: int, sigmas: list[float]) -> bool:
     """Whether the corrector runs after move k (decided on the host: every row is at the same point)."""
     if k + 1 == moves and not corrector.at_end:
         return False
     key = k + 1 if corrector.key == "point" else k
-    if key % corrector.every:
-        return False
-    if math.isfinite(corrector.sigma_max):
-        sigma = float(ctx.sde.marginal_std(torch.tensor([times[k + 1]], dtype=torch.float64))[0])
-        return sigma <= corrector.sigma_max
-    return True
+    return key % corrector.every == 0 and sigmas[k + 1] <= corrector.sigma_max
 
 
 def _report_fixed(ctx, it: int, step: Step, x: Tensor, res: StepResult) -> bool:
