@@ -96,16 +96,30 @@ def test_fixed_grid_nonfinite_rows_are_counted(accelerator_policy):
         fastsde.sample(one_bad_row, sde, (4, 2), "euler", seed=0, steps=5)
 
 
-@pytest.mark.parametrize("solver", ["dpmpp_2m", "lms", "deis", "ipndm", "sa_solver", "dpmpp_3m_sde", "er_sde"])
-def test_grid_tables_match_the_per_row_path(solver):
-    """The fixed grid's precomputed coefficients (made once per run on the host's knowledge) give the
-    samples of the per-row arithmetic, here forced by hiding what the host knows from the stepper."""
+GRID_TABLE_CASES = [
+    *((name, {}, "edm") for name in ("dpmpp_2m", "dpmpp_2m_sde", "lms", "deis", "ipndm", "unipc", "er_sde")),
+    *((name, {}, "vp") for name in ("sa_solver", "dpmpp_3m_sde", "unipc")),
+    ("unipc", {"order": 3}, "edm"),
+    ("unipc", {"order": 3}, "flow"),
+    ("unipc", {"order": 1}, "vp"),
+    ("unipc", {"order": 3, "corrector": False}, "vp"),
+    ("unipc", {"lower_order_final": False}, "flow"),
+    ("dpmpp_2m", {}, "flow"),
+    ("lms", {}, "flow"),
+    ("sa_solver", {"predictor_order": 2, "corrector_order": 1}, "flow"),
+]
+
+
+@pytest.mark.parametrize("solver,options,process", GRID_TABLE_CASES)
+def test_grid_tables_match_the_per_row_path(solver, options, process):
+    """The fixed grid's host decisions and precomputed coefficients (made once per run) give the samples
+    of the per-row arithmetic, here forced by hiding what the host knows from the stepper."""
     from fastsde.solvers.core import driver
 
-    sde = fastsde.EDM()
+    sde = {"edm": fastsde.EDM, "vp": fastsde.VPSDE, "flow": fastsde.RectifiedFlow}[process]()
     mix = _mixture(sde)
-    kw = dict(seed=3, steps=9, dtype=torch.float64)
-    fast = fastsde.sample(mix, sde, (5, 2), solver, **kw).samples
+    kw = dict(seed=3, steps=9, dtype=torch.float64, **options)
+    fast = fastsde.sample(mix, sde, (5, 2), solver, **kw)
     original = driver._GridPoints.step
 
     def per_row(self, *args, **kwargs):
@@ -115,10 +129,11 @@ def test_grid_tables_match_the_per_row_path(solver):
 
     try:
         driver._GridPoints.step = per_row
-        slow = fastsde.sample(mix, sde, (5, 2), solver, **kw).samples
+        slow = fastsde.sample(mix, sde, (5, 2), solver, **kw)
     finally:
         driver._GridPoints.step = original
-    torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)
+    assert fast.nfe == slow.nfe
+    torch.testing.assert_close(fast.samples, slow.samples, rtol=1e-12, atol=1e-12)
 
 
 def test_host_decisions_follow_the_history():

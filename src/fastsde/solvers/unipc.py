@@ -142,12 +142,15 @@ class UniPC(Stepper):
         t_t: Tensor,
         d_s: Tensor,
         hist: list[tuple[Tensor, Tensor, Tensor]],
-        order: Tensor,
+        order: Tensor | int,
         d_t: Tensor | None,
     ) -> Tensor:
         """The UniP-p move s → t (``d_t`` None) or the UniC-p move with D_t known, p = ``order`` per row
         (1 … len(hist) + 1); ``hist`` holds the earlier points (D_k, t_k, valid_k), invalid ones get
-        placeholders (their rows never use them)."""
+        placeholders (their rows never use them). An int order (a fixed grid: every row's, known on the
+        host) computes that order's move only, from the points it uses."""
+        if isinstance(order, int):
+            hist = hist[: max(order - 1, 0)]
         sde, dt = self.sde, x_s.dtype
 
         def rows(v: Tensor) -> Tensor:
@@ -167,7 +170,7 @@ class UniPC(Stepper):
         scale = rows(m_t * bh)
         half = torch.full_like(h, 0.5)[:, None]
         out = base
-        for p in range(1, p_max + 1):
+        for p in range(1, p_max + 1) if not isinstance(order, int) else [order]:
             if d_t is None:  # UniP-p: the p − 1 earlier points
                 q_r, q_d = r[: p - 1], diffs[: p - 1]
             else:  # UniC-p: those and the new point (r = 1)
@@ -182,8 +185,37 @@ class UniPC(Stepper):
                     mat = torch.stack([rk**i for i in range(len(q_r))], dim=1)  # (n, powers, points)
                     rho = _solve_small(mat, b[:, : len(q_r)])
                 move = base - scale * sum(rows(rho[:, k]) * q_d[k] for k in range(len(q_d)))
+            if isinstance(order, int):
+                return move
             out = torch.where(broadcast_to_rows(order == p, x_s), move, out)
         return out
+
+    def _host_orders(self, s: Step) -> tuple[int, int, int]:
+        """(p_now, p_last, p_corr) of every row on a fixed grid, from the host's history count and the grid
+        (the rules of :meth:`step`'s per-row path: a point enters the history only with a finite λ)."""
+        k, history = int(s.k), int(s.history)
+        cache = self.__dict__.setdefault("_finite_lambda", {})
+        if id(s.grid) not in cache:
+            cache.clear()
+            cache[id(s.grid)] = (s.grid, torch.isfinite(self.sde.log_snr(s.grid)).tolist())
+        finite_at = cache[id(s.grid)][1]
+
+        def usable(move: int, known: int, first: int) -> int:
+            """Finite points among history points first … order − 2 of a move at grid index ``move``."""
+            order = int(self.options["order"])
+            return sum(1 for j in range(first, first + order - 1) if known > j and finite_at[move - 1 - j])
+
+        def p_of(move: int, hist: int) -> int:
+            order = int(self.options["order"])
+            known = min(hist, order)
+            p = min(min(known, usable(move, known, 0)) + 1, order)
+            if self.options["lower_order_final"] and s.moves is not None and s.moves < LOWER_ORDER_FINAL_BELOW:
+                p = min(p, s.moves - move + 1)
+            return p
+
+        p_last = p_of(k - 1, history - 1) if history > 0 else 0
+        p_corr = min(p_last, usable(k, min(history, int(self.options["order"])), 1) + 1)
+        return p_of(k, history), p_last, p_corr
 
     def step(self, x: Tensor, s: Step) -> StepResult:
         sde, dt = self.sde, x.dtype
@@ -203,20 +235,25 @@ class UniPC(Stepper):
             usable = sum((ok.to(torch.int64) for _, _, ok in points), torch.zeros_like(known))
             return points, usable
 
+        host = self._host_orders(s) if s.history is not None else None  # (p_now, p_last, p_corr) on a grid
         x_here = x
-        if self.options["corrector"]:
+        if self.options["corrector"] and (host is None or host[1] > 0):
             x_last = s.get("x_last")
-            t_prev = torch.where(p_last > 0, ts[0], s.t_next64)
+            t_prev = torch.where(p_last > 0, ts[0], s.t_next64) if host is None else ts[0]
             points, usable = hist(1, order - 1)
-            p_corr = torch.minimum(p_last, usable + 1)
+            p_corr = torch.minimum(p_last, usable + 1) if host is None else host[2]
             corrected = self._move(x_last, t_prev, s.t64, ds[0], points, p_corr, d_t)
-            x_here = torch.where(broadcast_to_rows(p_last > 0, x), corrected, x_here)
+            x_here = torch.where(broadcast_to_rows(p_last > 0, x), corrected, x_here) if host is None else corrected
         points, usable = hist(0, order - 1)
-        p_now = torch.clamp(torch.minimum(known, usable) + 1, max=order)
-        if self.options["lower_order_final"] and s.moves is not None and s.moves < LOWER_ORDER_FINAL_BELOW:
-            p_now = torch.minimum(p_now, (s.moves - s.index + 1).to(p_now.device))
+        if host is None:
+            p_now = torch.clamp(torch.minimum(known, usable) + 1, max=order)
+            if self.options["lower_order_final"] and s.moves is not None and s.moves < LOWER_ORDER_FINAL_BELOW:
+                p_now = torch.minimum(p_now, (s.moves - s.index + 1).to(p_now.device))
+            p_state = p_now
+        else:
+            p_now, p_state = host[0], torch.full_like(p_last, host[0])
         x_next = self._move(x_here, s.t64, s.t_next64, d_t, points, p_now, None)
-        state: State = {"known": torch.clamp(known + 1, max=order), "p_last": p_now, "x_last": x_here}
+        state: State = {"known": torch.clamp(known + 1, max=order), "p_last": p_state, "x_last": x_here}
         for k in range(1, order + 1):
             state[f"D{k}"] = d_t if k == 1 else ds[k - 2]
             state[f"t{k}"] = s.t64 if k == 1 else ts[k - 2]
