@@ -42,7 +42,7 @@ from torch import Tensor
 
 from ..grids import GRIDS, check_grid_choice, default_grid
 from ..sde import SDE, broadcast_to_rows
-from .core.common import LOWER_ORDER_FINAL_BELOW
+from .core.common import LOWER_ORDER_FINAL_BELOW, grid_coefficients
 from .core.options import Option, boolean, grid_options, one_of
 from .core.spec import SolverSpec, fixed_grid
 from .core.stepper import State, Step, Stepper, StepResult, denoised, starts_at_zero_mean
@@ -144,11 +144,13 @@ class UniPC(Stepper):
         hist: list[tuple[Tensor, Tensor, Tensor]],
         order: Tensor | int,
         d_t: Tensor | None,
+        coef: Tensor | None = None,
     ) -> Tensor:
         """The UniP-p move s → t (``d_t`` None) or the UniC-p move with D_t known, p = ``order`` per row
         (1 … len(hist) + 1); ``hist`` holds the earlier points (D_k, t_k, valid_k), invalid ones get
         placeholders (their rows never use them). An int order (a fixed grid: every row's, known on the
-        host) computes that order's move only, from the points it uses."""
+        host) computes that order's move only, from the points it uses; ``coef`` is then the move's row of
+        :meth:`b_table` (φ1, B(h), b), made once per run."""
         if isinstance(order, int):
             hist = hist[: max(order - 1, 0)]
         sde, dt = self.sde, x_s.dtype
@@ -159,7 +161,10 @@ class UniPC(Stepper):
         p_max = len(hist) + 1
         lam_s = sde.log_snr(t_s)
         h = sde.log_snr(t_t) - lam_s
-        phi1, bh, b = unipc_b(h, p_max, self.options["variant"])
+        if coef is None:
+            phi1, bh, b = unipc_b(h, p_max, self.options["variant"])
+        else:
+            phi1, bh, b = coef[0], coef[1], coef[2 : 2 + p_max].expand(h.shape[0], -1)
         m_t = sde.mean_coeff(t_t)
         base = rows(sde.marginal_std(t_t) / sde.marginal_std(t_s)) * x_s + rows(-m_t * phi1) * d_s
         r = []
@@ -189,6 +194,12 @@ class UniPC(Stepper):
                 return move
             out = torch.where(broadcast_to_rows(order == p, x_s), move, out)
         return out
+
+    def b_table(self, t: Tensor) -> Tensor:
+        """Per move of a grid of points t (float64): (φ1, B(h), b_1 … b_{order+1}) of :func:`unipc_b`."""
+        lam = self.sde.log_snr(t)
+        phi1, bh, b = unipc_b(lam[1:] - lam[:-1], int(self.options["order"]) + 1, self.options["variant"])
+        return torch.cat([phi1[:, None], bh[:, None], b], dim=1)
 
     def _host_orders(self, s: Step) -> tuple[int, int, int]:
         """(p_now, p_last, p_corr) of every row on a fixed grid, from the host's history count and the grid
@@ -242,7 +253,8 @@ class UniPC(Stepper):
             t_prev = torch.where(p_last > 0, ts[0], s.t_next64) if host is None else ts[0]
             points, usable = hist(1, order - 1)
             p_corr = torch.minimum(p_last, usable + 1) if host is None else host[2]
-            corrected = self._move(x_last, t_prev, s.t64, ds[0], points, p_corr, d_t)
+            coef = None if host is None else grid_coefficients(self, s, self.b_table, int(s.k) - 1, float64=True)
+            corrected = self._move(x_last, t_prev, s.t64, ds[0], points, p_corr, d_t, coef)
             x_here = torch.where(broadcast_to_rows(p_last > 0, x), corrected, x_here) if host is None else corrected
         points, usable = hist(0, order - 1)
         if host is None:
@@ -252,7 +264,8 @@ class UniPC(Stepper):
             p_state = p_now
         else:
             p_now, p_state = host[0], torch.full_like(p_last, host[0])
-        x_next = self._move(x_here, s.t64, s.t_next64, d_t, points, p_now, None)
+        coef = None if host is None else grid_coefficients(self, s, self.b_table, float64=True)
+        x_next = self._move(x_here, s.t64, s.t_next64, d_t, points, p_now, None, coef)
         state: State = {"known": torch.clamp(known + 1, max=order), "p_last": p_state, "x_last": x_here}
         for k in range(1, order + 1):
             state[f"D{k}"] = d_t if k == 1 else ds[k - 2]

@@ -220,17 +220,21 @@ def first_order_moves(s: Step, has_history: Tensor, lower_order_final: bool) -> 
     return first | s.final if lof else first
 
 
-def grid_coefficients(stepper: Stepper, s: Step, make: Callable[[Tensor], Tensor]) -> Tensor:
-    """Row ``s.k`` of a per-grid table of a method's coefficients, made once per run on a fixed grid:
-    ``make(t)`` gets the grid's points in the solve's dtype (on its device) and returns one row per move
+def grid_coefficients(
+    stepper: Stepper, s: Step, make: Callable[[Tensor], Tensor], move: int | None = None, float64: bool = False
+) -> Tensor:
+    """Row ``move`` (default ``s.k``) of a per-grid table of a method's coefficients, made once per run on
+    a fixed grid: ``make(t)`` gets the grid's points in the solve's dtype (float64 with ``float64``, as a
+    method that computes its coefficients from ``s.t64``), on its device, and returns one row per move
     (the same elementwise formulas the per-row path evaluates each step, so only the last bit of a
     vectorised exp/log may differ)."""
+    dtype = torch.float64 if float64 else s.t.dtype
     cache = stepper.__dict__.setdefault("_grid_tables", {})
-    key = (id(s.grid), s.t.dtype, make.__name__)
+    key = (id(s.grid), dtype, make.__name__)
     if key not in cache:
-        table = make(s.grid.to(device=s.t.device, dtype=s.t.dtype))
+        table = make(s.grid.to(device=s.t.device, dtype=dtype))
         cache[key] = (s.grid, table)  # the grid is kept so that its id is not reused meanwhile
-    return cache[key][1][int(s.k)]
+    return cache[key][1][int(s.k) if move is None else move]
 
 
 def where_rows(mask: Tensor | bool, yes: Tensor, no: Callable[[], Tensor]) -> Tensor:
