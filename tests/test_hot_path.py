@@ -105,6 +105,9 @@ GRID_TABLE_CASES = [
     ("unipc", {"order": 3, "corrector": False}, "vp"),
     ("unipc", {"lower_order_final": False}, "flow"),
     ("dpmpp_2m", {}, "flow"),
+    ("dpmpp_3m", {}, "edm"),
+    ("dpmpp_3m", {"form": "exact", "lower_order_final": False}, "vp"),
+    ("dpmpp_3m", {}, "flow"),
     ("lms", {}, "flow"),
     ("sa_solver", {"predictor_order": 2, "corrector_order": 1}, "flow"),
 ]
