@@ -202,19 +202,16 @@ class UniPC(Stepper):
         return torch.cat([phi1[:, None], bh[:, None], b], dim=1)
 
     def _host_orders(self, s: Step) -> tuple[int, int, int]:
-        """(p_now, p_last, p_corr) of every row on a fixed grid, from the host's history count and the grid
-        (the rules of :meth:`step`'s per-row path: a point enters the history only with a finite λ)."""
+        """(p_now, p_last, p_corr) of every row on a fixed grid, from the host's history count (the rules of
+        :meth:`step`'s per-row path: a point enters the history only with a finite λ)."""
         k, history = int(s.k), int(s.history)
-        cache = self.__dict__.setdefault("_finite_lambda", {})
-        if id(s.grid) not in cache:
-            cache.clear()
-            cache[id(s.grid)] = (s.grid, torch.isfinite(self.sde.log_snr(s.grid)).tolist())
-        finite_at = cache[id(s.grid)][1]
 
         def usable(move: int, known: int, first: int) -> int:
-            """Finite points among history points first … order − 2 of a move at grid index ``move``."""
+            """Finite points among history points first … order − 2 of a move at grid index ``move``: every
+            grid point has a finite λ but the start of a solve from m = 0 (λ = −∞)."""
             order = int(self.options["order"])
-            return sum(1 for j in range(first, first + order - 1) if known > j and finite_at[move - 1 - j])
+            finite = [j for j in range(first, first + order - 1) if known > j]
+            return sum(1 for j in finite if move - 1 - j > 0 or not self.from_zero_mean)
 
         def p_of(move: int, hist: int) -> int:
             order = int(self.options["order"])
