@@ -217,6 +217,8 @@ def part_network(args, device: torch.device) -> list[dict]:
     for label, score, sde, shape in cases:
         gen = torch.Generator().manual_seed(0)
         x_T = (sde.prior_std * torch.randn(*shape, generator=gen)).to(device)
+        with torch.no_grad():  # warm-up: first-call costs (allocator, lazy imports) are not the solver's
+            fastsde.sample(score, sde, shape, args.network_solvers[0], seed=0, x_init=x_T, steps=2)
         for solver in args.network_solvers:
             timed = TimedNetwork(score, device)
             with torch.no_grad(), Clock(device) as c:
