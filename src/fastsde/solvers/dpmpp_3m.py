@@ -123,15 +123,18 @@ class DPMSolverPP3M(Stepper):
                 return StepResult(x=base, state=state, x0_hat=d0)
             delta0 = (d0 - s.get("d1")) / rows(r0)
             if order == 2:
-                return StepResult(x=base + rows(m_t * phi2) * delta0, state=state, x0_hat=d0)
+                return StepResult(x=base.add_(rows(m_t * phi2) * delta0), state=state, x0_hat=d0)
+            # order 3 as base + a·δ₀ + b·(δ₀ − δ₁): g₁ and g₂ folded into two per-row coefficients
+            diff = delta0 - (s.get("d1") - s.get("d2")) / rows(r1)
+            a = m_t * phi2
+            b = (a * r0 - c3 * m_t * phi3) / (r0 + r1)
+            return StepResult(x=base.add_(rows(a) * delta0).add_(rows(b) * diff), state=state, x0_hat=d0)
         delta0 = (d0 - s.get("d1")) / rows(r0)
         delta1 = (s.get("d1") - s.get("d2")) / rows(r1)
         g1 = delta0 + (delta0 - delta1) * rows(r0 / (r0 + r1))
         g2 = (delta0 - delta1) / rows(r0 + r1)
         x2 = base + rows(m_t * phi2) * delta0
         x3 = base + rows(m_t * phi2) * g1 - rows(c3 * m_t * phi3) * g2
-        if s.history is not None:
-            return StepResult(x=x3, state=state, x0_hat=d0)
         order = broadcast_to_rows(self._max_order(s).to(x.device), x)
         out = torch.where(order >= 3, x3, torch.where(order == 2, x2, base))
         ref = torch.where(order >= 3, x2, base)
