@@ -65,6 +65,8 @@ MAX_PARAMS = 12
 #: public entry points that may take more parameters, all but the first few keyword-only
 PUBLIC_MANY = {
     "sample",
+    "sample_pipeline",
+    "__init__",  # a diffusers scheduler's config is its keyword-only constructor (FastSDEScheduler)
     "log_likelihood",
     "fit_iia",
     "fit_grid",

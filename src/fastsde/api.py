@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .grids import time_grid
+from .grids import explicit_times, time_grid
 from .guidance import ClassifierGuidance, with_null_rows
 from .noise import NoiseSource, Stream, as_noise_source
 from .score import (
@@ -236,6 +236,13 @@ def zero_end_time(sde: SDE, spec: SolverSpec, opts: dict[str, Any], t_start: flo
     grid = opts.get("grid")
     if not {"steps", "grid", "rho"} <= set(opts):
         raise ValueError(f"t_end=0 needs a fixed-grid solver (one with steps= and grid=), not {spec.name!r}")
+    if isinstance(grid, (Tensor, list, tuple)):  # an explicit grid: its last point is the last interior one
+        times = explicit_times(grid)
+        if times is None or times.numel() < 2 or not float(times[-1]) > 0.0:
+            raise ValueError(
+                f"t_end=0 with an explicit grid needs its last time > 0 (the denoise goes to 0), got {grid!r}"
+            )
+        return float(times[-1])
     if not isinstance(grid, str) or grid not in ZERO_END_GRIDS:
         raise ValueError(
             f"t_end=0 needs grid one of {list(ZERO_END_GRIDS)} (the others have λ = ∞ at t = 0; an explicit grid "
@@ -415,9 +422,10 @@ def sample(
     if not isinstance(x_init_noised, bool):
         raise ValueError(f"x_init_noised must be True or False, got {x_init_noised!r}")
     t0 = check_t_start(sde, t_start, float(t_end), x_init, spec.name)
-    if t0 != sde.T and "grid" in opts and not isinstance(opts["grid"], str):
+    if t0 != sde.T and "grid" in opts and not isinstance(opts["grid"], (str, Tensor, list, tuple)):
         raise ValueError(
-            f"t_start = {t0:g} needs a named grid (the times of a given grid are fixed), got grid={opts['grid']!r}"
+            f"t_start = {t0:g} needs a named grid or an explicit one that starts at t_start (a fitted grid's times "
+            f"run from T), got grid={opts['grid']!r}"
         )
     check_singular_start(score, sde, spec, t0, opts)
     cond_kw = check_cond(with_null_rows(score, cond, n), n, device)  # CFG's per-sample null rows follow too

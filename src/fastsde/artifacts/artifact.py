@@ -156,7 +156,10 @@ def model_fingerprint(
     score: ScoreFn, sde: SDE, shape: tuple[int, ...], t_end: float, dtype=torch.float64, device="cpu"
 ) -> tuple[dict[str, Any], Tensor | None]:
     """A loaded model: ({"kind": "shipped", name, weights_sha256}, None); any other score:
-    ({"kind": "probe", ...}, its probe outputs: σ(t)·score on fixed inputs x = σ(t)·z at fixed times)."""
+    ({"kind": "probe", ...}, its probe outputs: σ(t)·score on fixed inputs x = σ(t)·z at fixed times).
+    A score that stands in for a network it cannot call directly (a diffusers scheduler's, whose outputs
+    come from the pipeline) names that network's score as ``fingerprint_of``."""
+    score = getattr(score, "fingerprint_of", None) or score
     model = loaded_model(score)
     if model is not None:
         return {"kind": "shipped", "name": model.name, "weights_sha256": _weights_hash(model)}, None

@@ -291,7 +291,7 @@ class _GridPoints:
             index=index,
             attempt=index,
             final=self.final if last else self.not_final,
-            moves=moves,
+            moves=moves + int(ctx.denoise_is_final_move),  # lower-order rules count the denoise when it is a move
             rows=None,
             score=score,
             score0=partial(score, x, t),
