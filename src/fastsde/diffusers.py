@@ -295,10 +295,11 @@ class FastSDEScheduler(SchedulerMixin, ConfigMixin):
             kwargs.setdefault("prediction_type", "flow_prediction")
         elif "timestep_rule" not in cfg:
             kwargs.setdefault("timestep_rule", "ddim" if source in _DDIM_RULE_SOURCES else "dpmsolver")
+        named = str(cfg.get("_class_name", "")) or "the source scheduler"
         for key in ("clip_sample", "thresholding"):
             if cfg.get(key) and source != cls.__name__:
                 warnings.warn(
-                    f"{source or 'the source scheduler'} has {key}=True: FastSDEScheduler does not clip or "
+                    f"{named} has {key}=True: FastSDEScheduler does not clip or "
                     "threshold x̂0 (the fastsde solver's samples are returned as they are)",
                     stacklevel=2,
                 )
