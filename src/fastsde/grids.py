@@ -34,6 +34,23 @@ __all__ = [
 GRIDS = ("uniform", "edm", "logsnr", "quadratic")
 
 
+#: from this many points on, a rectified flow's default grid is "quadratic" for a run that ends at t_end > 0
+LONG_FLOW_GRID_FROM = 15
+
+
+def long_flow_grid(sde: SDE, grid: Any, steps: Any, t_end: float) -> Any:
+    """The default grid of a long run on a rectified flow: "quadratic" in place of "uniform" when the run
+    has at least LONG_FLOW_GRID_FROM points and ends at t_end > 0. Uniform in u puts the last move from
+    u ≈ 1/N straight down to t_end, a log-SNR step many times the previous one, and multistep solvers
+    extrapolate across it: on exact N(0, 0.25·I) data under shift 3, dpmpp_2m's samples had std 0.73 at 16
+    points (truth 0.5) against 0.53 on the quadratic grid (shorter runs end at σ = 0 instead, t_end = 0)."""
+    if grid != "uniform" or t_end == 0 or not isinstance(steps, int) or steps < LONG_FLOW_GRID_FROM:
+        return grid
+    if float(sde.mean_coeff(torch.tensor([sde.T], dtype=torch.float64))[0]) != 0.0:
+        return grid
+    return "quadratic"
+
+
 def default_grid(sde: SDE, family: str = "sde") -> str:
     """Sensible default per process: σ-time processes use the ρ-schedule, SDE samplers on VP/VE use
     uniform t (Score SDE), exponential integrators use log-SNR."""

@@ -17,7 +17,7 @@ from typing import Any
 from torch import Tensor
 
 from ...artifacts import FittedArtifact, FittedGrid
-from ...grids import check_explicit_grid, explicit_times
+from ...grids import check_explicit_grid, explicit_times, long_flow_grid
 from ...sde import SDE
 from .context import SolverContext, solver_grid
 from .controllers import FixedGrid
@@ -136,6 +136,8 @@ class SolverSpec:
         resolved = {
             k: (as_python_number(given[k]) if k in given else opt.default_for(sde)) for k, opt in self.options.items()
         }
+        if "grid" in resolved and "grid" not in given:  # a long run on a flow: quadratic, not uniform
+            resolved["grid"] = long_flow_grid(sde, resolved["grid"], resolved.get("steps"), t_end)
         for k, opt in self.options.items():
             opt.check(k, resolved[k])
         times = explicit_times(resolved["grid"]) if "grid" in resolved and "steps" in resolved else None
