@@ -242,6 +242,34 @@ def test_fitted_grid_needs_and_checks_the_model(unet):
         sched.step(other(x, t).sample, t, x)
 
 
+def test_image_to_image_begins_part_way(unet):
+    """An img2img pipeline's protocol: set_timesteps, set_begin_index, add_noise at the first kept timestep."""
+    sched = FastSDEScheduler(solver="dpmpp_2m")
+    sched.set_timesteps(10)
+    sched.set_begin_index(4)
+    x0 = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(5)) * 0.5
+    noise = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(6))
+    x = x_start = sched.add_noise(x0, noise, sched.timesteps[4:5])
+    for t in sched.timesteps[4:]:
+        x = sched.step(unet(x, t).sample, t, x).prev_sample
+    assert sched.result.nfe == 6
+    grid = sched._plan["grid"][4:]
+    ref = fastsde.sample(DiffusersUNetScore(unet, sched.sde), sched.sde, (2, 1, 8, 8), "dpmpp_2m", x_init=x_start,
+                         x_init_noised=True, t_start=float(grid[0]), grid=grid, steps=6, t_end=0)  # fmt: skip
+    assert torch.allclose(x, ref.samples, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="one evaluation per move"):
+        FastSDEScheduler(solver="heun").set_begin_index(2)
+
+
+def test_dynamic_shifting_needs_mu():
+    cfg = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True).config
+    sched = FastSDEScheduler.from_config(cfg, solver="euler")
+    with pytest.raises(ValueError, match="mu="):
+        sched.set_timesteps(8)
+    sched.set_timesteps(8, mu=0.8)
+    assert sched.sde.mu == 0.8 and len(sched.timesteps) == 8
+
+
 def test_iia_table_in_the_scheduler_equals_fastsde_sample(unet):
     sde = fastsde.VPSDE.from_diffusers_scheduler(DDIMScheduler())
     score = DiffusersUNetScore(unet, sde)

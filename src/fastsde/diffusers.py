@@ -355,6 +355,11 @@ class FastSDEScheduler(SchedulerMixin, ConfigMixin):
         """Plan the solve: its grid, and ``timesteps``, the network's timestep at each evaluation.
         Any solve in flight is ended (no history crosses pipeline calls)."""
         self._reset()
+        if self.config.process == "flow" and self.config.use_dynamic_shifting and mu is None:
+            raise ValueError(
+                "this scheduler uses dynamic shifting (use_dynamic_shifting=True): set_timesteps needs mu= (FLUX-style "
+                "pipelines pass it; fastsde.RectifiedFlow.dynamic_mu computes it from the image sequence length)"
+            )
         self.sde = self._train_process(mu)
         self._n_requested = num_inference_steps
         grid_times = self._grid(num_inference_steps, timesteps, sigmas)
