@@ -3,9 +3,20 @@ evaluations."""
 
 from . import problems
 from .api import SampleResult, sample
-from .artifacts import FittedGrid, IIATable, MLEMSchedule, load_grid, load_iia, load_mlem, shipped_grid, shipped_grids
+from .artifacts import (
+    FittedGrid,
+    IIATable,
+    MLEMSchedule,
+    Recipe,
+    load_grid,
+    load_iia,
+    load_mlem,
+    load_recipe,
+    shipped_grid,
+    shipped_grids,
+)
 from .files import FileFormatError
-from .fitting import fit_grid, fit_iia, fit_mlem
+from .fitting import TuneSettings, fit_grid, fit_iia, fit_mlem, tune
 from .grids import time_grid
 from .guidance import CFGScore, ClassifierGuidance
 from .levels import Levels
@@ -32,6 +43,10 @@ from .solvers.core.driver import BudgetError, IntegrationError, NonFiniteSolveEr
 __version__ = "0.1.0"
 
 __all__ = [
+    "Recipe",
+    "load_recipe",
+    "tune",
+    "TuneSettings",
     "RectifiedFlow",
     "VelocityScore",
     "SDE",

@@ -379,6 +379,7 @@ def sample(
     cond: Tensor | dict[str, Tensor] | None = None,
     t_start: float | None = None,
     x_init_noised: bool = False,
+    recipe: Any = None,
     **options: Any,
 ) -> SampleResult:
     """Draw samples from the model given by ``score`` under the process ``sde``.
@@ -406,8 +407,12 @@ def sample(
             of exactly the samples the score evaluates (compaction and finished samples included).
         t_start: start the solve at this time (T ≥ t_start > t_end; default T); needs x_init.
         x_init_noised: x_init is already the state at t_start (not noised again).
+        recipe: a recipe from ``fastsde.tune`` (or its folder): the solver, options, fitted grid and table
+            it chose for ``steps`` NFE (``steps=`` required); refused for another model or process.
         **options: solver options; unknown names are a ValueError listing the valid ones.
     """
+    if recipe is not None:
+        solver, options = recipe_run(recipe, score, sde, shape, solver, options, dtype, device)
     shape, spec, t_end, denoise = check_run(score, sde, shape, solver, t_end, denoise, options)
     opts = spec.resolve(sde, options, t_end)
     dtype = check_dtype(dtype)
@@ -477,6 +482,30 @@ def sample(
         multilevel=multilevel,
         network_evals=counted.network_evals,
     )
+
+
+def recipe_run(
+    recipe: Any, score: Any, sde: SDE, shape: Any, solver: Any, options: dict[str, Any], dtype: Any, device: Any
+) -> tuple[str, dict[str, Any]]:
+    """The solver and options a recipe chose for ``options['steps']`` NFE, after checking that it was tuned
+    for this process, sample shape and model; the caller's other options are kept."""
+    from .artifacts.recipe import Recipe, load_recipe
+
+    if isinstance(recipe, (str, os.PathLike)):
+        recipe = load_recipe(recipe)
+    if not isinstance(recipe, Recipe):
+        raise ValueError(f"recipe must be a fastsde.tune result or its folder, got {type(recipe).__name__}")
+    if solver != DEFAULT_SOLVER:
+        raise ValueError(f"give either recipe= or solver= (the recipe chooses the solver), got solver={solver!r}")
+    if "steps" not in options:
+        raise ValueError(f"a recipe needs steps= (one of its budgets, in NFE: {recipe.budgets})")
+    clash = sorted({"grid", "table"} & set(options))
+    if clash:
+        raise ValueError(f"{clash} come from the recipe; remove them")
+    shape = check_shape(shape)
+    recipe.check_for(score, sde, shape[1:], check_dtype(dtype), device)
+    chosen, chosen_options = recipe.choose(options["steps"])
+    return chosen, {**chosen_options, **{k: v for k, v in options.items() if k != "steps"}}
 
 
 def noise_image(sde: SDE, x0: Tensor, t: float, noise: NoiseSource) -> Tensor:

@@ -24,6 +24,7 @@ fastsde's accounting.
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import queue
@@ -304,6 +305,30 @@ class FastSDEScheduler(SchedulerMixin, ConfigMixin):
                     stacklevel=2,
                 )
         return super().from_config(cfg, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    @classmethod
+    def from_recipe(
+        cls, recipe: Any, steps: int, config: Any = None, *, model: torch.nn.Module, **kwargs: Any
+    ) -> FastSDEScheduler:
+        """The scheduler of a recipe's choice for ``steps`` NFE (``fastsde.tune``), on the training schedule
+        of ``config`` (``pipe.scheduler.config``); ``model`` (the pipeline's network) is checked against the
+        model the recipe was tuned for. ``set_timesteps(steps)`` then runs that choice."""
+        from .artifacts.recipe import Recipe, load_recipe
+
+        recipe = load_recipe(recipe) if not isinstance(recipe, Recipe) else recipe
+        solver, options = recipe.choose(steps)
+        grid, table = options.pop("grid", None), options.pop("table", None)
+        options.pop("steps", None)
+        base = cls.from_config(config or {}, solver=solver, solver_options=options or None, **kwargs)
+        if grid is None:  # the solver's own default grid, on which the recipe measured it
+            grid = SOLVERS[solver].options["grid"].default_for(base.sde)
+        names = inspect.signature(cls.__init__).parameters
+        settings = {k: v for k, v in base.config.items() if k in names and k not in cls.ignore_for_config}
+        sched = cls(**settings, grid=grid, table=table, model=model)
+        shape = tuple(recipe.key["shape"])
+        recipe.check_for(DiffusersUNetScore(model, sched.sde, sched.config.prediction_type), sched.sde, shape,
+                         next(model.parameters()).dtype, next(model.parameters()).device)  # fmt: skip
+        return sched
 
     def _train_process(self, mu: float | None) -> SDE:
         c = self.config

@@ -10,6 +10,7 @@ from .artifact import FittedArtifact
 from .grid import FittedGrid, load_grid, shipped_grid, shipped_grids
 from .iia_table import IIATable, load_iia
 from .mlem import MLEMSchedule, load_mlem
+from .recipe import Recipe, load_recipe
 
 __all__ = [
     "FittedArtifact",
@@ -21,4 +22,6 @@ __all__ = [
     "load_iia",
     "MLEMSchedule",
     "load_mlem",
+    "Recipe",
+    "load_recipe",
 ]

@@ -8,7 +8,7 @@ import importlib
 import sys
 
 # One line per subcommand module (fastsde.cli.<name>).
-SUBCOMMANDS = ("sample", "train", "likelihood", "bench", "fit_iia", "fit_mlem", "fit_grid")
+SUBCOMMANDS = ("sample", "train", "likelihood", "bench", "fit_iia", "fit_mlem", "fit_grid", "tune")
 
 
 class CLIError(Exception):

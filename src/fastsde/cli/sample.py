@@ -92,6 +92,13 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--table", default=None, help="IIA table for an iia_ solver (default: the shipped one)")
     p.add_argument(
+        "--recipe",
+        default=None,
+        metavar="DIR|auto",
+        help="a recipe folder (fastsde tune): the solver, grid and table it chose for --steps NFE; 'auto': the "
+        "recipe shipped for this shipped model",
+    )
+    p.add_argument(
         "--grid",
         default=None,
         metavar="FILE|fitted",
@@ -452,6 +459,38 @@ def _load_model(args: argparse.Namespace, req: _Request) -> _Model:
     return m
 
 
+def _recipe(args: argparse.Namespace, req: _Request, m: _Model) -> None:
+    """--recipe: the solver and options (fitted grid, table) the recipe chose for --steps, after checking
+    that it was tuned for this model, process and sample shape."""
+    if getattr(args, "recipe", None) is None:
+        return
+    import fastsde
+    from fastsde.artifacts.recipe import shipped_recipe
+
+    from .checks import reading
+
+    if args.solver is not None or args.grid is not None or args.table is not None:
+        raise CLIError("--recipe chooses the solver, grid and table: drop --solver / --grid / --table")
+    if "steps" not in req.opts:
+        raise CLIError("--recipe needs --steps (one of the recipe's NFE budgets)")
+    if args.recipe == "auto":
+        recipe = shipped_recipe(args.model)
+        if recipe is None:
+            raise CLIError(
+                f"no recipe ships for model {args.model!r}; tune one: fastsde tune --model {args.model} --out DIR"
+            )
+    else:
+        with reading("--recipe", args.recipe, "a recipe folder (fastsde tune --out DIR)"):
+            recipe = fastsde.load_recipe(args.recipe)
+    try:
+        recipe.check_for(m.score, m.sde, tuple(m.shape), m.dtype, req.device)
+        solver, options = recipe.choose(int(req.opts["steps"]))
+    except ValueError as exc:
+        raise CLIError(f"--recipe: {exc}") from None
+    req.solver, req.spec = solver, fastsde.SOLVERS[solver]
+    req.opts = {**options, **{k: v for k, v in req.opts.items() if k != "steps"}}
+
+
 def _solver_files(args: argparse.Namespace, req: _Request) -> None:
     """--table (an iia_ solver's IIA table) and --grid (a fitted time grid) into the solver options."""
     import fastsde
@@ -655,6 +694,7 @@ def _report(args: argparse.Namespace, req: _Request, m: _Model, drawn: _Drawn, r
 def run(args: argparse.Namespace) -> int:
     req = _check_request(args)
     m = _load_model(args, req)
+    _recipe(args, req, m)
     _solver_files(args, req)
     t_end, resolved = _check_keywords(req, m.sde)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
