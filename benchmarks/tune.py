@@ -40,7 +40,7 @@ def problems(which: list[str]):
 
 
 def configurations(recipe) -> dict[str, dict[int, tuple[str, dict]]]:
-    """name → budget → (solver, options) for every configuration available at every budget."""
+    """name → budget → (solver, options) for every configuration tried (some only at some budgets)."""
     out: dict[str, dict[int, tuple[str, dict]]] = {}
     for row in recipe.candidates:
         b, solver, variant = row["budget"], row["solver"], row["variant"]
@@ -52,7 +52,7 @@ def configurations(recipe) -> dict[str, dict[int, tuple[str, dict]]]:
         if not math.isfinite(float(row["mse"])):
             continue
         out.setdefault(f"{solver} ({variant})", {})[b] = (solver, options)
-    return {k: v for k, v in out.items() if set(v) == set(recipe.budgets)}
+    return out
 
 
 def mean_log(per_budget: dict[int, list[float]]) -> float:
@@ -86,7 +86,8 @@ def main() -> None:
                     errs.append(mse(x, ref))
                 errors.setdefault(label, {})[b] = errs
 
-        fixed = min(errors, key=lambda k: mean_log(errors[k]))
+        complete = [k for k, d in errors.items() if set(d) == set(BUDGETS)]  # fixed choices: every budget
+        fixed = min(complete, key=lambda k: mean_log(errors[k]))
         rows = []
         for b in BUDGETS:
             c = recipe.choices[b]
