@@ -29,6 +29,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--solvers", default=None, help="comma-separated candidate solvers (default: the standard set)")
     p.add_argument("--n-eval", type=int, default=256, help="held-out samples per candidate (default 256)")
     p.add_argument("--n-fit", type=int, default=64, help="samples the grids and tables are fitted on (default 64)")
+    p.add_argument(
+        "--fit-top", type=int, default=2, help="fitted grids for the best K default-grid solvers per budget (default 2)"
+    )
     p.add_argument("--max-minutes", type=float, default=10.0, help="no candidate starts after this (default 10)")
     p.add_argument("--cache", default=None, help="folder of finished candidates (default OUT/.cache): reruns resume")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
@@ -47,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     budgets = parse_steps(args.budgets)
     check_int("--n-eval", args.n_eval, 2, 1 << 20)
     check_int("--n-fit", args.n_fit, 2, 1 << 20)
+    check_int("--fit-top", args.fit_top, 0, 100)
     if not (math.isfinite(args.max_minutes) and args.max_minutes > 0):
         raise CLIError(f"--max-minutes must be a positive number, got {args.max_minutes}")
     device = check_device(args.device)
@@ -76,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         recipe = fastsde.tune(
             score, sde, shape, budgets, stochastic=args.stochastic, solvers=solvers, n_eval=args.n_eval,
-            n_fit=args.n_fit, max_minutes=args.max_minutes, cache=cache, dtype=dtype, device=device,
+            n_fit=args.n_fit, fit_top=args.fit_top, max_minutes=args.max_minutes, cache=cache, dtype=dtype, device=device,
         )  # fmt: skip
     except ValueError as exc:
         raise CLIError(str(exc)) from None

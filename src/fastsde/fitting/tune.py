@@ -85,6 +85,8 @@ class TuneSettings:
                 raise ValueError(f"{name} must be an integer >= 2, got {v!r}")
         if self.max_minutes is not None and not (isinstance(self.max_minutes, (int, float)) and self.max_minutes > 0):
             raise ValueError(f"max_minutes must be a positive number or None, got {self.max_minutes!r}")
+        if isinstance(self.fit_top, bool) or not isinstance(self.fit_top, int) or self.fit_top < 0:
+            raise ValueError(f"fit_top must be an integer >= 0, got {self.fit_top!r}")
         if self.fit_seed == self.eval_seed:
             raise ValueError("fit_seed and eval_seed must differ (candidates are scored on held-out seeds)")
 
@@ -165,6 +167,15 @@ class _Search:
         self.ref_seconds = time.perf_counter() - t0
         self.ref_stats = _stats(self.ref)
         say(f"reference: dpmpp_3m, {s.reference_steps} points, {s.n_eval} samples ({self.ref_seconds:.1f} s)")
+        per_nfe = self.ref_seconds / s.reference_steps
+        n_default = len(s.candidates()) * sum(s.budgets)
+        n_more = 0 if s.stochastic else (s.fit_top + (2 if s.iia else 0)) * sum(s.budgets)
+        say(
+            f"estimate: ~{per_nfe * n_default:.0f} s for {len(s.candidates()) * len(s.budgets)} default-grid candidates, "
+            f"~{per_nfe * n_more:.0f} s to score the fitted ones, plus fitting ({s.fit_top} grids and "
+            f"{2 if s.iia and not s.stochastic else 0} tables per budget; a grid costs about {s.grid_fine} × {s.n_fit} "
+            f"sample-evaluations per sweep)"
+        )
 
     def late(self) -> bool:
         return self.deadline is not None and time.perf_counter() > self.deadline
@@ -319,7 +330,7 @@ class _Cache:
 
     def __init__(self, s: TuneSettings, fingerprint: dict[str, Any], sde: SDE, dims: tuple[int, ...], probe: Any):
         self.folder = None if s.cache is None else Path(s.cache)
-        unkeyed = ("budgets", "max_minutes", "cache", "progress", "keep_all_files")
+        unkeyed = ("budgets", "max_minutes", "cache", "progress", "keep_all_files", "fit_top", "iia", "solvers")
         keyed = {k: v for k, v in asdict(s).items() if k not in unkeyed}
         blob = json.dumps(
             {"settings": _plain(keyed), "model": fingerprint, "process": sde.config(), "shape": list(dims),
