@@ -166,7 +166,7 @@ def test_the_shipped_digits_recipe_loads_and_runs():
     from fastsde.artifacts.recipe import shipped_recipe
 
     recipe = shipped_recipe("digits")
-    assert recipe is not None and recipe.budgets == [4, 6, 8, 10]
+    assert recipe is not None and recipe.budgets == list(range(4, 11))
     assert recipe.key["model"]["kind"] == "shipped" and recipe.key["model"]["name"] == "digits"
     model = fastsde.load_model("digits")
     res = fastsde.sample(model.score, model.sde, (4, *model.shape), recipe=recipe, steps=6, seed=0)
@@ -175,3 +175,19 @@ def test_the_shipped_digits_recipe_loads_and_runs():
     with pytest.raises(ValueError, match="process|model"):
         fastsde.sample(other.score, other.sde, (4, *other.shape), recipe=recipe, steps=6)
     assert shipped_recipe("no-such-model") is None and shipped_recipe("../x") is None
+    flow = shipped_recipe("digits-flow")
+    assert flow is not None and flow.key["model"]["name"] == "digits-flow"
+    res = fastsde.sample(other.score, other.sde, (4, *other.shape), recipe=flow, steps=5, seed=0)
+    assert res.nfe == 5 and torch.isfinite(res.samples).all()
+
+
+def test_measure_fd_chooses_by_fd_from_the_same_cache(recipe, problem):
+    sde, gm = problem
+    by_fd = fastsde.tune(gm.score, sde, tuple(gm.shape), budgets=(4, 6), cache=str(recipe.cache_dir), measure="fd",
+                         **SMALL)  # fmt: skip
+    for budget, choice in by_fd.choices.items():
+        rows = [r for r in by_fd.candidates if r["budget"] == budget and math.isfinite(float(r["fd"]))]
+        assert choice.errors["fd"] == min(float(r["fd"]) for r in rows)
+    assert by_fd.record["measure"] == "fd"
+    with pytest.raises(ValueError, match="measure"):
+        fastsde.tune(gm.score, sde, tuple(gm.shape), budgets=(4,), measure="psnr", **SMALL)

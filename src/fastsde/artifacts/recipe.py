@@ -139,9 +139,8 @@ class Recipe(FittedArtifact):
 
     @classmethod
     def read(cls, f: Fields, tensors: dict[str, Any], where: str) -> Recipe:
-        key, sde, _, t_end, probe = read_key_common(f, tensors)
-        shape = key.integers("shape", min_length=1, low=1, high=1 << 20)
-        del sde, t_end, shape
+        key, _, _, _, probe = read_key_common(f, tensors)
+        key.integers("shape", min_length=1, low=1, high=1 << 20)
         choices: dict[int, Choice] = {}
         raw = f.obj("choices")
         for budget in raw.data:

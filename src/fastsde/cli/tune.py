@@ -30,6 +30,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--n-eval", type=int, default=256, help="held-out samples per candidate (default 256)")
     p.add_argument("--n-fit", type=int, default=64, help="samples the grids and tables are fitted on (default 64)")
     p.add_argument(
+        "--measure",
+        choices=("mse", "fd"),
+        default=None,
+        help="what chooses: MSE to the reference (default for deterministic solvers) or FD between the sample sets",
+    )
+    p.add_argument(
         "--fit-top", type=int, default=2, help="fitted grids for the best K default-grid solvers per budget (default 2)"
     )
     p.add_argument("--max-minutes", type=float, default=10.0, help="no candidate starts after this (default 10)")
@@ -80,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         recipe = fastsde.tune(
             score, sde, shape, budgets, stochastic=args.stochastic, solvers=solvers, n_eval=args.n_eval,
-            n_fit=args.n_fit, fit_top=args.fit_top, max_minutes=args.max_minutes, cache=cache, dtype=dtype, device=device,
+            n_fit=args.n_fit, fit_top=args.fit_top, measure=args.measure, max_minutes=args.max_minutes, cache=cache, dtype=dtype, device=device,
         )  # fmt: skip
     except ValueError as exc:
         raise CLIError(str(exc)) from None

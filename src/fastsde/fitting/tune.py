@@ -67,6 +67,9 @@ class TuneSettings:
     progress: bool = True
     #: keep every fitted grid and table in the recipe (not only the chosen ones), for comparisons
     keep_all_files: bool = False
+    #: what chooses: "mse" (to the reference from the same noise) or "fd" (between the sample sets);
+    #: None: MSE for deterministic solvers, FD for stochastic ones
+    measure: str | None = None
 
     def check(self) -> None:
         budgets = self.budgets
@@ -85,6 +88,8 @@ class TuneSettings:
                 raise ValueError(f"{name} must be an integer >= 2, got {v!r}")
         if self.max_minutes is not None and not (isinstance(self.max_minutes, (int, float)) and self.max_minutes > 0):
             raise ValueError(f"max_minutes must be a positive number or None, got {self.max_minutes!r}")
+        if self.measure not in (None, "mse", "fd"):
+            raise ValueError(f"measure must be 'mse', 'fd' or None, got {self.measure!r}")
         if isinstance(self.fit_top, bool) or not isinstance(self.fit_top, int) or self.fit_top < 0:
             raise ValueError(f"fit_top must be an integer >= 0, got {self.fit_top!r}")
         if self.fit_seed == self.eval_seed:
@@ -263,7 +268,7 @@ class _Search:
     def recipe(self) -> Recipe:
         """The best candidate per budget (by MSE; by FD for stochastic solvers), as a Recipe."""
         s = self.s
-        measure = "fd" if s.stochastic else "mse"
+        measure = s.measure or ("fd" if s.stochastic else "mse")
         choices: dict[int, Choice] = {}
         for budget in s.budgets:
             ok = [r for r in self.rows if r.budget == budget and math.isfinite(getattr(r, measure))]
@@ -330,7 +335,17 @@ class _Cache:
 
     def __init__(self, s: TuneSettings, fingerprint: dict[str, Any], sde: SDE, dims: tuple[int, ...], probe: Any):
         self.folder = None if s.cache is None else Path(s.cache)
-        unkeyed = ("budgets", "max_minutes", "cache", "progress", "keep_all_files", "fit_top", "iia", "solvers")
+        unkeyed = (
+            "budgets",
+            "max_minutes",
+            "cache",
+            "progress",
+            "keep_all_files",
+            "fit_top",
+            "iia",
+            "solvers",
+            "measure",
+        )
         keyed = {k: v for k, v in asdict(s).items() if k not in unkeyed}
         blob = json.dumps(
             {"settings": _plain(keyed), "model": fingerprint, "process": sde.config(), "shape": list(dims),
