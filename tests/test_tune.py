@@ -191,3 +191,14 @@ def test_measure_fd_chooses_by_fd_from_the_same_cache(recipe, problem):
     assert by_fd.record["measure"] == "fd"
     with pytest.raises(ValueError, match="measure"):
         fastsde.tune(gm.score, sde, tuple(gm.shape), budgets=(4,), measure="psnr", **SMALL)
+
+
+@pytest.mark.parametrize("name", ["digits", "digits-flow", "digits-ve", "digits-small", "digits-large"])
+def test_every_shipped_recipe_is_for_its_model(name):
+    from fastsde.artifacts.recipe import shipped_recipe
+
+    recipe = shipped_recipe(name)
+    model = fastsde.load_model(name)
+    assert recipe.key["model"]["name"] == name and recipe.budgets == list(range(4, 11))
+    recipe.check_for(model.score, model.sde, tuple(model.shape), torch.float32, "cpu")
+
