@@ -201,4 +201,3 @@ def test_every_shipped_recipe_is_for_its_model(name):
     model = fastsde.load_model(name)
     assert recipe.key["model"]["name"] == name and recipe.budgets == list(range(4, 11))
     recipe.check_for(model.score, model.sde, tuple(model.shape), torch.float32, "cpu")
-
