@@ -646,7 +646,11 @@ class DiscreteVPSDE(VPSDE):
         return self._tables[key]
 
     def _lam_and_slope(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        """λ(t) and dλ/dt: linear in τ = N·t − 1 between timesteps, λ_0 − ½ log(N·t) below t_0."""
+        """λ(t) and dλ/dt: linear in τ = N·t − 1 between timesteps, λ_0 − ½ log(N·t) below t_0 (computed in
+        float32 for a half-precision t, whose N·t cannot even name the timesteps)."""
+        if t.dtype in (torch.float16, torch.bfloat16):
+            lam_t, slope_t = self._lam_and_slope(t.float())
+            return lam_t.to(t.dtype), slope_t.to(t.dtype)
         lam, slope = self._table(t)
         n = self.num_timesteps
         tau = n * t - 1.0

@@ -228,11 +228,13 @@ def grid_coefficients(
     method that computes its coefficients from ``s.t64``), on its device, and returns one row per move
     (the same elementwise formulas the per-row path evaluates each step, so only the last bit of a
     vectorised exp/log may differ)."""
-    dtype = torch.float64 if float64 else s.t.dtype
+    low = s.t.dtype in (torch.float16, torch.bfloat16)  # half precision: made in float32, kept in the run's dtype
+    dtype = torch.float64 if float64 else (torch.float32 if low else s.t.dtype)
     cache = stepper.__dict__.setdefault("_grid_tables", {})
     key = (id(s.grid), dtype, make.__name__)
     if key not in cache:
         table = make(s.grid.to(device=s.t.device, dtype=dtype))
+        table = table.to(s.t.dtype) if low and not float64 else table
         cache[key] = (s.grid, table)  # the grid is kept so that its id is not reused meanwhile
     return cache[key][1][int(s.k) if move is None else move]
 
