@@ -332,3 +332,18 @@ def test_add_noise_is_the_forward_process():
     ts = torch.tensor([0, 499, 999])
     ref = DDIMScheduler().add_noise(x0, noise, ts)
     assert torch.allclose(sched.add_noise(x0, noise, ts), ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "sample", "v_prediction"])
+def test_pred_original_sample_is_diffusers(prediction):
+    net = tiny_unet(prediction)
+    ddim = DDIMScheduler(clip_sample=False, prediction_type=prediction)
+    ddim.set_timesteps(5)
+    sched = FastSDEScheduler.from_config(ddim.config, solver="ddim")
+    sched.set_timesteps(5)
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    t = sched.timesteps[0]
+    out = net(x, t).sample
+    want = ddim.step(out, t, x).pred_original_sample
+    got = sched.step(out, t, x).pred_original_sample
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)

@@ -545,14 +545,15 @@ class FastSDEScheduler(SchedulerMixin, ConfigMixin):
 
     def _x0(self, model_output: Tensor, sample: Tensor, t: Tensor) -> Tensor:
         """x̂0 of the network output at (sample, t)."""
-        tt = torch.full((sample.shape[0],), float(t), dtype=torch.float64)
+        tt = torch.full((sample.shape[0],), float(t), dtype=torch.float64)  # coefficients in float64 on the CPU
+        on_device = tt.to(sample.device, sample.dtype)
         score = _OutputScore(lambda x, _: model_output, self.sde, self.config.prediction_type)
         pred = score.data_prediction
         if pred is not None:
-            return pred(sample, tt.to(sample.dtype))
-        m = broadcast_to_rows(self.sde.mean_coeff(tt).to(sample.dtype), sample)
-        sig = broadcast_to_rows(self.sde.marginal_std(tt).to(sample.dtype), sample)
-        return (sample + sig**2 * score(sample, tt.to(sample.dtype))) / m
+            return pred(sample, on_device)
+        m = broadcast_to_rows(self.sde.mean_coeff(tt).to(sample.device, sample.dtype), sample)
+        sig = broadcast_to_rows(self.sde.marginal_std(tt).to(sample.device, sample.dtype), sample)
+        return (sample + sig**2 * score(sample, on_device)) / m
 
     def _start(self, x_t: Tensor, generator: Any, begin: int) -> None:
         """Start the worker: fastsde.sample from the pipeline's first state, noise from its generator."""
