@@ -34,6 +34,11 @@ __all__ = [
 GRIDS = ("uniform", "edm", "logsnr", "quadratic")
 
 
+def zero_mean_at(sde: SDE, t: float) -> bool:
+    """Whether m(t) = 0 (a rectified flow's pure-noise end), decided once on the host."""
+    return float(sde.mean_coeff(torch.tensor([float(t)], dtype=torch.float64))[0]) == 0.0
+
+
 #: from this many points on, a rectified flow's default grid is "quadratic" for a run that ends at t_end > 0
 LONG_FLOW_GRID_FROM = 15
 
@@ -46,9 +51,7 @@ def long_flow_grid(sde: SDE, grid: Any, steps: Any, t_end: float) -> Any:
     points (truth 0.5) against 0.53 on the quadratic grid (shorter runs end at σ = 0 instead, t_end = 0)."""
     if grid != "uniform" or t_end == 0 or not isinstance(steps, int) or steps < LONG_FLOW_GRID_FROM:
         return grid
-    if float(sde.mean_coeff(torch.tensor([sde.T], dtype=torch.float64))[0]) != 0.0:
-        return grid
-    return "quadratic"
+    return "quadratic" if zero_mean_at(sde, sde.T) else grid
 
 
 def default_grid(sde: SDE, family: str = "sde") -> str:
@@ -56,7 +59,7 @@ def default_grid(sde: SDE, family: str = "sde") -> str:
     uniform t (Score SDE), exponential integrators use log-SNR."""
     if isinstance(sde, EDM):
         return "edm"
-    if float(sde.mean_coeff(torch.tensor([sde.T], dtype=torch.float64))[0]) == 0.0:
+    if zero_mean_at(sde, sde.T):
         return "uniform"  # m(T) = 0 (rectified flow): λ and σ/m are infinite at T; uniform is the shifted schedule
     return {"sde": "uniform", "ode": "edm", "exp": "logsnr"}[family]
 

@@ -30,6 +30,7 @@ from torch import Tensor
 from ..api import sample
 from ..artifacts.artifact import data_shape, model_fingerprint
 from ..artifacts.recipe import Choice, Recipe
+from ..grids import zero_mean_at
 from ..metrics.mixture import frechet_gaussian, mse
 from ..sde import SDE
 from ..solvers import SOLVERS
@@ -168,7 +169,7 @@ class _Search:
         self.skipped: list[str] = []
         t0 = time.perf_counter()
         self.ref = sample(score, sde, (s.n_eval, *dims), "dpmpp_3m", seed=s.eval_seed, steps=s.reference_steps,
-                          dtype=dtype, device=device, grid="uniform" if _flow(sde) else "logsnr").samples  # fmt: skip
+                          dtype=dtype, device=device, grid="uniform" if zero_mean_at(sde, sde.T) else "logsnr").samples  # fmt: skip
         self.ref_seconds = time.perf_counter() - t0
         self.ref_stats = _stats(self.ref)
         say(f"reference: dpmpp_3m, {s.reference_steps} points, {s.n_eval} samples ({self.ref_seconds:.1f} s)")
@@ -298,10 +299,6 @@ class _Search:
         kept = self.files if s.keep_all_files else {k: v for k, v in self.files.items() if k in used}
         candidates = [_plain(asdict(r)) for r in self.rows]
         return Recipe(key, choices, candidates, record, self.probe, files=kept)
-
-
-def _flow(sde: SDE) -> bool:
-    return float(sde.mean_coeff(torch.tensor([sde.T], dtype=torch.float64))[0]) == 0.0
 
 
 def _stats(x: Tensor) -> tuple[Tensor, Tensor]:

@@ -12,9 +12,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import torch
 from torch import Tensor
 
+from ...grids import zero_mean_at
 from ...noise import Stream
 from ...sde import SDE
 
@@ -114,7 +114,7 @@ def starts_at_zero_mean(sde: SDE | None, t_start: Any) -> bool:
     """Whether m(t_start) = 0 (a rectified flow's pure-noise end), decided once on the host."""
     if sde is None or isinstance(t_start, bool) or not isinstance(t_start, (int, float)):
         return False
-    return float(sde.mean_coeff(torch.tensor([float(t_start)], dtype=torch.float64))[0]) == 0.0
+    return zero_mean_at(sde, t_start)
 
 
 class Stepper:
