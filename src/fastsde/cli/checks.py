@@ -178,3 +178,27 @@ def reading(flag: str, path: Any, what: str) -> Iterator[None]:
         if str(path) in detail:
             raise CLIError(f"{flag + ': ' if flag else ''}{detail}"[:2000]) from None
         raise CLIError(f"{where}: not {what} ({detail})"[:2000]) from None
+
+
+def fit_model(name: str, device: Any = None) -> tuple[Any, Any, tuple[int, ...], Any]:
+    """(process, score, shape of one sample, dtype) of --model for the fitting commands (fit-iia, fit-grid,
+    tune): the exact 2-D mixture in float64, or a shipped / trained model in float32, its network moved to
+    ``device`` when one is given."""
+    import torch
+
+    import fastsde
+
+    if name == "mixture":
+        sde = fastsde.VPSDE()
+        gm = fastsde.problems.mixture_2d(sde)
+        return sde, gm.score, tuple(gm.shape), torch.float64
+    if name in fastsde.list_models() or (name.strip() and Path(name).is_dir()):
+        with reading("--model", name, "a model (a shipped name or a folder written by `fastsde train`)"):
+            model = fastsde.load_model(name)
+            if device is not None:
+                model.network.to(device)
+        return model.sde, model.score, tuple(model.shape), torch.float32
+    raise CLIError(
+        f"unknown model {name!r}; available: {', '.join(fastsde.list_models() + ['mixture'])}, "
+        "or the path of a model folder"
+    )

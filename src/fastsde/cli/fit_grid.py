@@ -10,7 +10,6 @@ losses; pass one to ``fastsde sample --solver dpmpp_2m --grid grids/digits-dpmpp
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from . import CLIError
 from .fit_iia import check_fit_sizes, model_tag, parse_steps
@@ -44,12 +43,11 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
 
     import fastsde
     from fastsde.artifacts.grid import grid_file_name
 
-    from .checks import check_device, check_int, check_out_dir, reading
+    from .checks import check_device, check_int, check_out_dir, fit_model
 
     steps = parse_steps(args.steps)
     check_int("--fine", args.fine, 1, MAX_FINE)
@@ -65,21 +63,7 @@ def run(args: argparse.Namespace) -> int:
             f"--steps {max(steps)} needs a fine grid of at least {max(steps) - 1} intervals, got --fine {args.fine}"
         )
     out = check_out_dir(args.out)
-    if args.model == "mixture":
-        sde = fastsde.VPSDE()
-        gm = fastsde.problems.mixture_2d(sde)
-        score, dtype = gm.score, torch.float64
-        shape = tuple(gm.shape)
-    elif args.model in fastsde.list_models() or (args.model.strip() and Path(args.model).is_dir()):
-        with reading("--model", args.model, "a model (a shipped name or a folder written by `fastsde train`)"):
-            model = fastsde.load_model(args.model)
-            model.network.to(device)
-        sde, score, shape, dtype = model.sde, model.score, tuple(model.shape), torch.float32
-    else:
-        raise CLIError(
-            f"unknown model {args.model!r}; available: {', '.join(fastsde.list_models() + ['mixture'])}, "
-            "or the path of a model folder"
-        )
+    sde, score, shape, dtype = fit_model(args.model, device)
     from .checks import check_memory
 
     check_memory("--n", args.n * (args.fine + 1), shape, 8, " (the teacher's trajectories at every fine time)")

@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     import fastsde
     from fastsde.artifacts.iia_table import iia_base, iia_solver_name, table_name
 
-    from .checks import check_int, check_out_dir, reading
+    from .checks import check_int, check_out_dir, fit_model
 
     steps = parse_steps(args.steps)
     check_int("--fine-steps", args.fine_steps, 1, MAX_FINE_STEPS)
@@ -96,21 +96,9 @@ def run(args: argparse.Namespace) -> int:
         if iia != "iia_heun":
             raise CLIError("--variant applies to --solver heun only")
         options["variant"] = args.variant
-    if args.model == "mixture":
-        sde = fastsde.VPSDE()
-        score = fastsde.problems.mixture_2d(sde).score
-    elif args.model in fastsde.list_models() or (args.model.strip() and Path(args.model).is_dir()):
-        with reading("--model", args.model, "a model (a shipped name or a folder written by `fastsde train`)"):
-            model = fastsde.load_model(args.model)
-        sde, score = model.sde, model.score
-    else:
-        raise CLIError(
-            f"unknown model {args.model!r}; available: {', '.join(fastsde.list_models() + ['mixture'])}, "
-            "or the path of a model folder"
-        )
+    sde, score, shape, _ = fit_model(args.model)
     from .checks import check_memory
 
-    shape = tuple(model.shape) if args.model != "mixture" else (2,)
     check_memory("--n", args.n * (max(steps) + 1), shape, 8, " (the fit's trajectories at every step)")
     bar = tqdm(steps, desc=f"fit-iia {args.model} {base}", disable=args.quiet)
     for n_steps in bar:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import math
-from pathlib import Path
 
 from . import CLIError
 from .fit_iia import model_tag, parse_steps
@@ -46,12 +45,11 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
 
     import fastsde
     from fastsde.fitting.tune import DETERMINISTIC, STOCHASTIC, write_report
 
-    from .checks import check_device, check_int, check_out_dir, reading
+    from .checks import check_device, check_int, check_out_dir, fit_model
 
     budgets = parse_steps(args.budgets)
     check_int("--n-eval", args.n_eval, 2, 1 << 20)
@@ -62,20 +60,7 @@ def run(args: argparse.Namespace) -> int:
     device = check_device(args.device)
     out = check_out_dir(args.out)
     solvers = None if args.solvers is None else tuple(s.strip() for s in args.solvers.split(",") if s.strip())
-    if args.model == "mixture":
-        sde = fastsde.VPSDE()
-        gm = fastsde.problems.mixture_2d(sde)
-        score, shape, dtype = gm.score, tuple(gm.shape), torch.float64
-    elif args.model in fastsde.list_models() or (args.model.strip() and Path(args.model).is_dir()):
-        with reading("--model", args.model, "a model (a shipped name or a folder written by `fastsde train`)"):
-            model = fastsde.load_model(args.model)
-            model.network.to(device)
-        sde, score, shape, dtype = model.sde, model.score, tuple(model.shape), torch.float32
-    else:
-        raise CLIError(
-            f"unknown model {args.model!r}; available: {', '.join(fastsde.list_models() + ['mixture'])}, "
-            "or the path of a model folder"
-        )
+    sde, score, shape, dtype = fit_model(args.model, device)
     cache = args.cache or str(out / ".cache")
     n_candidates = len(solvers or (STOCHASTIC if args.stochastic else DETERMINISTIC))
     evals = sum(budgets) * n_candidates * args.n_eval
