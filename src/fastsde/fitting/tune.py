@@ -224,47 +224,39 @@ class _Search:
         """A fitted grid for the best ``fit_top`` default-grid candidates."""
         ranked = sorted((r for r in base if math.isfinite(r.mse)), key=lambda r: r.mse)
         for r in ranked[: self.s.fit_top]:
-            name = f"grid-{r.solver}-{budget}.safetensors"
-            grid, secs = self.cache.artifact(name, "grid")
-            if grid is None:
-                if self.late():
-                    self.skipped.append(f"N={budget} {r.solver} (fitted grid)")
-                    continue
-                t0 = time.perf_counter()
-                try:
-                    grid = fit_grid(self.score, self.sde, solver=r.solver, steps=budget, n=self.s.n_fit,
-                                    seed=self.s.fit_seed, M=max(self.s.grid_fine, budget), sweeps=self.s.grid_sweeps,
-                                    shape=self.dims, dtype=self.dtype, device=self.device)  # fmt: skip
-                except ValueError as exc:
-                    self.say(f"N={budget} {r.solver}: no fitted grid ({exc})")
-                    continue
-                secs = time.perf_counter() - t0
-                self.cache.save_artifact(name, grid, secs)
-            self.files[name] = grid
-            self.run(budget, r.solver, "fitted grid", {"grid": grid}, secs, name)
+            self.fitted(budget, r.solver, "fitted grid", f"grid-{r.solver}-{budget}.safetensors", "grid",
+                        lambda solver=r.solver: fit_grid(
+                            self.score, self.sde, solver=solver, steps=budget, n=self.s.n_fit, seed=self.s.fit_seed,
+                            M=max(self.s.grid_fine, budget), sweeps=self.s.grid_sweeps, shape=self.dims,
+                            dtype=self.dtype, device=self.device))  # fmt: skip
 
     def iia_tables(self, budget: int) -> None:
         """The IIA solvers with a table fitted for this budget."""
         for base_name, iia_name in IIA_OF.items():
-            if base_name not in self.s.candidates():
-                continue
-            name = f"iia-{iia_name}-{budget}.safetensors"
-            table, secs = self.cache.artifact(name, "table")
-            if table is None:
-                if self.late():
-                    self.skipped.append(f"N={budget} {iia_name} (IIA table)")
-                    continue
-                t0 = time.perf_counter()
-                try:
-                    table = fit_iia(self.score, self.sde, solver=base_name, steps=budget, n=self.s.n_fit,
-                                    seed=self.s.fit_seed, shape=self.dims, dtype=self.dtype, device=self.device)  # fmt: skip
-                except ValueError as exc:
-                    self.say(f"N={budget} {iia_name}: no IIA table ({exc})")
-                    continue
-                secs = time.perf_counter() - t0
-                self.cache.save_artifact(name, table, secs)
-            self.files[name] = table
-            self.run(budget, iia_name, "IIA table", {"table": table}, secs, name)
+            if base_name in self.s.candidates():
+                self.fitted(budget, iia_name, "IIA table", f"iia-{iia_name}-{budget}.safetensors", "table",
+                            lambda base_name=base_name: fit_iia(
+                                self.score, self.sde, solver=base_name, steps=budget, n=self.s.n_fit,
+                                seed=self.s.fit_seed, shape=self.dims, dtype=self.dtype, device=self.device))  # fmt: skip
+
+    def fitted(self, budget: int, solver: str, variant: str, name: str, kind: str, fit: Callable[[], Any]) -> None:
+        """Score ``solver`` with its fitted grid or table ``name`` (``kind`` "grid" or "table"), taken from the
+        cache or made by ``fit()`` (not past the time box; a fit the run refuses is reported and skipped)."""
+        artifact, secs = self.cache.artifact(name, kind)
+        if artifact is None:
+            if self.late():
+                self.skipped.append(f"N={budget} {solver} ({variant})")
+                return
+            t0 = time.perf_counter()
+            try:
+                artifact = fit()
+            except ValueError as exc:
+                self.say(f"N={budget} {solver}: no {variant} ({exc})")
+                return
+            secs = time.perf_counter() - t0
+            self.cache.save_artifact(name, artifact, secs)
+        self.files[name] = artifact
+        self.run(budget, solver, variant, {kind: artifact}, secs, name)
 
     def recipe(self) -> Recipe:
         """The best candidate per budget (by MSE; by FD for stochastic solvers), as a Recipe."""
