@@ -26,6 +26,10 @@ __all__ = [
     "load_dataset",
     "to_uint8",
     "NPZ_KEYS",
+    "FASHION_DIR",
+    "FASHION_CLASSES",
+    "load_fashion_mnist",
+    "fashion_labels",
 ]
 
 _SPLITS = ("train", "heldout")
@@ -203,18 +207,91 @@ def load_image_folder(path: str | Path, grayscale: bool = True) -> Tensor:
     return torch.from_numpy(np.stack(images) * 2.0 - 1.0).float()
 
 
+#: Where Debian's ``dataset-fashion-mnist`` package puts the four idx files (``FASHION_MNIST_DIR`` overrides).
+FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+#: Fashion-MNIST's class names, by label.
+FASHION_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+_FASHION_FILES = {"train": "train", "heldout": "t10k"}
+
+
+def _fashion_dir() -> Path:
+    import os
+
+    return Path(os.environ.get("FASHION_MNIST_DIR", FASHION_DIR))
+
+
+def _read_idx(path: Path, ndim: int) -> np.ndarray:
+    """One gzipped idx file (the MNIST format: magic 0x0000 08 <ndim>, big-endian sizes, uint8 data)."""
+    import gzip
+
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Fashion-MNIST file {path} is missing: install the Debian package dataset-fashion-mnist "
+            f"(apt-get install dataset-fashion-mnist), or set FASHION_MNIST_DIR to a folder holding its four idx files"
+        )
+    try:
+        raw = gzip.decompress(path.read_bytes())
+    except (OSError, EOFError) as exc:
+        raise FileFormatError(path, None, f"a gzipped idx file ({exc})", what="a Fashion-MNIST file") from None
+    if len(raw) < 4 + 4 * ndim or raw[:3] != b"\x00\x00\x08" or raw[3] != ndim:
+        raise FileFormatError(path, None, f"an idx file of {ndim}-D uint8 data", what="a Fashion-MNIST file")
+    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise FileFormatError(path, None, f"{int(np.prod(dims))} values for sizes {dims}, got {body.size}")
+    return body.reshape(dims)
+
+
+def _fashion_split(split: str) -> str:
+    if split not in _SPLITS:
+        raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
+    return _FASHION_FILES[split]
+
+
+def load_fashion_mnist(split: str = "train", dtype: torch.dtype = torch.float32) -> Tensor:
+    """Fashion-MNIST as (n, 1, 28, 28) in [−1, 1] (x = v/127.5 − 1), read from the Debian package's files.
+
+    The split is the dataset's own: "train" its 60 000 training images, "heldout" its 10 000 test images
+    (never trained on; the quality metric's reference statistics come from them)."""
+    name = _fashion_split(split)
+    raw = _read_idx(_fashion_dir() / f"{name}-images-idx3-ubyte.gz", 3)
+    return torch.from_numpy(raw.astype(np.float32) / 127.5 - 1.0).to(dtype).unsqueeze(1)
+
+
+def fashion_labels(split: str = "train") -> Tensor:
+    """Class labels (0..9, names in FASHION_CLASSES) of a Fashion-MNIST split, aligned with load_fashion_mnist."""
+    name = _fashion_split(split)
+    return torch.from_numpy(_read_idx(_fashion_dir() / f"{name}-labels-idx1-ubyte.gz", 1).astype(np.int64))
+
+
 def load_dataset(spec: str) -> Tensor:
-    """Training data by name: "digits" (the shipped train split), an .npy/.npz file or an image folder."""
+    """Training data by name: "digits" (the shipped train split), "fashion" (Fashion-MNIST's training
+    images, from the Debian package), an .npy/.npz file or an image folder."""
     if spec == "digits":
         return load_digits("train")
+    if spec == "fashion":
+        return load_fashion_mnist("train")
     path = Path(spec)
     if path.is_dir():
         return load_image_folder(path)
     if path.suffix in (".npy", ".npz"):
         return load_array(path)
     if not path.exists():
-        raise FileNotFoundError(f"no such dataset: {spec!r} (use 'digits', an .npy/.npz file or an image folder)")
-    raise ValueError(f"dataset must be 'digits', an .npy/.npz file or an image folder, got {spec!r}")
+        raise FileNotFoundError(
+            f"no such dataset: {spec!r} (use 'digits', 'fashion', an .npy/.npz file or an image folder)"
+        )
+    raise ValueError(f"dataset must be 'digits', 'fashion', an .npy/.npz file or an image folder, got {spec!r}")
 
 
 def to_uint8(x: Tensor) -> np.ndarray:

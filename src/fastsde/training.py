@@ -143,6 +143,8 @@ class Trainer:
         self.opt = torch.optim.Adam(self.net.parameters(), lr=config.lr)
         self.step = 0
         self.losses: list[float] = []
+        #: (step, held-out loss of the EMA network) at each evaluation; see heldout_loss
+        self.heldout_losses: list[tuple[int, float]] = []
         self.wall_time = 0.0
 
     # -- one step ---------------------------------------------------------------------------
@@ -199,6 +201,35 @@ class Trainer:
                 break
         bar.close()
 
+    @torch.no_grad()
+    def heldout_loss(self, data: Tensor, labels: Tensor | None = None, batch_size: int = 256) -> float:
+        """The training loss of the EMA network on held-out images, with the same t and noise at every
+        call (t stratified over [t_eps, 1], noise from a fixed seed), so that successive values differ
+        only by the weights: the curve that tells when training has flattened. Conditional networks
+        see the true labels. The value is also appended to ``heldout_losses``."""
+        cfg = self.config
+        n = data.shape[0]
+        if n < 1 or tuple(data.shape[1:]) != tuple(cfg.shape):
+            raise ValueError(
+                f"held-out images must be (n ≥ 1, {', '.join(map(str, cfg.shape))}), got {tuple(data.shape)}"
+            )
+        if cfg.num_classes and (labels is None or labels.shape != (n,)):
+            raise ValueError(f"a conditional network's held-out loss needs one label per image ({n},)")
+        g = torch.Generator().manual_seed(20_231_207)
+        t = cfg.t_eps + (1.0 - cfg.t_eps) * (torch.randperm(n, generator=g).double() + 0.5) / n
+        z = torch.randn((n, *cfg.shape), generator=g)
+        objective = flow_loss if isinstance(self.sde, RectifiedFlow) else dsm_loss
+        self.ema.eval()
+        total = 0.0
+        for lo in range(0, n, batch_size):
+            hi = min(n, lo + batch_size)
+            lab = None if not cfg.num_classes else labels[lo:hi].to(torch.long)
+            part = objective(self.ema, self.sde, data[lo:hi].float(), t[lo:hi].float(), z[lo:hi], lab)
+            total += float(part) * (hi - lo)
+        value = total / n
+        self.heldout_losses.append((self.step, value))
+        return value
+
     def recent_loss(self, n: int = 100) -> float:
         """Mean of the last n step losses (the 'final loss' reported for a model)."""
         tail = self.losses[-n:]
@@ -226,6 +257,7 @@ class Trainer:
                 "steps": self.step,
                 "wall_time_s": round(self.wall_time, 1),
                 "final_loss": self.recent_loss(),
+                "heldout_losses": [[s, round(v, 6)] for s, v in self.heldout_losses],
                 "command": command,
             },
         }
@@ -249,6 +281,7 @@ class Trainer:
             "step": self.step,
             "wall_time_s": self.wall_time,
             "losses": self.losses,
+            "heldout_losses": [[s, v] for s, v in self.heldout_losses],
             "param_groups": opt_state["param_groups"],
             "config": asdict(self.config),
         }
@@ -309,7 +342,26 @@ class Trainer:
                 f.path, "param_groups", f"the optimizer state of this network ({exc})", groups
             ) from None
         trainer.step, trainer.wall_time, trainer.losses = step, wall, losses
+        trainer.heldout_losses = _read_heldout_losses(f, step)
         return trainer
+
+
+def _read_heldout_losses(f: Fields, step: int) -> list[tuple[int, float]]:
+    """The [step, loss] pairs of the held-out curve (absent in older checkpoints: empty)."""
+    raw = f.raw("heldout_losses", [])
+    ok = isinstance(raw, list) and all(
+        isinstance(p, list)
+        and len(p) == 2
+        and isinstance(p[0], int)
+        and not isinstance(p[0], bool)
+        and 0 <= p[0] <= step
+        and isinstance(p[1], (int, float))
+        and not isinstance(p[1], bool)
+        for p in raw
+    )
+    if not ok:
+        raise FileFormatError(f.path, "heldout_losses", f"a list of [step ≤ {step}, loss] pairs", raw)
+    return [(int(s), float(v)) for s, v in raw]
 
 
 def _read_param_groups(f: Fields, fresh: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -11,7 +11,8 @@ Definitions used in the outputs:
 - **NFE**: mean score evaluations per sample (``CountingScore``), rejected steps and the final
   denoise included; ``calls`` counts batched calls (the per-batch cost of batch-shared step sizes).
 - **quality**: mixture: the exact per-mode Fréchet distance (``fastsde.metrics.mixture``) at t = 0,
-  with its finite-sample floor; digits: the digits metric when it exists.
+  with its finite-sample floor; digits / fashion: the dataset's classifier-feature FD to its held-out
+  split, with the real-data floor at the same n.
 - **MSE**: deterministic samplers only, to a high-accuracy PF-ODE solution from the same x_T
   (scipy DOP853 at rtol = atol = 1e-9 on the mixture; the final Tweedie denoise applied).
 - **converged quality** threshold τ = max(1.1·floor, floor + 2·sd(floor), 1.1·q_ref), where q_ref is the
@@ -53,6 +54,10 @@ __all__ = ["BenchConfig", "Problem", "run_bench", "merge_results", "write_output
 DEFAULT_TOLS = (1e-1, 5e-2, 2e-2, 1e-2, 5e-3, 2e-3, 1e-3, 5e-4, 2e-4, 1e-4)
 
 
+#: the benchmark problems: the exact mixtures, and the shipped image models judged by their classifier FD
+PROBLEMS = ("mixture", "digits", "fashion")
+
+
 @dataclass
 class BenchConfig:
     problem: str = "mixture"
@@ -68,8 +73,8 @@ class BenchConfig:
     floor_draws: int = 30
 
     def check(self) -> None:
-        if self.problem not in ("mixture", "digits"):
-            raise ValueError(f"problem must be 'mixture' or 'digits', got {self.problem!r}")
+        if self.problem not in PROBLEMS:
+            raise ValueError(f"problem must be one of {', '.join(map(repr, PROBLEMS))}, got {self.problem!r}")
         if not self.budgets or any((not isinstance(b, int)) or b < 1 for b in self.budgets):
             raise ValueError(f"budgets must be positive integers, got {self.budgets!r}")
         bad = [p for p in self.processes if p not in PROCESSES]
@@ -119,28 +124,28 @@ def mixture_problem(process: str, cfg: BenchConfig) -> Problem:
     )
 
 
-def digits_problem(cfg: BenchConfig) -> Problem:
-    """The shipped digits model, judged by ``fastsde.metrics.digits.digits_quality`` (classifier-feature
-    Fréchet distance to the held-out split; its floor is the real-data FD at the same n)."""
-    try:
-        from ..metrics.digits import digits_quality, floor_for, floor_sd_for
-    except ImportError as exc:
-        raise ValueError(f"problem 'digits' needs fastsde.metrics.digits, which this build lacks ({exc})") from None
-    model = load_model("digits")
+def model_problem(name: str, cfg: BenchConfig) -> Problem:
+    """A shipped image model ("digits" or "fashion"), judged by its dataset's classifier-feature
+    Fréchet distance to the held-out split (``fastsde.metrics.digits`` / ``fastsde.metrics.fashion``);
+    the floor is the real-data FD at the same n."""
+    import importlib
+
+    metric = importlib.import_module(f"..metrics.{name}", __package__)
+    judge = metric.digits_quality if name == "digits" else metric.fashion_quality
+    model = load_model(name)
     sde = model.sde
-    process = process_name(sde)
     return Problem(
-        name="digits",
-        process=process,
+        name=name,
+        process=process_name(sde),
         sde=sde,
         score=model.score,
         dims=tuple(model.shape),
         dtype=torch.float32,
-        quality=lambda x: float(digits_quality(x)["fd"]),
-        floor=(floor_for(cfg.n), floor_sd_for(cfg.n)),
-        quality_name="digits classifier-feature Fréchet distance",
+        quality=lambda x: float(judge(x)["fd"]),
+        floor=(metric.floor_for(cfg.n), metric.floor_sd_for(cfg.n)),
+        quality_name=f"{name} classifier-feature Fréchet distance",
         reference_rtol=1e-5,
-        model="digits",
+        model=name,
     )
 
 
@@ -355,7 +360,10 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
     for note in notes:
         log(note)
 
-    problems = [digits_problem(cfg)] if cfg.problem == "digits" else [mixture_problem(p, cfg) for p in cfg.processes]
+    if cfg.problem == "mixture":
+        problems = [mixture_problem(p, cfg) for p in cfg.processes]
+    else:
+        problems = [model_problem(cfg.problem, cfg)]
     records: list[dict] = []
     summary: dict[str, Any] = {}
     for prob in problems:
@@ -472,7 +480,7 @@ def read_results(path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"no bench results at {str(path)!r}")
     f = Fields(path, read_json(path, "a results.json written by fastsde bench"))
     cfg = f.obj("config")
-    cfg.string("problem", choices=("mixture", "digits"))
+    cfg.string("problem", choices=PROBLEMS)
     for name in ("n", "dim"):
         cfg.integer(name, low=1)
     cfg.integer("seed", low=0)

@@ -47,7 +47,12 @@ def add_parser(subparsers) -> None:
             "budget; adaptive ones a sweep of tolerances. Writes results.json, results.csv, table.md and PNG plots."
         ),
     )
-    p.add_argument("--problem", choices=["mixture", "digits"], default="mixture")
+    p.add_argument(
+        "--problem",
+        choices=["mixture", "digits", "fashion"],
+        default="mixture",
+        help="the exact mixtures, or a shipped image model (digits, fashion) judged by its classifier FD",
+    )
     p.add_argument("--budgets", type=_int_list, default=[5, 10, 20, 50, 100, 200], help="NFE budgets, e.g. 5,10,20")
     p.add_argument(
         "--samplers", type=_str_list, default=None, help="names (fastsde solvers, peers, or 'fastsde'/'peers')"

@@ -50,7 +50,8 @@ def compute_quality(samples, gm=None, labels=None) -> dict[str, float]:
     """The quality metric of the samples: FD to the exact mixture ``gm``, or for 1x8x8 samples the
     digits FD with its real-data floor and the classifier's confidence (with ``labels``, also the
     accuracy of the requested labels and the per-class FD, the FD measured against the held-out
-    digits of the requested labels only); {} otherwise."""
+    digits of the requested labels only), for 1x28x28 samples the Fashion-MNIST FD likewise (with
+    ``labels``, the accuracy of the requested labels); {} otherwise."""
     if gm is not None:
         from ..metrics.mixture import mixture_frechet
 
@@ -63,6 +64,10 @@ def compute_quality(samples, gm=None, labels=None) -> dict[str, float]:
         from ..metrics.digits import digits_quality
 
         return digits_quality(samples)
+    if tuple(samples.shape[1:]) == (1, 28, 28) and samples.shape[0] >= 2:
+        from ..metrics.fashion import fashion_class_quality, fashion_quality
+
+        return fashion_quality(samples) if labels is None else fashion_class_quality(samples, labels)
     return {}
 
 
@@ -76,14 +81,18 @@ def quality_line(quality: dict[str, float], n: int) -> str:
             plural = "s" if len(quality["classes"]) > 1 else ""
             against = f"against the {quality['reference']} held-out digits of label{plural} {labels}"
         else:
-            against = "against the 300 held-out digits"
+            against = quality.get("against", "against the 300 held-out digits")
         return (
             f"quality: FD {fd:.3f} {against} (real-data floor at n={n}: {floor:.3f} ± {quality['floor_sd']:.3f}, "
             f"ratio {ratio:.2f})  confidence {quality['confidence']:.3f}  (lower FD is better; "
             "see fastsde sample --help)"
         ) + (
-            f"\nclass-conditional: accuracy {quality['accuracy']:.3f} of the requested labels  "
-            f"per-class FD {quality['class_fd']:.2f} (against the held-out images of each class)"
+            f"\nclass-conditional: accuracy {quality['accuracy']:.3f} of the requested labels"
+            + (
+                f"  per-class FD {quality['class_fd']:.2f} (against the held-out images of each class)"
+                if "class_fd" in quality
+                else ""
+            )
             if "accuracy" in quality
             else ""
         )

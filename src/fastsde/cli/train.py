@@ -23,7 +23,11 @@ PRESETS = {
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("train", help="train a score model (denoising score matching)")
-    p.add_argument("--data", default="digits", help="'digits', an .npy/.npz array or a folder of images")
+    p.add_argument(
+        "--data",
+        default="digits",
+        help="'digits', 'fashion' (Fashion-MNIST, Debian package dataset-fashion-mnist), an .npy/.npz array or a folder of images",
+    )
     p.add_argument("--out", default="runs/model", help="checkpoint folder (default runs/model)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="channels and process of a shipped model")
     p.add_argument("--channels", default=None, help="UNet channels per level, e.g. 32,64")
@@ -51,7 +55,7 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--conditional",
         action="store_true",
-        help="class-conditional (labels of 'digits', or the 'labels' array of an .npz), plus a null label for CFG",
+        help="class-conditional (labels of 'digits' / 'fashion', or the 'labels' array of an .npz), plus a null label for CFG",
     )
     p.add_argument(
         "--label-dropout", type=float, default=0.15, help="share of labels replaced by the null label (default 0.15)"
@@ -141,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.conditional and labels is None:
         raise CLIError(
-            f"--conditional needs class labels: --data digits, or an .npz with a 'labels' array (got {args.data!r})"
+            f"--conditional needs class labels: --data digits or fashion, or an .npz with a 'labels' array (got {args.data!r})"
         )
     if args.resume:
         with reading("--resume", out / "train_state.safetensors", "a checkpoint written by fastsde train"):
@@ -191,14 +195,16 @@ def run(args: argparse.Namespace) -> int:
     n_params = sum(p.numel() for p in trainer.net.parameters())
     print(f"data {tuple(data.shape)}  params {n_params}  sde {trainer.sde!r}", flush=True)
 
+    heldout = heldout_set(args.data, trainer.config.num_classes > 0)
     deadline = None if args.max_minutes is None else time.time() + 60.0 * args.max_minutes
     while trainer.step < args.steps:
         target = min(args.steps, (trainer.step // args.save_every + 1) * args.save_every)
         left = None if deadline is None else deadline - time.time()
         trainer.train(target, max_seconds=left, progress=not args.quiet)
+        held = "" if heldout is None else f"  held-out {trainer.heldout_loss(*heldout):.4f}"
         trainer.save(out, command)
         print(
-            f"step {trainer.step}  loss {trainer.recent_loss():.4f}  wall {trainer.wall_time:.0f}s  saved {out}",
+            f"step {trainer.step}  loss {trainer.recent_loss():.4f}{held}  wall {trainer.wall_time:.0f}s  saved {out}",
             flush=True,
         )
         if deadline is not None and time.time() >= deadline:
@@ -208,16 +214,36 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+#: held-out images scored at each save (the first ones of the held-out split)
+HELDOUT_IMAGES = 2000
+
+
+def heldout_set(spec: str, conditional: bool):
+    """(images, labels or None) of the held-out split of a named dataset, whose loss is printed and
+    recorded at each save; None for user data (which has no held-out split)."""
+    from ..data import digits_labels, fashion_labels, load_digits, load_fashion_mnist
+
+    if spec == "digits":
+        x, y = load_digits("heldout"), digits_labels("heldout")
+    elif spec == "fashion":
+        x, y = load_fashion_mnist("heldout")[:HELDOUT_IMAGES], fashion_labels("heldout")[:HELDOUT_IMAGES]
+    else:
+        return None
+    return x, (y if conditional else None)
+
+
 def training_labels(spec: str, n: int):
     """The class labels of a training set: the digits' own, or the ``labels`` array of an .npz (None when
     there are none; --conditional then fails with the reason)."""
     import numpy as np
     import torch
 
-    from ..data import digits_labels
+    from ..data import digits_labels, fashion_labels
 
     if spec == "digits":
         return digits_labels("train")
+    if spec == "fashion":
+        return fashion_labels("train")
     if Path(spec).suffix == ".npz" and Path(spec).is_file():
         with np.load(spec) as z:
             if "labels" in z.files:

@@ -35,6 +35,9 @@ from torch import Tensor, nn
 
 from ..data import digits_labels, load_digits
 from ..files import Fields, FileFormatError, check_tensor
+from .frechet import frechet_distance
+from .frechet import gaussian_fit as _stats
+from .frechet import sqrt_psd as _sqrt_psd
 
 __all__ = [
     "DigitsClassifier",
@@ -78,29 +81,6 @@ class DigitsClassifier(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))
-
-
-def _sqrt_psd(a: np.ndarray) -> np.ndarray:
-    vals, vecs = np.linalg.eigh(0.5 * (a + a.T))
-    return (vecs * np.sqrt(np.clip(vals, 0.0, None))) @ vecs.T
-
-
-def frechet_distance(
-    mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray, root2: np.ndarray | None = None
-) -> float:
-    """Fréchet (2-Wasserstein²) distance between two Gaussians; the matrix root is taken on the
-    symmetric form cov2^½ cov1 cov2^½, so singular sample covariances (n < 64) are fine.
-    ``root2``: cov2^½ if already known (saves one eigendecomposition when cov2 is fixed)."""
-    diff = mu1 - mu2
-    if root2 is None:
-        root2 = _sqrt_psd(cov2)
-    inner = root2 @ cov1 @ root2
-    tr_covmean = float(np.sqrt(np.clip(np.linalg.eigvalsh(0.5 * (inner + inner.T)), 0.0, None)).sum())
-    return float(diff @ diff + np.trace(cov1) + np.trace(cov2) - 2.0 * tr_covmean)
-
-
-def _stats(f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return f.mean(0), np.cov(f, rowvar=False)
 
 
 @lru_cache(maxsize=1)
