@@ -12,7 +12,7 @@ TORCH_CPU ?= $(TORCH)+cpu
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 INDEX_ANSWERS := import sys, urllib.request as u; u.urlopen(sys.argv[1], timeout=5).close()
 
-.PHONY: sample test lint bench clean
+.PHONY: sample test docs lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,9 +35,13 @@ sample: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -n 2 --dist loadfile
 
+# The documentation site (site/index.html), strict: a broken link or reference fails the build.
+docs: $(VENV)/.installed
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info
+	rm -rf $(VENV) build dist site src/*.egg-info

@@ -14,8 +14,8 @@ noise (right). Extra solver options go in ``--options`` as JSON, e.g. '{"max_gro
     .venv/bin/python benchmarks/adaptive_controller.py --solver adaptive_sde_dpm_2m --process ve \
         --eps 0.1,0.035 --pi 0.35 --options '{"h_max": Infinity}'
 
-Measured 2026-11-23, docs/benchmarks_adaptive.md, "PI step control" and "One evaluation per step,
-with a corrector".
+Measured 2026-11-23, docs/benchmarks/adaptive.md, "PI step control" and "`adaptive_sde_dpm_2m`, the default:
+one evaluation per step, with a corrector".
 """
 
 from __future__ import annotations

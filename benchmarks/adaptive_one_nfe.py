@@ -19,7 +19,7 @@ and the noise of its last step), so a step never waits for a new evaluation and 
 
 Measured 2026-11-23, re-run 2026-12-01 with NoiseSource noise and CountingScore NFE (``uniform`` is
 fastsde's ``dpmpp_2m_sde`` itself), mixture 16-D, n = 10 000, seed 0: see
-docs/benchmarks_adaptive.md, "One evaluation per step". Every adaptive rule needs more NFE than the
+docs/benchmarks/adaptive.md, "One evaluation per step". Every adaptive rule needs more NFE than the
 uniform grid for the same quality: ``correction`` puts most steps at low noise (where |x| sets δ);
 ``weak`` skips the range where the modes separate (x̂0 hardly moves just before it, so the estimate
 cannot see it coming); ``weak_ahead`` fixes that by spending steps at high noise instead.

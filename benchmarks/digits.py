@@ -1,7 +1,9 @@
 """Digits benchmark: quality (FD in the shipped classifier's features, against the real-data floor)
 and NFE of several solvers on every shipped digits model. Not a test: it prints a table.
 
-    .venv/bin/python benchmarks/digits.py --n 200 --write docs/benchmarks_digits.md
+    .venv/bin/python benchmarks/digits.py --n 200 --write docs/bench/digits_models.md
+
+The table of docs/benchmarks/model-kinds.md, "The shipped digits models".
 
 Runs on one CPU thread; cost grows with n × NFE × model size.
 """

@@ -1,4 +1,5 @@
-"""Issue-3 digits target: adaptive SDE solvers against 1000-step EM, over several seeds.
+"""Adaptive SDE solvers against 1000-step EM on the shipped digits model, over several seeds
+(docs/benchmarks/adaptive.md, "Digits: adaptive solvers against 1000-step EM").
 
 Every configuration is sampled with n samples for each seed; the table gives, per configuration,
 the mean NFE, the FD (mean ± standard error over seeds, and sd), the FD against the real-data floor

@@ -1,5 +1,5 @@
-"""ᾱ of fastsde's discrete VP processes against diffusers' DDPMScheduler table (docs/benchmarks.md,
-"Discrete-time processes"): max relative error over the 1000 training timesteps, timestep i at
+"""ᾱ of fastsde's discrete VP processes against diffusers' DDPMScheduler table (docs/benchmarks/model-kinds.md,
+"Discrete DDPM schedules"): max relative error over the 1000 training timesteps, timestep i at
 t = (i + 1)/N, built from the scheduler (its float64 table) and from its float32 betas.
 
     .venv/bin/python benchmarks/discrete_schedules.py

@@ -1,6 +1,7 @@
 """DPM-Solver++(3M) against 2M on the PF-ODE: error at t_end against a tight per-sample RK45 solve
 from the same prior draws (16-D exact mixture, 500 samples, float64), on the fixed grid for both
-3M forms and under the adaptive controller. Prints the table in docs/benchmarks_dpmpp_3m.md.
+3M forms and under the adaptive controller. Prints the tables of docs/benchmarks/which-solver.md, "Third order
+or second? DPM-Solver++(3M)".
 
     .venv/bin/python benchmarks/dpmpp_3m.py
 """

@@ -1,4 +1,5 @@
-"""CPU wall time of each fit_* call at its defaults on the shipped digits models (README, "Public calls").
+"""CPU wall time of each fit_* call at its defaults on the shipped digits models (docs/benchmarks/few-step.md,
+"What fitting costs").
 
     .venv/bin/python benchmarks/fit_costs.py            # prints a table, writes docs/bench/fit_costs.json
 

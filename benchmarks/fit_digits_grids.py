@@ -1,4 +1,5 @@
-"""Fit the time grids shipped for the `digits` model (issue 19): for each deterministic few-NFE solver
+"""Fit the time grids shipped for the `digits` model (docs/benchmarks/few-step.md, "Fitted grids on the digits
+model"): for each deterministic few-NFE solver
 and each budget of 4-10 NFE, `fastsde.fit_grid` on seed 100 (n = 128 prior draws, an M = 60 `lms`
 teacher, one refinement sweep of 6 golden-section steps per node), written to
 src/fastsde/_assets/fitted_grids/digits-<solver>-<steps>.safetensors (`fastsde.shipped_grid`). Seed 100 is

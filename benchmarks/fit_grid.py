@@ -5,7 +5,8 @@ finite-sample floor, and the MSE to the exact PF-ODE solution from the same nois
 
     .venv/bin/python benchmarks/fit_grid.py
 
-Prints a markdown table (docs/benchmarks.md, issue 19). Took about 8 minutes on a shared core.
+Prints the markdown table of docs/benchmarks/few-step.md, "Fitted time grids on the exact mixtures". Took about
+8 minutes on a shared core.
 """
 
 from __future__ import annotations

@@ -1,24 +1,24 @@
-"""Issue 19, digits: the best fastsde and the best peer digits FD at each small NFE budget, per seed.
+"""The digits frontier: the best fastsde and the best peer digits FD at each small NFE budget, per seed.
 
 Reads the results of two `fastsde bench --problem digits` runs (seeds 0 and 1) and prints the table
-in docs/benchmarks.md ("The few-NFE frontier on the digits model"):
+in docs/benchmarks/which-solver.md ("The digits model at 4–10 NFE"):
 
     S=$(cat benchmarks/frontier_digits_samplers.txt)
     for seed in 0 1; do
       .venv-peers/bin/fastsde bench --problem digits --n 500 --seed $seed --budgets 4,5,6,8,10 \\
-          --samplers $S --no-progress --out runs/bench/f19_digits_s$seed
+          --samplers $S --no-progress --out runs/bench/frontier_digits_s$seed
     done
-    .venv/bin/python benchmarks/frontier_digits.py runs/bench/f19_digits_s0 runs/bench/f19_digits_s1
+    .venv/bin/python benchmarks/frontier_digits.py runs/bench/frontier_digits_s0 runs/bench/frontier_digits_s1
 
 The stochastic samplers at the same budgets ("Stochastic samplers on the digits model") are the
 same two runs with the samplers in benchmarks/frontier_digits_stochastic.txt and --out
-runs/bench/f19_digits_stoch_s$seed, plus two with the variants in
+runs/bench/frontier_digits_stoch_s$seed, plus two with the variants in
 benchmarks/frontier_digits_stochastic_variants.txt, --no-peers and --out
-runs/bench/f19_digits_stochv_s$seed; then, per seed, the two runs joined by "+":
+runs/bench/frontier_digits_stochv_s$seed; then, per seed, the two runs joined by "+":
 
     .venv/bin/python benchmarks/frontier_digits.py \\
-        runs/bench/f19_digits_stoch_s0+runs/bench/f19_digits_stochv_s0 \\
-        runs/bench/f19_digits_stoch_s1+runs/bench/f19_digits_stochv_s1
+        runs/bench/frontier_digits_stoch_s0+runs/bench/frontier_digits_stochv_s0 \\
+        runs/bench/frontier_digits_stoch_s1+runs/bench/frontier_digits_stochv_s1
 
 For runs without fitted variants the script prints every sampler's FD per budget.
 """

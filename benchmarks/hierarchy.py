@@ -1,4 +1,5 @@
-"""Is a set of models a cost hierarchy? Held-out denoising error per time bucket (issue 15).
+"""Is a set of models a cost hierarchy? Held-out denoising error per time bucket (docs/benchmarks/multilevel.md,
+"Is a set of models a cost hierarchy?").
 
 For each model (a shipped name or a `fastsde train` folder) and each of B time buckets, uniform in
 log-SNR between t_end and T, the mean held-out noise-prediction error E‖ε̂(x_t, t) − ε‖² per pixel over

@@ -1,6 +1,9 @@
 """IIA benchmark: base solver vs IIA at NFE 4–20 on held-out noise, with the fitting cost.
 
-    .venv/bin/python benchmarks/iia.py            # writes docs/benchmarks_iia.md, docs/bench/iia.png, docs/bench/iia.json
+    .venv/bin/python benchmarks/iia.py            # writes docs/bench/iia.md, docs/bench/iia.png, docs/bench/iia.json
+
+The tables are those of docs/benchmarks/few-step.md, "IIA: fitted per-step coefficients" (copied there from
+docs/bench/iia.md).
 
 Problems:
 
@@ -293,7 +296,7 @@ def markdown(results: dict[str, Any], command: str, seconds: float) -> str:
         "where modes separate. On digits, plain `dpmpp_2m` (either grid) has the lowest FD at NFE 8 and 10.",
         "",
     ]
-    plot_name = "bench/iia.png"
+    plot_name = "iia.png"  # beside the page, in docs/bench/
     lines += [f"![base vs IIA]({plot_name})", ""]
     for name, res in results.items():
         lines += [f"## {name} (n = {res['n_eval']} held-out samples, reference NFE {res['reference_nfe']:.0f})", ""]
@@ -369,7 +372,7 @@ def fd_check() -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer evaluation samples (a smoke run)")
-    p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks_iia.md"))
+    p.add_argument("--out", default=str(ROOT / "docs" / "bench" / "iia.md"))
     p.add_argument("--fd-check", action="store_true", help="only the fit-size / fine-steps check of the Reading")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -385,9 +388,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     seconds = time.perf_counter() - start
     out = Path(args.out)
-    (out.parent / "bench").mkdir(parents=True, exist_ok=True)
-    plot(results, out.parent / "bench" / "iia.png")
-    (out.parent / "bench" / "iia.json").write_text(json.dumps(results, indent=1) + "\n")
+    bench = ROOT / "docs" / "bench"
+    bench.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plot(results, bench / "iia.png")
+    (bench / "iia.json").write_text(json.dumps(results, indent=1) + "\n")
     command = ".venv/bin/python benchmarks/iia.py" + (" --quick" if args.quick else "")
     out.write_text(markdown(results, command, seconds))
     print(f"wrote {out} ({seconds:.0f} s)")

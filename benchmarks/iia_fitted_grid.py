@@ -1,11 +1,11 @@
-"""IIA on a fitted grid (issue 19): does an IIA table fitted on the shipped fitted grid of `digits`
+"""IIA on a fitted grid: does an IIA table fitted on the shipped fitted grid of `digits`
 improve on the base solver on that grid? For dpmpp_2m at 5, 6, 8 and 10 NFE: the base solver on its
 default grid, on the shipped fitted grid, and `iia_dpmpp_2m` with a table fitted (seed 100, n = 256)
 on the fitted grid; digits FD at n = 500 on seeds 0 and 1 (held out from the fits).
 
     .venv/bin/python benchmarks/iia_fitted_grid.py
 
-Prints a markdown table (docs/benchmarks.md, "IIA on the fitted grids").
+Prints the markdown table of docs/benchmarks/few-step.md, "IIA on the fitted grids".
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Wall time of a run folder of many tiny shards (docs/sharding.md, "The run folder"): the cost of the
+"""Wall time of a run folder of many tiny shards (docs/guides/large-runs.md, "The run folder"): the cost of the
 folder's bookkeeping (shard files, progress lines, manifest) when the solve itself is nearly free.
 
     .venv/bin/python benchmarks/manifest_overhead.py [N]        # N one-sample shards (default 1500)

@@ -1,4 +1,8 @@
-"""ML-EM on a real network hierarchy: the paper's protocol (Jacot 2026) on digits models (issue 15).
+"""ML-EM on a real network hierarchy: the paper's protocol (Jacot 2026) on digits models
+(docs/benchmarks/multilevel.md, "On a network hierarchy").
+
+    .venv/bin/python benchmarks/mlem_digits.py --levels digits-h-small,digits-h-medium,digits-h-large \\
+        --n 128 --cache docs/bench/mlem_digits_h.json --page docs/bench/mlem_digits_h.md     # the page's tables
 
     .venv/bin/python benchmarks/mlem_digits.py --levels runs/h-small,runs/h-medium,runs/h-large
     .venv/bin/python benchmarks/mlem_digits.py --levels digits-small,digits,digits-large --n 64 --quick
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -159,10 +164,11 @@ def plot(cache: dict, res: dict, path: Path) -> None:
 
 
 def write_page(cache: dict, res: dict, path: Path, png: Path, command: str, cache_name: str) -> None:
-    """docs/benchmarks_mlem_digits.md: every run, γ, the compute ratios at equal MSE."""
+    """A markdown page (docs/bench/mlem_digits_h.md for the shipped hierarchy): every run, γ, the compute
+    ratios at equal MSE."""
     names, costs, runs = cache["levels"], cache["costs"], cache["runs"]
     lines = [
-        "# Multilevel EM on a network hierarchy (issue 15)",
+        "# Multilevel EM on a network hierarchy",
         "",
         f"Made by `{command}` (resumable; every run is cached in `docs/bench/{cache_name}`).",
         "",
@@ -194,7 +200,8 @@ def write_page(cache: dict, res: dict, path: Path, png: Path, command: str, cach
     lines += [f"| {r['mse']:.4g} | {r['mlem']:.4g} | {r['em']:.4g} | {r['ratio']:.2f}× |" for r in res["ratios"]]
     if not res["ratios"]:
         lines.append("| — | no ML-EM run is at least as accurate as some EM run | | |")
-    lines += ["", f"![MSE against compute and wall time](bench/{png.name})", ""]
+    image = Path(os.path.relpath(png, path.parent)).as_posix()
+    lines += ["", f"![MSE against compute and wall time]({image})", ""]
     write_atomic_text(path, "\n".join(lines))
 
 

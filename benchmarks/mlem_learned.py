@@ -1,7 +1,8 @@
 """ML-EM: the learned schedule (fastsde.fit_mlem) against the theory rule (p="auto") it starts from,
-on the synthetic hierarchy of benchmarks/mlem.py (issue 15).
+on the synthetic hierarchy of benchmarks/mlem.py (docs/benchmarks/multilevel.md, "A learned schedule against the
+theory rule"; the table is copied there from docs/bench/mlem_learned.md).
 
-    .venv/bin/python benchmarks/mlem_learned.py      # writes docs/benchmarks_mlem_learned.md and docs/bench/mlem_learned.json
+    .venv/bin/python benchmarks/mlem_learned.py      # writes docs/bench/mlem_learned.md and docs/bench/mlem_learned.json
 
 Same problem, levels, costs (γ = 3), coupled reference (EM with the exact score, 4096 moves, seed 0)
 and error (pathwise MSE per dimension after the denoise, n = 512) as benchmarks/mlem.py. For levels
@@ -90,9 +91,9 @@ def main() -> None:
         ".venv/bin/python benchmarks/mlem_learned.py",
         "```",
         "",
-        f"writes this page and `docs/bench/mlem_learned.json`; {wall:.0f} s on one core (a shared machine). "
+        f"writes this file and `docs/bench/mlem_learned.json`; {wall:.0f} s on one core (a shared machine). "
         "Problem, levels (5, costs 1, 8, 64, 512, 4096), coupled reference and error as in "
-        f"[benchmarks_mlem.md](benchmarks_mlem.md); {m} moves, n = {n}. Each schedule is fitted by "
+        f"[mlem.md](mlem.md); {m} moves, n = {n}. Each schedule is fitted by "
         f"`fastsde.fit_mlem(levels, sde, (2,), steps={m + 1}, n={args.fit_n}, seed=1, iters={args.iters}, "
         "budget=...)` on held-out draws (its own x_T, Brownian path and reference), starting from "
         '`p="auto"` at that budget with λ its shadow price; both are then run on the benchmark\'s samples. '
@@ -112,10 +113,10 @@ def main() -> None:
     lines += [
         "",
         "EM with the finest level alone on the same grid costs "
-        f"{em_cost:g} per sample (its MSE is level 5's bias floor, see benchmarks_mlem.md).",
+        f"{em_cost:g} per sample (its MSE is level 5's bias floor, see mlem.md).",
         "",
     ]
-    (ROOT / "docs" / "benchmarks_mlem_learned.md").write_text("\n".join(lines))
+    (ROOT / "docs" / "bench" / "mlem_learned.md").write_text("\n".join(lines))
 
 
 if __name__ == "__main__":

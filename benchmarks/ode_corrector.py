@@ -1,5 +1,5 @@
 """PF-ODE + Langevin corrector (``ode_corrector``): where the corrector helps at equal NFE, and how
-the NFE to a fixed TV-like quality grows with the dimension (docs/benchmarks_ode_corrector.md).
+the NFE to a fixed TV-like quality grows with the dimension (docs/benchmarks/corrector.md).
 
     .venv/bin/python benchmarks/ode_corrector.py                 # every part
     .venv/bin/python benchmarks/ode_corrector.py --part dim      # one part: equal | dim | digits

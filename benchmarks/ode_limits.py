@@ -1,5 +1,5 @@
 """Why the adaptive `ode` (Dormand–Prince in log-SNR) needs more NFE than dpm_adaptive on the 64-D
-EDM mixture, measured three ways (docs/benchmarks.md, issue 19):
+EDM mixture, measured three ways (docs/benchmarks/adaptive.md, "Why RK45 does not get there on these mixtures"):
 
 1. placement: Dormand–Prince in ode's remainder form on fixed λ grids of k steps, uniform and
    warped towards the mode-choice region, against the per-mode Fréchet distance (4096 samples);

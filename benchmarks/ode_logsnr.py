@@ -1,11 +1,12 @@
-"""The adaptive `ode` in log-SNR (the default since issue 19) against `ode` in t, fastsde's
+"""The adaptive `ode` in log-SNR (its default coordinate) against `ode` in t, fastsde's
 `adaptive_dpmpp_3m` (eps_rel = rtol) and k-diffusion's dpm_adaptive: NFE and per-mode Fréchet
 distance (over its finite-sample floor) against the tolerance on the 64-D mixtures in the EDM, VP
 and VE forms, 4096 samples, the same x_T for everyone.
 
     .venv-peers/bin/python benchmarks/ode_logsnr.py          # k-diffusion needed for the peer rows
 
-Prints a markdown table (docs/benchmarks.md, issue 19). Took 95 s here (two cores, 2026-12-02).
+Prints the markdown table of docs/benchmarks/adaptive.md, "Adaptive ODE solvers". Took 95 s here (two cores,
+2026-12-02).
 """
 
 from __future__ import annotations

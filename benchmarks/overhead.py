@@ -1,4 +1,4 @@
-"""The solver's own cost per step, side by side with k-diffusion and diffusers (issue 32).
+"""The solver's own cost per step, side by side with k-diffusion and diffusers (docs/benchmarks/overhead.md).
 
 Part 1 (``--part steps``): a cheap exact score, so that the machinery around the network shows. The
 process is EDM (σ from 80 to 0.002), the data N(0, 0.5²·I) with its closed-form score
@@ -18,7 +18,7 @@ CUDA events around each run); this script does not need one.
     python benchmarks/overhead.py --out docs/bench/overhead.json
 
 k-diffusion 0.1.1 needs torchvision (torch 2.14.1 here): run it in a separate environment with fastsde on
-PYTHONPATH (see docs/benchmarks.md, "Hot path (issue 32)").
+PYTHONPATH (see docs/benchmarks/index.md, "Installing the peers").
 """
 
 from __future__ import annotations

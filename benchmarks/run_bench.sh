@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The exact commands behind docs/benchmarks.md. Run from the repository root with the peers
-# environment (see docs/benchmarks.md, "Installing the peers"). Results land in runs/bench/<name>/
+# The exact commands behind the 16-D mixture and digits tables of docs/benchmarks/which-solver.md and
+# docs/benchmarks/adaptive.md. Run from the repository root with the peers environment (see
+# docs/benchmarks/index.md, "Installing the peers"). Results land in runs/bench/<name>/
 # (git-ignored); the docs copy the merged tables, CSVs and plots into docs/bench/.
 # On the 2-core development machine each mixture piece took 20-40 min and the digits run ~40 min.
 # Pick parts with e.g. PARTS="mixture karras" PROCS="vp" benchmarks/run_bench.sh
@@ -46,9 +47,9 @@ for part in $PARTS; do
         --samplers em,adaptive_sde_dpm,dpmpp_2m_sde,kdiff_dpmpp_2m_sde,kdiff_dpm_adaptive_eta1 \
         --out "runs/bench/stoch10k_seed1_$P"
     done ;;
-  pi)  # adaptive_sde_dpm with PI step control (pi_beta 0.35), seeds 0 and 1 (benchmarks_adaptive.md)
+  pi)  # adaptive_sde_dpm with PI step control (pi_beta 0.35), seeds 0 and 1 (docs/benchmarks/adaptive.md)
     for P in ${PROCS-vp subvp ve edm}; do adaptive_seeds01 "$P" adaptive_sde_dpm_pi pi10k; done ;;
-  pc2m)  # adaptive_sde_dpm_2m, seeds 0 and 1; seeds 2 and 3 with the peer (benchmarks_adaptive.md)
+  pc2m)  # adaptive_sde_dpm_2m, seeds 0 and 1; seeds 2 and 3 with the peer (docs/benchmarks/adaptive.md)
     for P in ${PROCS-vp subvp ve edm}; do
       adaptive_seeds01 "$P" adaptive_sde_dpm_2m pc2m10k
       if [ "$P" = vp ] || [ "$P" = ve ]; then

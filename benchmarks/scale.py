@@ -1,7 +1,8 @@
 """Sharded sampling at scale: throughput (samples/s) of fastsde.sample_to_dir with 1 and 2 workers
 (torchrun, gloo, one thread per worker) and the overhead of sharding against one plain
 fastsde.sample call, on the shipped digits model with dpmpp_2m at 10 steps. Writes
-docs/benchmarks_scale.md and docs/bench/scale.json.
+docs/bench/scale.md and docs/bench/scale.json (the table of docs/benchmarks/model-kinds.md,
+"Sharding overhead", is copied from docs/bench/scale.md).
 
     .venv/bin/python benchmarks/scale.py            # n = 2000, shards of 500, 3 repeats (~4 min)
 
@@ -103,7 +104,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--render", action="store_true", help="rewrite the page from docs/bench/scale.json, no measuring")
-    p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks_scale.md"))
+    p.add_argument("--out", default=str(ROOT / "docs" / "bench" / "scale.md"))
     args = p.parse_args()
     if args.worker is not None:
         worker_main(args.worker, args.n, args.shard_size)
@@ -157,7 +158,7 @@ def main() -> None:
 
 
 def render(record: dict, out: str) -> None:
-    """docs/benchmarks_scale.md from a measurement record (docs/bench/scale.json)."""
+    """docs/bench/scale.md from a measurement record (docs/bench/scale.json)."""
     n, size, times, books, diffs = (
         record[k] for k in ("n", "shard_size", "times_s", "bookkeeping_s", "max_abs_diff_vs_plain")
     )
@@ -239,7 +240,7 @@ def render(record: dict, out: str) -> None:
             ": in this run (dpmpp_2m, batches of 2000 and 500) the sharded samples equal the plain call's "
             "exactly. That is not a guarantee: at other batch sizes the digits network's float32 outputs round "
             "differently (dpmpp_2m's samples differ by up to 2.9e-6 between batch sizes 64, 7 and 1, adaptive "
-            "solvers' by up to 7.1e-3; docs/sharding.md, `benchmarks/batch_invariance.py`). The exact "
+            "solvers' by up to 7.1e-3; docs/guides/large-runs.md, `benchmarks/batch_invariance.py`). The exact "
             "mixture's fixed-grid samples are tested equal (tests/test_sharding.py)."
             if not any(diffs.values())
             else ": the digits network's float32 convolutions round differently at another batch size (the "

@@ -1,4 +1,5 @@
-"""The recipe against the best single fixed choice (issue 35), on held-out seeds.
+"""The recipe against the best single fixed choice, on held-out seeds (docs/benchmarks/few-step.md, "Tuned
+recipes").
 
 For each problem — the shipped digits model, and the exact 64-D Gaussian mixture under VP and EDM —
 ``fastsde.tune`` (defaults; fitting seeds 0, its own scoring seeds 10 000) picks a sampler per budget.

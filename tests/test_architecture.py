@@ -1,4 +1,4 @@
-"""The package's shape, read from its source (issue 30): the layers of docs/architecture.md as an
+"""The package's shape, read from its source (issue 30): the layers of docs/explanation/architecture.md as an
 import graph with no cycles and no upward arrows, and no function too long or with too many parameters.
 
 The graph counts every ``import`` / ``from ... import`` of a fastsde module anywhere in a file (inside
@@ -14,7 +14,7 @@ SRC = Path(__file__).resolve().parent.parent / "src"
 PKG = SRC / "fastsde"
 
 #: rank of each part of the package, low to high; a module may import only modules of its rank or below
-#: (longest matching prefix wins). The same order as the layer table of docs/architecture.md.
+#: (longest matching prefix wins). The same order as the layer table of docs/explanation/architecture.md.
 LAYERS: dict[str, int] = {
     # foundations
     "fastsde.sde": 0,
@@ -121,7 +121,7 @@ def rank(module: str) -> int:
         if hit and len(prefix) > best_len:
             best, best_len = r, len(prefix)
     if best is None:
-        raise AssertionError(f"{module} is in no layer of LAYERS: add it (and to docs/architecture.md)")
+        raise AssertionError(f"{module} is in no layer of LAYERS: add it (and to docs/explanation/architecture.md)")
     return best
 
 

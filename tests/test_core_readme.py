@@ -1,75 +1,64 @@
-"""The README keeps the promises of the core issue: it opens with exactly two commands, and its solver
-table names every registered solver and nothing else."""
+"""The README keeps its promises: it opens with exactly two commands; and the solver reference of the
+docs site is generated from the registry, so that it names every registered solver and option, with the
+code's defaults (it cannot drift: this checks the generator)."""
 
 from __future__ import annotations
 
-import math
+import importlib.util
 import re
 from pathlib import Path
 
 import fastsde
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
 
 
-def _solver_rows(text: str) -> list[str]:
-    section = text.split("### Solvers", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"^\| `([a-z0-9_]+)` \|", section, flags=re.MULTILINE)
+def _hooks():
+    spec = importlib.util.spec_from_file_location("docs_hooks", ROOT / "docs" / "_hooks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_readme_opens_with_exactly_two_commands():
     text = README.read_text(encoding="utf-8")
     first_block = re.search(r"```(?:sh|bash)?\n(.*?)```", text, flags=re.DOTALL)
-    assert first_block is not None and text.index("```") < text.index("## Use")
+    assert first_block is not None and text.index("```") < text.index("## In ten lines")
     commands = [line.split("#", 1)[0].strip() for line in first_block.group(1).splitlines() if line.strip()]
     assert commands == ["make sample", "make test"]
 
 
-def test_solver_table_lists_every_registered_solver():
-    rows = _solver_rows(README.read_text(encoding="utf-8"))
-    assert len(rows) == len(set(rows)), f"duplicate rows: {rows}"
-    unknown = sorted(set(rows) - set(fastsde.SOLVERS))
-    assert not unknown, f"README rows for solvers that are not registered: {unknown}"
-    missing = sorted(set(fastsde.SOLVERS) - set(rows))
-    assert not missing, f"registered solvers without a README row: {missing}"
+def test_generated_solver_table_lists_every_registered_solver():
+    rows = re.findall(r"^\| \[`([a-z0-9_]+)`\]", _hooks().solver_table(), flags=re.MULTILINE)
+    assert rows == list(fastsde.SOLVERS)
 
 
-def _parse_readme_default(text: str) -> tuple[bool, object]:
-    """(checkable, value) for one '(default)' of the README's options column."""
-    text = text.strip()
-    if "|" in text:  # a list of choices: the default is written first
-        text = text.split("|", 1)[0].rstrip(" \\")
-    if text.startswith("`") and text.endswith("`"):
-        return True, text.strip("`")
-    if text in ("True", "False"):
-        return True, text == "True"
-    if text == "∞":
-        return True, math.inf
-    number = re.match(r"^-?[0-9.]+(?:e-?[0-9]+)?", text)
-    return (True, float(number.group(0))) if number else (False, None)
-
-
-def test_solver_table_defaults_match_the_code():
-    """Every default the README's solver table states is the registered option's default (on VP):
-    the table repeats them for readers, so this keeps the two from drifting apart."""
-    section = README.read_text(encoding="utf-8").split("### Solvers", 1)[1].split("\n## ", 1)[0]
-    sde = fastsde.VPSDE()
-    checked = []
-    for row in re.findall(r"^\| `([a-z0-9_]+)` \|(.*)$", section, flags=re.MULTILINE):
-        name, cells = row[0], [c.strip() for c in row[1].split(" | ")]
-        options_cell = cells[2]
+def test_generated_solver_options_state_the_code_defaults():
+    text = _hooks().solver_options()
+    sections = dict(re.findall(r"^### `([a-z0-9_]+)` \{#[a-z0-9_]+\}\n(.*?)(?=^### |\Z)", text, re.DOTALL | re.M))
+    assert list(sections) == list(fastsde.SOLVERS)
+    for name, body in sections.items():
+        stated = dict(re.findall(r"^\| `([a-z_0-9]+)` \| (.*?) \|", body, flags=re.MULTILINE))
         spec = fastsde.SOLVERS[name]
-        for opt, stated in re.findall(r"([a-z_]+)(?: [A-Z])? \(([^()]*)\)", options_cell):
-            ok, value = _parse_readme_default(stated)
-            if not ok:
-                continue
-            assert opt in spec.options, f"README lists option {opt!r} for {name}, which it does not have"
-            actual = spec.options[opt].default_for(sde)
-            if isinstance(value, float):
-                assert not isinstance(actual, (bool, str)) and float(actual) == value, (
-                    f"README says {name}.{opt} defaults to {stated!r}, the code to {actual!r}"
-                )
-            else:
-                assert actual == value, f"README says {name}.{opt} defaults to {stated!r}, the code to {actual!r}"
-            checked.append(f"{name}.{opt}")
-    assert len(checked) >= 30, f"only {len(checked)} README defaults could be read: {checked}"
+        assert list(stated) == list(spec.options), name
+        for opt_name, opt in spec.options.items():
+            want = "depends on the process" if callable(opt.default) else f"`{opt.default!r}`"
+            assert stated[opt_name] == want.replace("|", "\\|"), (name, opt_name)
+        declared = re.search(r"^Declared: (.*)$", body, flags=re.MULTILINE).group(1)
+        assert ("adaptive step size" in declared) == spec.adaptive
+        assert ("stochastic" in declared) == spec.stochastic
+
+
+def test_generated_cli_reference_covers_every_command_and_flag():
+    from fastsde.cli import build_parser
+
+    text = _hooks().cli_reference()
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    for name, p in sub.choices.items():
+        section = text.split(f"## `fastsde {name}`\n", 1)[1].split("\n## ", 1)[0]
+        for action in p._actions:
+            for flag in action.option_strings:
+                if flag not in ("-h", "--help"):
+                    assert f"`{flag}`" in section, (name, flag)

@@ -259,7 +259,7 @@ def _expected_nfe(solver: str, n: int, m: int = 1) -> int:
 
 
 def test_declared_nfe_rules_are_the_documented_ones():
-    """The README's NFE column, in numbers: N, 2N − 1 for Heun, (N − 1)(M + 1) + 1 for pc."""
+    """The declared NFE rules, in numbers: N, 2N − 1 for Heun, (N − 1)(M + 1) + 1 for pc."""
     for n in (2, 7):
         assert _expected_nfe("heun", n) == 2 * n - 1
         assert _expected_nfe("pc", n, 3) == (n - 1) * 4 + 1

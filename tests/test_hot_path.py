@@ -212,7 +212,7 @@ def test_fixed_grid_step_traces_under_torch_compile(solver, monkeypatch):
     eager = fastsde.sample(mix, sde, (3, 2), solver, **kw).samples
     cls = fastsde.SOLVERS[solver].stepper
     monkeypatch.setattr(cls, "step", torch.compile(cls.step, backend="aot_eager", fullgraph=True))
-    try:  # the step recompiles per grid index (see docs/architecture.md): allow one graph per move
+    try:  # the step recompiles per grid index (see docs/explanation/architecture.md): allow one graph per move
         with torch._dynamo.config.patch(recompile_limit=64):
             compiled = fastsde.sample(mix, sde, (3, 2), solver, **kw).samples
     finally:

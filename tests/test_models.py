@@ -56,7 +56,7 @@ def test_vp_and_ve_processes_and_cost_hierarchy():
 
 def test_the_ml_em_hierarchy_is_trained_alike_and_spans_16x():
     """digits-h-*: one process, equal steps and data, costs 1 : 4 : 16 (benchmarks/hierarchy.py
-    measures that the held-out error falls with cost in every time bucket; docs/models.md)."""
+    measures that the held-out error falls with cost in every time bucket; docs/reference/models.md)."""
     names = ["digits-h-small", "digits-h-medium", "digits-h-large"]
     models = [fastsde.load_model(n) for n in names]
     assert {m.config["training"]["steps"] for m in models} == {4000}
@@ -85,7 +85,7 @@ def test_shipped_sizes_under_budget():
     root = resources.files("fastsde")
     total = sum(p.stat().st_size for p in (root / "_assets" / "weights").iterdir())  # type: ignore[union-attr]
     # 32.3 MiB with the ML-EM hierarchy (digits-h-*, 13.7 MB) and digits-flow (float16, 1.3 MB); the
-    # budget is documented in docs/models.md
+    # budget is documented in docs/reference/models.md
     assert total <= 34 * 2**20
 
 

@@ -105,8 +105,8 @@ def _recordable(value: Any) -> Any:
 
 
 #: The solver ``sample`` and ``fastsde sample`` use when none is named: the fastest sampler measured
-#: to be unbiased at its defaults on exact problems (README, "Which solver to pick";
-#: docs/benchmarks.md, "The default solver"). ``adaptive`` is Gotta Go Fast as published.
+#: to be unbiased at its defaults on exact problems (docs/guides/choose-a-solver.md, with the
+#: measurements in docs/benchmarks/which-solver.md). ``adaptive`` is Gotta Go Fast as published.
 DEFAULT_SOLVER = "adaptive_sde_dpm_2m"
 
 
@@ -186,7 +186,7 @@ def default_t_end(sde: SDE, spec: SolverSpec, options: Mapping[str, Any], denois
     σ = 0 and the denoise at its last interior point is the last move) for a run of fewer than
     ZERO_END_BELOW grid points of a fixed-grid solver that takes no fitted table, on a named grid that
     reaches 0 (``uniform``, ``quadratic``), under a process that starts from pure noise and ends at σ = 0
-    (a rectified flow), with the denoise on. Measured on digits-flow (3 seeds, docs/benchmarks_flow.md):
+    (a rectified flow), with the denoise on. Measured on digits-flow (3 seeds, docs/benchmarks/model-kinds.md):
     at 4-8 NFE it is far better (UniPC at 4 NFE: FD 22 against 52), at 10-12 level; at 40 steps the
     denoise from σ(1/40) moved a narrow mode's mean by 0.022 on an exact mixture, so longer runs keep t_end."""
     t_end = sde.default_t_end
@@ -390,7 +390,8 @@ def sample(
         shape: (n, *dims).
         solver: a solver name (see ``fastsde.SOLVERS``) or a SolverSpec; default ``DEFAULT_SOLVER``.
         seed: one int, one int per sample, or a NoiseSource; sample i's noise depends only on its seed
-            (the samples are the same bits at any batch size only where README "Seeds" says so).
+            (the samples are the same bits at any batch size only where docs/getting-started.md, "Seeds
+            and reproducibility", says so).
         t_end: end time of the solve (default: the process's ε). ``t_end=0`` (where σ(0) = 0, with a
             fixed-grid solver on grid "uniform" or "quadratic"): the grid of steps + 1 points runs to 0 and
             its last move is the denoise, taken at its last interior point (diffusers' and k-diffusion's

@@ -158,7 +158,7 @@ def _check_images(arr: np.ndarray, source: str) -> np.ndarray:
         raise FileFormatError(
             source, None, f"integer pixels in 0..255, got [{int(arr.min())}, {int(arr.max())}]", what="an image array"
         )
-    return arr.astype(np.uint8) if arr.dtype.kind == "b" else arr
+    return arr.astype(np.float64) if arr.dtype.kind == "b" else arr  # False/True: black/white, [0, 1]
 
 
 def load_array(path: str | Path, key: str | None = None) -> Tensor:

@@ -199,7 +199,8 @@ def _models_dir():
 
 
 def list_models() -> list[str]:
-    """Names of the shipped models (plus "mixture", the exact 2-D problem the CLI also samples)."""
+    """Names of the shipped models (``fastsde sample --model`` also takes "mixture", the exact 2-D problem,
+    and model folders by path)."""
     names = [p.name[: -len(".json")] for p in _models_dir().iterdir() if p.name.endswith(".json")]
     return sorted(names)
 

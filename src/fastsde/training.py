@@ -476,5 +476,6 @@ def _read_train_config(f: Fields) -> TrainConfig:
         check_model_config(f.path, model)
     except FileFormatError as exc:
         field = {"unet.channels": "channels", "unet.norm_groups": "norm_groups", "unet.sample_size": "shape"}
-        raise f.error(field.get(exc.field or "", exc.field or "config"), exc.expected, f.data.get("shape")) from None
+        name = field.get(exc.field or "", exc.field or "config")
+        raise f.error(name, exc.expected, f.data.get(name, f.data.get("shape"))) from None
     return cfg

@@ -796,8 +796,9 @@ def plot(result: dict[str, Any], out: Path) -> list[Path]:
     return paths
 
 
-def write_outputs(result: dict[str, Any], out: Path) -> list[Path]:
+def write_outputs(result: dict[str, Any], out: str | Path) -> list[Path]:
     """results.json, results.csv, table.md and the PNG plots under ``out``."""
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "results.json", out / "results.csv", out / "table.md"]
     write_text_atomic(paths[0], json.dumps(result, indent=1, default=str))

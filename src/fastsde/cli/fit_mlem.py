@@ -29,7 +29,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--base", default="em", choices=("em", "ddim"), help="the base step (default em)")
     p.add_argument("--n", type=int, default=64, help="fitting samples (default 64)")
     p.add_argument("--iters", type=int, default=30, help="gradient iterations (default 30)")
-    p.add_argument("--lr", type=float, default=0.05, help="Adam step on the logit coefficients (default 0.05)")
+    p.add_argument(
+        "--lr", type=float, default=0.2, help="Adam step on the logit coefficients (default 0.2, as fastsde.fit_mlem)"
+    )
     p.add_argument("--budget", type=float, default=1e-3, help="the theory rule's variance budget it starts from")
     p.add_argument("--lam", type=float, default=None, help="weight of relative compute (default: the rule's price)")
     p.add_argument("--degree", type=int, default=2, help="degree of the logit polynomial in log-SNR (default 2)")

@@ -24,7 +24,7 @@ rejected counts in ``ctx.stats``; an optional Langevin corrector after accepted 
 :class:`~fastsde.brownian.BrownianTree`, a function of the seed only, or
 :class:`~fastsde.brownian.BrownianMemory`, revealed lazily at one
 draw per query; the default "fresh" is GGF's rule, which favours small noise draws among accepted steps and visibly biases the
-samples in low dimension, see docs/benchmarks_adaptive.md); ``reuse_rejected`` (the score at the
+samples in low dimension, see docs/benchmarks/adaptive.md); ``reuse_rejected`` (the score at the
 unchanged (x, t) after a rejection is not evaluated again; off by default so that GGF costs exactly
 2 NFE per attempt as specified); ``pi_beta`` (PI step control, Gustafsson's: after an accepted step
 the factor θ·E^(−r) is multiplied by E_prev^β, E_prev the previous accepted step's error, which damps

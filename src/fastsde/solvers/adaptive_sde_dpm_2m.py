@@ -25,8 +25,8 @@ has variance σ_t²(1 − e^{−2h})):
   as x̂0 of the new point (it was evaluated at x_p, which differs from x_c by the small correction, as
   in UniPC); reject: nothing moves, the retry reuses x̂0_s and sees the same Brownian path.
 
-Defaults, measured on the 16-D exact mixture (docs/benchmarks_adaptive.md, "One evaluation per step,
-with a corrector"): ``h_max=0.45`` caps the step in λ (an error estimate from one step cannot foresee
+Defaults, measured on the 16-D exact mixture (docs/benchmarks/adaptive.md, "adaptive_sde_dpm_2m, the
+default: one evaluation per step, with a corrector"): ``h_max=0.45`` caps the step in λ (an error estimate from one step cannot foresee
 the high-noise range where the mode weights are decided; without the cap the loose tolerances skip
 it), ``max_growth=2``, ``exponent=0.5`` (E scales like h^{3/2} but the noise in D_new makes E jumpy;
 against 0.67, on VE at eps_rel 0.035: 1.56 rejections per sample instead of 2.33 and 0.74 τ instead
