@@ -201,3 +201,17 @@ def test_every_shipped_recipe_is_for_its_model(name):
     model = fastsde.load_model(name)
     assert recipe.key["model"]["name"] == name and recipe.budgets == list(range(4, 11))
     recipe.check_for(model.score, model.sde, tuple(model.shape), torch.float32, "cpu")
+
+
+def test_a_damaged_fit_time_in_the_cache_is_named(tmp_path):
+    """The cache's record of a fit's seconds is checked: junk there is a FileFormatError naming the file."""
+    from fastsde.fitting.tune import _Cache
+
+    cache = _Cache.__new__(_Cache)
+    cache.folder, cache.tag = tmp_path, "t"
+    grid = fastsde.shipped_grid("digits", "unipc", 5)
+    cache.save_artifact("g.safetensors", grid, 1.5)
+    assert cache.artifact("g.safetensors", "grid")[1] == 1.5
+    (tmp_path / "t-g.safetensors.seconds").write_text("not a number")
+    with pytest.raises(FileFormatError, match="seconds"):
+        cache.artifact("g.safetensors", "grid")

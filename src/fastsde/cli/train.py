@@ -110,7 +110,7 @@ def check_options(args: argparse.Namespace) -> None:
     if not 0.0 <= args.label_dropout < 1.0:
         raise CLIError(f"--label-dropout must lie in [0, 1), got {args.label_dropout}")
     check_int("--threads", args.threads, 1, MAX_THREADS)
-    if args.channels and not args.resume:
+    if args.channels is not None and not args.resume:
         parse_channels(args.channels)
 
 
@@ -153,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"resuming {out} at step {trainer.step}")
     else:
         channels, sde_kind = PRESETS[args.preset] if args.preset else ((32, 64), "vp")
-        if args.channels:
+        if args.channels is not None:
             channels = parse_channels(args.channels)
         side = data.shape[-1]
         if data.shape[-2] != side or side % 2 ** (len(channels) - 1):

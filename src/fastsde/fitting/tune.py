@@ -30,6 +30,7 @@ from torch import Tensor
 from ..api import sample
 from ..artifacts.artifact import data_shape, model_fingerprint
 from ..artifacts.recipe import Choice, Recipe
+from ..files import FileFormatError, write_text_atomic
 from ..grids import zero_mean_at
 from ..metrics.mixture import frechet_gaussian, mse
 from ..sde import SDE
@@ -363,9 +364,7 @@ class _Cache:
     def put(self, label: str, row: _Row) -> None:
         if self.folder is None:
             return
-        tmp = self._path(label).with_suffix(".tmp")
-        tmp.write_text(json.dumps(_plain(asdict(row))))
-        tmp.replace(self._path(label))
+        write_text_atomic(self._path(label), json.dumps(_plain(asdict(row))))
 
     def artifact(self, name: str, kind: str) -> tuple[Any, float]:
         if self.folder is None:
@@ -376,14 +375,19 @@ class _Cache:
         from ..artifacts import load_grid, load_iia
 
         meta = self.folder / f"{self.tag}-{name}.seconds"
-        seconds = float(meta.read_text()) if meta.is_file() else 0.0
+        try:
+            seconds = float(meta.read_text()) if meta.is_file() else 0.0
+        except ValueError:
+            seconds = math.nan  # a damaged record of the fit's time: the artifact itself is checked on load
+        if not (seconds >= 0.0):
+            raise FileFormatError(meta, None, "the fit's seconds, one non-negative number", what="a tune cache file")
         return (load_grid(path) if kind == "grid" else load_iia(path)), seconds
 
     def save_artifact(self, name: str, artifact: Any, seconds: float) -> None:
         if self.folder is None:
             return
         artifact.save(self.folder / f"{self.tag}-{name}")
-        (self.folder / f"{self.tag}-{name}.seconds").write_text(repr(seconds))
+        write_text_atomic(self.folder / f"{self.tag}-{name}.seconds", repr(seconds))
 
 
 def write_report(recipe: Recipe, folder: str | Path) -> None:
@@ -410,7 +414,7 @@ def write_report(recipe: Recipe, folder: str | Path) -> None:
     skipped = recipe.record.get("skipped") or []
     if skipped:
         lines += ["", f"Not run (time box): {', '.join(skipped)}."]
-    (folder / "candidates.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(folder / "candidates.md", "\n".join(lines) + "\n")
     import matplotlib
 
     matplotlib.use("Agg")
