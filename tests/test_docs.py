@@ -167,3 +167,13 @@ def test_site_builds_strict(tmp_path: Path) -> None:
     warnings = [line for line in proc.stderr.splitlines() if "WARNING" in line]
     assert not warnings, "\n".join(warnings)
     assert (tmp_path / "site" / "reference" / "api" / "index.html").is_file()
+
+
+def test_api_reference_covers_every_public_name() -> None:
+    """Every name of ``fastsde.__all__`` has its entry in the generated API reference."""
+    import fastsde
+
+    text = (DOCS / "reference" / "api.md").read_text(encoding="utf-8")
+    listed = set(re.findall(r"^::: fastsde\.([A-Za-z_]\w*)\s*$", text, flags=re.MULTILINE))
+    missing = sorted(set(fastsde.__all__) - listed)
+    assert not missing, f"docs/reference/api.md lacks {missing}"

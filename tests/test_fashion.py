@@ -189,3 +189,28 @@ def test_real_images_sit_at_the_floor_and_the_classifier_scores_them():
     q = fashion.fashion_class_quality(x, data.fashion_labels("train")[:1000])
     assert abs(q["fd"] - q["floor"]) < 4 * q["floor_sd"]
     assert q["accuracy"] > 0.9
+
+
+@pytest.mark.parametrize("device", ["bogus", "xpu", "cuda:99"])
+def test_train_refuses_a_device_this_machine_lacks(device, tmp_path, capsys):
+    from fastsde.cli import main
+
+    if device == "cuda:99" and torch.cuda.device_count() > 99:
+        pytest.skip("a machine with 100 CUDA devices")
+    out = tmp_path / "run"
+    assert main(["train", "--device", device, "--steps", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--device" in err[0] and not out.exists()
+
+
+def test_cpu_device_run_equals_the_default_run(tmp_path):
+    """An explicit device changes where the work runs, never the batches or the weights."""
+    from fastsde.training import TrainConfig, Trainer
+
+    cfg = TrainConfig(channels=(8, 16), norm_groups=8, shape=(1, 8, 8), batch_size=8)
+    runs = [Trainer(cfg, data.load_digits("train")[:32], **kw) for kw in ({}, {"device": "cpu"})]
+    for trainer in runs:
+        trainer.train(3, progress=False)
+    assert runs[0].losses == runs[1].losses
+    for a, b in zip(runs[0].ema.parameters(), runs[1].ema.parameters()):
+        assert torch.equal(a, b)

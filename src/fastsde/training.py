@@ -118,7 +118,9 @@ class Trainer:
     ``num_classes`` with probability ``config.label_dropout``, so that one network is both the
     conditional and the unconditional model (classifier-free guidance)."""
 
-    def __init__(self, config: TrainConfig, data: Tensor, labels: Tensor | None = None) -> None:
+    def __init__(
+        self, config: TrainConfig, data: Tensor, labels: Tensor | None = None, device: str | torch.device = "cpu"
+    ) -> None:
         if tuple(data.shape[1:]) != tuple(config.shape):
             raise ValueError(f"data images have shape {tuple(data.shape[1:])}, config expects {tuple(config.shape)}")
         if data.shape[0] < 2:
@@ -132,12 +134,15 @@ class Trainer:
             if not 0.0 <= config.label_dropout < 1.0:
                 raise ValueError(f"label_dropout must lie in [0, 1), got {config.label_dropout}")
         self.config = config
-        self.data = data.float()
-        self.labels = None if not config.num_classes else labels.to(torch.long)
+        #: where the networks and the data live; every random draw is made on the CPU and moved, so a
+        #: run's batches (and its initial weights) are the same on any device
+        self.device = torch.device(device)
+        self.data = data.float().to(self.device)
+        self.labels = None if not config.num_classes else labels.to(self.device, torch.long)
         self.sde = sde_from_config(config.sde)
         torch.manual_seed(config.seed)
-        self.net = build_network(config.unet_config(), config.sde)
-        self.ema = build_network(config.unet_config(), config.sde)
+        self.net = build_network(config.unet_config(), config.sde).to(self.device)
+        self.ema = build_network(config.unet_config(), config.sde).to(self.device)
         self.ema.load_state_dict(self.net.state_dict())
         self.ema.requires_grad_(False)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=config.lr)
@@ -155,9 +160,11 @@ class Trainer:
         z = torch.randn((self.config.batch_size, *self.config.shape), generator=g)
         labels = None
         if self.labels is not None:  # drawn after the rest: an unconditional run's batches are unchanged
-            drop = torch.rand(self.config.batch_size, generator=g) < self.config.label_dropout
-            labels = torch.where(drop, torch.full_like(idx, self.config.num_classes), self.labels[idx])
-        return self.data[idx], t, z, labels
+            drop = (torch.rand(self.config.batch_size, generator=g) < self.config.label_dropout).to(self.device)
+            picked = self.labels[idx.to(self.device)]
+            labels = torch.where(drop, torch.full_like(picked, self.config.num_classes), picked)
+        dev = self.device
+        return self.data[idx.to(dev)], t.to(dev), z.to(dev), labels
 
     def train_step(self) -> float:
         cfg = self.config
@@ -221,10 +228,12 @@ class Trainer:
         objective = flow_loss if isinstance(self.sde, RectifiedFlow) else dsm_loss
         self.ema.eval()
         total = 0.0
+        dev = self.device
         for lo in range(0, n, batch_size):
             hi = min(n, lo + batch_size)
-            lab = None if not cfg.num_classes else labels[lo:hi].to(torch.long)
-            part = objective(self.ema, self.sde, data[lo:hi].float(), t[lo:hi].float(), z[lo:hi], lab)
+            lab = None if not cfg.num_classes else labels[lo:hi].to(dev, torch.long)
+            x0, tt, zz = data[lo:hi].float().to(dev), t[lo:hi].float().to(dev), z[lo:hi].to(dev)
+            part = objective(self.ema, self.sde, x0, tt, zz, lab)
             total += float(part) * (hi - lo)
         value = total / n
         self.heldout_losses.append((self.step, value))
@@ -269,13 +278,13 @@ class Trainer:
         each whole."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        ema = {k: v.contiguous() for k, v in self.ema.state_dict().items()}
-        state = {f"net.{k}": v.contiguous() for k, v in self.net.state_dict().items()}
+        ema = {k: v.detach().cpu().contiguous() for k, v in self.ema.state_dict().items()}
+        state = {f"net.{k}": v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
         state.update({f"ema.{k}": v for k, v in ema.items()})
         opt_state = self.opt.state_dict()
         for idx, st in opt_state["state"].items():
             for key, val in st.items():
-                state[f"opt.{idx}.{key}"] = torch.as_tensor(val).contiguous()
+                state[f"opt.{idx}.{key}"] = torch.as_tensor(val).detach().cpu().contiguous()
         meta = {
             "format": STATE_FORMAT,
             "step": self.step,
@@ -293,7 +302,9 @@ class Trainer:
         write_json_atomic(folder / "config.json", self.model_config(command))
 
     @classmethod
-    def load(cls, folder: str | Path, data: Tensor, labels: Tensor | None = None) -> Trainer:
+    def load(
+        cls, folder: str | Path, data: Tensor, labels: Tensor | None = None, device: str | torch.device = "cpu"
+    ) -> Trainer:
         """Resume from a checkpoint folder written by save() (or by the older four-file layout), every
         field checked before any training: a FileFormatError naming the file and the field."""
         folder = Path(folder)
@@ -303,7 +314,7 @@ class Trainer:
             raise FileNotFoundError(f"no checkpoint to resume in {folder} (train_state.safetensors missing)")
         tensors, f = _read_state(path, old_meta)
         cfg = _read_train_config(f.obj("config"))
-        trainer = cls(cfg, data, labels)
+        trainer = cls(cfg, data, labels, device=device)
         step = f.integer("step", low=0)
         wall = f.number("wall_time_s", low=0.0)
         losses = f.numbers("losses", finite=False)  # a diverged run's NaN losses are its history

@@ -51,6 +51,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--save-every", type=int, default=200)
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where to train: cpu (default), cuda, cuda:N or mps; the batches are drawn on the CPU, so they are "
+        "the same on any device",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument(
         "--conditional",
@@ -110,6 +116,7 @@ def check_options(args: argparse.Namespace) -> None:
     if not 0.0 <= args.label_dropout < 1.0:
         raise CLIError(f"--label-dropout must lie in [0, 1), got {args.label_dropout}")
     check_int("--threads", args.threads, 1, MAX_THREADS)
+    check_device(args.device)
     if args.channels is not None and not args.resume:
         parse_channels(args.channels)
 
@@ -149,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.resume:
         with reading("--resume", out / "train_state.safetensors", "a checkpoint written by fastsde train"):
-            trainer = Trainer.load(out, data, labels)
+            trainer = Trainer.load(out, data, labels, device=args.device)
         print(f"resuming {out} at step {trainer.step}")
     else:
         channels, sde_kind = PRESETS[args.preset] if args.preset else ((32, 64), "vp")
@@ -187,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
             num_classes=int(labels.max()) + 1 if labels is not None else 0,
             label_dropout=args.label_dropout,
         )
-        trainer = Trainer(cfg, data, labels)
+        trainer = Trainer(cfg, data, labels, device=args.device)
         try:  # only now, with the run set up: a refused run leaves no folder behind
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -212,6 +219,24 @@ def run(args: argparse.Namespace) -> int:
     trainer.save(out, command)
     print(f"done: {trainer.step} steps, final loss {trainer.recent_loss():.4f}, wall {trainer.wall_time:.0f}s")
     return 0
+
+
+def check_device(text: str) -> None:
+    """--device: a torch device this machine has (before any data is read)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise CLIError(f"--device must be a torch device such as cpu, cuda or cuda:0, got {text!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {text}: this machine has no CUDA device (torch.cuda.is_available() is False)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise CLIError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise CLIError(f"--device {text}: this machine has no MPS device")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise CLIError(f"--device must be cpu, cuda, cuda:N or mps, got {text!r}")
 
 
 #: held-out images scored at each save (the first ones of the held-out split)
