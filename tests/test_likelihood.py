@@ -358,12 +358,14 @@ def test_cli_shipped_model_and_heldout_digits(monkeypatch, capsys):
     assert "held-out split of digits" in out and "grid of 17 levels" in out and "trace: hutchinson" in out
 
 
-def test_shipped_model_score_made_differentiable():
-    """Shipped models score under no_grad (for sampling); differentiable_score rebuilds the same score
-    with autograd and checks it against model.score."""
-    if not hasattr(fastsde, "list_models") or "digits-small" not in fastsde.list_models():
-        pytest.skip("no shipped digits-small model in this build")
-    model = fastsde.load_model("digits-small")
+@pytest.mark.parametrize("name", ["digits-small", "digits-flow", "digits-cond"])
+def test_shipped_model_score_made_differentiable(name):
+    """Shipped models score under no_grad (for sampling); differentiable_score gives the same score
+    with autograd (noise-prediction, flow and class-conditional models alike) and checks it against
+    model.score."""
+    if not hasattr(fastsde, "list_models") or name not in fastsde.list_models():
+        pytest.skip(f"no shipped {name} model in this build")
+    model = fastsde.load_model(name)
     score = fastsde.differentiable_score(model)
     x = torch.randn(3, *model.shape, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
     t = torch.tensor([0.01, 0.3, 0.9])
@@ -372,3 +374,12 @@ def test_shipped_model_score_made_differentiable():
     torch.testing.assert_close(out.detach(), model.score(x.detach(), t), rtol=1e-5, atol=1e-5)
     (g,) = torch.autograd.grad(out.sum(), x)
     assert torch.isfinite(g).all() and float(g.abs().sum()) > 0
+
+
+def test_flow_model_likelihood_from_the_command_line(capsys):
+    """fastsde likelihood runs on a flow model (its score with autograd on is the model's own adapter)."""
+    from fastsde.cli import main
+
+    assert main(["likelihood", "--model", "digits-flow", "--n", "2", "--no-progress", "--rtol", "1e-3"]) == 0
+    out = capsys.readouterr().out
+    assert "bits/dim" in out and "RectifiedFlow" in out

@@ -159,6 +159,13 @@ class LoadedModel:
             return self._score(x, t, **cond)
 
     @property
+    def autograd_score(self) -> Callable[..., Tensor]:
+        """The same score with autograd left on (``score`` runs under no_grad for sampling): what a
+        likelihood needs, whose divergence differentiates the score in x. Flow, noise-prediction,
+        class-conditional and diffusers-folder models alike."""
+        return self._score
+
+    @property
     def data_prediction(self) -> Callable[..., Tensor] | None:
         """The data prediction x̂0(x, t, **cond) of a flow model (what a solve from pure noise needs,
         where the score is −x whatever the data); None for a noise-prediction model."""

@@ -89,24 +89,28 @@ class DatasetLikelihood:
 
 
 def differentiable_score(model: Any) -> ScoreFn:
-    """model.score if autograd flows through it, else the same score rebuilt from the model's
-    noise-prediction network (shipped models run their score under no_grad for sampling); the
-    rebuilt score is checked against model.score before use. A ValueError if neither works."""
+    """model.score if autograd flows through it, else the model's score with autograd on: a loaded
+    model's ``autograd_score`` (flow, noise-prediction, conditional and diffusers-folder models), or the
+    score rebuilt from a noise-prediction ``network`` with a ``time_input``. The score used is checked
+    against model.score before use. A ValueError if neither works."""
     probe_x = torch.zeros(2, *model.shape)
     probe_t = torch.tensor([0.5 * model.sde.T, 0.9 * model.sde.T])
+    refused = ValueError(f"model {model!r} has no differentiable score; the likelihood needs autograd through it")
     with torch.enable_grad():
         xin = probe_x.clone().requires_grad_(True)
         out = model.score(xin, probe_t)
         if out.requires_grad:
             return model.score
-        net = getattr(model, "network", None)
-        if net is None or not hasattr(net, "time_input"):
-            raise ValueError(f"model {model!r} has no differentiable score; the likelihood needs autograd through it")
-        rebuilt = NoisePredictionScore(net, model.sde, time_input=net.time_input)
-        again = rebuilt(xin, probe_t)
+        score = getattr(model, "autograd_score", None)
+        if score is None:
+            net = getattr(model, "network", None)
+            if net is None or not hasattr(net, "time_input"):
+                raise refused
+            score = NoisePredictionScore(net, model.sde, time_input=net.time_input)
+        again = score(xin, probe_t)
     if not again.requires_grad or not torch.allclose(again.detach(), out, rtol=1e-5, atol=1e-6):
-        raise ValueError(f"model {model!r} has no differentiable score; the likelihood needs autograd through it")
-    return rebuilt
+        raise refused
+    return score
 
 
 def grid_levels(arr: np.ndarray, levels: int | None = None) -> int | None:
