@@ -307,3 +307,28 @@ def test_iia_table_fitted_on_a_fitted_grid():
         fastsde.sample(gm, sde, (4, 4), table=table, **kw)
     with pytest.raises(ValueError, match="solver is 'dpmpp_2m' in the grid, 'dpmpp_3m' in the run"):
         fastsde.sample(gm, sde, (4, 4), solver="dpmpp_3m", steps=5, grid=grid)
+
+
+@pytest.mark.skipif("digits-unipc-5.safetensors" not in SHIPPED, reason="no shipped unipc grid")
+def test_a_model_is_known_by_its_weights_not_its_path(tmp_path):
+    """A model folder holding the shipped digits weights, moved to another path, still takes the grid fitted
+    for digits (the fingerprint's name is a label; the weights are the identity); other weights are refused."""
+    import shutil
+    from importlib import resources
+
+    from fastsde.artifacts.grid import shipped_grid
+
+    weights = resources.files("fastsde").joinpath("_assets", "weights")
+    first = tmp_path / "first"
+    first.mkdir()
+    for src, dst in (("digits.json", "config.json"), ("digits.safetensors", "model.safetensors")):
+        (first / dst).write_bytes(weights.joinpath(src).read_bytes())
+    moved = tmp_path / "elsewhere" / "moved"
+    shutil.move(str(first), str(moved))
+    model = fastsde.load_model(str(moved))
+    grid = shipped_grid("digits", "unipc", 5)
+    res = fastsde.sample(model.score, model.sde, (2, *model.shape), solver="unipc", steps=5, grid=grid)
+    assert res.samples.isfinite().all()
+    small = fastsde.load_model("digits-small")
+    with pytest.raises(ValueError, match=r"fitted for model 'digits' \(weights"):
+        fastsde.sample(small.score, small.sde, (2, *small.shape), solver="unipc", steps=5, grid=grid)

@@ -3,8 +3,8 @@ copies shipped in the package.
 
 An artifact is data fitted once for a model and a run (an IIA table, a time grid, an ML-EM
 schedule). Its key names what it was fitted for: the process, the solver and its options, the
-grid, steps, t_end and a fingerprint of the model (a shipped model: its name and a hash of its
-weights; any other score: its outputs on fixed inputs, compared within a tolerance). A run whose
+grid, steps, t_end and a fingerprint of the model (a loaded model: a hash of its weights, with its
+name as a label; any other score: its outputs on fixed inputs, compared within a tolerance). A run whose
 key differs is a ValueError naming the field, before any compute:
 
 - :meth:`FittedArtifact.check_run` compares the solver's part of the key with the run's, from plain
@@ -103,7 +103,7 @@ def check_key(
 def describe(model: Mapping[str, Any]) -> str:
     """A model fingerprint in words (for reprs and error messages)."""
     if model.get("kind") == "shipped":
-        return f"shipped model {model['name']!r} (weights {model['weights_sha256'][:12]})"
+        return f"model {model['name']!r} (weights {model['weights_sha256'][:12]})"
     return f"a score probed on fixed inputs of shape {tuple(model.get('shape', ()))}"
 
 
@@ -169,13 +169,14 @@ def model_fingerprint(
 
 
 def same_identity(mine: Mapping[str, Any], theirs: Mapping[str, Any]) -> bool:
-    """Whether two fingerprints are of the same kind and, for loaded models, the same name and weights
-    (probed scores are then compared by their probe outputs)."""
+    """Whether two fingerprints are of the same kind and, for loaded models, the same weights (probed
+    scores are then compared by their probe outputs). A loaded model's name is only a label: a model
+    folder that was moved or copied, or a folder holding a shipped model's weights, is the same model."""
     if mine.get("kind") != theirs["kind"]:
         return False
     if theirs["kind"] != "shipped":
         return True
-    return (mine.get("name"), mine.get("weights_sha256")) == (theirs["name"], theirs["weights_sha256"])
+    return mine.get("weights_sha256") == theirs["weights_sha256"]
 
 
 def relative_difference(probe: Tensor, stored: Tensor) -> float:
