@@ -306,6 +306,19 @@ def test_sharded_likelihood_resumes_and_refuses_other_data(tmp_path, points):
         fastsde.load_samples(tmp_path)
 
 
+def test_batch_size_identifies_a_scipy_likelihood_run_only(tmp_path, points):
+    """scipy's solve_ivp steps the whole batch together (results depend on the batch), rk45 each sample
+    on its own: another batch size resumes an rk45 run and is refused for a scipy one."""
+    kw = dict(dtype=F64, seed=4, shard_size=8)
+    fastsde.likelihood_to_dir(GM.score, SDE, points, (2,), tmp_path / "rk45", batch_size=4, **kw)
+    again = fastsde.likelihood_to_dir(GM.score, SDE, points, (2,), tmp_path / "rk45", batch_size=8, **kw)
+    assert again.computed == [] and again.skipped == [0, 1, 2]
+    part = points[:8]
+    fastsde.likelihood_to_dir(GM.score, SDE, part, (2,), tmp_path / "scipy", batch_size=4, method="scipy", **kw)
+    with pytest.raises(ValueError, match="batch_size"):
+        fastsde.likelihood_to_dir(GM.score, SDE, part, (2,), tmp_path / "scipy", batch_size=8, method="scipy", **kw)
+
+
 def test_cli_likelihood_run_dir(tmp_path, points, capsys):
     data = tmp_path / "points.npy"
     np.save(data, points.numpy())

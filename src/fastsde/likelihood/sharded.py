@@ -72,6 +72,9 @@ class _LikelihoodJob:
             "shape": list(shape),
             "dtype": str(s.dtype).removeprefix("torch."),
             "shard_size": shard_size,
+            # scipy's solve_ivp steps the flattened batch together, so its results depend on the batch;
+            # rk45 steps each sample on its own, so its runs resume under any batch size
+            **({"batch_size": s.batch_size} if s.method == "scipy" else {}),
         }
 
     def shard(self, k: int, a: int, b: int) -> tuple[dict[str, np.ndarray], Tensor, list[str]]:
