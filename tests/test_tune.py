@@ -215,3 +215,12 @@ def test_a_damaged_fit_time_in_the_cache_is_named(tmp_path):
     (tmp_path / "t-g.safetensors.seconds").write_text("not a number")
     with pytest.raises(FileFormatError, match="seconds"):
         cache.artifact("g.safetensors", "grid")
+
+
+def test_recipes_do_not_record_the_machine_s_cache_folder():
+    """A recipe records the settings of its result, not where a machine kept its work."""
+    from importlib import resources
+
+    for folder in resources.files("fastsde").joinpath("_assets", "recipes").iterdir():
+        recipe = fastsde.load_recipe(str(folder))
+        assert "cache" not in recipe.record["settings"], folder.name

@@ -281,7 +281,8 @@ class _Search:
         key = {"process": self.sde.config(), "steps": max(s.budgets), "t_end": float(self.sde.default_t_end),
                "model": self.fingerprint, "shape": list(self.dims)}  # fmt: skip
         record = {
-            "settings": _plain(asdict(s)),
+            # the cache folder is where this machine kept its work, not a setting of the result
+            "settings": _plain({k: v for k, v in asdict(s).items() if k != "cache"}),
             "reference": {"solver": "dpmpp_3m", "steps": s.reference_steps, "n": s.n_eval, "seconds": self.ref_seconds},
             "measure": measure,
             "seconds": time.perf_counter() - self.start,
