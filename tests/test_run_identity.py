@@ -216,3 +216,16 @@ def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
         release.set()
         holder.join(30)
     assert fastsde.sample_to_dir(GM.score, SDE, (6, 2), tmp_path, **RUN).complete  # free again
+
+
+def test_a_loaded_model_s_relative_cost_is_not_its_identity(tmp_path):
+    """eval_cost is the FLOP ratio to the smallest shipped model: it moves when a smaller model ships, while
+    the model's outputs do not, so a run folder of the model resumes; its weights still identify it."""
+    model = fastsde.load_model("digits-small")
+    run = dict(solver="euler", steps=3, seed=0, shard_size=2)
+    fastsde.sample_to_dir(model.score, model.sde, (4, *model.shape), tmp_path, **run)
+    model.eval_cost = model.eval_cost / 2.0  # as if a model twice as cheap had shipped
+    again = fastsde.sample_to_dir(model.score, model.sde, (4, *model.shape), tmp_path, **run)
+    assert again.computed == [] and again.complete
+    assert "score.__self__.eval_cost" not in content_digests(model.score)
+    assert any(k.startswith("score.__self__") for k in content_digests(model.score))

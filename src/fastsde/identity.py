@@ -13,7 +13,7 @@ class, must be refused, not mixed. Two parts:
   bits from one CPU to another), as IIA tables and fitted grids key a user's score.
 
 The walk is bounded (depth, entries) and skips what cannot change outputs (modules' own Python
-bookkeeping, classes, module objects).
+bookkeeping, classes, module objects, and the attributes a class names in ``identity_ignores``).
 """
 
 from __future__ import annotations
@@ -121,7 +121,8 @@ def _children(obj: Any) -> list[tuple[str, Any]]:
         for slot in getattr(type(obj), "__slots__", ()):
             if hasattr(obj, slot):
                 attrs[slot] = getattr(obj, slot)
-    return [(k, v) for k, v in sorted(attrs.items())]
+    ignored = getattr(type(obj), "identity_ignores", ())  # a class's labels and costs, not its outputs
+    return [(k, v) for k, v in sorted(attrs.items()) if k not in ignored]
 
 
 def _plain(obj: Any, depth: int = 0) -> bool:

@@ -136,6 +136,9 @@ class LoadedModel:
 
     #: the mark the artifact layer reads (``artifacts.artifact.loaded_model``), which cannot import this module
     is_loaded_model = True
+    #: not part of a run's identity (``fastsde.identity``): the cost relative to the smallest shipped
+    #: model, which moves whenever a smaller model ships while this model's outputs stay the same
+    identity_ignores = ("eval_cost",)
     name: str
     network: nn.Module
     sde: SDE
