@@ -229,3 +229,26 @@ def test_a_loaded_model_s_relative_cost_is_not_its_identity(tmp_path):
     assert again.computed == [] and again.complete
     assert "score.__self__.eval_cost" not in content_digests(model.score)
     assert any(k.startswith("score.__self__") for k in content_digests(model.score))
+
+
+def test_a_moved_model_folder_resumes_its_run_under_the_same_label(tmp_path):
+    """A model folder's path is the run's default label, not its content: moved, and run with the same
+    ``model=`` label, its run folder resumes; without the label the changed path is named."""
+    import shutil
+    from importlib import resources
+
+    weights = resources.files("fastsde").joinpath("_assets", "weights")
+    first = tmp_path / "a"
+    first.mkdir()
+    for src, dst in (("digits-small.json", "config.json"), ("digits-small.safetensors", "model.safetensors")):
+        (first / dst).write_bytes(weights.joinpath(src).read_bytes())
+    run = dict(solver="euler", steps=3, seed=0, shard_size=2)
+    model = fastsde.load_model(str(first))
+    fastsde.sample_to_dir(model.score, model.sde, (4, *model.shape), tmp_path / "run", model="small", **run)
+    shutil.move(str(first), str(tmp_path / "b"))
+    moved = fastsde.load_model(str(tmp_path / "b"))
+    again = fastsde.sample_to_dir(moved.score, moved.sde, (4, *moved.shape), tmp_path / "run", model="small", **run)
+    assert again.computed == [] and again.complete
+    fastsde.sample_to_dir(model.score, model.sde, (4, *model.shape), tmp_path / "run2", **run)
+    with pytest.raises(ValueError, match=r"model: '.*a' -> '.*b'"):
+        fastsde.sample_to_dir(moved.score, moved.sde, (4, *moved.shape), tmp_path / "run2", **run)

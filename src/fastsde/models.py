@@ -136,9 +136,10 @@ class LoadedModel:
 
     #: the mark the artifact layer reads (``artifacts.artifact.loaded_model``), which cannot import this module
     is_loaded_model = True
-    #: not part of a run's identity (``fastsde.identity``): the cost relative to the smallest shipped
-    #: model, which moves whenever a smaller model ships while this model's outputs stay the same
-    identity_ignores = ("eval_cost",)
+    #: not part of a run's content identity (``fastsde.identity``): the cost relative to the smallest
+    #: shipped model, which moves whenever a smaller model ships, and the name (a folder's path), which is
+    #: the run's label (``model=``) rather than what the model computes
+    identity_ignores = ("eval_cost", "name")
     name: str
     network: nn.Module
     sde: SDE
