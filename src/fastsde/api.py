@@ -390,8 +390,7 @@ def sample(
         shape: (n, *dims).
         solver: a solver name (see ``fastsde.SOLVERS``) or a SolverSpec; default ``DEFAULT_SOLVER``.
         seed: one int, one int per sample, or a NoiseSource; sample i's noise depends only on its seed
-            (the samples are the same bits at any batch size only where docs/getting-started.md, "Seeds
-            and reproducibility", says so).
+            (the samples are the same bits at any batch size only where docs/getting-started.md says so).
         t_end: end time of the solve (default: the process's ε). ``t_end=0`` (where σ(0) = 0, with a
             fixed-grid solver on grid "uniform" or "quadratic"): the grid of steps + 1 points runs to 0 and
             its last move is the denoise, taken at its last interior point (diffusers' and k-diffusion's
