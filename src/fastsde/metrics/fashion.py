@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..files import Fields, FileFormatError, check_tensor
+from ..files import check_tensor
+from .classifier import check_samples, features_and_probs, interp_in_inverse_n, load_network, read_assets
 from .frechet import frechet_distance, gaussian_fit, sqrt_psd
 
 __all__ = [
@@ -95,66 +96,25 @@ def read_classifier(
 ) -> tuple[FashionClassifier, dict[str, Any], dict[str, np.ndarray]]:
     """The classifier, record and statistics of the asset's bytes, every field checked (a
     FileFormatError naming the file and the field)."""
-    from safetensors.torch import load
-
-    try:
-        tensors = load(weights)
-    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types on junk
-        raise FileFormatError(weights_name, None, str(exc)[:200], what="a safetensors file") from None
-    try:
-        meta = json.loads(record.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise FileFormatError(record_name, None, f"not JSON ({exc})", what="the classifier's record") from None
-    f = Fields(record_name, meta)
+    tensors, f = read_assets(weights, record, weights_name, record_name)
     f.number("heldout_accuracy", low=0.0, high=1.0)
-    for key in ("floor", "floor_sd"):
-        table = f.obj(key)
-        if not table.data or not all(k.isdigit() and int(k) >= 2 for k in table.data):
-            raise f.error(key, "a non-empty table: sample size (an integer >= 2) -> FD", table.data)
-        for k in table.data:
-            table.number(k, low=0.0)
     stats = {k: check_tensor(weights_name, tensors, k, shape).double().numpy() for k, shape in STAT_SHAPES.items()}
-    net = FashionClassifier()
-    own = net.state_dict()
-    for k, v in own.items():
-        check_tensor(weights_name, tensors, "net." + k, tuple(v.shape))
-    net.load_state_dict({k: tensors["net." + k].float() for k in own})
-    net.eval().requires_grad_(False)
-    return net, meta, stats
+    net = load_network(FashionClassifier(), tensors, weights_name)
+    return net, f.data, stats
 
 
 def _prepare(samples: Tensor) -> Tensor:
-    if not isinstance(samples, Tensor):
-        samples = torch.as_tensor(np.asarray(samples))
-    if samples.dim() == 3:
-        samples = samples.unsqueeze(1)
-    if tuple(samples.shape[1:]) != SHAPE:
-        raise ValueError(
-            f"Fashion-MNIST samples must have shape (n, 1, 28, 28) or (n, 28, 28), got {tuple(samples.shape)}"
-        )
-    if samples.shape[0] < 2:
-        raise ValueError(f"need at least 2 samples for a Fréchet distance, got {samples.shape[0]}")
-    return samples.detach().float().cpu()
+    return check_samples(samples, SHAPE, "Fashion-MNIST")
 
 
 def fashion_features(samples: Tensor) -> tuple[np.ndarray, np.ndarray]:
     """(penultimate features (n, 128), softmax probabilities (n, 10)) of samples in [−1, 1]."""
     net, _, _ = load_classifier()
-    x = _prepare(samples).clamp(-1.0, 1.0)
-    with torch.no_grad():
-        feats = torch.cat([net.features(b) for b in x.split(500)])
-        probs = torch.softmax(net.head(feats), dim=1)
-    return feats.double().numpy(), probs.double().numpy()
+    return features_and_probs(net, _prepare(samples), 500)
 
 
 def _interp_floor(key: str, n: int) -> float:
-    if n < 2:
-        raise ValueError(f"the floor needs n >= 2 samples, got {n}")
-    _, meta, _ = load_classifier()
-    table = sorted((int(k), float(v)) for k, v in meta[key].items())
-    inv = np.array([1.0 / k for k, _ in table])[::-1]  # increasing in 1/n
-    vals = np.array([v for _, v in table])[::-1]
-    return float(np.interp(1.0 / n, inv, vals))
+    return interp_in_inverse_n(load_classifier()[1][key], n)
 
 
 def floor_for(n: int) -> float:
